@@ -1,0 +1,69 @@
+"""Run an aiohttp app until SIGTERM/SIGINT, then drain: stop taking work, finish in-flight, exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+log = logging.getLogger("engine_server")
+
+
+def install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(app: web.Application, host: str, port: int, *, grace_s: float,
+                begin_drain: Callable[[], None], in_flight: Callable[[], int]) -> None:
+    """Serve until a signal; cancel handlers whose client disconnected (so engines see the abort)."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    log.info("listening on http://%s:%d", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        begin_drain()
+        deadline = time.monotonic() + grace_s
+        log.info("draining: %d request(s) in flight, grace %.0fs", in_flight(), grace_s)
+        while in_flight() > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if in_flight() > 0:
+            log.warning("grace period over, cancelling %d request(s)", in_flight())
+    finally:
+        await runner.cleanup()
+        log.info("stopped")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
