@@ -35,6 +35,7 @@ from engine_server.metrics import EngineMetrics
 log = logging.getLogger("engine_server")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 @dataclass
@@ -60,11 +61,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def request_id_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Accept or mint `X-Request-Id`, echo it back, and turn anything unexpected into an OpenAI error body."""
     rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    request["request_id"] = rid
+    request[REQUEST_ID] = rid
     try:
         resp = await handler(request)
-    except web.HTTPRequestEntityTooLarge as exc:
-        resp = error_response(f"request body too large (limit {exc.max_size} bytes)", 413)
+    except web.HTTPRequestEntityTooLarge:
+        resp = error_response(f"request body too large (limit {request.client_max_size} bytes)", 413)
     except web.HTTPNotFound:
         resp = error_response(f"no route for {request.method} {request.path}", 404)
     except web.HTTPMethodNotAllowed:
@@ -82,8 +83,8 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
 async def read_json(request: web.Request) -> dict[str, Any] | web.Response:
     try:
         raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(f"request body too large (limit {exc.max_size} bytes)", 413)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(f"request body too large (limit {request.client_max_size} bytes)", 413)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -140,7 +141,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
                 f"requested {n_tok + sampling.max_tokens} tokens ({n_tok} in the messages, "
                 f"{sampling.max_tokens} in the completion). Please reduce the length of the messages or "
                 "completion.", 400, param="messages" if chat else "prompt", code="context_length_exceeded")
-    rid = request["request_id"]
+    rid = request[REQUEST_ID]
     gens = [
         GenerationRequest(f"{rid}-{i}-{j}", p, _per_choice_seed(sampling, j))
         for i, p in enumerate(prompts)
@@ -251,7 +252,7 @@ async def _stream(request: web.Request, state: ServerState, gens: list[Generatio
         if isinstance(item, BackendError):
             return error_response(str(item), item.status, item.err_type)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           REQUEST_ID_HEADER: request["request_id"]})
+                                           REQUEST_ID_HEADER: request[REQUEST_ID]})
         await resp.prepare(request)
         done = 0
         while True:
@@ -287,7 +288,7 @@ async def _stream(request: web.Request, state: ServerState, gens: list[Generatio
         await resp.write_eof()
         return resp
     except (ConnectionResetError, ConnectionError):
-        log.info("client went away rid=%s; aborting %d engine request(s)", request["request_id"], len(tasks))
+        log.info("client went away rid=%s; aborting %d engine request(s)", request[REQUEST_ID], len(tasks))
         return resp if resp is not None else web.Response(status=499)
     finally:
         for t in tasks:

@@ -116,8 +116,9 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
 def serve_main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    from config.logging_setup import setup_logging
     from engine_server.app import STATE, create_app
-    from engine_server.serving import install_uvloop, serve, setup_logging
+    from engine_server.serving import install_uvloop, serve
 
     setup_logging(args.log_level, args.log_format)
     backend = make_backend(args)

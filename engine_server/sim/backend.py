@@ -1,0 +1,261 @@
+"""`SimBackend`: the simulated vLLM replica behind the same `Backend` interface as the real engine.
+
+An asyncio task drives the pure `Scheduler`: while there is work it runs a step, sleeps the step's model
+duration times `time_scale` and then hands each request its output, so tokens arrive when a real engine of
+the profile would deliver them. Sleeps are against a running deadline, so event-loop jitter does not
+accumulate into lost throughput over thousands of short steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_server.backend import (
+    BackendError,
+    GenerationDelta,
+    GenerationRequest,
+    LoadReport,
+    StreamDropped,
+)
+from engine_server.sim.faults import FaultConfig, plan_faults
+from engine_server.sim.scheduler import RequestOutput, Scheduler, SchedulerConfig, SimRequest
+from engine_server.sim.timing import TimingProfile, get_profile
+from engine_server.sim.tokenizer import SimTokenizer, output_seed
+
+log = logging.getLogger("engine_server.sim")
+
+# When the event loop falls behind the model clock, catch up at most this much (real seconds) at once,
+# so a stall does not turn into a burst of back-to-back steps.
+MAX_LAG_S = 0.05
+
+
+@dataclass
+class SimConfig:
+    model_name: str = "sim-model"
+    profile: str = "h100-llama3-8b"
+    num_blocks: int | None = None  # None: the profile's default
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    block_size: int = 16
+    time_scale: float = 1.0  # real seconds slept per model second; 0 = as fast as possible
+    seed: int = 0
+    chars_per_token: int = 4
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        get_profile(self.profile)  # fail early on a typo
+        if self.time_scale < 0:
+            raise ValueError("time_scale must be >= 0")
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig.from_profile(
+            get_profile(self.profile), num_blocks=self.num_blocks, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
+            block_size=self.block_size,
+        )
+
+
+@dataclass
+class SimCounters:
+    """Backend-level counts the HTTP layer or tests may read (engine-level ones are in `Scheduler.stats`)."""
+
+    requests: int = 0
+    rejected: int = 0  # failed validation (too long, empty, duplicate id)
+    cancelled: int = 0  # consumer went away before the finish
+    injected_errors: int = 0
+    injected_hangs: int = 0
+    injected_drops: int = 0
+
+
+class SimBackend:
+    name = "sim"
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.profile: TimingProfile = get_profile(self.config.profile)
+        sched_config = self.config.scheduler_config()
+        self.model_name = self.config.model_name
+        self.max_model_len = sched_config.effective_max_model_len
+        self.tokenizer = SimTokenizer(self.config.chars_per_token)
+        self.scheduler = Scheduler(sched_config, self.profile)
+        self.counters = SimCounters()
+        self.model_time_s = 0.0  # model seconds the engine has been busy
+        self._queues: dict[str, asyncio.Queue[GenerationDelta | BaseException]] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready = False
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._engine_loop(), name="sim-engine")
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_all(BackendError("engine stopped", status=503))
+
+    def _fail_all(self, exc: BackendError) -> None:
+        for rid, q in list(self._queues.items()):
+            self.scheduler.abort(rid)
+            q.put_nowait(exc)
+
+    # ---------------------------------------------------------------------------- engine loop
+
+    async def _engine_loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        scale = self.config.time_scale
+        deadline = loop.time()
+        try:
+            while True:
+                if not self.scheduler.has_work:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    deadline = loop.time()
+                    continue
+                result = self.scheduler.step()
+                self.model_time_s += result.duration_s
+                now = loop.time()
+                deadline = max(deadline, now - MAX_LAG_S) + result.duration_s * scale
+                await asyncio.sleep(max(deadline - now, 0.0))
+                for out in result.outputs:
+                    q = self._queues.get(out.request_id)
+                    if q is not None:  # None: aborted while the step ran
+                        q.put_nowait(_delta(out))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a simulator bug must fail requests, not leave them hanging
+            log.exception("sim engine loop crashed")
+            self._ready = False
+            self._fail_all(BackendError("simulated engine crashed", status=500))
+
+    # ------------------------------------------------------------------------------- requests
+
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> str:
+        """ChatML-like template (the Qwen/Hermes family), stable so equal histories share a prefix."""
+        parts: list[str] = []
+        if tools:
+            specs = "\n".join(json.dumps(t, sort_keys=True, separators=(",", ":")) for t in tools)
+            parts.append(f"<|im_start|>system\n# Tools\n{specs}<|im_end|>\n")
+        for m in messages:
+            content = m.get("content") or ""
+            for call in m.get("tool_calls") or ():
+                content += f"\n<tool_call>{json.dumps(call, sort_keys=True, separators=(',', ':'))}</tool_call>"
+            parts.append(f"<|im_start|>{m.get('role', 'user')}\n{content}<|im_end|>\n")
+        parts.append("<|im_start|>assistant\n")
+        return "".join(parts)
+
+    def count_tokens(self, text: str) -> int:
+        return self.tokenizer.count_tokens(text)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream one request's deltas; closing or cancelling the stream aborts it in the engine."""
+        if not self._ready or self._wake is None:
+            raise BackendError("engine is not ready", status=503)
+        rid, sampling = request.request_id, request.sampling
+        self.counters.requests += 1
+        prompt_ids = self.tokenizer.encode(request.prompt)
+        try:
+            self.scheduler.check(len(prompt_ids), sampling.max_tokens)
+            if rid in self._queues:
+                raise BackendError(f"duplicate request id {rid!r}", status=400, err_type="invalid_request_error")
+        except BackendError:
+            self.counters.rejected += 1
+            raise
+        plan = plan_faults(self.config.faults, self.config.seed, rid, sampling.max_tokens)
+        if plan.latency_s > 0:
+            await asyncio.sleep(plan.latency_s)
+        if plan.error:
+            self.counters.injected_errors += 1
+            raise BackendError("injected engine error (fault injection)", status=500)
+        if plan.hang:
+            self.counters.injected_hangs += 1
+            await asyncio.get_running_loop().create_future()  # never resolves; cancellation ends it
+        if not self._ready:  # stopped during the injected latency
+            raise BackendError("engine is not ready", status=503)
+        if plan.drop_after == 0:
+            self.counters.injected_drops += 1
+            raise StreamDropped()
+
+        queue: asyncio.Queue[GenerationDelta | BaseException] = asyncio.Queue()
+        seed = output_seed(self.config.seed, rid, request.prompt, sampling.seed, sampling.temperature)
+        self.scheduler.add(SimRequest(rid, prompt_ids, sampling.max_tokens,
+                                      self.tokenizer.output_stream(seed), sampling.stop))
+        self._queues[rid] = queue
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine already dropped the request
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+                if plan.drop_after is not None and item.completion_tokens >= plan.drop_after:
+                    self.counters.injected_drops += 1
+                    raise StreamDropped()
+        finally:
+            self._queues.pop(rid, None)
+            if not finished and self.scheduler.abort(rid):
+                self.counters.cancelled += 1
+
+    # ---------------------------------------------------------------------------------- reports
+
+    def load_report(self) -> LoadReport:
+        s, kv = self.scheduler, self.scheduler.kv
+        return LoadReport(
+            model=self.model_name, running=s.num_running, waiting=s.num_waiting,
+            kv_blocks_used=kv.num_used_blocks, kv_blocks_total=kv.num_blocks, block_size=kv.block_size,
+            prefix_cache_queries=kv.stats.queries, prefix_cache_hits=kv.stats.hits, ready=self._ready,
+            backend="sim",
+        )
+
+    def stats(self) -> dict[str, float | int]:
+        """Flat counters for debugging endpoints and benchmark reports."""
+        s, kv = self.scheduler.stats, self.scheduler.kv.stats
+        return {
+            "model_time_s": round(self.model_time_s, 6),
+            "steps": s.steps,
+            "preemptions": s.preemptions,
+            "requests_finished": s.requests_finished,
+            "requests_aborted": s.requests_aborted,
+            "prompt_tokens": s.prompt_tokens,
+            "prefill_tokens_computed": s.prefill_tokens_computed,
+            "generation_tokens": s.generation_tokens,
+            "prefix_cache_queries": kv.queries,
+            "prefix_cache_hits": kv.hits,
+            "kv_evictions": kv.evictions,
+            "kv_cached_blocks": self.scheduler.kv.num_cached_blocks,
+            **{f"sim_{k}": v for k, v in vars(self.counters).items()},
+        }
+
+
+def _delta(out: RequestOutput) -> GenerationDelta:
+    return GenerationDelta(text=out.text, prompt_tokens=out.prompt_tokens, cached_tokens=out.cached_tokens,
+                           completion_tokens=out.completion_tokens, finish_reason=out.finish_reason)

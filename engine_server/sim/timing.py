@@ -1,0 +1,110 @@
+"""Step-time model: how long one engine step (one forward pass over a mixed batch) takes.
+
+A step's cost is linear in what it computes, which is the form of BLIS's fitted model
+(`beta0 + beta1 * uncached prefill tokens + beta2 * decode tokens`) and is accurate enough for routing
+studies: what a router changes is how many prompt tokens must be computed (cache hits are free) and how
+requests queue, not the fine structure of kernels. Cached prompt tokens never reach this model.
+
+    step = step_overhead
+         + prefill_overhead (if any prefill) + prefill_per_token * prefill tokens
+         + decode_overhead (if any decode)   + decode_per_seq * decode sequences
+    step *= 1 + kv_slowdown * kv usage        (attention reads grow with resident context)
+
+Each profile also carries the engine shape it was measured with (KV blocks, batch limits, context), used
+as defaults by `SimConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TimingProfile:
+    name: str
+    description: str
+    step_overhead_s: float = 0.0  # fixed cost of every non-empty step (scheduling, launch, sampling)
+    prefill_overhead_s: float = 0.0  # extra once per step that contains prefill work
+    prefill_per_token_s: float = 0.0  # per uncached prompt token computed
+    decode_overhead_s: float = 0.0  # extra once per step that contains decode work
+    decode_per_seq_s: float = 0.0  # per sequence decoding one token
+    kv_slowdown: float = 0.0  # relative slowdown at 100% KV usage
+    num_blocks: int = 16_384
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192
+
+    def step_time_s(self, prefill_tokens: int, decode_seqs: int, kv_usage: float = 0.0) -> float:
+        """Model seconds for one step computing `prefill_tokens` prompt tokens and `decode_seqs` decodes."""
+        if prefill_tokens <= 0 and decode_seqs <= 0:
+            return 0.0
+        t = self.step_overhead_s
+        if prefill_tokens > 0:
+            t += self.prefill_overhead_s + self.prefill_per_token_s * prefill_tokens
+        if decode_seqs > 0:
+            t += self.decode_overhead_s + self.decode_per_seq_s * decode_seqs
+        return t * (1.0 + self.kv_slowdown * min(max(kv_usage, 0.0), 1.0))
+
+
+US = 1e-6
+MS = 1e-3
+
+PROFILES: dict[str, TimingProfile] = {
+    p.name: p
+    for p in (
+        TimingProfile(
+            name="h100-llama3-8b",
+            description="Llama-3-8B on one H100 (BLIS blackbox fit: 5752.7us + 17.25us/prefill tok + "
+            "6.00us/decode tok). 25,000 blocks ~= 400k tokens: (80 GB x 0.9 - 16 GB weights - ~3 GB "
+            "activations) / 128 KiB per token (32 layers x 8 KV heads x 128 dims x 2 x bf16).",
+            step_overhead_s=5752.7 * US,
+            prefill_per_token_s=17.25 * US,
+            decode_per_seq_s=6.00 * US,
+            num_blocks=25_000,
+            max_num_seqs=256,
+            max_num_batched_tokens=8192,
+            max_model_len=8192,
+        ),
+        TimingProfile(
+            name="llmd-8b",
+            description="llm-d-inference-sim style latency for an 8B model: 30 ms + 250 us per uncached "
+            "prompt token to first token, 12 ms per decode step; small engine (16 seqs, 1024 blocks).",
+            prefill_overhead_s=30 * MS,
+            prefill_per_token_s=250 * US,
+            decode_overhead_s=12 * MS,
+            num_blocks=1024,
+            max_num_seqs=16,
+            max_num_batched_tokens=4096,
+            max_model_len=4096,
+        ),
+        TimingProfile(
+            # PLACEHOLDER numbers: calibrate with benchmarks/calibrate against a tiny random Llama on
+            # vLLM CPU, then replace these coefficients (and the shape below) with the fitted values.
+            name="tiny-cpu",
+            description="tiny random Llama on vLLM CPU (placeholder coefficients, calibrate with "
+            "benchmarks/calibrate): 20 ms/step + 0.15 ms/prefill tok + 1 ms/decode seq.",
+            step_overhead_s=20 * MS,
+            prefill_per_token_s=0.15 * MS,
+            decode_per_seq_s=1 * MS,
+            num_blocks=2048,
+            max_num_seqs=64,
+            max_num_batched_tokens=2048,
+            max_model_len=2048,
+        ),
+        TimingProfile(
+            name="instant",
+            description="zero step time: only scheduling and cache effects remain (router-overhead runs).",
+            num_blocks=16_384,
+            max_num_seqs=256,
+            max_num_batched_tokens=8192,
+            max_model_len=8192,
+        ),
+    )
+}
+
+
+def get_profile(name: str) -> TimingProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown sim profile {name!r}; choose from {', '.join(PROFILES)}") from None

@@ -1,0 +1,37 @@
+"""Shared fixtures: engine servers (sim backend) on loopback ports, in-process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from engine_server.app import create_app
+from engine_server.sim.backend import SimBackend, SimConfig
+
+SimServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def sim_server() -> AsyncIterator[SimServerFactory]:
+    """Start sim engine servers on 127.0.0.1 (random ports); all are stopped at teardown.
+
+    Keyword arguments go to SimConfig (e.g. profile="instant", time_scale=0.01); `app_kwargs` to create_app.
+    """
+    servers: list[TestServer] = []
+
+    async def start(app_kwargs: dict[str, Any] | None = None, **sim: Any) -> TestServer:
+        sim.setdefault("model_name", "sim-model")
+        sim.setdefault("profile", "instant")
+        backend = SimBackend(SimConfig(**sim))
+        server = TestServer(create_app(backend, **(app_kwargs or {})), host="127.0.0.1",
+                            handler_cancellation=True)
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        await s.close()
