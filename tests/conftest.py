@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestServer
 
 from engine_server.app import create_app
 from engine_server.sim.backend import SimBackend, SimConfig
+from engine_server.sim.faults import FaultConfig
 
 SimServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -25,6 +26,8 @@ async def sim_server() -> AsyncIterator[SimServerFactory]:
     async def start(app_kwargs: dict[str, Any] | None = None, **sim: Any) -> TestServer:
         sim.setdefault("model_name", "sim-model")
         sim.setdefault("profile", "instant")
+        if isinstance(sim.get("faults"), dict):
+            sim["faults"] = FaultConfig(**sim["faults"])
         backend = SimBackend(SimConfig(**sim))
         server = TestServer(create_app(backend, **(app_kwargs or {})), host="127.0.0.1",
                             handler_cancellation=True)

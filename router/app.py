@@ -1,0 +1,195 @@
+"""The router's aiohttp application: OpenAI routes in front of a fleet of replicas.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (streamed or not), GET /v1/models (union of
+healthy replicas' models), GET /health, GET /metrics. Anything else is a 404 in OpenAI's error format.
+Everything the app needs is built here and passed down; nothing lives in module globals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from config.router import RouterConfig
+from router.dispatch import REQUEST_ID_HEADER, Dispatcher, DispatchSettings
+from router.errors import error_response
+from router.features.hashing import HashingConfig
+from router.features.parse import FeatureError, Kind, features_from_body
+from router.metrics import RouterMetrics
+from router.policies.registry import create_policy
+from router.proxy.upstream import Timeouts
+from router.replicas.health import HealthConfig, HealthTracker
+from router.replicas.poller import ReplicaPoller
+from router.replicas.state import ReplicaRegistry, ReplicaState
+
+log = logging.getLogger("router")
+
+
+@dataclass
+class Router:
+    config: RouterConfig
+    registry: ReplicaRegistry
+    metrics: RouterMetrics
+    hashing: HashingConfig
+    dispatcher: Dispatcher | None = None
+    poller: ReplicaPoller | None = None
+    draining: bool = False
+    in_flight: int = 0
+
+
+ROUTER = web.AppKey("router", Router)
+REQUEST_ID = web.RequestKey("request_id", str)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def health_config(cfg: RouterConfig) -> HealthConfig:
+    h = cfg.health
+    return HealthConfig(failures_to_eject=h.failures_to_eject, checks_to_eject=h.checks_to_eject,
+                        base_ejection_s=h.base_ejection_s, max_ejection_s=h.max_ejection_s,
+                        successes_to_readmit=h.successes_to_readmit)
+
+
+def build_registry(cfg: RouterConfig) -> ReplicaRegistry:
+    registry = ReplicaRegistry()
+    for rc in cfg.replicas:
+        registry.add(ReplicaState(name=rc.name, url=rc.url, models=frozenset(rc.models), weight=rc.weight,
+                                  labels=dict(rc.labels), health=HealthTracker(health_config(cfg))))
+    return registry
+
+
+@web.middleware
+async def request_ids_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    request[REQUEST_ID] = rid
+    try:
+        resp = await handler(request)
+    except web.HTTPNotFound:
+        resp = error_response(f"no route for {request.method} {request.path}", 404)
+    except web.HTTPMethodNotAllowed:
+        resp = error_response(f"method {request.method} not allowed on {request.path}", 405)
+    except web.HTTPRequestEntityTooLarge:
+        resp = error_response(f"request body too large (limit {request.client_max_size} bytes)", 413)
+    except web.HTTPException as exc:
+        resp = error_response(exc.reason or "error", exc.status)
+    except Exception:
+        log.exception("unhandled error rid=%s %s %s", rid, request.method, request.path)
+        resp = error_response("internal router error", 500)
+    if not resp.prepared:
+        resp.headers.setdefault(REQUEST_ID_HEADER, rid)
+    return resp
+
+
+async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamResponse:
+    router = request.app[ROUTER]
+    if router.draining:
+        return error_response("router is shutting down", 503)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(f"request body too large (limit {request.client_max_size} bytes)", 413)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return error_response(f"request body is not valid JSON: {exc}", 400)
+    if not isinstance(body, dict):
+        return error_response("request body must be a JSON object", 400)
+    try:
+        features = features_from_body(body, kind, request[REQUEST_ID], router.hashing)
+    except FeatureError as exc:
+        return error_response(exc.message, 400, param=exc.param)
+    known = router.registry.models()
+    if known and features.model not in known and not router.registry.eligible(features.model, time.monotonic()):
+        return error_response(f"The model `{features.model}` does not exist.", 404, param="model",
+                              code="model_not_found")
+    assert router.dispatcher is not None
+    router.in_flight += 1
+    try:
+        return await router.dispatcher.handle(request, path, body, features)
+    finally:
+        router.in_flight -= 1
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat", "/v1/chat/completions")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion", "/v1/completions")
+
+
+async def models(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    now = int(time.time())
+    data = [{"id": m, "object": "model", "created": now, "owned_by": "router"} for m in router.registry.models()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    if router.draining:
+        return error_response("draining", 503)
+    healthy = router.registry.eligible(None, time.monotonic())
+    if not healthy:
+        return error_response("no healthy replica", 503)
+    return web.json_response({"status": "ok", "healthy_replicas": len(healthy)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    now = time.monotonic()
+    for r in router.registry.all():
+        router.metrics.healthy.labels(r.name).set(1 if r.health.admits(now) else 0)
+        router.metrics.in_flight.labels(r.name).set(r.in_flight_requests)
+    return web.Response(body=router.metrics.render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def create_app(cfg: RouterConfig) -> web.Application:
+    registry = build_registry(cfg)
+    router = Router(config=cfg, registry=registry, metrics=RouterMetrics(),
+                    hashing=HashingConfig(block_chars=cfg.hashing.block_chars))
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[request_ids_and_errors])
+    app[ROUTER] = router
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # One pooled session for all upstream calls; no total timeout here (streams are long-lived).
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
+        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+                                        auto_decompress=False)
+        policy = create_policy(cfg.policy.name, **cfg.policy.params)
+        for r in registry.all():
+            policy.on_replica_added(r.name)
+        t = cfg.timeouts
+        router.dispatcher = Dispatcher(registry, policy, session, router.metrics, DispatchSettings(
+            timeouts=Timeouts(t.connect_s, t.first_byte_s, t.idle_s, t.total_s),
+            max_attempts=cfg.retry.max_attempts, retry_statuses=frozenset(cfg.retry.retry_statuses),
+            stale_after_s=cfg.load.stale_after_s, replica_header=cfg.replica_header))
+        router.poller = ReplicaPoller(registry, session, health_interval_s=cfg.health.check_interval_s,
+                                      load_interval_s=cfg.load.poll_interval_s,
+                                      timeout_s=cfg.health.check_timeout_s,
+                                      on_transition=lambda r, t: _on_transition(router, r.name, t.new))
+        await router.poller.start()
+        yield
+        await router.poller.stop()
+        await session.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def _on_transition(router: Router, name: str, new_state: str) -> None:
+    log.warning("replica %s is now %s", name, new_state)
+    if new_state == "ejected":
+        router.metrics.ejections.labels(name).inc()

@@ -1,0 +1,156 @@
+"""`python -m router`: run the prefix-cache-aware router in front of engine replicas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from config.router import ConfigError, RouterConfig, load_config, parse_config
+
+DESCRIPTION = """\
+Prefix-cache-aware router for vLLM replicas, speaking the OpenAI API.
+
+For every request it hashes the prompt prefix (the whole chat, system prompt and tools included), asks
+the routing policy for the replica most likely to answer fastest (the default `cost` policy: queue wait +
+prefill of the tokens that replica does NOT have cached), and streams the answer back as it comes.
+Replicas are health-checked and their load polled; failures before the first byte are retried on
+another replica.
+
+Policies: cost (default), cache_aware, consistent_hash, power_of_two, least_load, round_robin, random.
+Replicas: repeat --replica URL (or NAME=URL), or list them in --config FILE (YAML, see config/).
+Flags given on the command line override the config file.
+"""
+
+EPILOG = """\
+examples:
+  python -m router --port 8000 --replica http://127.0.0.1:8001 --replica http://127.0.0.1:8002
+  python -m router --config config/examples/router.yaml --policy cache_aware
+  python -m router --replica a=http://10.0.0.5:8000 --policy cost --policy-param prefill_s_per_token=0.0002
+
+then point any OpenAI client at http://127.0.0.1:8000/v1
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m router", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML router config (format: config/router.py)")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8000)")
+    p.add_argument("--replica", action="append", default=[], metavar="[NAME=]URL",
+                   help="an engine server's base URL; repeat for each replica (names default to replica-N)")
+    p.add_argument("--model", action="append", default=[],
+                   help="models the --replica servers serve (default: learned from their /v1/models)")
+    p.add_argument("--policy", help="routing policy (default cost)")
+    p.add_argument("--policy-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy constructor parameter; VALUE is parsed as JSON when it can be")
+    p.add_argument("--block-chars", type=int, help="characters per prefix block (default 64)")
+    p.add_argument("--max-attempts", type=int, help="tries on distinct replicas before giving up (default 3)")
+    p.add_argument("--no-replica-header", action="store_true",
+                   help="do not name the chosen replica in the x-router-replica response header")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"])
+    return p
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    base = load_config(args.config).model_dump() if args.config else {}
+    if args.replica:
+        replicas = []
+        for i, spec in enumerate(args.replica):
+            name, _, url = spec.rpartition("=") if "=" in spec.split("://", 1)[0] else ("", "", spec)
+            entry: dict[str, Any] = {"name": name or f"replica-{i}", "url": url}
+            if args.model:
+                entry["models"] = list(args.model)
+            replicas.append(entry)
+        base["replicas"] = replicas
+    for key in ("host", "port", "log_level", "log_format"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    if args.policy or args.policy_param:
+        policy = dict(base.get("policy") or {})
+        if args.policy:
+            if args.policy != policy.get("name"):
+                policy["params"] = {}
+            policy["name"] = args.policy
+        params = dict(policy.get("params") or {})
+        for kv in args.policy_param:
+            if "=" not in kv:
+                raise ConfigError(f"--policy-param {kv!r}: expected KEY=VALUE")
+            k, v = kv.split("=", 1)
+            params[k] = _value(v)
+        policy["params"] = params
+        base["policy"] = policy
+    if args.block_chars is not None:
+        base["hashing"] = {**(base.get("hashing") or {}), "block_chars": args.block_chars}
+    if args.max_attempts is not None:
+        base["retry"] = {**(base.get("retry") or {}), "max_attempts": args.max_attempts}
+    if args.no_replica_header:
+        base["replica_header"] = None
+    cfg = parse_config(base)
+    if not cfg.replicas:
+        raise ConfigError("replicas: give at least one --replica URL or a config file listing replicas")
+    return cfg
+
+
+async def serve(cfg: RouterConfig) -> None:
+    from router.app import ROUTER, create_app
+    from router.policies.registry import create_policy
+
+    create_policy(cfg.policy.name, **cfg.policy.params)  # fail fast on a bad policy before listening
+    app = create_app(cfg)
+    router = app[ROUTER]
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True).start()
+    log = logging.getLogger("router")
+    log.info("router listening on http://%s:%d, policy %s, %d replica(s): %s", cfg.host, cfg.port,
+             cfg.policy.name, len(cfg.replicas), ", ".join(f"{r.name}={r.url}" for r in cfg.replicas))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        router.draining = True
+        deadline = time.monotonic() + cfg.shutdown_grace_s
+        log.info("shutting down: %d request(s) in flight, grace %.0fs", router.in_flight, cfg.shutdown_grace_s)
+        while router.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from config.logging_setup import setup_logging
+
+    setup_logging(cfg.log_level, cfg.log_format)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(serve(cfg))
+    return 0

@@ -1,0 +1,44 @@
+"""The router's Prometheus metrics: what it decided, what the replicas answered, how long it took.
+
+One registry per router instance (tests run several in one process). Names start with `router_`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("router_requests", "Requests answered, by model, replica and status",
+                                ["model", "replica", "status"], registry=r)
+        self.e2e = Histogram("router_request_duration_seconds", "End-to-end latency as the router sees it",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("router_time_to_first_token_seconds",
+                              "Time to the first streamed byte as the router sees it", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.retries = Counter("router_retries", "Attempts moved to another replica, by reason", ["reason"],
+                               registry=r)
+        self.ejections = Counter("router_replica_ejections", "Replicas ejected by health tracking",
+                                 ["replica"], registry=r)
+        self.healthy = Gauge("router_replica_healthy", "1 if the replica is admitted for traffic", ["replica"],
+                             registry=r)
+        self.in_flight = Gauge("router_replica_in_flight", "Requests in flight per replica", ["replica"],
+                               registry=r)
+        self.prompt_tokens = Counter("router_prompt_tokens", "Prompt tokens per replica (engine usage)",
+                                     ["replica"], registry=r)
+        self.cached_tokens = Counter("router_cached_tokens", "Prompt tokens served from the prefix cache",
+                                     ["replica"], registry=r)
+        self.decision = Histogram("router_decision_seconds", "Time the policy took to choose", ["policy"],
+                                  buckets=DECISION_BUCKETS, registry=r)
+        self.decisions = Counter("router_decisions", "Policy decisions by reason", ["policy", "reason"],
+                                 registry=r)
+        self.client_disconnects = Counter("router_client_disconnects", "Clients that left before the end",
+                                          registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,114 @@
+"""Relay a replica's response to the client: SSE events forwarded as they arrive, usage picked up.
+
+Events are forwarded on SSE event boundaries (`\\n\\n`) the moment they are complete, one write per read,
+so a token reaches the client as soon as the engine sends it (aiohttp sets TCP_NODELAY both ways). The
+usage the engine reports (prompt and cached tokens) is read on the way for the policy's feedback; when
+the router asked for usage on the client's behalf, that extra usage-only event is not forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+MAX_UNTERMINATED = 1 << 20  # an upstream that never ends an event is forwarded raw past this size
+
+
+@dataclass
+class RelayResult:
+    """What the relay saw: feeds the outcome."""
+
+    first_byte_at: float | None = None
+    usage: dict[str, Any] | None = None
+    error: str | None = None  # upstream failure mid-stream (already reported to the client as an SSE event)
+    bytes_out: int = 0
+
+
+def _usage_of(event: bytes) -> tuple[dict[str, Any] | None, bool]:
+    """(usage, is_usage_only_event) for one SSE event; cheap for the common event without usage."""
+    if b'"usage"' not in event:
+        return None, False
+    for line in event.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if not payload.startswith(b"{"):
+            continue
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return None, False
+        usage = obj.get("usage") if isinstance(obj, dict) else None
+        if isinstance(usage, dict):
+            return usage, obj.get("choices") == []
+    return None, False
+
+
+def sse_error_event(message: str, code: int = 502) -> bytes:
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def relay_sse(upstream: aiohttp.ClientResponse, client: web.StreamResponse, idle_s: float,
+                    strip_usage_event: bool) -> RelayResult:
+    """Forward the event stream; a stalled or broken upstream ends the stream with an SSE error event."""
+    result = RelayResult()
+    buf = b""
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await upstream.content.readany()
+        except TimeoutError:
+            result.error = f"replica sent nothing for {idle_s:g}s"
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            result.error = f"replica connection broke mid-stream: {exc.__class__.__name__}"
+        if result.error is not None:
+            await client.write(buf + sse_error_event(result.error))
+            return result
+        if not chunk:
+            break
+        buf += chunk
+        out = bytearray()
+        while (end := buf.find(b"\n\n")) >= 0:
+            event, buf = buf[: end + 2], buf[end + 2:]
+            usage, usage_only = _usage_of(event)
+            if usage is not None:
+                result.usage = usage
+                if usage_only and strip_usage_event:
+                    continue
+            out += event
+        if len(buf) > MAX_UNTERMINATED:
+            out += buf
+            buf = b""
+        if out:
+            if result.first_byte_at is None:
+                result.first_byte_at = time.monotonic()
+            await client.write(bytes(out))
+            result.bytes_out += len(out)
+    if buf:
+        await client.write(buf)
+        result.bytes_out += len(buf)
+    return result
+
+
+def usage_from_json(body: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+def cached_tokens(usage: dict[str, Any] | None) -> int | None:
+    if not usage:
+        return None
+    details = usage.get("prompt_tokens_details") or {}
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return value if isinstance(value, int) else None

@@ -1,0 +1,67 @@
+"""The launcher: plans one replica per GPU group, and really starts, health-checks and stops sim replicas."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine_server.launcher import build_parser, parse_gpus, plan_replicas
+
+
+def _plan(argv: list[str], extra: list[str] | None = None):
+    args: argparse.Namespace = build_parser().parse_args(argv)
+    return plan_replicas(args, extra or [])
+
+
+def test_gpu_ranges_parse() -> None:
+    assert parse_gpus("0-3") == [0, 1, 2, 3]
+    assert parse_gpus("0,2,4-5") == [0, 2, 4, 5]
+    with pytest.raises(ValueError):
+        parse_gpus("0,0")
+
+
+def test_eight_gpus_in_pairs_make_four_tensor_parallel_replicas() -> None:
+    specs = _plan(["--gpus", "0-7", "--gpus-per-replica", "2", "--base-port", "8001", "--model", "m"])
+    assert [s.port for s in specs] == [8001, 8002, 8003, 8004]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0,1", "2,3", "4,5", "6,7"]
+    for s in specs:
+        i = s.argv.index("--tensor-parallel-size")
+        assert s.argv[i + 1] == "2"
+
+
+def test_gpus_that_do_not_split_evenly_are_refused() -> None:
+    with pytest.raises(ValueError, match="groups of 2"):
+        _plan(["--gpus", "0-2", "--gpus-per-replica", "2", "--model", "m"])
+
+
+def test_arguments_after_double_dash_reach_every_replica() -> None:
+    specs = _plan(["--cpu-replicas", "2", "--backend", "sim"], ["--profile", "instant"])
+    assert all(s.argv[-2:] == ["--profile", "instant"] for s in specs)
+
+
+@pytest.mark.slow
+def test_launch_sim_replicas_until_healthy_and_write_router_config(tmp_path: Path) -> None:
+    out = tmp_path / "replicas.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine_server", "launch", "--cpu-replicas", "2", "--backend", "sim",
+         "--model", "sim-model", "--base-port", "18461", "--write-config", str(out), "--exit-when-ready",
+         "--health-timeout-s", "60", "--", "--profile", "instant"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "http://127.0.0.1:18461" in proc.stdout and "http://127.0.0.1:18462" in proc.stdout
+    cfg = yaml.safe_load(out.read_text())
+    assert [r["url"] for r in cfg["replicas"]] == ["http://127.0.0.1:18461", "http://127.0.0.1:18462"]
+    assert cfg["replicas"][0]["models"] == ["sim-model"]
+
+
+def test_help_explains_backends_and_flags() -> None:
+    proc = subprocess.run([sys.executable, "-m", "engine_server", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    for word in ("--backend", "--tensor-parallel-size", "--profile", "--time-scale", "/load", "launch"):
+        assert word in proc.stdout
