@@ -88,6 +88,8 @@ class RouterConfig(_Frozen):
     retry: RetrySettings = RetrySettings()
     replica_header: str | None = Field(default="x-router-replica",
                                        description="response header naming the chosen replica; null = off")
+    session_header: str | None = Field(default="x-session-id",
+                                       description="request header whose value is the session affinity key")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -101,7 +101,8 @@ async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamRe
     if not isinstance(body, dict):
         return error_response("request body must be a JSON object", 400)
     try:
-        features = features_from_body(body, kind, request[REQUEST_ID], router.hashing)
+        session = request.headers.get(router.config.session_header) if router.config.session_header else None
+        features = features_from_body(body, kind, request[REQUEST_ID], router.hashing, affinity_key=session)
     except FeatureError as exc:
         return error_response(exc.message, 400, param=exc.param)
     known = router.registry.models()

@@ -1,0 +1,255 @@
+"""Request body -> `RequestFeatures`: everything a policy may know about a request, computed once.
+
+Policies never see the HTTP request or the JSON body; they read this frozen struct. New needs extend the
+struct, never the policy signature.
+
+Prompt text, the part that decides the prefix:
+
+- Chat: a canonical serialization of ``tools`` (first, as chat templates put them in the system prompt)
+  followed by EVERY message in order: role, optional name, content (a string, or a list of parts where
+  text parts contribute their text and other parts their canonical JSON), tool calls and tool-call ids.
+  It is prefix-stable across turns: when a client resends the conversation plus one more turn, the new
+  text starts with the old text, so turn k+1's block chain extends turn k's. It is not the engine's chat
+  template; it only has to be identical for identical prefixes.
+- Completion: ``prompt`` may be a string, a list of strings (a batch), a list of token ids, or a list of
+  token-id lists. A batch hashes its FIRST prompt (the batch goes to one replica, and its first prompt's
+  prefix is what that replica will cache first) while the token estimate counts every prompt (load).
+  Token ids are hashed as ids (see `hashing.token_block_hashes`); their estimate is exact.
+
+Only shapes the router needs are checked; anything else is left for the engine to judge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from router.features.hashing import HashingConfig, block_hashes, token_block_hashes
+
+Kind = Literal["chat", "completion"]
+_MAX_TOKEN_ID = 2**63 - 1
+
+
+class FeatureError(ValueError):
+    """The body has a shape the router cannot route; the proxy answers 400 naming ``param``."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFeatures:
+    """What policies know about one request.
+
+    prompt_chars: characters of the canonical prompt text, summed over a batch (0 for token ids).
+    token_estimate: prompt tokens, ``ceil(prompt_chars / chars_per_token)`` or exact for token ids.
+    block_hashes: the chain from `router.features.hashing`; empty when the prompt is under one block.
+    block_tokens: estimated tokens per block, to turn matched blocks into cached tokens.
+    affinity_key: session header or OpenAI ``user``; only `consistent_hash` keys on it.
+    """
+
+    request_id: str
+    model: str
+    kind: Kind
+    prompt_chars: int
+    token_estimate: int
+    max_tokens: int | None
+    block_hashes: tuple[int, ...]
+    block_chars: int
+    affinity_key: str | None = None
+    stream: bool = False
+    block_tokens: float = 16.0
+
+
+def features_from_body(
+    body: Any,
+    kind: Kind,
+    request_id: str,
+    hashing: HashingConfig,
+    affinity_key: str | None = None,
+) -> RequestFeatures:
+    """Build the features of an OpenAI ``/v1/chat/completions`` (``chat``) or ``/v1/completions`` body.
+
+    ``affinity_key`` (e.g. a session header) wins over the body's ``user`` field. Raises `FeatureError`.
+    """
+    if not isinstance(body, dict):
+        raise FeatureError("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise FeatureError("'model' must be a non-empty string", "model")
+    if kind == "chat":
+        text = chat_prompt_text(body.get("messages"), body.get("tools"))
+        prompts: list[str] | list[list[int]] = [text]
+        max_tokens = _max_tokens(body, "max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = _max_tokens(body, "max_tokens")
+    elif kind == "completion":
+        prompts = _completion_prompts(body.get("prompt"))
+        max_tokens = _max_tokens(body, "max_tokens")
+    else:
+        raise ValueError(f"unknown request kind {kind!r}")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise FeatureError("'stream' must be a boolean", "stream")
+    if affinity_key is None:
+        user = body.get("user")
+        affinity_key = user if isinstance(user, str) and user else None
+    return _features(prompts, model, kind, request_id, hashing, max_tokens, affinity_key, stream)
+
+
+def features_from_text(
+    text: str,
+    model: str,
+    request_id: str,
+    hashing: HashingConfig,
+    *,
+    kind: Kind = "completion",
+    max_tokens: int | None = None,
+    affinity_key: str | None = None,
+    stream: bool = False,
+) -> RequestFeatures:
+    """Features of an already-canonical prompt text (simulators, benchmarks, tests)."""
+    return _features([text], model, kind, request_id, hashing, max_tokens, affinity_key, stream)
+
+
+def _features(
+    prompts: list[str] | list[list[int]],
+    model: str,
+    kind: Kind,
+    request_id: str,
+    hashing: HashingConfig,
+    max_tokens: int | None,
+    affinity_key: str | None,
+    stream: bool,
+) -> RequestFeatures:
+    first = prompts[0]
+    if isinstance(first, str):
+        chars = sum(len(p) for p in prompts)  # type: ignore[arg-type]
+        if hashing.tokenizer is None:
+            hashes = block_hashes(first, hashing.block_chars, model)
+            tokens = math.ceil(chars / hashing.chars_per_token)
+            block_tokens = hashing.block_tokens
+        else:
+            ids = [list(hashing.tokenizer(p)) for p in prompts]  # type: ignore[arg-type]
+            hashes = token_block_hashes(ids[0], hashing.token_block_size, model)
+            tokens = sum(len(i) for i in ids)
+            block_tokens = float(hashing.token_block_size)
+    else:
+        chars = 0
+        hashes = token_block_hashes(first, hashing.token_block_size, model)
+        tokens = sum(len(p) for p in prompts)
+        block_tokens = float(hashing.token_block_size)
+    return RequestFeatures(
+        request_id=request_id,
+        model=model,
+        kind=kind,
+        prompt_chars=chars,
+        token_estimate=tokens,
+        max_tokens=max_tokens,
+        block_hashes=hashes,
+        block_chars=hashing.block_chars,
+        affinity_key=affinity_key,
+        stream=stream,
+        block_tokens=block_tokens,
+    )
+
+
+def chat_prompt_text(messages: Any, tools: Any = None) -> str:
+    """Canonical, prefix-stable text of a chat request (see the module docstring)."""
+    if not isinstance(messages, list) or not messages:
+        raise FeatureError("'messages' must be a non-empty array", "messages")
+    parts: list[str] = []
+    if tools:
+        parts.append("<tools>" + _canonical_json(tools) + "\n")
+    for i, message in enumerate(messages):
+        parts.append(_message_text(message, f"messages[{i}]"))
+    return "".join(parts)
+
+
+def _message_text(message: Any, where: str) -> str:
+    if not isinstance(message, dict):
+        raise FeatureError("each message must be an object", where)
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise FeatureError("message 'role' must be a non-empty string", f"{where}.role")
+    out = [f"<{role}>"]
+    name = message.get("name")
+    if isinstance(name, str) and name:
+        out.append(f"[{name}]")
+    out.append(_content_text(message.get("content"), f"{where}.content"))
+    if message.get("tool_calls"):
+        out.append("<tool_calls>" + _canonical_json(message["tool_calls"]))
+    tool_call_id = message.get("tool_call_id")
+    if isinstance(tool_call_id, str) and tool_call_id:
+        out.append(f"<tool_call_id>{tool_call_id}")
+    out.append("\n")
+    return "".join(out)
+
+
+def _content_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise FeatureError("message 'content' must be a string or an array of parts", where)
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise FeatureError("each content part must be an object", f"{where}[{j}]")
+        if part.get("type") == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise FeatureError("a text part needs a string 'text'", f"{where}[{j}].text")
+            texts.append(text)
+        else:  # images, audio, ...: their canonical JSON keeps different media apart
+            texts.append(_canonical_json(part))
+    return "\n".join(texts)
+
+
+def _canonical_json(value: Any) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:  # not reachable from parsed JSON, but keep the 400 promise
+        raise FeatureError(f"value is not JSON-serializable: {exc}") from exc
+
+
+def _completion_prompts(prompt: Any) -> list[str] | list[list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise FeatureError(
+            "'prompt' must be a string, an array of strings or an array of token ids", "prompt"
+        )
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return [_token_ids(prompt, "prompt")]
+    if all(isinstance(p, list) for p in prompt):
+        return [_token_ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    raise FeatureError("'prompt' mixes strings, token ids and arrays", "prompt")
+
+
+def _token_ids(ids: Sequence[Any], where: str) -> list[int]:
+    if not ids:
+        raise FeatureError("a token-id prompt must not be empty", where)
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= _MAX_TOKEN_ID:
+            raise FeatureError("token ids must be non-negative integers", where)
+    return list(ids)
+
+
+def _max_tokens(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise FeatureError(f"'{key}' must be a positive integer", key)
+    return value

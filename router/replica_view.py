@@ -1,0 +1,62 @@
+"""`ReplicaView`: the read-only snapshot of one replica that policies decide on.
+
+The proxy builds one per eligible replica for each decision from two sources that policies must not
+confuse:
+
+- the router's own counters (``in_flight_requests``, ``in_flight_tokens``), always current;
+- the engine's polled load report (``running``, ``waiting``, ``kv_blocks_*``, ``block_size``), as old as
+  ``load_age_s``. ``None`` means no report was ever received, and a report older than a policy's
+  ``stale_after_s`` counts as missing. Missing is not zero: policies then fall back to the router's
+  counters, which is what `request_load` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_STALE_AFTER_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """One replica as seen at decision time.
+
+    weight: relative capacity (2.0 = twice as fast); loads and costs are divided by it.
+    in_flight_requests: requests this router has sent there and not yet seen finish.
+    in_flight_tokens: prompt tokens of those requests that have not finished prefill yet.
+    running, waiting, kv_blocks_used, kv_blocks_total, block_size: the engine's last load report
+        (meaningful only while fresh, see `engine_fresh`).
+    load_age_s: seconds since that report was received; None = never.
+    """
+
+    name: str
+    url: str
+    weight: float = 1.0
+    in_flight_requests: int = 0
+    in_flight_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    block_size: int = 0
+    load_age_s: float | None = None
+    healthy: bool = True
+
+    def engine_fresh(self, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:
+        """True when the engine's load report exists and is at most ``stale_after_s`` old."""
+        return self.load_age_s is not None and self.load_age_s <= stale_after_s
+
+    def request_load(self, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> int:
+        """Requests at the replica: the router's count, raised to the engine's running + waiting when
+        that report is fresh (other routers' traffic shows up only there). Never lower than our count."""
+        load = self.in_flight_requests
+        age = self.load_age_s
+        if age is not None and age <= stale_after_s and self.running + self.waiting > load:
+            load = self.running + self.waiting
+        return load
+
+    def kv_capacity_tokens(self) -> int | None:
+        """Tokens the engine's KV cache holds, if it reported its geometry (any age: it is static)."""
+        if self.kv_blocks_total > 0 and self.block_size > 0:
+            return self.kv_blocks_total * self.block_size
+        return None

@@ -1,0 +1,67 @@
+"""Block hashing: a chain of per-block hashes that identifies prompt prefixes."""
+
+import pytest
+
+from router.features.hashing import HashingConfig, block_hashes, token_block_hashes
+
+TEXT = "".join(chr(ord("a") + i % 26) for i in range(1000))
+
+
+def test_only_full_blocks_are_hashed():
+    assert len(block_hashes("x" * 63, 64, "m")) == 0
+    assert len(block_hashes("x" * 64, 64, "m")) == 1
+    assert len(block_hashes("x" * 191, 64, "m")) == 2
+
+
+def test_a_trailing_partial_block_does_not_change_the_chain():
+    assert block_hashes(TEXT[:640], 64, "m") == block_hashes(TEXT[:700], 64, "m")
+
+
+def test_a_longer_prompt_extends_the_chain_of_its_prefix():
+    short, long = block_hashes(TEXT[:320], 64, "m"), block_hashes(TEXT, 64, "m")
+    assert long[: len(short)] == short
+    assert len(long) == 1000 // 64
+
+
+def test_a_hash_stands_for_the_whole_prefix_not_just_its_block():
+    a = block_hashes("A" * 64 + "same" * 16, 64, "m")
+    b = block_hashes("B" * 64 + "same" * 16, 64, "m")
+    assert a[1] != b[1]  # identical second blocks, different parents
+
+
+def test_the_model_name_seeds_the_chain():
+    assert block_hashes(TEXT, 64, "model-a") != block_hashes(TEXT, 64, "model-b")
+    assert set(block_hashes(TEXT, 64, "model-a")).isdisjoint(block_hashes(TEXT, 64, "model-b"))
+
+
+def test_hashes_are_stable_across_processes():
+    # Pinned values: a change here breaks indexes shared between router replicas or restarts.
+    assert block_hashes("abcd" * 16, 64, "m") == (8400209391390312506,)
+
+
+def test_blocks_are_cut_by_characters_not_bytes():
+    ascii_then_wide = block_hashes("a" * 64 + "é" * 64, 64, "m")
+    assert len(ascii_then_wide) == 2
+    assert block_hashes("a" * 64, 64, "m")[0] == ascii_then_wide[0]
+
+
+def test_block_size_must_be_positive():
+    with pytest.raises(ValueError):
+        block_hashes(TEXT, 0, "m")
+
+
+def test_token_ids_hash_in_blocks_of_ids_under_their_own_seed():
+    ids = list(range(100))
+    chain = token_block_hashes(ids, 16, "m")
+    assert len(chain) == 6
+    assert token_block_hashes(ids[:48], 16, "m") == chain[:3]
+    assert token_block_hashes(ids, 16, "other") != chain
+
+
+def test_hashing_config_validates_and_derives_token_blocks():
+    assert HashingConfig().block_tokens == 16.0
+    assert HashingConfig(block_chars=128, chars_per_token=4).token_block_size == 32
+    with pytest.raises(ValueError):
+        HashingConfig(block_chars=0)
+    with pytest.raises(ValueError):
+        HashingConfig(chars_per_token=0)
