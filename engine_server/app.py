@@ -268,7 +268,8 @@ async def _stream(request: web.Request, state: ServerState, gens: list[Generatio
                 await resp.write(protocol.sse({"error": {"message": msg, "type": "server_error",
                                                          "param": None, "code": 500}}))
                 break
-            else:
+            elif item.text or item.finish_reason or index not in started:
+                # (vLLM can yield empty deltas, e.g. for a skipped special token: they are not sent)
                 first = index not in started
                 started.add(index)
                 lasts[index] = item

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length in tokens: prompt + completion must fit (default: model/profile's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="max sequences in one running batch")
-    p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (default 16)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="KV-cache block size in tokens (default: 16 for sim, vLLM's choice for vllm)")
     p.add_argument("--seed", type=int, default=0, help="engine seed (sampling / sim determinism)")
     p.add_argument("--default-max-tokens", type=int, default=16,
                    help="max_tokens when a request does not say (default 16, as OpenAI completions)")
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn vLLM's prefix cache off (on by default)")
     v.add_argument("--dtype", default="auto", help="model dtype (default auto)")
-    v.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs / compilation")
+    v.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="disable CUDA graphs / torch.compile (default: on for CPU, vLLM's choice on GPU)")
 
     s = p.add_argument_group("sim backend")
     s.add_argument("--profile", default="h100-llama3-8b",
@@ -96,7 +98,7 @@ def make_backend(args: argparse.Namespace) -> Backend:
         return SimBackend(SimConfig(
             model_name=name, profile=args.profile, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            block_size=args.block_size, time_scale=args.time_scale, seed=args.seed,
+            block_size=args.block_size or 16, time_scale=args.time_scale, seed=args.seed,
             chars_per_token=args.chars_per_token,
             faults=FaultConfig(added_latency_s=args.fault_latency_ms / 1000.0, error_rate=args.fault_error_rate,
                                hang_rate=args.fault_hang_rate, drop_rate=args.fault_drop_rate),

@@ -78,15 +78,16 @@ PROFILES: dict[str, TimingProfile] = {
             max_model_len=4096,
         ),
         TimingProfile(
-            # PLACEHOLDER numbers: calibrate with benchmarks/calibrate against a tiny random Llama on
-            # vLLM CPU, then replace these coefficients (and the shape below) with the fitted values.
+            # Fitted by `python -m benchmarks.calibrate` (benchmarks/results/calibration-tiny-cpu.json):
+            # the project's tiny random Llama on vLLM CPU, float32, eager, one compute thread, R^2 0.95.
+            # vLLM CPU uses 8192 blocks of 32 tokens there; the same capacity in 16-token blocks is 16384.
             name="tiny-cpu",
-            description="tiny random Llama on vLLM CPU (placeholder coefficients, calibrate with "
-            "benchmarks/calibrate): 20 ms/step + 0.15 ms/prefill tok + 1 ms/decode seq.",
-            step_overhead_s=20 * MS,
-            prefill_per_token_s=0.15 * MS,
-            decode_per_seq_s=1 * MS,
-            num_blocks=2048,
+            description="the project's tiny Llama on vLLM CPU (fitted): 10.55 ms/step + 188 us/prefill tok "
+            "+ 0.194 ms/decode seq.",
+            step_overhead_s=10.55 * MS,
+            prefill_per_token_s=0.1882 * MS,
+            decode_per_seq_s=0.194 * MS,
+            num_blocks=16_384,
             max_num_seqs=64,
             max_num_batched_tokens=2048,
             max_model_len=2048,

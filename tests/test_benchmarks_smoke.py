@@ -1,0 +1,62 @@
+"""Tiny runs of the benchmark scripts: they start, measure something and write their JSON.
+
+Each script runs as `python -m benchmarks.<name>` in a subprocess (as a user would run it), with its
+engines and router in-process (`--inprocess`) and tiny workloads, so the whole file takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.common import format_table, percentile, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(module: str, out: Path, *args: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", module, "--out", str(out), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_percentile_and_summary() -> None:
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile([0.0, 10.0], 0.99) == pytest.approx(9.9)
+    s = summarize([0.001, 0.002, 0.003], scale=1e3)
+    assert (s["n"], s["p50"], s["max"]) == (3, 2.0, 3.0)
+    assert "policy" in format_table(["policy"], [["cost"]])
+
+
+@pytest.mark.slow
+def test_router_micro_runs(tmp_path: Path) -> None:
+    data = run_script("benchmarks.router_micro", tmp_path / "micro.json", "--prefixes", "1000", "--iterations",
+                      "200", "--inprocess", "--requests", "30", "--concurrency", "1", "4", "--gap-streams", "4",
+                      "--gap-tokens", "4", "--gap-time-scale", "0.2")
+    rows = data["decisions"]["policies"]
+    assert {r["policy"] for r in rows} >= {"cost", "cache_aware", "round_robin"}
+    assert all(c["choose_us"]["n"] > 0 for r in rows for c in r["cases"].values())
+    levels = data["proxy"]["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 4]
+    assert all(lv[m]["errors"] == 0 and lv[m]["requests"] == 30 for lv in levels for m in ("direct", "router"))
+    assert all(lv[m]["errors"] == 0 for lv in data["chunk_gaps"]["levels"] for m in ("direct", "router"))
+
+
+def test_quality_runs(tmp_path: Path) -> None:
+    data = run_script("benchmarks.quality", tmp_path / "quality.json", "--inprocess", "--time-scale", "0",
+                      "--groups", "4", "--questions", "2", "--gsp-clients", "4", "--gsp-system-chars", "1200",
+                      "--conversations", "4", "--turns", "2", "--mt-system-chars", "400", "--load-poll-s", "0.1",
+                      "--policies", "cost", "round_robin", "pinned")
+    gsp, mt = data["gsp"], data["multiturn"]
+    assert [r["label"] for r in gsp["rows"]] == ["cost", "round_robin"]
+    assert [r["label"] for r in mt["rows"]] == ["cost", "round_robin", "pinned"]
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in gsp["rows"] + mt["rows"])
+    assert 0 < gsp["best_hit_rate"] < 1
+    assert all(0 <= r["hit_rate"] <= gsp["best_hit_rate"] + 1e-9 for r in gsp["rows"])
+    assert {line["check"].split(":")[0] for line in data["acceptance"]} == {"gsp", "multiturn"}
