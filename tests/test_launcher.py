@@ -65,3 +65,52 @@ def test_help_explains_backends_and_flags() -> None:
     assert proc.returncode == 0
     for word in ("--backend", "--tensor-parallel-size", "--profile", "--time-scale", "/load", "launch"):
         assert word in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_crashed_replica_is_restarted_and_sigterm_stops_everything() -> None:
+    import json
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    port = 18471
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "engine_server", "launch", "--cpu-replicas", "1", "--backend", "sim",
+         "--model", "sim-model", "--base-port", str(port), "--health-timeout-s", "60", "--shutdown-grace-s", "5",
+         "--", "--profile", "instant"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def load() -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/load", timeout=1) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
+    def replica_pid() -> int | None:
+        out = subprocess.run(["pgrep", "-f", f"engine_server --backend sim .*--port {port}"], capture_output=True,
+                             text=True).stdout.split()
+        return int(out[0]) if out else None
+
+    try:
+        deadline = time.monotonic() + 60
+        while load() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first = replica_pid()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pid = replica_pid()
+            if pid not in (None, first) and load() is not None:
+                break
+            time.sleep(0.2)
+        assert replica_pid() not in (None, first), "replica was not restarted"
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 0, err
+    assert "restart 1" in err
+    assert replica_pid() is None
