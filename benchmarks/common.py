@@ -55,20 +55,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def host_cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU jiffies of the whole machine since boot (Linux /proc/stat; zeros elsewhere)."""
+def host_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, summed over CPUs (Linux /proc/stat)."""
     try:
         values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except OSError:
-        return 0, 0
+        return math.nan, math.nan
     idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return sum(values) - idle, sum(values)
-
-
-def host_busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """Share of all CPUs that was busy between two `host_cpu_jiffies` readings (NaN if unknown)."""
-    total = after[1] - before[1]
-    return (after[0] - before[0]) / total if total > 0 else math.nan
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(values) - idle) / tick, sum(values) / tick
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,7 @@ from benchmarks.common import (
     closed_loop,
     cpu_seconds,
     format_table,
-    host_busy_share,
-    host_cpu_jiffies,
+    host_cpu_seconds,
     install_uvloop,
     machine_info,
     percentile,
@@ -280,20 +279,15 @@ async def run_level(session: Any, targets: Sequence[str], concurrency: int, coun
     return results, time.perf_counter() - t0
 
 
-def _cpu(pids: Sequence[int]) -> float:
-    return sum(cpu_seconds(p) for p in pids)
-
-
 async def measure_mode(fleet: Fleet, session: Any, mode: str, concurrency: int, args: argparse.Namespace,
                        max_tokens: int) -> dict[str, Any]:
     targets = [fleet.router_url] if mode == "router" else fleet.engine_urls
-    router_pids = [fleet.router_pid] if fleet.router_pid else []
-    host0 = host_cpu_jiffies()
-    cpu0 = (_cpu(router_pids), _cpu(fleet.engine_pids), time.process_time())
+    host0, cpu0 = host_cpu_seconds(), _cpus(fleet)
     results, wall = await run_level(session, targets, concurrency, args.requests, args.max_level_s,
                                     max_tokens)
-    cpu1 = (_cpu(router_pids), _cpu(fleet.engine_pids), time.process_time())
-    busy = host_busy_share(host0, host_cpu_jiffies())
+    host1, cpu1 = host_cpu_seconds(), _cpus(fleet)
+    used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
+    busy, total = host1[0] - host0[0], host1[1] - host0[1]
     ok = [r for r in results if r.ok]
     per_k = 1000.0 / max(1, len(results))
     return {
@@ -301,11 +295,17 @@ async def measure_mode(fleet: Fleet, session: Any, mode: str, concurrency: int, 
         "wall_s": round(wall, 2), "req_per_s": round(len(results) / wall, 1),
         "ttft_ms": summarize([r.ttft_s for r in ok if r.ttft_s is not None], 1e3),
         "e2e_ms": summarize([r.e2e_s for r in ok], 1e3),
-        "cpu_s_per_1k": {"router": round((cpu1[0] - cpu0[0]) * per_k, 3),
-                         "engines": round((cpu1[1] - cpu0[1]) * per_k, 3),
-                         "client": round((cpu1[2] - cpu0[2]) * per_k, 3)},
-        "host_cpu_busy": round(busy, 3),
+        "cpu_s_per_1k": {k: round(u * per_k, 3) for k, u in zip(("router", "engines", "client"), used, strict=True)},
+        "host_cpu_busy": round(busy / total, 3) if total > 0 else None,
+        # CPU used by processes that are not part of the benchmark (other jobs on the machine)
+        "other_cpu_share": round(max(0.0, busy - sum(used)) / total, 3) if total > 0 else None,
     }
+
+
+def _cpus(fleet: Fleet) -> tuple[float, float, float]:
+    """CPU seconds so far of the router, the engines (summed) and this client process."""
+    router = cpu_seconds(fleet.router_pid) if fleet.router_pid else 0.0
+    return router, sum(cpu_seconds(p) for p in fleet.engine_pids), time.process_time()
 
 
 def added(direct: dict[str, Any], routed: dict[str, Any]) -> dict[str, float]:
@@ -339,12 +339,16 @@ def print_proxy(res: dict[str, Any]) -> None:
             rows.append([lv["concurrency"], mode, m["requests"], m["errors"], m["req_per_s"], m["ttft_ms"]["p50"],
                          m["ttft_ms"]["p99"], m["e2e_ms"]["p50"], m["e2e_ms"]["p99"],
                          m["cpu_s_per_1k"]["router"], m["cpu_s_per_1k"]["engines"], m["cpu_s_per_1k"]["client"],
-                         f"{m['host_cpu_busy']:.0%}"])
+                         _share(m["host_cpu_busy"]), _share(m["other_cpu_share"])])
         a = lv["added_ms"]
         rows.append([lv["concurrency"], "added", "", "", "", a["ttft_p50"], a["ttft_p99"], a["e2e_p50"],
-                     a["e2e_p99"], "", "", "", ""])
+                     a["e2e_p99"], "", "", "", "", ""])
     print(format_table(["conc", "mode", "reqs", "err", "req/s", "TTFT p50", "p99", "E2E p50", "p99",
-                        "CPU s/1k: router", "engines", "client", "host busy"], rows))
+                        "CPU s/1k: router", "engines", "client", "host busy", "other procs"], rows))
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 # -- (c) chunk promptness ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from engine_server.backend import (
 )
 from engine_server.sim.backend import SimBackend, SimConfig
 from engine_server.sim.faults import FaultConfig
+from engine_server.sim.timing import get_profile
 
 PROMPT = "You are a helpful assistant. " * 8  # 232 chars = 58 tokens
 
@@ -75,7 +76,7 @@ async def test_sleeps_model_time_times_time_scale() -> None:
         await collect(b, gen("a", max_tokens=5))
         elapsed = time.monotonic() - t0
         model = b.model_time_s
-    assert model > 0.1  # tiny-cpu: 5 steps of >= 20 ms
+    assert model >= 5 * get_profile("tiny-cpu").step_overhead_s  # 5 steps, each at least the overhead
     assert elapsed >= model * 0.2 * 0.9
 
 
