@@ -110,8 +110,17 @@ def words(rng: random.Random, chars: int) -> str:
     return text[:chars]
 
 
+def tokens_of_chars(chars: int) -> int:
+    """Sim tokens of a text of ``chars`` characters (fixed 4-character chunks)."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
 def tokens(text: str) -> int:
-    return -(-len(text) // CHARS_PER_TOKEN)
+    return tokens_of_chars(len(text))
+
+
+def blocks_for(n_tokens: int) -> int:
+    return -(-n_tokens // BLOCK_TOKENS)
 
 
 def cacheable_tokens(shared_chars: int, prompt_chars: int) -> int:
@@ -120,20 +129,12 @@ def cacheable_tokens(shared_chars: int, prompt_chars: int) -> int:
     return min(full // BLOCK_TOKENS * BLOCK_TOKENS, tokens_of_chars(prompt_chars) - 1)
 
 
-def tokens_of_chars(chars: int) -> int:
-    return -(-chars // CHARS_PER_TOKEN)
-
-
 def common_prefix(a: str, b: str) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def blocks_for(tokens_: int) -> int:
-    return -(-tokens_ // BLOCK_TOKENS)
 
 
 def kv_blocks(partitioned: int, replicated: int) -> int:

