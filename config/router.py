@@ -6,11 +6,21 @@ sees `replicas.1.url: must start with http:// or https://` instead of a stack tr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class _Frozen(BaseModel):
@@ -76,6 +86,147 @@ class RetrySettings(_Frozen):
     retry_statuses: tuple[int, ...] = (429, 500, 502, 503, 504)
 
 
+class KeyLimits(_Frozen):
+    """Per-key limits; None = unlimited. burst without requests_per_s means nothing, so it is refused."""
+
+    requests_per_s: float | None = Field(default=None, gt=0, description="sustained rate (token-bucket refill)")
+    burst: int | None = Field(default=None, ge=1, description="requests at once after idling; "
+                                                             "default ceil(requests_per_s)")
+    max_concurrent: int | None = Field(default=None, ge=1, description="requests in flight at once, "
+                                                                      "a stream counting until it ends")
+
+    @model_validator(mode="after")
+    def _burst_needs_rate(self) -> KeyLimits:
+        if self.burst is not None and self.requests_per_s is None:
+            raise ValueError("burst needs requests_per_s on the same entry")
+        return self
+
+
+def _check_key(secret: str) -> str:
+    # Never put the secret in the message: ConfigErrors are printed and logged.
+    if not secret:
+        raise ValueError("key is empty")
+    if not all(33 <= ord(c) <= 126 for c in secret):
+        raise ValueError("key must be printable ASCII without spaces (it travels in an HTTP header)")
+    return secret
+
+
+def _key_from_env(var: str) -> str:
+    if not os.environ.get(var, "").strip():
+        raise ValueError(f"environment variable {var} is not set or empty")
+    return _check_key(os.environ[var].strip())
+
+
+def _key_from_file(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read key file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not text.strip():
+        raise ValueError(f"key file {path} is empty")
+    return _check_key(text.strip())
+
+
+class KeySpec(KeyLimits):
+    """One API key: exactly one of value / env / file, plus an optional name and its own limits.
+
+    env and file are read when the config is loaded (a reload re-reads them, which is how keys rotate);
+    file contents are stripped. The secret lives in a private attribute: never in repr, dumps or errors.
+    """
+
+    name: str | None = Field(default=None, min_length=1, description="label in metrics and logs; "
+                                                                     "default api_keys.N / admin_keys.N")
+    value: SecretStr | None = Field(default=None, description="the key inline; prefer env or file")
+    env: str | None = Field(default=None, min_length=1, description="environment variable holding the key")
+    file: Path | None = Field(default=None, description="file holding the key; relative = to the working dir")
+    _secret: str = PrivateAttr(default="")
+
+    @field_validator("value")
+    @classmethod
+    def _value_ok(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            _check_key(v.get_secret_value())
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_set(cls, v: str | None) -> str | None:
+        if v is not None:
+            _key_from_env(v)
+        return v
+
+    @field_validator("file")
+    @classmethod
+    def _file_readable(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            _key_from_file(v)
+        return v
+
+    @model_validator(mode="after")
+    def _resolve(self) -> KeySpec:
+        given = [f for f in ("value", "env", "file") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of value, env, file (got {', '.join(given) or 'none'})")
+        if self.value is not None:
+            self._secret = self.value.get_secret_value()
+        elif self.env is not None:
+            self._secret = _key_from_env(self.env)
+        else:
+            assert self.file is not None
+            self._secret = _key_from_file(self.file)
+        return self
+
+    def secret(self) -> str:
+        return self._secret
+
+
+class AuthConfig(_Frozen):
+    """API keys. No key at all (both lists empty) = auth off: every route is open, fine on loopback only.
+
+    With any key configured, /v1/* needs a user or admin key and /admin/* an admin key; /health and
+    /metrics stay open. Names (or the api_keys.N defaults) must be unique, keys distinct.
+    """
+
+    api_keys: tuple[KeySpec, ...] = Field(default=(), description="keys for the OpenAI routes")
+    admin_keys: tuple[KeySpec, ...] = Field(default=(), description="keys for /admin/* (and the OpenAI routes)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
+
+    def named_keys(self) -> list[tuple[str, bool, KeySpec]]:
+        """(name, is_admin, spec) for every key, unnamed ones called `api_keys.N` / `admin_keys.N`."""
+        return [(k.name or f"{field}.{i}", field == "admin_keys", k)
+                for field in ("api_keys", "admin_keys") for i, k in enumerate(getattr(self, field))]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AuthConfig:
+        names: set[str] = set()
+        secrets: dict[str, str] = {}
+        for name, _, spec in self.named_keys():
+            if name in names:
+                raise ValueError(f"key name {name!r} is used twice")
+            names.add(name)
+            if spec.secret() in secrets:
+                raise ValueError(f"keys {secrets[spec.secret()]!r} and {name!r} are the same key")
+            secrets[spec.secret()] = name
+        return self
+
+
+class LimitsConfig(_Frozen):
+    """Admission limits. Beyond max_in_flight the router answers 503 + Retry-After at once (the fleet is
+    full, not the caller over quota, so not 429); it queues nothing, so memory stays bounded by
+    max_in_flight x max_body_bytes. Per-key limits answer 429 + Retry-After and apply only with auth on.
+    """
+
+    max_in_flight: int | None = Field(default=4096, ge=1, description="OpenAI-route requests admitted at "
+                                                                      "once, router-wide; null = unbounded")
+    retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After of overload 503s and "
+                                                                     "concurrency 429s")
+    default_key_limits: KeyLimits = Field(default=KeyLimits(), description="for keys that set none: "
+                                          "rate+burst come as a pair, max_concurrent on its own")
+
+
 class RouterConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -86,6 +237,8 @@ class RouterConfig(_Frozen):
     load: LoadSettings = LoadSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     retry: RetrySettings = RetrySettings()
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
     replica_header: str | None = Field(default="x-router-replica",
                                        description="response header naming the chosen replica; null = off")
     session_header: str | None = Field(default="x-session-id",

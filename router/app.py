@@ -1,7 +1,8 @@
 """The router's aiohttp application: OpenAI routes in front of a fleet of replicas.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (streamed or not), GET /v1/models (union of
-healthy replicas' models), GET /health, GET /metrics. Anything else is a 404 in OpenAI's error format.
+healthy replicas' models), GET /health, GET /metrics; /admin/* and live reload come from `router.admin`
+and `router.reload`. Anything else is a 404 in OpenAI's error format.
 Everything the app needs is built here and passed down; nothing lives in module globals.
 """
 
@@ -13,11 +14,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from config.router import RouterConfig
+from router.auth import install_access_control
 from router.dispatch import REQUEST_ID_HEADER, Dispatcher, DispatchSettings
 from router.errors import error_response
 from router.features.hashing import HashingConfig
@@ -54,6 +57,15 @@ def health_config(cfg: RouterConfig) -> HealthConfig:
     return HealthConfig(failures_to_eject=h.failures_to_eject, checks_to_eject=h.checks_to_eject,
                         base_ejection_s=h.base_ejection_s, max_ejection_s=h.max_ejection_s,
                         successes_to_readmit=h.successes_to_readmit)
+
+
+def dispatch_settings(cfg: RouterConfig) -> DispatchSettings:
+    """The dispatcher's view of ``cfg``; also rebuilt by `router.reload` on every config change."""
+    t = cfg.timeouts
+    return DispatchSettings(timeouts=Timeouts(t.connect_s, t.first_byte_s, t.idle_s, t.total_s),
+                            max_attempts=cfg.retry.max_attempts,
+                            retry_statuses=frozenset(cfg.retry.retry_statuses),
+                            stale_after_s=cfg.load.stale_after_s, replica_header=cfg.replica_header)
 
 
 def build_registry(cfg: RouterConfig) -> ReplicaRegistry:
@@ -152,12 +164,16 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-def create_app(cfg: RouterConfig) -> web.Application:
+def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
+               config_source: Callable[[], RouterConfig] | None = None) -> web.Application:
+    """config_file: watched for live reload; config_source: rebuilds the config on reload (default: load
+    config_file). Without either, only the admin API changes the config at runtime."""
     registry = build_registry(cfg)
     router = Router(config=cfg, registry=registry, metrics=RouterMetrics(),
                     hashing=HashingConfig(block_chars=cfg.hashing.block_chars))
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[request_ids_and_errors])
     app[ROUTER] = router
+    install_access_control(app, lambda: router.config, router.metrics)  # API keys, limits
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -172,11 +188,7 @@ def create_app(cfg: RouterConfig) -> web.Application:
         policy = create_policy(cfg.policy.name, **cfg.policy.params)
         for r in registry.all():
             policy.on_replica_added(r.name)
-        t = cfg.timeouts
-        router.dispatcher = Dispatcher(registry, policy, session, router.metrics, DispatchSettings(
-            timeouts=Timeouts(t.connect_s, t.first_byte_s, t.idle_s, t.total_s),
-            max_attempts=cfg.retry.max_attempts, retry_statuses=frozenset(cfg.retry.retry_statuses),
-            stale_after_s=cfg.load.stale_after_s, replica_header=cfg.replica_header))
+        router.dispatcher = Dispatcher(registry, policy, session, router.metrics, dispatch_settings(cfg))
         router.poller = ReplicaPoller(registry, session, health_interval_s=cfg.health.check_interval_s,
                                       load_interval_s=cfg.load.poll_interval_s,
                                       timeout_s=cfg.health.check_timeout_s,
@@ -187,6 +199,10 @@ def create_app(cfg: RouterConfig) -> web.Application:
         await session.close()
 
     app.cleanup_ctx.append(lifecycle)
+    from router.admin import setup_admin  # late: admin and reload import this module
+    from router.reload import Reloader
+
+    setup_admin(app, Reloader(router, path=config_file, source=config_source))  # after lifecycle
     return app
 
 

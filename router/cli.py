@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -110,12 +111,15 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return cfg
 
 
-async def serve(cfg: RouterConfig) -> None:
+async def serve(cfg: RouterConfig, *, config_file: str | None = None,
+                config_source: Callable[[], RouterConfig] | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain. With a config file, it is watched, and SIGHUP reloads it."""
     from router.app import ROUTER, create_app
     from router.policies.registry import create_policy
+    from router.reload import RELOADER
 
     create_policy(cfg.policy.name, **cfg.policy.params)  # fail fast on a bad policy before listening
-    app = create_app(cfg)
+    app = create_app(cfg, config_file=config_file, config_source=config_source)
     router = app[ROUTER]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -127,11 +131,14 @@ async def serve(cfg: RouterConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if not app[RELOADER].install_sighup():  # without a config file SIGHUP is logged and ignored
+        log.warning("SIGHUP reload unavailable here; use POST /admin/reload")
     try:
         await stop.wait()
         router.draining = True
-        deadline = time.monotonic() + cfg.shutdown_grace_s
-        log.info("shutting down: %d request(s) in flight, grace %.0fs", router.in_flight, cfg.shutdown_grace_s)
+        grace = router.config.shutdown_grace_s  # the live value: a reload may have changed it
+        deadline = time.monotonic() + grace
+        log.info("shutting down: %d request(s) in flight, grace %.0fs", router.in_flight, grace)
         while router.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     finally:
@@ -152,5 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(serve(cfg))
+    # A reload re-reads the file and re-applies the flags, so flags keep overriding the file.
+    source = functools.partial(config_from_args, args) if args.config else None
+    asyncio.run(serve(cfg, config_file=args.config, config_source=source))
     return 0

@@ -39,6 +39,13 @@ class RouterMetrics:
                                  registry=r)
         self.client_disconnects = Counter("router_client_disconnects", "Clients that left before the end",
                                           registry=r)
+        self.rejected = Counter("router_rejected_requests", "Requests refused before routing (auth, limits, "
+                                "overload), by reason and key name", ["reason", "key"], registry=r)
+        self.config_reloads = Counter("router_config_reloads", "Config changes attempted (file, SIGHUP, "
+                                      "admin) by result: ok, or error (the old config stays)", ["result"],
+                                      registry=r)
+        self.config_generation = Gauge("router_config_generation", "Generation of the running config "
+                                       "(1 at start, +1 per applied change)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

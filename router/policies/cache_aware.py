@@ -76,3 +76,7 @@ class CacheAware(PolicyBase):
 
     def on_replica_removed(self, name: str) -> None:
         self.index.remove_replica(name)
+
+    def index_size(self, name: str) -> int:
+        """Blocks the index believes ``name`` holds (read by the admin API; not part of `Policy`)."""
+        return self.index.size(name)

@@ -252,6 +252,10 @@ class Cost(PolicyBase):
         self._inflight.pop(name, None)
         self._geometry.pop(name, None)
 
+    def index_size(self, name: str) -> int:
+        """Blocks the index believes ``name`` holds (read by the admin API; not part of `Policy`)."""
+        return self.index.size(name)
+
     # -- helpers -----------------------------------------------------------------------------------
 
     def _sync_capacity(self, view: ReplicaView, block_tokens: float) -> None:
