@@ -198,3 +198,25 @@ async def test_metrics_count_requests_and_cached_tokens(fleet: RouterFactory) ->
     assert 'router_requests_total{model="sim-model",replica="r0",status="200"} 3.0' in text
     assert 'router_cached_tokens_total{replica="r0"}' in text
     assert "router_decision_seconds_bucket" in text
+
+
+async def test_requests_route_by_model_and_unknown_models_get_404(sim_server: SimServerFactory) -> None:
+    llama = await sim_server(model_name="llama")
+    qwen = await sim_server(model_name="qwen")
+    cfg = parse_config({"replicas": [
+        {"name": "l0", "url": str(llama.make_url("")).rstrip("/"), "models": ["llama"]},
+        {"name": "q0", "url": str(qwen.make_url("")).rstrip("/"), "models": ["qwen"]}]})
+    router = TestServer(create_app(cfg), host="127.0.0.1", handler_cancellation=True)
+    await router.start_server()
+    try:
+        async with aiohttp.ClientSession() as s:
+            for model, replica in (("llama", "l0"), ("qwen", "q0"), ("llama", "l0"), ("qwen", "q0")):
+                body = {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+                status, data, chosen = await call(s, router, body)
+                assert (status, data["model"], chosen) == (200, model, replica)
+            status, data, _ = await call(s, router, {"model": "gpt-x", "messages": [{"role": "user", "content": "a"}]})
+            assert status == 404 and data["error"]["code"] == "model_not_found"
+            async with s.get(router.make_url("/v1/models")) as r:
+                assert [m["id"] for m in (await r.json())["data"]] == ["llama", "qwen"]
+    finally:
+        await router.close()
