@@ -36,7 +36,7 @@ EPILOG = """\
 examples:
   python -m router --port 8000 --replica http://127.0.0.1:8001 --replica http://127.0.0.1:8002
   python -m router --config config/examples/router.yaml --policy cache_aware
-  python -m router --replica a=http://10.0.0.5:8000 --policy cost --policy-param prefill_s_per_token=0.0002
+  python -m router --replica a=http://127.0.0.1:8001 --policy cost --policy-param prefill_s_per_token=0.0002
 
 then point any OpenAI client at http://127.0.0.1:8000/v1
 """
