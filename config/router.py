@@ -227,6 +227,34 @@ class LimitsConfig(_Frozen):
                                           "rate+burst come as a pair, max_concurrent on its own")
 
 
+class DiscoveryConfig(_Frozen):
+    """Where the replica list comes from: ``static`` (the ``replicas`` list) or ``kubernetes`` (ready pods
+    or EndpointSlice endpoints matching ``label_selector``, kept current by a watch; see router.discovery).
+    """
+
+    kind: Literal["static", "kubernetes"] = "static"
+    namespace: str = Field(default="default", min_length=1)
+    label_selector: str | None = Field(default=None, min_length=1, description="e.g. app=vllm; "
+                                       "pods with kind=pods, EndpointSlices with kind=endpointslices")
+    resource: Literal["pods", "endpointslices"] = "pods"
+    port: int | None = Field(default=None, ge=1, le=65535, description="engine port on each pod/endpoint")
+    port_name: str | None = Field(default=None, min_length=1, description="named container/slice port")
+    scheme: Literal["http", "https"] = "http"
+    models: tuple[str, ...] = Field(default=(), description="models of discovered replicas; empty = learn")
+    kubeconfig: Path | None = Field(default=None, description="kubeconfig file; default in-cluster config")
+    debounce_s: float = Field(default=0.2, ge=0, le=10, description="batch bursts of changes")
+
+    @model_validator(mode="after")
+    def _complete(self) -> DiscoveryConfig:
+        if self.kind != "kubernetes":
+            return self
+        if self.label_selector is None:
+            raise ValueError("label_selector: required when kind is kubernetes")
+        if (self.port is None) == (self.port_name is None):
+            raise ValueError("port / port_name: give exactly one when kind is kubernetes")
+        return self
+
+
 class RouterConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -239,6 +267,7 @@ class RouterConfig(_Frozen):
     retry: RetrySettings = RetrySettings()
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
     replica_header: str | None = Field(default="x-router-replica",
                                        description="response header naming the chosen replica; null = off")
     session_header: str | None = Field(default="x-session-id",
@@ -255,6 +284,12 @@ class RouterConfig(_Frozen):
             if r.name in seen:
                 raise ValueError(f"replica name {r.name!r} is used twice")
             seen.add(r.name)
+        return self
+
+    @model_validator(mode="after")
+    def _discovered_replicas(self) -> RouterConfig:
+        if self.discovery.kind == "kubernetes" and self.replicas:
+            raise ValueError("replicas: must be empty with discovery.kind kubernetes (discovery fills it)")
         return self
 
 

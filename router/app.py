@@ -200,9 +200,12 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
 
     app.cleanup_ctx.append(lifecycle)
     from router.admin import setup_admin  # late: admin and reload import this module
+    from router.discovery import setup_discovery
     from router.reload import Reloader
 
-    setup_admin(app, Reloader(router, path=config_file, source=config_source))  # after lifecycle
+    reloader = Reloader(router, path=config_file, source=config_source)
+    setup_admin(app, reloader)  # after lifecycle
+    setup_discovery(app, cfg, reloader)  # after admin: applies through the reloader
     return app
 
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from aiohttp import web
 
-from config.router import ConfigError, RouterConfig, load_config
+from config.router import ConfigError, ReplicaConfig, RouterConfig, load_config
 from router.app import Router, dispatch_settings, health_config
 from router.dispatch import Dispatcher
 from router.features.hashing import HashingConfig
@@ -61,10 +61,12 @@ from router.replicas.state import ReplicaState
 log = logging.getLogger("router.reload")
 
 # Top-level fields bound when the process starts (socket, aiohttp body limit, log handler).
-RESTART_FIELDS: tuple[str, ...] = ("host", "port", "max_body_bytes", "log_format")
+# discovery: its watch is configured when it starts.
+RESTART_FIELDS: tuple[str, ...] = ("host", "port", "max_body_bytes", "log_format", "discovery")
 
 ConfigSource = Callable[[], RouterConfig]
 ConfigEdit = Callable[[RouterConfig], RouterConfig]
+ReplicaSource = Callable[[], tuple[ReplicaConfig, ...] | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +208,8 @@ class Reloader:
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[ReloadResult]] = set()
         self._closed = False  # the app is shutting down: a late SIGHUP must not restart the poller
+        # Set by replica discovery: a reload from source keeps the discovered replicas (None: none yet).
+        self.replica_source: ReplicaSource | None = None
         router.metrics.config_generation.set(self.generation)
 
     @property
@@ -220,7 +224,9 @@ class Reloader:
 
         def from_source(_: RouterConfig) -> RouterConfig:
             self._digest = self._read_digest()  # the version being loaded; the watcher skips it
-            return source()
+            cfg = source()
+            discovered = self.replica_source() if self.replica_source is not None else None
+            return cfg if discovered is None else cfg.model_copy(update={"replicas": discovered})
 
         return await self.update(from_source, trigger)
 
