@@ -66,6 +66,39 @@ def host_cpu_seconds() -> tuple[float, float]:
     return (sum(values) - idle) / tick, sum(values) / tick
 
 
+class CpuWatch:
+    """CPU used between `start()` and `stop()`: by given processes, by this one, and by everything else.
+
+    ``other_share`` (busy CPU not used by the watched processes or this one, as a share of all CPUs) flags
+    runs disturbed by other jobs on the machine.
+    """
+
+    def __init__(self, pids: Sequence[int] = ()) -> None:
+        self.pids = list(pids)
+        self.used: list[float] = []  # per watched pid, then this process
+        self.busy_share = math.nan
+        self.other_share = math.nan
+        self._t0: tuple[tuple[float, float], list[float]] | None = None
+
+    def _sample(self) -> list[float]:
+        return [cpu_seconds(p) for p in self.pids] + [time.process_time()]
+
+    def start(self) -> CpuWatch:
+        self._t0 = (host_cpu_seconds(), self._sample())
+        return self
+
+    def stop(self) -> CpuWatch:
+        assert self._t0 is not None, "start() first"
+        (busy0, total0), used0 = self._t0
+        (busy1, total1), used1 = host_cpu_seconds(), self._sample()
+        self.used = [b - a for a, b in zip(used0, used1, strict=True)]
+        busy, total = busy1 - busy0, total1 - total0
+        if total > 0:
+            self.busy_share = busy / total
+            self.other_share = max(0.0, busy - sum(self.used)) / total
+        return self
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """How every sim engine of a fleet is configured (flags of ``python -m engine_server --backend sim``)."""
@@ -395,9 +428,15 @@ def machine_info() -> dict[str, Any]:
         mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
         info["mem_gib"] = round(mem_kb / 2**20, 1)
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True, timeout=5).stdout.strip()
+        info["commit"] = _git("rev-parse", "--short", "HEAD")
+        # uncommitted changes to the code under test, if any (read-only query)
+        info["modified"] = _git("status", "--porcelain", "--untracked-files=no", "--", "router", "engine_server",
+                                "config").split()[1::2]
     return info
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 from benchmarks.common import (
     MODEL,
     RESULTS_DIR,
+    CpuWatch,
     EngineSpec,
     Fleet,
     RouterSpec,
@@ -311,13 +312,16 @@ async def run_variant(workload: str, variant: Variant, args: argparse.Namespace,
     router = RouterSpec(variant.policy, variant.params, load_poll_s=args.load_poll_s)
     async with Fleet(REPLICAS, engine, router, inprocess=args.inprocess) as fleet:
         t1 = time.monotonic()
+        watch = CpuWatch([*([fleet.router_pid] if fleet.router_pid else []), *fleet.engine_pids]).start()
         results = await job(fleet)
+        watch.stop()
         wall = time.monotonic() - t1
         stats = await router_and_engine_stats(fleet)
     flat = [t.result for t in results] if results and isinstance(results[0], Turn) else results
     row = {"label": variant.label, "policy": variant.policy, "params": variant.params,
            "session_header": variant.session_header, **summarize_results(flat), **stats,
-           "run_s": round(wall, 1), "startup_s": round(t1 - t0, 1)}
+           "run_s": round(wall, 1), "startup_s": round(t1 - t0, 1),
+           "other_cpu_share": round(watch.other_share, 3)}  # other jobs on the machine: should be ~0
     if flat is not results:
         row["stayed_share"] = round(stayed_share(results), 3)
     print(f"  {workload:9s} {variant.label:16s} hit {row['hit_rate']:.3f}  max/mean {row['max_over_mean']:.2f}  "
@@ -402,9 +406,9 @@ def print_gsp(res: dict[str, Any]) -> None:
           f"{res['replicated_need']}); best hit rate {res['best_hit_rate']:.3f} = {res['best_formula']}")
     rows = [[r["label"], r["requests"], r["errors"], r["hit_rate"], r["ratio_to_best"], r["max_over_mean"],
              "/".join(map(str, r["per_replica"])), r["ttft_ms"].get("p50"), r["ttft_ms"].get("p90"), r["run_s"],
-             _decisions(r)] for r in res["rows"]]
+             f"{r['other_cpu_share']:.0%}", _decisions(r)] for r in res["rows"]]
     print(format_table(["policy", "reqs", "err", "hit rate", "/best", "max/mean", "per replica", "TTFT p50 ms",
-                        "p90", "run s", "decisions"], rows))
+                        "p90", "run s", "other procs", "decisions"], rows))
 
 
 def print_multiturn(res: dict[str, Any]) -> None:
@@ -413,9 +417,9 @@ def print_multiturn(res: dict[str, Any]) -> None:
           f"blocks/replica (partitioned need {res['partitioned_need']}, replicated {res['replicated_need']})")
     rows = [[r["label"], r["requests"], r["errors"], r["hit_rate"], r["ratio_to_pinned"], r["max_over_mean"],
              "/".join(map(str, r["per_replica"])), r["stayed_share"], r["ttft_ms"].get("p50"),
-             r["ttft_ms"].get("p90"), r["run_s"], _decisions(r)] for r in res["rows"]]
+             r["ttft_ms"].get("p90"), r["run_s"], f"{r['other_cpu_share']:.0%}", _decisions(r)] for r in res["rows"]]
     print(format_table(["policy", "reqs", "err", "hit rate", "/pinned", "max/mean", "per replica", "stayed",
-                        "TTFT p50 ms", "p90", "run s", "decisions"], rows))
+                        "TTFT p50 ms", "p90", "run s", "other procs", "decisions"], rows))
 
 
 def print_acceptance(lines: Sequence[dict[str, Any]]) -> None:

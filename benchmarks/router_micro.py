@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import math
 import os
 import random
 import statistics
@@ -37,15 +38,14 @@ from typing import Any
 from benchmarks.common import (
     MODEL,
     RESULTS_DIR,
+    CpuWatch,
     EngineSpec,
     Fleet,
     RouterSpec,
     StreamResult,
     client_session,
     closed_loop,
-    cpu_seconds,
     format_table,
-    host_cpu_seconds,
     install_uvloop,
     machine_info,
     percentile,
@@ -232,17 +232,21 @@ def run_decisions(args: argparse.Namespace) -> dict[str, Any]:
     print(f"(a) corpus: {len(corpus.fill)} fill prompts, {args.iterations} probes per case "
           f"({time.perf_counter() - t0:.1f}s to build)", flush=True)
     rows = []
+    watch = CpuWatch().start()
     for replicas in (4, 8):
         for name in POLICIES:
             rows.append(bench_policy(name, corpus, replicas, args.max_case_s))
             print(f"    {name} x{replicas} done", flush=True)
+    parsing = bench_parsing(corpus, args.max_case_s)
+    watch.stop()
     return {"prefixes": len(corpus.fill), "iterations": args.iterations, "goal_p99_us": DECISION_GOAL_US,
-            "policies": rows, "parsing": bench_parsing(corpus, args.max_case_s)}
+            "other_cpu_share": round(watch.other_share, 3), "policies": rows, "parsing": parsing}
 
 
 def print_decisions(res: dict[str, Any]) -> None:
     print(f"\n(a) decision time, {res['prefixes']:,} indexed prompts, microseconds "
-          f"(goal: choose+dispatch p99 <= {DECISION_GOAL_US:g} us)")
+          f"(goal: choose+dispatch p99 <= {DECISION_GOAL_US:g} us; other jobs used "
+          f"{_share(res['other_cpu_share'])} of the CPUs meanwhile)")
     rows = []
     for r in res["policies"]:
         for case, c in r["cases"].items():
@@ -282,12 +286,13 @@ async def run_level(session: Any, targets: Sequence[str], concurrency: int, coun
 async def measure_mode(fleet: Fleet, session: Any, mode: str, concurrency: int, args: argparse.Namespace,
                        max_tokens: int) -> dict[str, Any]:
     targets = [fleet.router_url] if mode == "router" else fleet.engine_urls
-    host0, cpu0 = host_cpu_seconds(), _cpus(fleet)
+    router_pids = [fleet.router_pid] if fleet.router_pid else []
+    watch = CpuWatch([*router_pids, *fleet.engine_pids]).start()
     results, wall = await run_level(session, targets, concurrency, args.requests, args.max_level_s,
                                     max_tokens)
-    host1, cpu1 = host_cpu_seconds(), _cpus(fleet)
-    used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
-    busy, total = host1[0] - host0[0], host1[1] - host0[1]
+    watch.stop()
+    router_s = sum(watch.used[:len(router_pids)])
+    engines_s = sum(watch.used[len(router_pids):-1])
     ok = [r for r in results if r.ok]
     per_k = 1000.0 / max(1, len(results))
     return {
@@ -295,17 +300,11 @@ async def measure_mode(fleet: Fleet, session: Any, mode: str, concurrency: int, 
         "wall_s": round(wall, 2), "req_per_s": round(len(results) / wall, 1),
         "ttft_ms": summarize([r.ttft_s for r in ok if r.ttft_s is not None], 1e3),
         "e2e_ms": summarize([r.e2e_s for r in ok], 1e3),
-        "cpu_s_per_1k": {k: round(u * per_k, 3) for k, u in zip(("router", "engines", "client"), used, strict=True)},
-        "host_cpu_busy": round(busy / total, 3) if total > 0 else None,
-        # CPU used by processes that are not part of the benchmark (other jobs on the machine)
-        "other_cpu_share": round(max(0.0, busy - sum(used)) / total, 3) if total > 0 else None,
+        "cpu_s_per_1k": {"router": round(router_s * per_k, 3), "engines": round(engines_s * per_k, 3),
+                         "client": round(watch.used[-1] * per_k, 3)},
+        "host_cpu_busy": round(watch.busy_share, 3),
+        "other_cpu_share": round(watch.other_share, 3),  # other jobs on the machine: should be ~0
     }
-
-
-def _cpus(fleet: Fleet) -> tuple[float, float, float]:
-    """CPU seconds so far of the router, the engines (summed) and this client process."""
-    router = cpu_seconds(fleet.router_pid) if fleet.router_pid else 0.0
-    return router, sum(cpu_seconds(p) for p in fleet.engine_pids), time.process_time()
 
 
 def added(direct: dict[str, Any], routed: dict[str, Any]) -> dict[str, float]:
@@ -348,7 +347,7 @@ def print_proxy(res: dict[str, Any]) -> None:
 
 
 def _share(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0%}"
+    return "-" if x is None or math.isnan(x) else f"{x:.0%}"
 
 
 # -- (c) chunk promptness ------------------------------------------------------------------------------
@@ -378,10 +377,13 @@ async def run_gaps(args: argparse.Namespace) -> dict[str, Any]:
                 async def one(i: int, targets: Sequence[str] = targets) -> StreamResult:
                     return await stream_chat(session, targets[i % len(targets)], tiny_body(i, args.gap_tokens))
 
+                watch = CpuWatch([*([fleet.router_pid] if fleet.router_pid else []), *fleet.engine_pids]).start()
                 results = await closed_loop(max(1, streams), c, args.max_level_s, one)
+                watch.stop()
                 g = gaps_ms(results)
                 row[mode] = {"streams": len(results), "errors": sum(not r.ok for r in results),
-                             "gap_ms": summarize(g), "gaps_over_30ms": sum(x > 30 for x in g)}
+                             "gap_ms": summarize(g), "gaps_over_30ms": sum(x > 30 for x in g),
+                             "other_cpu_share": round(watch.other_share, 3)}
             d, r = row["direct"]["gap_ms"], row["router"]["gap_ms"]
             row["extra_ms"] = {"p99": round(r["p99"] - d["p99"], 3), "max": round(r["max"] - d["max"], 3)}
             levels.append(row)
@@ -397,9 +399,10 @@ def print_gaps(res: dict[str, Any]) -> None:
         for mode in ("direct", "router"):
             m = lv[mode]
             rows.append([lv["concurrency"], mode, m["streams"], m["errors"], m["gap_ms"]["p50"], m["gap_ms"]["p99"],
-                         m["gap_ms"]["max"], m["gaps_over_30ms"]])
-        rows.append([lv["concurrency"], "extra", "", "", "", lv["extra_ms"]["p99"], lv["extra_ms"]["max"], ""])
-    print(format_table(["conc", "mode", "streams", "err", "gap p50", "p99", "max", "gaps > 30 ms"], rows))
+                         m["gap_ms"]["max"], m["gaps_over_30ms"], _share(m["other_cpu_share"])])
+        rows.append([lv["concurrency"], "extra", "", "", "", lv["extra_ms"]["p99"], lv["extra_ms"]["max"], "", ""])
+    print(format_table(["conc", "mode", "streams", "err", "gap p50", "p99", "max", "gaps > 30 ms", "other procs"],
+                       rows))
 
 
 # -- main ----------------------------------------------------------------------------------------------

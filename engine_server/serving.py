@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -26,6 +27,8 @@ async def serve(app: web.Application, host: str, port: int, *, grace_s: float,
     """Serve until a signal; cancel handlers whose client disconnected (so engines see the abort)."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    gc.collect()  # start-up objects live forever: keep full collections short (no stalls mid-stream)
+    gc.freeze()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     log.info("listening on http://%s:%d", host, port)

@@ -32,7 +32,8 @@ class RelayResult:
 
 def _usage_of(event: bytes) -> tuple[dict[str, Any] | None, bool]:
     """(usage, is_usage_only_event) for one SSE event; cheap for the common event without usage."""
-    if b'"usage"' not in event:
+    # Engines asked for usage put `"usage":null` in every chunk: only a usage object is worth parsing.
+    if b'"usage":{' not in event and b'"usage": {' not in event:
         return None, False
     for line in event.split(b"\n"):
         if not line.startswith(b"data:"):
