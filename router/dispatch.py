@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from router.errors import error_response
 from router.features.parse import RequestFeatures
 from router.metrics import RouterMetrics
 from router.policies.base import Decision, Outcome, Policy
@@ -99,8 +100,6 @@ class Dispatcher:
 
     def _give_up(self, features: RequestFeatures, tried: set[str],
                  failure: UpstreamFailure | None) -> web.Response:
-        from router.errors import error_response
-
         model = features.model
         if failure is None:
             self.metrics.requests.labels(model, "none", "503").inc()
@@ -177,7 +176,7 @@ class Dispatcher:
             await resp.prepare(request)
             result = await relay_sse(upstream, resp, self.settings.timeouts.idle_s, strip_usage)
             await resp.write_eof()
-        except (ConnectionResetError, ConnectionError, asyncio.CancelledError) as exc:
+        except (ConnectionError, asyncio.CancelledError) as exc:  # ConnectionResetError included
             # The client left: closing the upstream (in the caller's finally) aborts the engine request.
             self.metrics.client_disconnects.inc()
             log.info("rid=%s client disconnected from stream (replica %s)", features.request_id, replica.name)
