@@ -267,6 +267,8 @@ SAMPLE_TRACE = TRACE_DIR / "sample.jsonl"  # synth_trace(SAMPLE_TRACE) with the 
 
 
 NAMES = ("gsp", "multiturn", "agentic", "prefix-sweep", "trace")
+GENERATORS: dict[str, Callable[..., Workload]] = {"gsp": gsp, "multiturn": multiturn, "agentic": agentic,
+                                                  "prefix-sweep": prefix_sweep, "trace": trace}
 
 
 def build(name: str, *, seed: int = 0, full: bool = False, trace_path: Path | None = None,
