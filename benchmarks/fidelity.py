@@ -1,0 +1,575 @@
+"""Sim fidelity: the same small workloads against a real vLLM-CPU engine server and against the sim.
+
+The sim's `tiny-cpu` profile was fitted on exactly this engine (the project's tiny Llama on vLLM CPU,
+`benchmarks.calibrate`), so its TTFT, hit rate and throughput should track the real server's when both
+see the same prompts with the same engine shape. This script measures how closely.
+
+1. One real engine server (`python -m engine_server --backend vllm --model <tiny model>`) starts; its
+   `/load` gives the KV block size and block count vLLM chose, which the sim then copies. Every
+   (workload, concurrency) run sends *different* text (its own seed), because the engine server has no
+   cache reset and restarting vLLM costs ~30 s: no run can hit blocks left by an earlier one.
+2. The real tokenizer (byte-level BPE, 2k vocab) and the sim's (fixed `chars_per_token` chunks) count
+   the same text differently. ``auto`` sets the sim's ``--chars-per-token`` to the characters per token
+   the real engine reported on these very prompts (rendered chars / vLLM's ``prompt_tokens``, rounded:
+   the flag is an integer), so both engines compute about as many prefill tokens. The default 4 is run
+   as a second variant to show what the mismatch costs.
+3. For each sim variant and run, a fresh sim server (`--profile tiny-cpu`, same block size, block
+   count, max-num-seqs and context) gets the same requests, in the same order, at the same concurrency.
+
+Each metric is compared with a tolerance (hit rate: absolute; the others: relative) and marked within or
+outside. Results go to ``benchmarks/results/fidelity.json`` with the machine, the load on it, and every
+command line. Other jobs on the two cores distort latencies: check ``other_cpu_share`` per run.
+
+    python -m benchmarks.fidelity                          # ~3 min: vLLM start + 4 runs, then 8 sim runs
+    python -m benchmarks.fidelity --workloads gsp --concurrency 1 --sim-chars-per-token auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+from benchmarks.common import (
+    HOST,
+    RESULTS_DIR,
+    ROOT,
+    CpuWatch,
+    client_session,
+    format_table,
+    free_port,
+    machine_info,
+    percentile,
+    stream_chat,
+    write_json,
+)
+from benchmarks.loadgen import LoadSpec, RequestRecord, RunResult, run_workload
+from benchmarks.metrics import summarize_run
+from benchmarks.workloads import Workload, gsp, multiturn, sim_render
+
+DEFAULT_OUT = RESULTS_DIR / "fidelity.json"
+DEFAULT_MODEL = ROOT / "models" / "tiny-llama"
+SERVED_MODEL = "tiny-llama"
+PROFILE = "tiny-cpu"
+OTHERS_WARN = 0.3  # share of all CPUs used by other jobs during a run above which latencies are suspect
+
+
+# -- pure parts: tolerances, errors, rows ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far the sim may be from vLLM and still count as faithful.
+
+    ``kind`` "rel": |sim - vllm| / vllm <= bound (latencies, throughput, token counts);
+    ``kind`` "abs": |sim - vllm| <= bound (dimensionless rates such as the hit rate, where a relative
+    error of a small number would mislead).
+    """
+
+    kind: str
+    bound: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("rel", "abs"):
+            raise ValueError(f"tolerance kind must be 'rel' or 'abs', not {self.kind!r}")
+        if self.bound < 0:
+            raise ValueError("tolerance bound must be >= 0")
+
+    def describe(self) -> str:
+        return f"±{self.bound * 100:g}%" if self.kind == "rel" else f"±{self.bound:g}"
+
+
+def error_of(vllm: float, sim: float, tol: Tolerance) -> float:
+    """Signed error of the sim against vLLM: relative ((sim - vllm) / vllm) or absolute (sim - vllm).
+
+    NaN when a value is missing or a relative error has a zero reference (both zero counts as 0).
+    """
+    if math.isnan(vllm) or math.isnan(sim):
+        return math.nan
+    if tol.kind == "abs":
+        return sim - vllm
+    if vllm == 0:
+        return 0.0 if sim == 0 else math.nan
+    return (sim - vllm) / vllm
+
+
+def within(error: float, tol: Tolerance) -> bool:
+    """True when the error is known and inside the bound (a small epsilon absorbs float rounding)."""
+    return not math.isnan(error) and abs(error) <= tol.bound + 1e-9
+
+
+def format_error(error: float, tol: Tolerance) -> str:
+    """'+12.3%' for a relative error, '+0.012' for an absolute one, 'nan' when unknown."""
+    if math.isnan(error):
+        return "nan"
+    return f"{error * 100:+.1f}%" if tol.kind == "rel" else f"{error:+.3f}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One compared quantity: its key in `run_metrics` output, a label and its tolerance."""
+
+    key: str
+    label: str
+    tol: Tolerance
+
+
+def default_metrics(hit_tol: float = 0.05, latency_tol: float = 0.30, tokens_tol: float = 0.10) -> list[Metric]:
+    """What is comparable across the two tokenizers: rates, latencies, throughput, per-request counts."""
+    lat = Tolerance("rel", latency_tol)
+    return [
+        Metric("prompt_tokens_per_req", "prompt tok/req", Tolerance("rel", tokens_tol)),
+        Metric("output_tokens_per_req", "output tok/req", Tolerance("rel", 0.0)),
+        Metric("hit_rate", "hit rate", Tolerance("abs", hit_tol)),
+        Metric("ttft_p50_ms", "TTFT p50 ms", lat),
+        Metric("ttft_p90_ms", "TTFT p90 ms", lat),
+        Metric("tpot_p50_ms", "TPOT p50 ms", lat),
+        Metric("e2e_p50_ms", "E2E p50 ms", lat),
+        Metric("output_tok_per_s", "output tok/s", lat),
+    ]
+
+
+def run_metrics(summary: Mapping[str, Any], records: Sequence[RequestRecord]) -> dict[str, float]:
+    """The flat numbers compared, from `summarize_run`'s summary and the run's records (successes only)."""
+    ok = [r for r in records if r.ok]
+    n = len(ok)
+    return {
+        "requests_ok": float(n),
+        "prompt_tokens_per_req": sum(r.prompt_tokens for r in ok) / n if n else math.nan,
+        "output_tokens_per_req": sum(r.output_tokens for r in ok) / n if n else math.nan,
+        "hit_rate": float(summary.get("hit_rate", math.nan)),
+        "ttft_p50_ms": float(summary["ttft_ms"]["p50"]),
+        "ttft_p90_ms": float(summary["ttft_ms"]["p90"]),
+        "tpot_p50_ms": float(summary["tpot_ms"]["p50"]),
+        "e2e_p50_ms": float(summary["e2e_ms"]["p50"]),
+        "output_tok_per_s": float(summary.get("output_tok_per_s", math.nan)),
+    }
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the fidelity table."""
+
+    workload: str
+    concurrency: int
+    metric: str
+    vllm: float
+    sim: float
+    error: float
+    tolerance: str
+    within: bool
+    error_text: str
+
+
+def fidelity_rows(workload: str, concurrency: int, vllm: Mapping[str, float], sim: Mapping[str, float],
+                  metrics: Sequence[Metric]) -> list[Row]:
+    """Compare one run's numbers, metric by metric."""
+    rows = []
+    for m in metrics:
+        v, s = float(vllm.get(m.key, math.nan)), float(sim.get(m.key, math.nan))
+        err = error_of(v, s, m.tol)
+        rows.append(Row(workload, concurrency, m.label, v, s, err, m.tol.describe(), within(err, m.tol),
+                        format_error(err, m.tol)))
+    return rows
+
+
+TABLE_HEADERS = ("workload", "c", "metric", "vllm", "sim", "error", "tolerance", "verdict")
+
+
+def table_cells(row: Row) -> list[Any]:
+    """A row as the printed table shows it (numbers rounded to what the measurement supports)."""
+    def num(x: float) -> Any:
+        if math.isnan(x):
+            return x
+        return round(x, 3) if abs(x) < 10 else round(x, 1)
+
+    return [row.workload, row.concurrency, row.metric, num(row.vllm), num(row.sim), row.error_text,
+            row.tolerance, "within" if row.within else "OUTSIDE"]
+
+
+def ttft_by_kind(records: Sequence[RequestRecord]) -> dict[str, dict[str, float]]:
+    """TTFT p50 (ms) and count of prefix hits (some cached tokens) and misses: separates the per-request
+    overhead (visible on hits, little prefill) from the prefill slope (visible on misses)."""
+    out = {}
+    for kind, pick in (("hit", lambda r: r.cached_tokens > 0), ("miss", lambda r: r.cached_tokens == 0)):
+        v = [r.ttft_s * 1e3 for r in records if r.ok and r.ttft_s is not None and pick(r)]
+        out[kind] = {"n": float(len(v)), "ttft_p50_ms": round(percentile(v, 0.5), 1)}
+    return out
+
+
+def paired_ttft(vllm: Sequence[RequestRecord], sim: Sequence[RequestRecord]) -> dict[str, float]:
+    """Per request (same session and turn on both engines): median TTFT difference sim - vllm in ms and
+    median ratio sim / vllm. A constant difference points at a fixed per-request cost the sim lacks."""
+    sim_by_key = {(r.session, r.turn): r for r in sim if r.ok and r.ttft_s is not None}
+    pairs = [(r.ttft_s, sim_by_key[(r.session, r.turn)].ttft_s) for r in vllm
+             if r.ok and r.ttft_s and (r.session, r.turn) in sim_by_key]
+    diffs = [(s - v) * 1e3 for v, s in pairs if s is not None]
+    ratios = [s / v for v, s in pairs if s is not None and v > 0]
+    return {"n": float(len(diffs)), "median_diff_ms": round(percentile(diffs, 0.5), 1),
+            "median_ratio": round(percentile(ratios, 0.5), 3)}
+
+
+def chars_per_token(chars: int, tokens: int) -> float:
+    """Average characters per real-tokenizer token on the same text."""
+    if tokens <= 0:
+        raise ValueError("no tokens measured")
+    return chars / tokens
+
+
+def sim_chars_per_token(ratio: float) -> int:
+    """The sim flag is an integer: the nearest one, at least 1."""
+    return max(1, round(ratio))
+
+
+def parse_variants(text: str) -> list[str]:
+    """``"auto,4"`` -> ["auto", "4"]; each is ``auto`` or a positive integer."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part != "auto" and not (part.isdigit() and int(part) > 0):
+            raise argparse.ArgumentTypeError(f"chars-per-token variant must be 'auto' or a positive integer: {part!r}")
+        out.append(part)
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one chars-per-token variant")
+    return out
+
+
+def parse_ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated: {text!r}")
+    return values
+
+
+# -- engine processes ----------------------------------------------------------------------------------
+
+
+def vllm_argv(model: Path, port: int, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "engine_server", "--backend", "vllm", "--model", str(model),
+            "--served-model-name", SERVED_MODEL, "--host", HOST, "--port", str(port),
+            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+            "--seed", "0", "--log-level", "warning", "--shutdown-grace-s", "2"]
+
+
+def sim_argv(port: int, args: argparse.Namespace, *, block_size: int, num_blocks: int, cpt: int) -> list[str]:
+    return [sys.executable, "-m", "engine_server", "--backend", "sim", "--model", SERVED_MODEL,
+            "--host", HOST, "--port", str(port), "--profile", PROFILE, "--time-scale", "1",
+            "--block-size", str(block_size), "--num-blocks", str(num_blocks),
+            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+            "--chars-per-token", str(cpt), "--seed", "0", "--log-level", "warning", "--shutdown-grace-s", "1"]
+
+
+class EngineProcess:
+    """One engine server subprocess in its own process group, so that stopping it also reaps vLLM's
+    engine-core child even if the server dies without cleaning up."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> None:
+        self.name, self.argv, self.env = name, argv, dict(env or os.environ)
+        self.log_path = log_dir / f"{name}.log"
+        self.url = f"http://{HOST}:{argv[argv.index('--port') + 1]}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_s = math.nan
+
+    async def start(self, timeout_s: float) -> EngineProcess:
+        t0 = time.monotonic()
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = t0 + timeout_s
+        async with aiohttp.ClientSession() as s:
+            while True:
+                if self.proc.poll() is not None:
+                    tail = self.log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} during start-up:\n{tail}")
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with s.get(self.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} not healthy after {timeout_s:g}s (log: {self.log_path})")
+                await asyncio.sleep(0.5)
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL the whole group (only what this process started)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace_s)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group (e.g. vLLM's EngineCore)
+        if proc.poll() is None:
+            proc.wait(5)
+
+    async def load(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/load") as r:
+            return dict(await r.json())
+
+
+# -- runs ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One (workload, concurrency) measurement; ``seed`` makes its text unlike every other run's."""
+
+    workload: str
+    concurrency: int
+    seed: int
+
+
+def build_workload(plan: RunPlan, args: argparse.Namespace) -> Workload:
+    if plan.workload == "gsp":
+        return gsp(args.gsp_groups, args.gsp_questions, args.gsp_system_tokens, args.gsp_question_tokens,
+                   args.output_tokens, seed=plan.seed)
+    return multiturn(args.mt_conversations, args.mt_turns, args.mt_system_tokens, args.mt_first_user_tokens,
+                     args.mt_user_tokens, args.output_tokens, seed=plan.seed)
+
+
+def rendered_chars(workload: Workload, records: Sequence[RequestRecord],
+                   render: Callable[[Sequence[dict[str, str]]], str]) -> tuple[int, int]:
+    """(characters of the rendered prompts, real prompt tokens) over the successful requests."""
+    by_key = {(s.id, t): req for s in workload.sessions for t, req in enumerate(s.turns)}
+    chars = tokens = 0
+    for r in records:
+        if r.ok and (r.session, r.turn) in by_key:
+            chars += len(render(by_key[(r.session, r.turn)].messages))
+            tokens += r.prompt_tokens
+    return chars, tokens
+
+
+async def warm_up(url: str, n: int = 2) -> None:
+    """Unrelated short requests first, so one-time costs (allocation, first forward) stay out of the runs."""
+    async with client_session() as s:
+        for i in range(n):
+            body = {"model": SERVED_MODEL, "max_tokens": 8, "ignore_eos": True, "temperature": 0.0,
+                    "messages": [{"role": "user", "content": f"warm up {i} " + "zz qq " * 40}]}
+            r = await stream_chat(s, url, body, timeout_s=60)
+            if not r.ok:
+                raise RuntimeError(f"warm-up request to {url} failed: {r.status} {r.error}")
+
+
+async def measure(url: str, workload: Workload, plan: RunPlan, pids: Sequence[int],
+                  args: argparse.Namespace, label: str) -> dict[str, Any]:
+    """One run: the workload at the plan's concurrency, its summary, metrics and the CPU others used."""
+    family = list(pids)
+    for pid in pids:  # vLLM's engine core is a child of the server process
+        with contextlib.suppress(psutil.Error):
+            family += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    watch = CpuWatch(family).start()
+    load0 = os.getloadavg()[0]
+    res: RunResult = await run_workload(url, workload, LoadSpec(concurrency=plan.concurrency, max_s=args.max_run_s,
+                                                                request_timeout_s=60.0),
+                                        model=SERVED_MODEL, progress=False, description=label)
+    watch.stop()
+    summary = summarize_run(res.records, res.wall_s)
+    metrics = run_metrics(summary, res.records)
+    busy = " (disturbed: compare with care)" if watch.other_share > OTHERS_WARN else ""
+    print(f"  {label}: {summary['ok']}/{summary['requests']} ok in {res.wall_s:.1f}s, hit {metrics['hit_rate']:.3f}, "
+          f"TTFT p50 {metrics['ttft_p50_ms']:.0f} ms, others used {watch.other_share:.0%} of the CPUs{busy}",
+          flush=True)
+    return {"label": label, "summary": summary, "metrics": metrics, "stopped_by": res.stopped_by,
+            "ttft_by_kind": ttft_by_kind(res.records),
+            "other_cpu_share": round(watch.other_share, 3), "loadavg_1m_at_start": round(load0, 2),
+            "records": res.records}
+
+
+async def run_all(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    plans = [RunPlan(w, c, args.seed + 100 * i + j)
+             for i, w in enumerate(args.workloads) for j, c in enumerate(args.concurrency)]
+    workloads = {p: build_workload(p, args) for p in plans}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    commands: dict[str, Any] = {"fidelity": shlex.join([sys.executable, "-m", "benchmarks.fidelity", *sys.argv[1:]]),
+                                "vllm": None, "sim": {}}
+
+    # 1. the real engine, every run with its own text
+    print(f"starting the vLLM engine server ({args.model}); this takes ~20-60 s", flush=True)
+    engine = EngineProcess("vllm", vllm_argv(args.model, free_port(), args), log_dir, env)
+    commands["vllm"] = "VLLM_CPU_KVCACHE_SPACE=" + env["VLLM_CPU_KVCACHE_SPACE"] + " " + shlex.join(engine.argv)
+    vllm_runs: dict[RunPlan, dict[str, Any]] = {}
+    try:
+        await engine.start(args.vllm_start_timeout)
+        load = await engine.load()
+        block_size, num_blocks = int(load["block_size"]), int(load["kv_blocks_total"])
+        print(f"vLLM up in {engine.startup_s:.0f}s: {num_blocks} KV blocks of {block_size} tokens", flush=True)
+        await warm_up(engine.url)
+        pid = engine.proc.pid if engine.proc else 0
+        for p in plans:
+            vllm_runs[p] = await measure(engine.url, workloads[p], p, [pid], args, f"vllm {p.workload} c={p.concurrency}")
+    finally:
+        engine.stop()
+    vllm_startup_s = engine.startup_s
+
+    # 2. the real tokenizer's characters per token on exactly these prompts
+    render = sim_render()
+    chars = tokens = 0
+    for p in plans:
+        c, t = rendered_chars(workloads[p], vllm_runs[p]["records"], render)
+        chars, tokens = chars + c, tokens + t
+    ratio = chars_per_token(chars, tokens)
+    auto_cpt = sim_chars_per_token(ratio)
+    print(f"real tokenizer: {chars} chars / {tokens} tokens = {ratio:.3f} chars/token -> sim auto = {auto_cpt}",
+          flush=True)
+
+    # 3. the sim, one fresh server per run and variant
+    variants: dict[str, dict[str, Any]] = {}
+    for v in args.sim_chars_per_token:
+        cpt = auto_cpt if v == "auto" else int(v)
+        name = f"cpt={cpt}" + (" (auto)" if v == "auto" else "")
+        if any(x["chars_per_token"] == cpt for x in variants.values()):
+            print(f"sim variant {name}: same as an earlier one, skipped", flush=True)
+            continue
+        runs: dict[RunPlan, dict[str, Any]] = {}
+        for p in plans:
+            sim = EngineProcess(f"sim-cpt{cpt}-{p.workload}-c{p.concurrency}",
+                                sim_argv(free_port(), args, block_size=block_size, num_blocks=num_blocks, cpt=cpt),
+                                log_dir)
+            commands["sim"][name] = shlex.join(sim.argv)
+            try:
+                await sim.start(30.0)
+                await warm_up(sim.url)
+                runs[p] = await measure(sim.url, workloads[p], p, [sim.proc.pid if sim.proc else 0], args,
+                                        f"sim {name} {p.workload} c={p.concurrency}")
+            finally:
+                sim.stop(5.0)
+        variants[name] = {"chars_per_token": cpt, "auto": v == "auto", "runs": runs}
+
+    # 4. compare
+    metrics = default_metrics(args.hit_tol, args.latency_tol, args.tokens_tol)
+    out_variants = {}
+    for name, var in variants.items():
+        rows = [r for p in plans for r in fidelity_rows(p.workload, p.concurrency, vllm_runs[p]["metrics"],
+                                                        var["runs"][p]["metrics"], metrics)]
+        print(f"\nsim {name} vs vLLM ({sum(r.within for r in rows)}/{len(rows)} within tolerance)")
+        print(format_table(TABLE_HEADERS, [table_cells(r) for r in rows]))
+        paired = {p: paired_ttft(vllm_runs[p]["records"], var["runs"][p]["records"]) for p in plans}
+        kinds = {p: (vllm_runs[p]["ttft_by_kind"], var["runs"][p]["ttft_by_kind"]) for p in plans}
+        print(format_table(
+            ("workload", "c", "paired TTFT sim-vllm p50 ms", "sim/vllm p50", "hit TTFT vllm/sim", "miss TTFT vllm/sim"),
+            [[p.workload, p.concurrency, paired[p]["median_diff_ms"], paired[p]["median_ratio"],
+              f"{kinds[p][0]['hit']['ttft_p50_ms']:g} / {kinds[p][1]['hit']['ttft_p50_ms']:g}",
+              f"{kinds[p][0]['miss']['ttft_p50_ms']:g} / {kinds[p][1]['miss']['ttft_p50_ms']:g}"] for p in plans]))
+        out_variants[name] = {
+            "chars_per_token": var["chars_per_token"], "auto": var["auto"],
+            "within": sum(r.within for r in rows), "rows_total": len(rows),
+            "rows": [asdict(r) for r in rows],
+            "runs": [_run_json(p, var["runs"][p]) | {"paired_ttft": paired[p]} for p in plans],
+        }
+    return {
+        "engine": {"block_size": block_size, "num_blocks": num_blocks, "max_num_seqs": args.max_num_seqs,
+                   "max_model_len": args.max_model_len, "vllm_startup_s": round(vllm_startup_s, 1),
+                   "sim_profile": PROFILE},
+        "tokenizer": {"rendered_chars": chars, "vllm_prompt_tokens": tokens, "chars_per_token": round(ratio, 4),
+                      "sim_auto_chars_per_token": auto_cpt},
+        "plans": [asdict(p) | {"workload_params": workloads[p].params, "requests": workloads[p].num_requests}
+                  for p in plans],
+        "tolerances": {m.label: m.tol.describe() for m in metrics},
+        "vllm_runs": [_run_json(p, vllm_runs[p]) for p in plans],
+        "sim_variants": out_variants,
+        "commands": commands,
+        "notes": [
+            "The engine server has no cache reset: each (workload, concurrency) run uses its own text seed on "
+            "both engines, so no run can hit blocks cached by an earlier one (shared template text is under "
+            "one block). The sim restarts for every run.",
+            "--chars-per-token is an integer flag: 'auto' rounds the measured chars/token, so the sim's "
+            "prompts are that rounding off in tokens (see prompt tok/req).",
+            "Both engines run on the same 2 cores as the client, one after the other; other_cpu_share per run "
+            "is the busy CPU share not used by the engine (and its children) or the client.",
+        ],
+    }
+
+
+def _run_json(plan: RunPlan, run: Mapping[str, Any]) -> dict[str, Any]:
+    return {"workload": plan.workload, "concurrency": plan.concurrency, "seed": plan.seed,
+            **{k: v for k, v in run.items() if k != "records"}}
+
+
+# -- command line ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.fidelity", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run the same small workloads against a real vLLM-CPU engine server (the tiny model) and "
+                    "against the sim with the calibrated `tiny-cpu` profile; print TTFT, hit-rate and "
+                    "throughput errors per (workload, concurrency) and write a JSON file.")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                   help="tiny model directory (generated with `python -m engine_server.tiny_model` if missing)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON results go")
+    p.add_argument("--workloads", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
+                   default=["gsp", "multiturn"], help="comma-separated: gsp, multiturn")
+    p.add_argument("--concurrency", type=parse_ints, default=[1, 4],
+                   help="comma-separated client counts; each workload runs once per value")
+    p.add_argument("--seed", type=int, default=1,
+                   help="base text seed; run i gets its own seed so no run hits an earlier run's cache")
+    p.add_argument("--sim-chars-per-token", type=parse_variants, default=["auto", "4"],
+                   help="sim tokenizer variants: 'auto' = the real tokenizer's chars/token on these prompts "
+                        "(rounded), or integers")
+    w = p.add_argument_group("workload sizes (in 4-character units, as benchmarks.workloads counts)")
+    w.add_argument("--gsp-groups", type=int, default=8, help="gsp: groups sharing a system prompt")
+    w.add_argument("--gsp-questions", type=int, default=4, help="gsp: questions per group")
+    w.add_argument("--gsp-system-tokens", type=int, default=256, help="gsp: system prompt length")
+    w.add_argument("--gsp-question-tokens", type=int, default=32, help="gsp: question length")
+    w.add_argument("--mt-conversations", type=int, default=8, help="multiturn: conversations")
+    w.add_argument("--mt-turns", type=int, default=4, help="multiturn: turns per conversation")
+    w.add_argument("--mt-system-tokens", type=int, default=100, help="multiturn: shared system prompt length")
+    w.add_argument("--mt-first-user-tokens", type=int, default=200, help="multiturn: first user message length")
+    w.add_argument("--mt-user-tokens", type=int, default=32, help="multiturn: later user message length")
+    w.add_argument("--output-tokens", type=int, default=32, help="tokens generated per request (ignore_eos)")
+    e = p.add_argument_group("engine shape (both servers)")
+    e.add_argument("--max-num-seqs", type=int, default=64, help="max running sequences (tiny-cpu's 64)")
+    e.add_argument("--max-model-len", type=int, default=2048, help="context length (tiny-cpu's 2048)")
+    e.add_argument("--vllm-start-timeout", type=float, default=180.0, help="seconds to wait for vLLM's /health")
+    e.add_argument("--max-run-s", type=float, default=120.0, help="no new request after this long in one run")
+    t = p.add_argument_group("tolerances (what counts as faithful)")
+    t.add_argument("--hit-tol", type=float, default=0.05, help="hit rate: absolute difference")
+    t.add_argument("--latency-tol", type=float, default=0.30,
+                   help="TTFT, TPOT, E2E and throughput: relative difference")
+    t.add_argument("--tokens-tol", type=float, default=0.10, help="prompt tokens per request: relative difference")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    unknown = [w for w in args.workloads if w not in ("gsp", "multiturn")]
+    if unknown or not args.workloads:
+        raise SystemExit(f"error: --workloads takes gsp and/or multiturn, not {unknown or 'nothing'}")
+    args.model = args.model.resolve()
+    if not (args.model / "config.json").exists():
+        print(f"generating the tiny model into {args.model}", flush=True)
+        subprocess.run([sys.executable, "-m", "engine_server.tiny_model", str(args.model)], cwd=ROOT, check=True,
+                       timeout=300)
+    info = machine_info()
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
+        data = asyncio.run(run_all(args, Path(tmp)))
+    info["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    info["wall_s"] = round(time.monotonic() - t0, 1)
+    write_json(args.out, {"benchmark": "fidelity", "machine": info, **data})
+    print(f"\nwrote {args.out} ({info['wall_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
