@@ -1,7 +1,8 @@
 """The engine server's aiohttp application: OpenAI endpoints over any `Backend`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics,
-GET /load (a cheap JSON load/cache report for the router). The same code serves both backends, so
+GET /load (a cheap JSON load/cache report for the router), POST /tokenize (vLLM's shape; vllm-router's
+`cache_aware` policy calls it on every replica for every request). The same code serves both backends, so
 response shapes, metric names and error bodies cannot drift between them.
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError, model_validator
 
 from engine_server import protocol
 from engine_server.backend import (
@@ -325,6 +326,51 @@ async def load(request: web.Request) -> web.Response:
     return web.json_response(report)
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's `TokenizeCompletionRequest | TokenizeChatRequest`: a `prompt` or chat `messages` (other
+    vLLM fields, e.g. `add_special_tokens`, are accepted and ignored)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[protocol.ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        return self
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """POST /tokenize as vLLM's OpenAI server answers it: `{count, max_model_len, tokens, token_strs}`.
+
+    Chat messages go through the same chat template as /v1/chat/completions, so the ids are the prompt
+    the engine would prefill. `token_strs` is always null (the sim's token ids are one-way hashes).
+    """
+    state = request.app[STATE]
+    body = await read_json(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        req = TokenizeRequest.model_validate(body)
+    except ValidationError as exc:
+        return validation_error_response(exc)
+    if req.model is not None and req.model != state.backend.model_name:
+        return error_response(f"The model `{req.model}` does not exist.", 404, param="model",
+                              code="model_not_found")
+    if not state.backend.ready:
+        return error_response("model is still loading", 503)
+    try:
+        text = (req.prompt if req.messages is None
+                else state.backend.render_chat([m.plain() for m in req.messages], req.tools))
+        ids = list(state.backend.encode(text or ""))
+    except BackendError as exc:
+        return error_response(str(exc), exc.status, exc.err_type)
+    return web.json_response({"count": len(ids), "max_model_len": state.backend.max_model_len, "tokens": ids,
+                              "token_strs": None})
+
+
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return web.Response(body=state.metrics.render(state.backend.load_report()),
@@ -345,6 +391,7 @@ def create_app(backend: Backend, *, default_max_tokens: int = 16, max_body_bytes
     app.router.add_get("/health", health)
     app.router.add_get("/load", load)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/tokenize", tokenize)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         task: asyncio.Task[None] | None = None

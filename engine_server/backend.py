@@ -111,6 +111,9 @@ class Backend(Protocol):
     ) -> str:
         """The exact prompt text the engine sees for a chat request (the model's chat template)."""
 
+    def encode(self, text: str) -> list[int]:
+        """The token ids the engine prefills for ``text`` (served as vLLM's POST /tokenize)."""
+
     def count_tokens(self, text: str) -> int:
         """Prompt length in the engine's tokens (for max_model_len checks)."""
 

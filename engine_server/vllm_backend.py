@@ -291,7 +291,7 @@ class VllmBackend:
         except Exception as exc:  # no template, or the template rejected the conversation
             raise BackendError(f"cannot apply the chat template: {exc}", 400, "invalid_request_error") from exc
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         """Token ids as the engine will see them. BOS is added unless the text already starts with it
         (chat templates usually write it), which is what vLLM's own chat/completions paths do."""
         if (ids := self._encodings.get(text)) is not None:
@@ -306,7 +306,7 @@ class VllmBackend:
         return ids
 
     def count_tokens(self, text: str) -> int:
-        return len(self._encode(text))
+        return len(self.encode(text))
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -342,7 +342,7 @@ class VllmBackend:
         engine = self._engine
         if engine is None:
             raise BackendError("engine is not ready", status=503)
-        ids = self._encode(request.prompt)
+        ids = self.encode(request.prompt)
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(f"This model's maximum context length is {self.max_model_len} tokens, "
                                 f"but the prompt has {len(ids)} tokens (at least 1 must be generated).")

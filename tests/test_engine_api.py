@@ -207,3 +207,60 @@ async def test_client_disconnect_aborts_the_engine_request(sim_server: SimServer
         await asyncio.sleep(0.02)
     assert backend.load_report().running == 0
     assert backend.load_report().waiting == 0
+
+
+async def test_tokenize_prompt_has_vllm_shape_and_matches_usage(sim_server: SimServerFactory) -> None:
+    """vllm-router's cache_aware policy tokenizes through POST /tokenize; ids must be what the engine prefills."""
+    srv = await sim_server()
+    status, body, _ = await post(srv, "/tokenize", {"model": "sim-model", "prompt": LONG_PREFIX})
+    assert status == 200
+    assert set(body) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert body["count"] == len(body["tokens"]) > 0
+    assert all(isinstance(t, int) for t in body["tokens"])
+    _, done, _ = await post(srv, "/v1/completions", {"model": "sim-model", "prompt": LONG_PREFIX, "max_tokens": 1})
+    assert body["count"] == done["usage"]["prompt_tokens"]
+    _, again, _ = await post(srv, "/tokenize", {"prompt": LONG_PREFIX, "add_special_tokens": True})
+    assert again["tokens"] == body["tokens"]  # deterministic; model optional, unknown vLLM fields ignored
+
+
+async def test_tokenize_chat_messages_uses_the_chat_template(sim_server: SimServerFactory) -> None:
+    srv = await sim_server()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    status, body, _ = await post(srv, "/tokenize", {"model": "sim-model", "messages": messages})
+    assert status == 200
+    _, done, _ = await post(srv, "/v1/chat/completions", {"model": "sim-model", "messages": messages,
+                                                          "max_tokens": 1})
+    assert body["count"] == done["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"model": "nope", "prompt": "hi"}, 404),
+    ({"model": "sim-model"}, 400),
+    ({"model": "sim-model", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, 400),
+])
+async def test_tokenize_errors_are_openai_shaped(sim_server: SimServerFactory, body, status) -> None:
+    srv = await sim_server()
+    got, err, _ = await post(srv, "/tokenize", body)
+    assert got == status
+    assert "message" in err["error"]
+
+
+def test_tokenize_uses_each_backends_real_encoder() -> None:
+    """/tokenize must return the ids the engine prefills: the sim's chunk hashes, vLLM's tokenizer (BOS once)."""
+    from engine_server.sim.backend import SimBackend, SimConfig
+    from engine_server.vllm_backend import VllmBackend, VllmConfig
+
+    sim = SimBackend(SimConfig(model_name="sim-model", profile="instant"))
+    assert sim.encode("abcdefgh") == sim.tokenizer.encode("abcdefgh")
+
+    class FakeTokenizer:
+        bos_token = "<s>"
+
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            return ([1] if add_special_tokens else []) + [ord(c) for c in text]
+
+    vllm = VllmBackend(VllmConfig(model="unused"))
+    vllm._tokenizer = FakeTokenizer()
+    encode = vllm.encode
+    assert encode("hi") == [1, ord("h"), ord("i")]
+    assert encode("<s>hi")[:1] == [ord("<")]  # the chat template wrote BOS: not added twice

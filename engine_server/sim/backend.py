@@ -167,6 +167,9 @@ class SimBackend:
         parts.append("<|im_start|>assistant\n")
         return "".join(parts)
 
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
     def count_tokens(self, text: str) -> int:
         return self.tokenizer.count_tokens(text)
 

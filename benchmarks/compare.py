@@ -1,0 +1,399 @@
+"""Side by side: every routing policy of ours and other routers, on the same fleet and the same workloads.
+
+    python -m benchmarks.compare                       # gsp and multiturn, 4 llmd-8b sim engines, c=16
+    python -m benchmarks.compare --workloads agentic,trace --rates 2,4,8
+    python -m benchmarks.compare --quick               # a small run (minutes)
+
+For each workload and each contender (and each load point) it starts a fresh fleet of N sim engines
+(cold caches, the same KV capacity for everyone), starts the contender's router in front of it by its
+own command line, warms it up with a few short unrelated requests, replays the workload through it
+with the load generator and stops everything. Contenders: our policies (`cost` is the default), the
+other routers installed by the `bench` extra (`sglang-router`, `vllm-router`) with the policies they
+are known for, and the oracle: the hit rate of one pooled prefix cache with the fleet's total
+capacity (no routing can do better for the same capacity). A contender that fails to start is a row
+with its error, never dropped.
+
+Per-replica shares come from the engines' own counters (``vllm:request_success_total``), so routers
+that do not say where they sent a request are measured the same way as ours. Output: a table, a JSON
+file (`benchmarks/results/<name>.json`, with every router's exact command line) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks.common import (
+    MODEL,
+    RESULTS_DIR,
+    CpuWatch,
+    EngineSpec,
+    Fleet,
+    client_session,
+    fetch_text,
+    install_uvloop,
+    machine_info,
+    prometheus_samples,
+    stream_chat,
+    write_json,
+)
+from benchmarks.loadgen import LoadSpec, ladder, run_workload
+from benchmarks.metrics import Slo, summarize_run
+from benchmarks.routers import (
+    Contender,
+    RouterStartError,
+    our_contenders,
+    peer_available,
+    peer_contenders,
+    peer_version,
+    run_router,
+)
+from benchmarks.workloads import NAMES, Workload, build, kv_blocks_per_replica, oracle
+
+DEFAULT = "cost"  # the router's default policy: the contender the acceptance lines judge
+# `cost` with the timing ratios documented for a profile in docs/policies.md (the defaults fit H100s).
+TUNED_COST: dict[str, dict[str, float]] = {
+    "llmd-8b": {"prefill_s_per_token": 2.5e-4, "request_overhead_s": 1e-2, "decode_s_per_seq": 1e-4},
+    "tiny-cpu": {"prefill_s_per_token": 1.5e-4, "request_overhead_s": 7e-3, "decode_s_per_seq": 1e-3},
+}
+
+
+def contenders(args: argparse.Namespace) -> list[Contender]:
+    """Our policies (plus `cost-tuned` where the profile has documented ratios), then the peers."""
+    ours = our_contenders()
+    if args.profile in TUNED_COST:
+        ours.append(Contender("cost-tuned", "ours", "cost", dict(TUNED_COST[args.profile])))
+    if args.policies:
+        keep = [p.strip() for p in args.policies.split(",")]
+        unknown = set(keep) - {c.name for c in ours}
+        if unknown:
+            raise SystemExit(f"--policies: unknown {sorted(unknown)}; choose from {[c.name for c in ours]}")
+        ours = [c for c in ours if c.name in keep]
+    peers = [] if args.no_peers else peer_contenders()
+    if args.peers:
+        keep = [p.strip() for p in args.peers.split(",")]
+        unknown = set(keep) - {p.name for p in peers} - {p.kind for p in peers}
+        if unknown:
+            raise SystemExit(f"--peers: unknown {sorted(unknown)}; choose from {[p.name for p in peers]} or a kind")
+        peers = [p for p in peers if p.name in keep or p.kind in keep]
+    return ours + peers
+
+
+# -- one run ------------------------------------------------------------------------------------------
+
+
+async def engine_counters(session: aiohttp.ClientSession, urls: Sequence[str]) -> list[dict[str, float]]:
+    """Per engine: finished requests and prefix-cache token counters (Prometheus /metrics)."""
+    out = []
+    for url in urls:
+        text = await fetch_text(session, url + "/metrics")
+        out.append({name: sum(v for _, v in prometheus_samples(text, f"vllm:{name}_total"))
+                    for name in ("request_success", "prefix_cache_queries", "prefix_cache_hits")})
+    return out
+
+
+async def warm_up(url: str, count: int) -> list[str]:
+    """A few short requests with text no workload uses: connections, pools and load polls get going."""
+    errors = []
+    async with client_session() as s:
+        for i in range(count):
+            r = await stream_chat(s, url, {"model": MODEL, "max_tokens": 2, "ignore_eos": True, "messages": [
+                {"role": "user", "content": f"warm-up {i} {time.time_ns()}"}]}, timeout_s=30)
+            if not r.ok:
+                errors.append(f"{r.status}: {r.error}")
+    return errors
+
+
+async def run_one(contender: Contender, workload: Workload, spec: LoadSpec, args: argparse.Namespace,
+                  kv_blocks: int, log_dir: Path) -> dict[str, Any]:
+    row: dict[str, Any] = {"contender": contender.name, "kind": contender.kind, "policy": contender.policy,
+                           "params": contender.params, "notes": getattr(contender, "notes", ""),
+                           "load": spec.label(), "load_value": spec.load, "mode": spec.mode}
+    engine = EngineSpec(profile=args.profile, time_scale=args.time_scale, num_blocks=kv_blocks, seed=args.seed)
+    t0 = time.monotonic()
+    async with Fleet(args.engines, engine, router=None, log_dir=log_dir) as fleet:
+        try:
+            async with run_router(contender, fleet.engine_urls, log_dir) as router:
+                row.update(argv=router.argv, version=router.version)
+                warm_errors = await warm_up(router.url, args.warmup)
+                async with client_session() as s:
+                    before = await engine_counters(s, fleet.engine_urls)
+                    watch = CpuWatch([router.pid]).start()
+                    run = await run_workload(router.url, workload, spec, progress=args.progress,
+                                             description=f"{workload.name} {contender.name} {spec.label()}")
+                    watch.stop()
+                    after = await engine_counters(s, fleet.engine_urls)
+        except RouterStartError as exc:
+            row["error"] = str(exc)
+            print(f"  {contender.name:28s} FAILED TO START: {str(exc).splitlines()[0]}", flush=True)
+            return row
+    served = {f"r{i}": a["request_success"] - b["request_success"] for i, (a, b) in enumerate(zip(after, before,
+                                                                                                 strict=True))}
+    queries = sum(a["prefix_cache_queries"] - b["prefix_cache_queries"] for a, b in zip(after, before, strict=True))
+    hits = sum(a["prefix_cache_hits"] - b["prefix_cache_hits"] for a, b in zip(after, before, strict=True))
+    summary = summarize_run(run.records, run.wall_s, Slo(args.slo_ttft_s, args.slo_tpot_s), per_replica=served)
+    summary["engine_hit_rate"] = round(hits / queries, 4) if queries else math.nan
+    ok = max(1, summary["ok"])
+    row.update(summary=summary, stopped_by=run.stopped_by, warmup_errors=warm_errors[:3],
+               router_cpu_s_per_1k=round(watch.used[0] / ok * 1000, 3) if watch.used else math.nan,
+               other_cpu_share=round(watch.other_share, 3), run_s=round(time.monotonic() - t0, 1))
+    s = summary
+    print(f"  {contender.name:28s} {spec.label():7s} TTFT p90 {s['ttft_ms']['p90']:8.1f} ms  hit {s['hit_rate']:.3f}"
+          f"  max/mean {s['max_over_mean']:.2f}  {s['req_per_s']:.2f} req/s  failed {s['failed']}"
+          f"  ({row['run_s']:.0f}s)", flush=True)
+    return row
+
+
+def load_specs(args: argparse.Namespace, workload: Workload) -> list[LoadSpec]:
+    common = {"max_requests": args.requests, "max_s": args.max_s, "seed": args.seed}
+    if workload.sessions and workload.sessions[0].at_s is not None and not args.rates and args.trace_timing:
+        return [LoadSpec(rate=0, **common)]
+    if args.rates:
+        return [LoadSpec(rate=r, **common) for r in ladder(args.rates)]
+    return [LoadSpec(concurrency=int(c), **common) for c in ladder(args.concurrency)]
+
+
+async def bench_workload(workload: Workload, args: argparse.Namespace, cands: Sequence[Contender],
+                         log_root: Path) -> dict[str, Any]:
+    kv = args.kv_blocks or kv_blocks_per_replica(workload, args.engines, args.capacity_factor)
+    bound = oracle(workload, kv * args.engines)
+    print(f"\n{workload.describe()}\n  {args.engines} x {args.profile} engines, {kv} KV blocks each; "
+          f"oracle hit rate {bound.hit_rate:.3f} (footprint {bound.unique_blocks} blocks)", flush=True)
+    rows = []
+    for spec in load_specs(args, workload):
+        for c in cands:
+            log_dir = log_root / workload.name / c.name.replace(":", "-") / spec.label().replace("/", "per")
+            log_dir.mkdir(parents=True, exist_ok=True)
+            rows.append(await run_one(c, workload, spec, args, kv, log_dir))
+    for r in rows:
+        if "summary" in r:
+            r["hit_vs_oracle"] = round(r["summary"]["hit_rate"] / bound.hit_rate, 3) if bound.hit_rate else math.nan
+    return {"workload": workload.name, "params": workload.params, "requests": workload.num_requests,
+            "kv_blocks_per_replica": kv, "engines": args.engines,
+            "oracle": {"hit_rate": round(bound.hit_rate, 4), "capacity_blocks": bound.capacity_blocks,
+                       "footprint_blocks": bound.unique_blocks,
+                       "definition": "one LRU prefix cache with the fleet's total KV blocks, requests in order"},
+            "rows": rows, "verdict": verdict(rows, bound.hit_rate)}
+
+
+def verdict(rows: Sequence[dict[str, Any]], oracle_hit: float) -> dict[str, Any]:
+    """The acceptance lines of the issue, per load point: our default vs the best other router."""
+    out: dict[str, Any] = {}
+    for load in dict.fromkeys(r["load"] for r in rows):
+        at = [r for r in rows if r["load"] == load and "summary" in r and r["summary"]["ok"]]
+        ours = next((r for r in at if r["contender"] == DEFAULT), None)
+        peers = [r for r in at if r["kind"] != "ours"]
+        if ours is None:
+            out[load] = {"error": f"{DEFAULT} did not run"}
+            continue
+        best = min(peers, key=lambda r: r["summary"]["ttft_ms"]["p90"], default=None)
+        line: dict[str, Any] = {"ours_ttft_p90_ms": ours["summary"]["ttft_ms"]["p90"],
+                                "ours_hit_vs_oracle": ours.get("hit_vs_oracle"),
+                                "hit_goal_0.95_met": (ours.get("hit_vs_oracle") or 0) >= 0.95,
+                                "ours_failed": ours["summary"]["failed"]}
+        if best is not None:
+            ratio = ours["summary"]["ttft_ms"]["p90"] / best["summary"]["ttft_ms"]["p90"]
+            line.update({"best_peer": best["contender"], "best_peer_ttft_p90_ms": best["summary"]["ttft_ms"]["p90"],
+                         "ttft_p90_ratio": round(ratio, 3),
+                         "ttft_goal_0.7_met": ratio <= 0.7 and not ours["summary"]["failed"]})
+        else:
+            line["best_peer"] = None
+        out[load] = line
+    return out
+
+
+# -- output ---------------------------------------------------------------------------------------------
+
+
+COLUMNS = ("contender", "load", "TTFT p50", "p90", "p99", "TPOT p50", "E2E p90", "req/s", "tok/s", "goodput",
+           "hit", "vs oracle", "max/mean", "failed", "429/503", "CPU s/1k")
+
+
+def table_rows(res: dict[str, Any]) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    for r in res["rows"]:
+        if "summary" not in r:
+            rows.append([r["contender"], r["load"], "failed to start: " + r["error"].splitlines()[0][:60],
+                         *[""] * (len(COLUMNS) - 3)])
+            continue
+        s = r["summary"]
+        rows.append([r["contender"], r["load"], s["ttft_ms"]["p50"], s["ttft_ms"]["p90"], s["ttft_ms"]["p99"],
+                     s["tpot_ms"]["p50"], s["e2e_ms"]["p90"], s["req_per_s"], s["output_tok_per_s"],
+                     s["goodput_req_per_s"], s["hit_rate"], r.get("hit_vs_oracle", math.nan), s["max_over_mean"],
+                     s["failed"], f"{s['status_429']}/{s['status_503']}", r["router_cpu_s_per_1k"]])
+    rows.append(["oracle", "", "", "", "", "", "", "", "", "", res["oracle"]["hit_rate"], 1.0, "", "", "", ""])
+    return rows
+
+
+def print_result(res: dict[str, Any]) -> None:
+    title = (f"{res['workload']}: {res['requests']} requests, {res['engines']} engines x "
+             f"{res['kv_blocks_per_replica']} KV blocks (ms; hit = cached / prompt tokens)")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # the bench extra is not installed: plain text
+        from benchmarks.common import format_table
+
+        print(f"\n{title}\n" + format_table(COLUMNS, table_rows(res)))
+    else:
+        t = Table(title=title, title_justify="left")
+        for i, c in enumerate(COLUMNS):
+            t.add_column(c, justify="left" if i < 2 else "right", no_wrap=i == 0)
+        for row in table_rows(res):
+            t.add_row(*(_cell(x) for x in row), style="bold" if row[0] == DEFAULT else None)
+        Console(width=max(160, Console().width)).print(t)
+    for load, v in res["verdict"].items():
+        if "error" in v:
+            print(f"  {load}: {v['error']}")
+            continue
+        peer = (f"TTFT p90 {v['ours_ttft_p90_ms']} ms vs best other router {v['best_peer']} "
+                f"{v['best_peer_ttft_p90_ms']} ms = {v['ttft_p90_ratio']:.2f}x "
+                f"({'PASS' if v['ttft_goal_0.7_met'] else 'FAIL'} <= 0.7x)") if v.get("best_peer") else \
+            "no other router ran"
+        print(f"  {load}: {DEFAULT}: {peer}; hit rate {v['ours_hit_vs_oracle']} of oracle "
+              f"({'PASS' if v['hit_goal_0.95_met'] else 'FAIL'} >= 0.95)")
+
+
+def _cell(x: Any) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.3f}".rstrip("0").rstrip(".") if abs(x) < 100 else f"{x:.0f}"
+    return str(x)
+
+
+# -- command line ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workloads", default="gsp,multiturn", help=f"comma list of {', '.join(NAMES)}")
+    p.add_argument("--full", action="store_true", help="the literature's workload sizes (slow on 2 cores)")
+    p.add_argument("--trace", type=Path, help="JSONL trace for the trace workload (default: the bundled sample)")
+    p.add_argument("--trace-timing", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay trace workloads at their own timestamps unless --rates is given")
+    p.add_argument("--engines", type=int, default=4, help="sim engines in the fleet")
+    p.add_argument("--profile", default="llmd-8b", help="sim timing profile of the engines")
+    p.add_argument("--time-scale", type=float, default=1.0, help="sim time scale (1.0: real time)")
+    p.add_argument("--kv-blocks", type=int, help="KV blocks per engine (default: capacity-factor x footprint / N)")
+    p.add_argument("--capacity-factor", type=float, default=1.3,
+                   help="fleet KV capacity as a multiple of the workload's prompt footprint")
+    p.add_argument("--concurrency", default="16", help="comma ladder of client counts (closed loop)")
+    p.add_argument("--rates", help="comma ladder of Poisson session rates per second (open loop; overrides "
+                                   "--concurrency)")
+    p.add_argument("--requests", type=int, default=10_000, help="cap on requests per run")
+    p.add_argument("--max-s", type=float, default=180.0, help="no new request after this many seconds of a run")
+    p.add_argument("--warmup", type=int, default=8, help="short unrelated requests before each run")
+    p.add_argument("--policies", help="comma list of our contenders (default: every policy, plus cost-tuned)")
+    p.add_argument("--peers", help="comma list of peer contenders or kinds (default: all installed)")
+    p.add_argument("--no-peers", action="store_true", help="only our policies")
+    p.add_argument("--slo-ttft-s", type=float, default=2.0, help="goodput SLO on TTFT")
+    p.add_argument("--slo-tpot-s", type=float, default=0.1, help="goodput SLO on time per output token")
+    p.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
+    p.add_argument("--quick", action="store_true", help="smaller workloads: gsp 8x8, multiturn 8x6, ...")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="workload parameter, e.g. --set groups=4 --set system_tokens=256 (applies to every "
+                        "workload that has it; see benchmarks/workloads.py)")
+    p.add_argument("--name", default="compare", help="results/<name>.json and results/<name>-<workload>.png")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the JSON and plots go")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when stderr is a terminal)")
+    p.add_argument("--log-dir", type=Path, help="keep engine and router logs here (default: a temp dir)")
+    return p.parse_args(argv)
+
+
+QUICK: dict[str, dict[str, Any]] = {
+    "gsp": {"groups": 8, "questions": 8}, "multiturn": {"conversations": 8, "turns": 6},
+    "agentic": {"sessions": 12, "steps": 3}, "prefix-sweep": {"requests": 32, "ratios": (0.1, 0.5, 0.9)},
+    "trace": {"limit": 60},
+}
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``--set groups=4 --set ratios=0.2,0.8``: numbers become numbers, comma lists tuples of numbers."""
+    def number(v: str) -> Any:
+        try:
+            return int(v)
+        except ValueError:
+            return float(v)
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE")
+        try:
+            out[key.strip()] = tuple(number(v) for v in value.split(",")) if "," in value else number(value)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: VALUE must be a number or a comma list of numbers") from None
+    return out
+
+
+def workloads_for(args: argparse.Namespace) -> list[Workload]:
+    """The workloads named on the command line, with --quick sizes and --set overrides where they apply."""
+    import inspect
+
+    from benchmarks.workloads import GENERATORS
+
+    sets = parse_sets(args.set or [])
+    out: list[Workload] = []
+    for name in (n.strip() for n in args.workloads.split(",")):
+        accepted = set(inspect.signature(GENERATORS[name]).parameters) | {"ratios"} if name in GENERATORS else set()
+        overrides = {**(QUICK.get(name, {}) if args.quick else {}),
+                     **{k: v for k, v in sets.items() if k in accepted}}
+        out += build(name, seed=args.seed, full=args.full, trace_path=args.trace, **overrides)
+    return out
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    cands = contenders(args)
+    unavailable = {k: why for k in ("sglang-router", "vllm-router") if (why := peer_available(k))}
+    for kind, why in unavailable.items():
+        print(f"note: {kind} unavailable: {why}")
+    out: dict[str, Any] = {
+        "benchmark": "compare", "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+        "peers": {k: {"version": peer_version(k), "unavailable": unavailable.get(k)}
+                  for k in ("sglang-router", "vllm-router")},
+        "contenders": [{"name": c.name, "kind": c.kind, "policy": c.policy, "params": c.params} for c in cands],
+        "results": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        log_root = args.log_dir or Path(tmp)
+        for wl in workloads_for(args):
+            res = await bench_workload(wl, args, cands, log_root)
+            out["results"].append(res)
+            print_result(res)
+            if not args.no_plots:
+                try:
+                    from benchmarks.plots import plot_compare
+
+                    res["plot"] = str(plot_compare(res, args.out_dir / f"{args.name}-{wl.name}.png"))
+                    print(f"  plot: {res['plot']}")
+                except ImportError as exc:
+                    print(f"  no plot ({exc}); install the bench extra")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_uvloop()
+    out = asyncio.run(amain(args))
+    out["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    path = args.out_dir / f"{args.name}.json"
+    write_json(path, out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""Router overhead side by side: what each router adds to streamed requests in front of zero-latency engines.
+
+    python -m benchmarks.overhead            # ~5 min, writes results/overhead.json
+    python -m benchmarks.overhead --quick    # 300 requests per level
+
+Sim engines with the `instant` profile (no simulated compute) run as subprocesses; this process is the client
+(aiohttp, uvloop). For each contender -- our router (policy `cost`), sglang-router and vllm-router (both
+`round_robin`, so only the proxy path is compared) -- the router is started in front of the same engines, and at
+each concurrency level an unmeasured warm-up runs, then `--requests` streamed chat requests of 16 tokens go
+straight to the engines ("direct", round robin) and then through the router. Reported per level: requests/s,
+TTFT and end-to-end p50/p99, "added" = router minus the direct run just before it (a difference of
+percentiles), router CPU seconds per 1,000 requests (/proc of the router's pid), how busy the whole host was,
+and errors. Client, engines and router share the machine's cores, so at high concurrency the numbers measure
+CPU contention as much as the router. A peer that is not installed or fails to start gets a row with its error.
+The client keeps connections alive (as SDK clients do); `--fresh-connections` opens one per request, which
+shows stalls that only reused connections have (sglang-router: ~40 ms per streamed request at 1 stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks.common import (
+    MODEL,
+    RESULTS_DIR,
+    CpuWatch,
+    EngineSpec,
+    Fleet,
+    StreamResult,
+    client_session,
+    closed_loop,
+    format_table,
+    install_uvloop,
+    machine_info,
+    stream_chat,
+    summarize,
+    write_json,
+)
+from benchmarks.routers import (
+    Contender,
+    RouterStartError,
+    our_contenders,
+    peer_available,
+    peer_contender,
+    peer_version,
+    run_router,
+)
+
+MAX_TOKENS = 16
+
+
+def chat_body(i: int) -> dict[str, Any]:
+    """A ~200-token chat (8 system prompts shared round-robin, a distinct question) answering 16 tokens."""
+    system = f"You are assistant number {i % 8}. " * 30
+    return {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": f"Question {i}: what is {i} times {i}?"}]}
+
+
+def contenders(args: argparse.Namespace) -> list[Contender]:
+    out: list[Contender] = []
+    if "ours" in args.contenders:
+        out += our_contenders([args.our_policy])
+    out += [peer_contender(kind, args.peer_policy) for kind in ("sglang-router", "vllm-router")
+            if kind in args.contenders]
+    return out
+
+
+async def measure(session: Any, targets: Sequence[str], concurrency: int, args: argparse.Namespace,
+                  pids: Sequence[int], engine_pids: Sequence[int]) -> dict[str, Any]:
+    """Warm up, then ``args.requests`` streams at ``concurrency`` to ``targets`` (round robin), timed and
+    CPU-watched (``pids``: the router, if any)."""
+    async def one(i: int) -> StreamResult:
+        return await stream_chat(session, targets[i % len(targets)], chat_body(i), timeout_s=30)
+
+    await closed_loop(max(args.warmup, concurrency), concurrency, args.max_s, one)
+    watch = CpuWatch([*pids, *engine_pids]).start()
+    t0 = time.perf_counter()
+    results = await closed_loop(args.requests, concurrency, args.max_s, one)
+    wall = time.perf_counter() - t0
+    watch.stop()
+    ok = [r for r in results if r.ok]
+    per_k = 1000.0 / max(1, len(results))
+    errors = [r.error or f"status {r.status}" for r in results if not r.ok]
+    return {
+        "requests": len(results), "errors": len(errors), "first_error": errors[0][:300] if errors else None,
+        "wall_s": round(wall, 2), "req_per_s": round(len(results) / wall, 1) if wall > 0 else math.nan,
+        "ttft_ms": summarize([r.ttft_s for r in ok if r.ttft_s is not None], 1e3),
+        "e2e_ms": summarize([r.e2e_s for r in ok], 1e3),
+        "cpu_s_per_1k": {"router": round(sum(watch.used[:len(pids)]) * per_k, 3),
+                         "engines": round(sum(watch.used[len(pids):-1]) * per_k, 3),
+                         "client": round(watch.used[-1] * per_k, 3)},
+        "host_cpu_busy": round(watch.busy_share, 3),
+        "other_cpu_share": round(watch.other_share, 3),  # other jobs on the machine: should be ~0
+    }
+
+
+def added(direct: dict[str, Any], routed: dict[str, Any]) -> dict[str, float]:
+    """Router minus direct, per percentile (NaN where either side has no successful request)."""
+    out = {}
+    for m in ("ttft", "e2e"):
+        for q in ("p50", "p99"):
+            d, r = direct[f"{m}_ms"].get(q, math.nan), routed[f"{m}_ms"].get(q, math.nan)
+            out[f"{m}_{q}"] = round(r - d, 3)
+    return out
+
+
+async def run_contender(c: Contender, fleet: Fleet, session: Any, args: argparse.Namespace,
+                        log_dir: Path) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": c.name, "kind": c.kind, "policy": c.policy, "notes": c.notes,
+                           "version": peer_version(c.kind), "argv": None, "error": None, "levels": []}
+    if (why := peer_available(c.kind)) is not None:
+        row["error"] = why
+        return row
+    try:
+        async with run_router(c, fleet.engine_urls, log_dir, start_timeout_s=args.start_timeout_s) as r:
+            row["argv"], row["version"] = r.argv, r.version
+            for conc in args.concurrency:
+                direct = await measure(session, fleet.engine_urls, conc, args, [], fleet.engine_pids)
+                routed = await measure(session, [r.url], conc, args, [r.pid], fleet.engine_pids)
+                row["levels"].append({"concurrency": conc, "direct": direct, "router": routed,
+                                      "added_ms": added(direct, routed)})
+                print(f"  {c.name} @ {conc}: {routed['req_per_s']} req/s, added TTFT p50 "
+                      f"{row['levels'][-1]['added_ms']['ttft_p50']} ms, errors {routed['errors']}", flush=True)
+    except RouterStartError as exc:
+        row["error"] = str(exc)
+        print(f"  {c.name}: failed to start: {exc.reason}", flush=True)
+    return row
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    engine = EngineSpec(profile="instant")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
+        log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        async with Fleet(args.engines, engine, None, log_dir=log_dir) as fleet, _session(args) as session:
+            for c in contenders(args):
+                print(f"{c.name} ({c.kind})", flush=True)
+                rows.append(await run_contender(c, fleet, session, args, log_dir))
+    return {"benchmark": "overhead", "engines": args.engines, "profile": engine.profile, "max_tokens": MAX_TOKENS,
+            "contenders": rows}
+
+
+def _session(args: argparse.Namespace) -> aiohttp.ClientSession:
+    """Keep-alive by default, as SDK clients pool connections; ``--fresh-connections`` opens one per request
+    (a TCP stall that only shows on reused connections, e.g. Nagle + delayed ACK, then disappears)."""
+    if not args.fresh_connections:
+        return client_session()
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                 timeout=aiohttp.ClientTimeout(total=None))
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
+
+
+def table(res: dict[str, Any]) -> str:
+    """One row per level: direct (the run paired with the first contender), then each contender; a contender
+    that failed gets one row with its error."""
+    rows: list[list[Any]] = []
+    levels = sorted({lv["concurrency"] for c in res["contenders"] for lv in c["levels"]})
+    for conc in levels:
+        shown_direct = False
+        for c in res["contenders"]:
+            lv = next((x for x in c["levels"] if x["concurrency"] == conc), None)
+            if lv is None:
+                continue
+            if not shown_direct:
+                d = lv["direct"]
+                rows.append([conc, "direct", d["requests"], d["errors"], d["req_per_s"], d["ttft_ms"].get("p50"),
+                             d["ttft_ms"].get("p99"), d["e2e_ms"].get("p50"), d["e2e_ms"].get("p99"), "", "", "",
+                             "", "", _share(d["host_cpu_busy"]), _share(d["other_cpu_share"])])
+                shown_direct = True
+            m, a = lv["router"], lv["added_ms"]
+            rows.append([conc, c["name"], m["requests"], m["errors"], m["req_per_s"], m["ttft_ms"].get("p50"),
+                         m["ttft_ms"].get("p99"), m["e2e_ms"].get("p50"), m["e2e_ms"].get("p99"), a["ttft_p50"],
+                         a["ttft_p99"], a["e2e_p50"], a["e2e_p99"], m["cpu_s_per_1k"]["router"],
+                         _share(m["host_cpu_busy"]), _share(m["other_cpu_share"])])
+    for c in res["contenders"]:
+        if c["error"]:
+            rows.append(["-", c["name"], "", "", "", "", "", "", "", "", "", "", "", "", "",
+                         "ERROR: " + c["error"].splitlines()[0][:90]])
+    return format_table(["conc", "router", "reqs", "err", "req/s", "TTFT p50", "p99", "E2E p50", "p99",
+                         "added TTFT p50", "p99", "added E2E p50", "p99", "router CPU s/1k", "host busy",
+                         "other procs"], rows)
+
+
+def print_result(res: dict[str, Any]) -> None:
+    print(f"\nrouter overhead: {res['engines']} `{res['profile']}` engines, streamed chat, {res['max_tokens']} "
+          "tokens; ms; 'added' is router minus the direct run just before it")
+    print(table(res))
+    for c in res["contenders"]:
+        print(f"  {c['name']} {c['version'] or ''}: {' '.join(c['argv']) if c['argv'] else '(not started)'}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.overhead",
+                                description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="smaller run: at most 300 requests per level and router")
+    p.add_argument("--engines", type=int, default=2, help="sim engine subprocesses (profile `instant`)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32], help="concurrent streams per level")
+    p.add_argument("--requests", type=int, default=2000,
+                   help="measured streamed requests per level, for direct and for each router")
+    p.add_argument("--warmup", type=int, default=50,
+                   help="unmeasured requests before each measurement (at least the concurrency)")
+    p.add_argument("--max-s", type=float, default=60.0,
+                   help="time cap per measurement (and per warm-up): no new request starts after it")
+    p.add_argument("--contenders", nargs="+", default=["ours", "sglang-router", "vllm-router"],
+                   choices=["ours", "sglang-router", "vllm-router"], help="routers to measure besides direct")
+    p.add_argument("--our-policy", default="cost", help="policy of our router")
+    p.add_argument("--peer-policy", default="round_robin",
+                   help="policy of both peers (round_robin: compares the proxy path, not the policy)")
+    p.add_argument("--fresh-connections", action="store_true",
+                   help="a new TCP connection per request instead of keep-alive (shows stalls on reused ones)")
+    p.add_argument("--start-timeout-s", type=float, default=60.0, help="how long a router may take to route")
+    p.add_argument("--log-dir", default=None, help="keep router and engine logs here (default: a temp dir)")
+    p.add_argument("--out", default=str(RESULTS_DIR / "overhead.json"), help="JSON output path")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.requests = min(args.requests, 300)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_uvloop()
+    info = machine_info()
+    res = asyncio.run(amain(args))
+    info["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    out = {"benchmark": "overhead", "machine": info, "args": {k: v for k, v in vars(args).items() if k != "out"},
+           **{k: v for k, v in res.items() if k != "benchmark"}}
+    print_result(out)
+    write_json(Path(args.out), out)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
