@@ -272,9 +272,11 @@ async def _healthy(session: aiohttp.ClientSession, url: str) -> bool:
         return False
 
 
-def client_session(limit: int = 0) -> aiohttp.ClientSession:
-    """A load-generator session: no connection limit (0) unless given, no total timeout."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0),
+def client_session(limit: int = 0, *, fresh_connections: bool = False) -> aiohttp.ClientSession:
+    """A load-generator session: no connection limit (0) unless given, no total timeout; connections are
+    kept alive (as SDK clients pool them) unless ``fresh_connections`` asks for one per request."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0,
+                                                                force_close=fresh_connections),
                                  timeout=aiohttp.ClientTimeout(total=None))
 
 

@@ -153,7 +153,8 @@ async def run_one(contender: Contender, workload: Workload, spec: LoadSpec, args
 
 
 def load_specs(args: argparse.Namespace, workload: Workload) -> list[LoadSpec]:
-    common = {"max_requests": args.requests, "max_s": args.max_s, "seed": args.seed}
+    common = {"max_requests": args.requests, "max_s": args.max_s, "seed": args.seed,
+              "fresh_connections": args.fresh_connections}
     if workload.sessions and workload.sessions[0].at_s is not None and not args.rates and args.trace_timing:
         return [LoadSpec(rate=0, **common)]
     if args.rates:
@@ -294,6 +295,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policies", help="comma list of our contenders (default: every policy, plus cost-tuned)")
     p.add_argument("--peers", help="comma list of peer contenders or kinds (default: all installed)")
     p.add_argument("--no-peers", action="store_true", help="only our policies")
+    p.add_argument("--fresh-connections", action="store_true",
+                   help="one TCP connection per request (default: keep-alive, as SDK clients pool them; "
+                        "sglang-router stalls ~40 ms per streamed answer on reused connections)")
     p.add_argument("--slo-ttft-s", type=float, default=2.0, help="goodput SLO on TTFT")
     p.add_argument("--slo-tpot-s", type=float, default=0.1, help="goodput SLO on time per output token")
     p.add_argument("--seed", type=int, default=0, help="workload and arrival seed")

@@ -68,6 +68,7 @@ class LoadSpec:
     max_s: float = 300.0
     request_timeout_s: float = 120.0
     seed: int = 0
+    fresh_connections: bool = False  # one TCP connection per request instead of keep-alive
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -116,7 +117,7 @@ async def run_workload(url: str, workload: Workload, spec: LoadSpec, *, model: s
     total = min(spec.max_requests, workload.num_requests)
     t0 = time.perf_counter()
     with _progress(progress, description or workload.name, total) as tick:
-        async with client_session() as session:
+        async with client_session(fresh_connections=spec.fresh_connections) as session:
             async def run_session(s: Session) -> None:
                 for turn, req in enumerate(s.turns):
                     if not budget.take():

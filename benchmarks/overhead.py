@@ -155,10 +155,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 def _session(args: argparse.Namespace) -> aiohttp.ClientSession:
     """Keep-alive by default, as SDK clients pool connections; ``--fresh-connections`` opens one per request
     (a TCP stall that only shows on reused connections, e.g. Nagle + delayed ACK, then disappears)."""
-    if not args.fresh_connections:
-        return client_session()
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
-                                 timeout=aiohttp.ClientTimeout(total=None))
+    return client_session(fresh_connections=args.fresh_connections)
 
 
 def _share(x: float | None) -> str:
