@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import heapq
 import math
 import random
@@ -469,38 +470,46 @@ def simulate(workload: wl.Workload, replicas: int, policy_name: str, policy_para
     pending_work = 0  # sessions still to be sent or running, so polls stop when nothing is left
     deadline = t_real + max_real_s
     max_events = 64 * (min(load.max_requests, workload.num_requests) + 16) * (1 + 64) + 10_000_000
-    while heap and events < max_events:
-        t, _, _, kind, payload = heapq.heappop(heap)
-        now_s = t
-        events += 1
-        if kind == _STEP_DONE:
-            i, epoch = payload
-            rep = reps[i]
-            if epoch != rep.engine.epoch:
-                continue  # a decode window that an arrival cut short
-            follow: list[tuple[int, int, wl.Session]] = []
-            deliver(i, rep.engine.finish(t), t, follow)
-            rep.stepping = False
-            if rep.engine.has_work:
-                start_step(i, t)
-            last_t = t
-            for s_idx, turn, session in follow:
-                proceed(s_idx, turn, t, session)
-        elif kind == _SEND:
-            proceed(*payload, t)
-        elif kind == _SESSION:
-            if left > 0:
-                send(payload, 0, t)
-            else:
-                stopped_by = "count"
-        else:  # _POLL: keep polling while anything can still happen
-            poll(t)
-            pending_work = len(heap)
-            if pending_work or inflight:
-                push(t + poll_interval_s, _POLL, None)
-        if events & 0x3FF == 1 and time.perf_counter() > deadline:
-            stopped_by = "time"
-            break
+    # The run allocates millions of small objects (records, heap entries) and keeps them; the cyclic
+    # collector would rescan them again and again for nothing, so it is paused for the loop.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while heap and events < max_events:
+            t, _, _, kind, payload = heapq.heappop(heap)
+            now_s = t
+            events += 1
+            if kind == _STEP_DONE:
+                i, epoch = payload
+                rep = reps[i]
+                if epoch != rep.engine.epoch:
+                    continue  # a decode window that an arrival cut short
+                follow: list[tuple[int, int, wl.Session]] = []
+                deliver(i, rep.engine.finish(t), t, follow)
+                rep.stepping = False
+                if rep.engine.has_work:
+                    start_step(i, t)
+                last_t = t
+                for s_idx, turn, session in follow:
+                    proceed(s_idx, turn, t, session)
+            elif kind == _SEND:
+                proceed(*payload, t)
+            elif kind == _SESSION:
+                if left > 0:
+                    send(payload, 0, t)
+                else:
+                    stopped_by = "count"
+            else:  # _POLL: keep polling while anything can still happen
+                poll(t)
+                pending_work = len(heap)
+                if pending_work or inflight:
+                    push(t + poll_interval_s, _POLL, None)
+            if events & 0x3FF == 1 and time.perf_counter() > deadline:
+                stopped_by = "time"
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     if left <= 0 and stopped_by == "done" and len(records) < workload.num_requests:
         stopped_by = "count"
     records.sort(key=lambda r: r.start_s)

@@ -136,7 +136,7 @@ def test_cli_writes_json(tmp_path) -> None:
 def test_fast_engine_agrees_with_exact(name: str, policy: str) -> None:
     """Same batching and cache rules, decode windows in one event: same hit rate, TTFT within 10 %.
 
-    The default-sized workloads (96-128 requests): with a few dozen, one tie broken the other way moves
+    The default-sized workloads (256 and 192 requests): with a few dozen, one tie broken the other way moves
     a percentile by a whole prefill step.
     """
     w = wl.build(name, seed=1)[0]
