@@ -72,7 +72,9 @@ def plot_compare(res: dict[str, Any], path: Path, default: str = "cost") -> Path
         mode = rows[0]["mode"]
         ax[3].set_xlabel("offered load (" + ("sessions/s" if mode == "rate" else "concurrent clients") + ")")
         ax[3].set_ylabel("TTFT p90 (ms)")
-        ax[3].set_yscale("log")
+        p90s = [r["summary"]["ttft_ms"]["p90"] for r in rows]
+        if min(p90s) > 0 and max(p90s) / min(p90s) > 10:  # a collapsed contender: keep the others readable
+            ax[3].set_yscale("log")
         ax[3].set_title("TTFT p90 vs load")
         ax[3].legend(fontsize=7)
     fig.suptitle(f"{res['workload']}: {res['requests']} requests, {res['engines']} engines, "
