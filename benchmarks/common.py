@@ -474,6 +474,16 @@ async def fetch_text(session: aiohttp.ClientSession, url: str) -> str:
         return await r.text()
 
 
+def run_benchmark(amain: Callable[[], Awaitable[dict[str, Any]]], path: Path) -> int:
+    """Run a benchmark's coroutine on uvloop, stamp the end load average, write its JSON to ``path``."""
+    install_uvloop()
+    out = asyncio.run(amain())
+    out.setdefault("machine", machine_info())["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    write_json(path, out)
+    print(f"\nwrote {path}")
+    return 0
+
+
 def install_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop

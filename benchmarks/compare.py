@@ -21,9 +21,7 @@ file (`benchmarks/results/<name>.json`, with every router's exact command line) 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,11 +37,10 @@ from benchmarks.common import (
     Fleet,
     client_session,
     fetch_text,
-    install_uvloop,
     machine_info,
     prometheus_samples,
+    run_benchmark,
     stream_chat,
-    write_json,
 )
 from benchmarks.loadgen import LoadSpec, ladder, run_workload
 from benchmarks.metrics import Slo, summarize_run
@@ -390,13 +387,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    install_uvloop()
-    out = asyncio.run(amain(args))
-    out["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    path = args.out_dir / f"{args.name}.json"
-    write_json(path, out)
-    print(f"\nwrote {path}")
-    return 0
+    return run_benchmark(lambda: amain(args), args.out_dir / f"{args.name}.json")
 
 
 if __name__ == "__main__":

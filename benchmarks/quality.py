@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import random
 import time
 from collections import Counter
@@ -50,12 +49,11 @@ from benchmarks.common import (
     closed_loop,
     fetch_text,
     format_table,
-    install_uvloop,
     machine_info,
     prometheus_samples,
+    run_benchmark,
     stream_chat,
     summarize,
-    write_json,
 )
 
 REPLICAS = 4
@@ -483,12 +481,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    install_uvloop()
-    out = asyncio.run(amain(args))
-    out["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    write_json(Path(args.out), out)
-    print(f"\nwrote {args.out}")
-    return 0
+    return run_benchmark(lambda: amain(args), Path(args.out))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import math
-import os
 import random
 import statistics
 import time
@@ -46,12 +44,11 @@ from benchmarks.common import (
     client_session,
     closed_loop,
     format_table,
-    install_uvloop,
     machine_info,
     percentile,
+    run_benchmark,
     stream_chat,
     summarize,
-    write_json,
 )
 from router.features import (
     HashingConfig,
@@ -450,12 +447,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    install_uvloop()
-    out = asyncio.run(amain(args))
-    out["machine"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    write_json(Path(args.out), out)
-    print(f"\nwrote {args.out}")
-    return 0
+    return run_benchmark(lambda: amain(args), Path(args.out))
 
 
 if __name__ == "__main__":
