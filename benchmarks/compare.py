@@ -112,7 +112,7 @@ async def warm_up(url: str, count: int) -> list[str]:
 async def run_one(contender: Contender, workload: Workload, spec: LoadSpec, args: argparse.Namespace,
                   kv_blocks: int, log_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"contender": contender.name, "kind": contender.kind, "policy": contender.policy,
-                           "params": contender.params, "notes": getattr(contender, "notes", ""),
+                           "params": contender.params, "notes": contender.notes,
                            "load": spec.label(), "load_value": spec.load, "mode": spec.mode}
     engine = EngineSpec(profile=args.profile, time_scale=args.time_scale, num_blocks=kv_blocks, seed=args.seed)
     t0 = time.monotonic()
