@@ -135,10 +135,10 @@ class RouterSpec:
     load_poll_s: float = 0.5
     health_interval_s: float = 2.0
 
-    def config(self, port: int, engine_urls: Sequence[str]) -> dict[str, Any]:
+    def config(self, port: int, engine_urls: Sequence[str], model: str = MODEL) -> dict[str, Any]:
         return {
             "host": HOST, "port": port,
-            "replicas": [{"name": f"r{i}", "url": u, "models": [MODEL]} for i, u in enumerate(engine_urls)],
+            "replicas": [{"name": f"r{i}", "url": u, "models": [model]} for i, u in enumerate(engine_urls)],
             "policy": {"name": self.policy, "params": dict(self.params)},
             "load": {"poll_interval_s": self.load_poll_s},
             "health": {"check_interval_s": self.health_interval_s},

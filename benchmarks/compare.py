@@ -13,6 +13,10 @@ are known for, and the oracle: the hit rate of one pooled prefix cache with the 
 capacity (no routing can do better for the same capacity). A contender that fails to start is a row
 with its error, never dropped.
 
+With ``--engine-urls`` it points at replicas that already run (real vLLM servers, say) instead: their
+caches cannot be reset between runs, so every run gets the same workload shape with its own text
+(`workloads.reseed`), and no contender is served from blocks an earlier one left behind.
+
 Per-replica shares come from the engines' own counters (``vllm:request_success_total``), so routers
 that do not say where they sent a request are measured the same way as ours. Output: a table, a JSON
 file (`benchmarks/results/<name>.json`, with every router's exact command line) and PNG plots.
@@ -21,9 +25,10 @@ file (`benchmarks/results/<name>.json`, with every router's exact command line) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +58,7 @@ from benchmarks.routers import (
     peer_version,
     run_router,
 )
-from benchmarks.workloads import NAMES, Workload, build, kv_blocks_per_replica, oracle
+from benchmarks.workloads import NAMES, Workload, build, kv_blocks_per_replica, oracle, reseed
 
 DEFAULT = "cost"  # the router's default policy: the contender the acceptance lines judge
 # `cost` with the timing ratios documented for a profile in docs/policies.md (the defaults fit H100s).
@@ -97,16 +102,27 @@ async def engine_counters(session: aiohttp.ClientSession, urls: Sequence[str]) -
     return out
 
 
-async def warm_up(url: str, count: int) -> list[str]:
+async def warm_up(url: str, count: int, model: str = MODEL) -> list[str]:
     """A few short requests with text no workload uses: connections, pools and load polls get going."""
     errors = []
     async with client_session() as s:
         for i in range(count):
-            r = await stream_chat(s, url, {"model": MODEL, "max_tokens": 2, "ignore_eos": True, "messages": [
+            r = await stream_chat(s, url, {"model": model, "max_tokens": 2, "ignore_eos": True, "messages": [
                 {"role": "user", "content": f"warm-up {i} {time.time_ns()}"}]}, timeout_s=30)
             if not r.ok:
                 errors.append(f"{r.status}: {r.error}")
     return errors
+
+
+@contextlib.asynccontextmanager
+async def engines(args: argparse.Namespace, kv_blocks: int, log_dir: Path) -> AsyncIterator[list[str]]:
+    """A fresh fleet of sim engines for one run, or the replicas given by ``--engine-urls``."""
+    if args.engine_urls:
+        yield args.engine_urls
+        return
+    engine = EngineSpec(profile=args.profile, time_scale=args.time_scale, num_blocks=kv_blocks, seed=args.seed)
+    async with Fleet(args.engines, engine, router=None, log_dir=log_dir) as fleet:
+        yield fleet.engine_urls
 
 
 async def run_one(contender: Contender, workload: Workload, spec: LoadSpec, args: argparse.Namespace,
@@ -114,20 +130,19 @@ async def run_one(contender: Contender, workload: Workload, spec: LoadSpec, args
     row: dict[str, Any] = {"contender": contender.name, "kind": contender.kind, "policy": contender.policy,
                            "params": contender.params, "notes": contender.notes,
                            "load": spec.label(), "load_value": spec.load, "mode": spec.mode}
-    engine = EngineSpec(profile=args.profile, time_scale=args.time_scale, num_blocks=kv_blocks, seed=args.seed)
     t0 = time.monotonic()
-    async with Fleet(args.engines, engine, router=None, log_dir=log_dir) as fleet:
+    async with engines(args, kv_blocks, log_dir) as urls:
         try:
-            async with run_router(contender, fleet.engine_urls, log_dir) as router:
+            async with run_router(contender, urls, log_dir, model=args.model) as router:
                 row.update(argv=router.argv, version=router.version)
-                warm_errors = await warm_up(router.url, args.warmup)
+                warm_errors = await warm_up(router.url, args.warmup, args.model)
                 async with client_session() as s:
-                    before = await engine_counters(s, fleet.engine_urls)
+                    before = await engine_counters(s, urls)
                     watch = CpuWatch([router.pid]).start()
-                    run = await run_workload(router.url, workload, spec, progress=args.progress,
+                    run = await run_workload(router.url, workload, spec, model=args.model, progress=args.progress,
                                              description=f"{workload.name} {contender.name} {spec.label()}")
                     watch.stop()
-                    after = await engine_counters(s, fleet.engine_urls)
+                    after = await engine_counters(s, urls)
         except RouterStartError as exc:
             row["error"] = str(exc)
             print(f"  {contender.name:28s} FAILED TO START: {str(exc).splitlines()[0]}", flush=True)
@@ -161,19 +176,28 @@ def load_specs(args: argparse.Namespace, workload: Workload) -> list[LoadSpec]:
 
 async def bench_workload(workload: Workload, args: argparse.Namespace, cands: Sequence[Contender],
                          log_root: Path) -> dict[str, Any]:
-    kv = args.kv_blocks or kv_blocks_per_replica(workload, args.engines, args.capacity_factor)
+    kv = args.kv_blocks or args.external_kv_blocks or kv_blocks_per_replica(workload, args.engines,
+                                                                               args.capacity_factor)
     bound = oracle(workload, kv * args.engines)
-    print(f"\n{workload.describe()}\n  {args.engines} x {args.profile} engines, {kv} KV blocks each; "
+    fleet = f"{args.engines} given replicas" if args.engine_urls else f"{args.engines} x {args.profile} engines"
+    print(f"\n{workload.describe()}\n  {fleet}, {kv} KV blocks each; "
           f"oracle hit rate {bound.hit_rate:.3f} (footprint {bound.unique_blocks} blocks)", flush=True)
     rows = []
     for spec in load_specs(args, workload):
         for c in cands:
             log_dir = log_root / workload.name / c.name.replace(":", "-") / spec.label().replace("/", "per")
             log_dir.mkdir(parents=True, exist_ok=True)
-            rows.append(await run_one(c, workload, spec, args, kv, log_dir))
+            run_wl, run_bound = workload, bound
+            if args.engine_urls:  # caches persist between runs: same shape, text nobody has sent yet
+                run_wl = reseed(workload, args.seed + 1 + len(rows))
+                run_bound = oracle(run_wl, kv * args.engines)
+            rows.append(await run_one(c, run_wl, spec, args, kv, log_dir))
+            rows[-1]["oracle_hit_rate"] = round(run_bound.hit_rate, 4)
+            rows[-1]["workload_seed"] = run_wl.params.get("seed")
     for r in rows:
         if "summary" in r:
-            r["hit_vs_oracle"] = round(r["summary"]["hit_rate"] / bound.hit_rate, 3) if bound.hit_rate else math.nan
+            o = r["oracle_hit_rate"]
+            r["hit_vs_oracle"] = round(r["summary"]["hit_rate"] / o, 3) if o else math.nan
     return {"workload": workload.name, "params": workload.params, "requests": workload.num_requests,
             "kv_blocks_per_replica": kv, "engines": args.engines,
             "oracle": {"hit_rate": round(bound.hit_rate, 4), "capacity_blocks": bound.capacity_blocks,
@@ -278,6 +302,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace-timing", action=argparse.BooleanOptionalAction, default=True,
                    help="replay trace workloads at their own timestamps unless --rates is given")
     p.add_argument("--engines", type=int, default=4, help="sim engines in the fleet")
+    p.add_argument("--engine-urls", help="comma list of running OpenAI engine servers to use instead of sim "
+                                         "engines (caches are not reset: each run gets its own workload text)")
+    p.add_argument("--model", help="model name to request (default: the sim's, or the first --engine-urls "
+                                   "server's /v1/models)")
     p.add_argument("--profile", default="llmd-8b", help="sim timing profile of the engines")
     p.add_argument("--time-scale", type=float, default=1.0, help="sim time scale (1.0: real time)")
     p.add_argument("--kv-blocks", type=int, help="KV blocks per engine (default: capacity-factor x footprint / N)")
@@ -308,7 +336,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
     p.add_argument("--log-dir", type=Path, help="keep engine and router logs here (default: a temp dir)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.engine_urls = [u.strip().rstrip("/") for u in args.engine_urls.split(",")] if args.engine_urls else None
+    if args.engine_urls:
+        args.engines = len(args.engine_urls)
+    args.external_kv_blocks = None
+    return args
+
+
+async def inspect_engines(args: argparse.Namespace) -> None:
+    """For ``--engine-urls``: check they answer, learn the model and (from /load, ours only) the KV size."""
+    assert args.engine_urls
+    async with client_session() as s:
+        for url in args.engine_urls:
+            try:
+                async with s.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    models = [m["id"] for m in (await r.json())["data"]]
+            except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
+                raise SystemExit(f"--engine-urls: {url}/v1/models failed: {exc}") from exc
+            if args.model is None:
+                args.model = models[0]
+            elif args.model not in models:
+                raise SystemExit(f"--engine-urls: {url} does not serve {args.model!r} (it serves {models})")
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError, ValueError):
+            async with s.get(args.engine_urls[0] + "/load", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                args.external_kv_blocks = int((await r.json())["kv_blocks_total"])
+    if args.kv_blocks is None and args.external_kv_blocks is None:
+        print("note: KV size unknown (no /load): the oracle assumes --capacity-factor x the footprint; "
+              "give --kv-blocks for a true bound")
 
 
 QUICK: dict[str, dict[str, Any]] = {
@@ -357,6 +412,9 @@ def workloads_for(args: argparse.Namespace) -> list[Workload]:
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
+    if args.engine_urls:
+        await inspect_engines(args)
+    args.model = args.model or MODEL
     cands = contenders(args)
     unavailable = {k: why for k in ("sglang-router", "vllm-router") if (why := peer_available(k))}
     for kind, why in unavailable.items():

@@ -106,13 +106,13 @@ class Contender:
         return RouterSpec(policy=self.policy, params=dict(self.params))
 
     def argv(self, port: int, engine_urls: Sequence[str], workdir: Path, *,
-             metrics_port: int | None = None) -> list[str]:
+             metrics_port: int | None = None, model: str = MODEL) -> list[str]:
         """The exact command line. Ours writes its config YAML into ``workdir``; peers get a Prometheus
         listener on ``metrics_port`` (a free loopback port if not given, so two runs never collide)."""
         if self.kind == "ours":
             workdir.mkdir(parents=True, exist_ok=True)
             path = workdir / f"{slug(self.name)}.yaml"
-            path.write_text(yaml.safe_dump(self.router_spec.config(port, engine_urls)))
+            path.write_text(yaml.safe_dump(self.router_spec.config(port, engine_urls, model)))
             return [sys.executable, "-m", "router", "--config", str(path)]
         argv = [sys.executable, "-m", _PEER_MODULE[self.kind], "--host", HOST, "--port", str(port),
                 "--worker-urls", *engine_urls, "--policy", self.policy,
@@ -214,10 +214,11 @@ def _log_tail(path: Path, chars: int = 2000) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)[-chars:]  # peers colour their logs
 
 
-PROBE_BODY = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "router start probe"}]}
+def probe_body(model: str = MODEL) -> dict[str, Any]:
+    return {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "router start probe"}]}
 
 
-async def _routes(session: aiohttp.ClientSession, url: str) -> str | None:
+async def _routes(session: aiohttp.ClientSession, url: str, model: str = MODEL) -> str | None:
     """None if `url` answers /health with 200 and streams a small chat completion; else what failed."""
     try:
         async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
@@ -225,7 +226,7 @@ async def _routes(session: aiohttp.ClientSession, url: str) -> str | None:
                 return f"/health answered {r.status}"
     except (aiohttp.ClientError, TimeoutError) as exc:
         return f"/health: {exc.__class__.__name__}: {exc}"
-    res = await stream_chat(session, url, PROBE_BODY, timeout_s=5.0)
+    res = await stream_chat(session, url, probe_body(model), timeout_s=5.0)
     if not res.ok:
         return f"probe chat completion failed: status {res.status}: {res.error}"
     if res.usage is None:
@@ -235,7 +236,7 @@ async def _routes(session: aiohttp.ClientSession, url: str) -> str | None:
 
 @asynccontextmanager
 async def run_router(contender: Contender, engine_urls: Sequence[str], log_dir: Path, *,
-                     start_timeout_s: float = 60.0) -> AsyncIterator[RunningRouter]:
+                     start_timeout_s: float = 60.0, model: str = MODEL) -> AsyncIterator[RunningRouter]:
     """Start ``contender`` in front of ``engine_urls``, yield it once it routes, stop it on exit.
 
     Raises `RouterStartError` if it is not installed, exits, or does not route within ``start_timeout_s``.
@@ -245,7 +246,7 @@ async def run_router(contender: Contender, engine_urls: Sequence[str], log_dir: 
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://{HOST}:{port}"
-    argv = contender.argv(port, engine_urls, log_dir)
+    argv = contender.argv(port, engine_urls, log_dir, model=model)
     log_path = log_dir / f"{slug(contender.name)}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_COLOR": "1"}
     with log_path.open("wb") as log:
@@ -253,7 +254,7 @@ async def run_router(contender: Contender, engine_urls: Sequence[str], log_dir: 
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
     try:
-        await _wait_routing(proc, url, argv, log_path, contender, start_timeout_s)
+        await _wait_routing(proc, url, argv, log_path, contender, start_timeout_s, model)
         if contender.kind == "ours":  # let it read every engine's /load, as Fleet does
             await asyncio.sleep(2 * contender.router_spec.load_poll_s + 0.1)
         yield RunningRouter(url=url, pid=proc.pid, argv=argv, version=peer_version(contender.kind),
@@ -263,7 +264,7 @@ async def run_router(contender: Contender, engine_urls: Sequence[str], log_dir: 
 
 
 async def _wait_routing(proc: subprocess.Popen[bytes], url: str, argv: list[str], log_path: Path,
-                        contender: Contender, timeout_s: float) -> None:
+                        contender: Contender, timeout_s: float, model: str = MODEL) -> None:
     deadline = time.monotonic() + timeout_s
     last = "not tried"
     async with aiohttp.ClientSession() as session:
@@ -274,7 +275,7 @@ async def _wait_routing(proc: subprocess.Popen[bytes], url: str, argv: list[str]
             if time.monotonic() > deadline:
                 raise RouterStartError(f"{contender.name} did not route within {timeout_s:g}s (last: {last})",
                                        argv, _log_tail(log_path))
-            last = await _routes(session, url) or ""
+            last = await _routes(session, url, model) or ""
             if not last:
                 return
             await asyncio.sleep(0.1)

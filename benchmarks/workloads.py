@@ -273,6 +273,15 @@ GENERATORS: dict[str, Callable[..., Workload]] = {"gsp": gsp, "multiturn": multi
                                                   "prefix-sweep": prefix_sweep, "trace": trace}
 
 
+def reseed(workload: Workload, seed: int) -> Workload:
+    """The same workload shape with other text: for replicas whose caches cannot be reset between runs."""
+    p = {k: v for k, v in workload.params.items() if k != "seed"}
+    if workload.name.startswith("trace-"):
+        return trace(p["path"], p["block_tokens"], limit=p["rows"], time_scale=p["time_scale"], seed=seed)
+    generator = GENERATORS["prefix-sweep" if workload.name.startswith("prefix-sweep") else workload.name]
+    return generator(**p, seed=seed)
+
+
 def build(name: str, *, seed: int = 0, full: bool = False, trace_path: Path | None = None,
           **overrides: Any) -> list[Workload]:
     """Workloads by command-line name; ``prefix-sweep`` expands to one workload per ratio."""

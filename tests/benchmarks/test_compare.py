@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -65,3 +66,24 @@ def test_tiny_compare_run_has_a_row_for_every_contender(tmp_path: Path) -> None:
                 assert ("summary" in r and r["argv"]) or r["error"], r
         assert (tmp_path / f"tiny-{res['workload']}.png").stat().st_size > 10_000
     assert "cost" in proc.stdout and "oracle" in proc.stdout
+
+
+@pytest.mark.slow
+async def test_compare_against_running_replicas_sends_every_run_fresh_text(tmp_path: Path) -> None:
+    from benchmarks.common import EngineSpec, Fleet
+
+    async with Fleet(2, EngineSpec(profile="instant", num_blocks=256)) as fleet:
+        argv = [sys.executable, "-m", "benchmarks.compare", "--workloads", "gsp", "--engine-urls",
+                ",".join(fleet.engine_urls), "--policies", "cost,round_robin", "--no-peers", "--concurrency", "2",
+                "--warmup", "1", "--set", "groups=2", "--set", "questions=2", "--set", "system_tokens=64",
+                "--name", "ext", "--out-dir", str(tmp_path), "--no-progress", "--no-plots"]
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 300)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    data = json.loads((tmp_path / "ext.json").read_text())
+    (res,) = data["results"]
+    assert res["kv_blocks_per_replica"] == 256  # read from the replicas' /load
+    seeds = [r["workload_seed"] for r in res["rows"]]
+    assert len(set(seeds)) == len(seeds) == 2
+    assert all(r["summary"]["ok"] == 4 and r["summary"]["failed"] == 0 for r in res["rows"])

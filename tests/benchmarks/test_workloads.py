@@ -124,3 +124,13 @@ def test_oracle_with_less_capacity_hits_less() -> None:
     full = w.oracle(wl, 10**6)
     assert w.oracle(wl, 40).hit_rate < full.hit_rate
     assert w.kv_blocks_per_replica(wl, 4) * 4 >= full.unique_blocks
+
+
+@pytest.mark.parametrize("name", w.NAMES)
+def test_reseed_rebuilds_the_same_shape_with_other_text(name: str) -> None:
+    original = w.build(name, seed=5)[-1]
+    assert w.reseed(original, 5) == original
+    other = w.reseed(original, 6)
+    assert other != original and other.num_requests == original.num_requests
+    assert {k: v for k, v in other.params.items() if k != "seed"} == \
+        {k: v for k, v in original.params.items() if k != "seed"}
