@@ -31,19 +31,20 @@ from typing import Any
 import aiohttp
 
 from benchmarks.common import (
-    MODEL,
     RESULTS_DIR,
     CpuWatch,
     EngineSpec,
     Fleet,
     StreamResult,
+    added,
     client_session,
     closed_loop,
     format_table,
     install_uvloop,
+    level_stats,
     machine_info,
+    overhead_chat_body,
     stream_chat,
-    summarize,
     write_json,
 )
 from benchmarks.routers import (
@@ -57,14 +58,6 @@ from benchmarks.routers import (
 )
 
 MAX_TOKENS = 16
-
-
-def chat_body(i: int) -> dict[str, Any]:
-    """A ~200-token chat (8 system prompts shared round-robin, a distinct question) answering 16 tokens."""
-    system = f"You are assistant number {i % 8}. " * 30
-    return {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "messages": [{"role": "system", "content": system},
-                         {"role": "user", "content": f"Question {i}: what is {i} times {i}?"}]}
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:
@@ -81,7 +74,7 @@ async def measure(session: Any, targets: Sequence[str], concurrency: int, args: 
     """Warm up, then ``args.requests`` streams at ``concurrency`` to ``targets`` (round robin), timed and
     CPU-watched (``pids``: the router, if any)."""
     async def one(i: int) -> StreamResult:
-        return await stream_chat(session, targets[i % len(targets)], chat_body(i), timeout_s=30)
+        return await stream_chat(session, targets[i % len(targets)], overhead_chat_body(i, MAX_TOKENS), timeout_s=30)
 
     await closed_loop(max(args.warmup, concurrency), concurrency, args.max_s, one)
     watch = CpuWatch([*pids, *engine_pids]).start()
@@ -89,30 +82,7 @@ async def measure(session: Any, targets: Sequence[str], concurrency: int, args: 
     results = await closed_loop(args.requests, concurrency, args.max_s, one)
     wall = time.perf_counter() - t0
     watch.stop()
-    ok = [r for r in results if r.ok]
-    per_k = 1000.0 / max(1, len(results))
-    errors = [r.error or f"status {r.status}" for r in results if not r.ok]
-    return {
-        "requests": len(results), "errors": len(errors), "first_error": errors[0][:300] if errors else None,
-        "wall_s": round(wall, 2), "req_per_s": round(len(results) / wall, 1) if wall > 0 else math.nan,
-        "ttft_ms": summarize([r.ttft_s for r in ok if r.ttft_s is not None], 1e3),
-        "e2e_ms": summarize([r.e2e_s for r in ok], 1e3),
-        "cpu_s_per_1k": {"router": round(sum(watch.used[:len(pids)]) * per_k, 3),
-                         "engines": round(sum(watch.used[len(pids):-1]) * per_k, 3),
-                         "client": round(watch.used[-1] * per_k, 3)},
-        "host_cpu_busy": round(watch.busy_share, 3),
-        "other_cpu_share": round(watch.other_share, 3),  # other jobs on the machine: should be ~0
-    }
-
-
-def added(direct: dict[str, Any], routed: dict[str, Any]) -> dict[str, float]:
-    """Router minus direct, per percentile (NaN where either side has no successful request)."""
-    out = {}
-    for m in ("ttft", "e2e"):
-        for q in ("p50", "p99"):
-            d, r = direct[f"{m}_ms"].get(q, math.nan), routed[f"{m}_ms"].get(q, math.nan)
-            out[f"{m}_{q}"] = round(r - d, 3)
-    return out
+    return level_stats(results, wall, watch, len(pids))
 
 
 async def run_contender(c: Contender, fleet: Fleet, session: Any, args: argparse.Namespace,

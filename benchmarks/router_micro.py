@@ -41,10 +41,13 @@ from benchmarks.common import (
     Fleet,
     RouterSpec,
     StreamResult,
+    added,
     client_session,
     closed_loop,
     format_table,
+    level_stats,
     machine_info,
+    overhead_chat_body,
     percentile,
     run_benchmark,
     stream_chat,
@@ -261,18 +264,11 @@ def print_decisions(res: dict[str, Any]) -> None:
 # -- (b) proxy overhead ------------------------------------------------------------------------------
 
 
-def chat_body(i: int, max_tokens: int) -> dict[str, Any]:
-    system = f"You are assistant number {i % 8}. " * 30
-    return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "system", "content": system},
-                         {"role": "user", "content": f"Question {i}: what is {i} times {i}?"}]}
-
-
 async def run_level(session: Any, targets: Sequence[str], concurrency: int, count: int, max_s: float,
                     max_tokens: int) -> tuple[list[StreamResult], float]:
     """``count`` streamed requests at ``concurrency`` (after an unmeasured warm-up); results and wall time."""
     async def one(i: int) -> StreamResult:
-        return await stream_chat(session, targets[i % len(targets)], chat_body(i, max_tokens), timeout_s=30)
+        return await stream_chat(session, targets[i % len(targets)], overhead_chat_body(i, max_tokens), timeout_s=30)
 
     await closed_loop(max(2 * concurrency, 50), concurrency, max_s, one)
     t0 = time.perf_counter()
@@ -288,26 +284,7 @@ async def measure_mode(fleet: Fleet, session: Any, mode: str, concurrency: int, 
     results, wall = await run_level(session, targets, concurrency, args.requests, args.max_level_s,
                                     max_tokens)
     watch.stop()
-    router_s = sum(watch.used[:len(router_pids)])
-    engines_s = sum(watch.used[len(router_pids):-1])
-    ok = [r for r in results if r.ok]
-    per_k = 1000.0 / max(1, len(results))
-    return {
-        "mode": mode, "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
-        "wall_s": round(wall, 2), "req_per_s": round(len(results) / wall, 1),
-        "ttft_ms": summarize([r.ttft_s for r in ok if r.ttft_s is not None], 1e3),
-        "e2e_ms": summarize([r.e2e_s for r in ok], 1e3),
-        "cpu_s_per_1k": {"router": round(router_s * per_k, 3), "engines": round(engines_s * per_k, 3),
-                         "client": round(watch.used[-1] * per_k, 3)},
-        "host_cpu_busy": round(watch.busy_share, 3),
-        "other_cpu_share": round(watch.other_share, 3),  # other jobs on the machine: should be ~0
-    }
-
-
-def added(direct: dict[str, Any], routed: dict[str, Any]) -> dict[str, float]:
-    """Router minus direct, per percentile (a difference of percentiles, not a percentile of differences)."""
-    return {f"{m}_{q}": round(routed[f"{m}_ms"][q] - direct[f"{m}_ms"][q], 3)
-            for m in ("ttft", "e2e") for q in ("p50", "p99")}
+    return {"mode": mode, "concurrency": concurrency, **level_stats(results, wall, watch, len(router_pids))}
 
 
 async def run_proxy(args: argparse.Namespace) -> dict[str, Any]:
