@@ -36,6 +36,7 @@ import aiohttp
 
 from benchmarks.common import (
     MODEL,
+    PROFILE_COST_PARAMS,
     RESULTS_DIR,
     CpuWatch,
     EngineSpec,
@@ -61,18 +62,13 @@ from benchmarks.routers import (
 from benchmarks.workloads import NAMES, Workload, build, kv_blocks_per_replica, oracle, reseed
 
 DEFAULT = "cost"  # the router's default policy: the contender the acceptance lines judge
-# `cost` with the timing ratios documented for a profile in docs/policies.md (the defaults fit H100s).
-TUNED_COST: dict[str, dict[str, float]] = {
-    "llmd-8b": {"prefill_s_per_token": 2.5e-4, "request_overhead_s": 1e-2, "decode_s_per_seq": 1e-4},
-    "tiny-cpu": {"prefill_s_per_token": 1.5e-4, "request_overhead_s": 7e-3, "decode_s_per_seq": 1e-3},
-}
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:
     """Our policies (plus `cost-tuned` where the profile has documented ratios), then the peers."""
     ours = our_contenders()
-    if args.profile in TUNED_COST:
-        ours.append(Contender("cost-tuned", "ours", "cost", dict(TUNED_COST[args.profile])))
+    if tuned := PROFILE_COST_PARAMS.get(args.profile):
+        ours.append(Contender("cost-tuned", "ours", "cost", dict(tuned)))
     if args.policies:
         keep = [p.strip() for p in args.policies.split(",")]
         unknown = set(keep) - {c.name for c in ours}

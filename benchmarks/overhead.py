@@ -28,8 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from benchmarks.common import (
     RESULTS_DIR,
     CpuWatch,
@@ -114,18 +112,12 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
-        async with Fleet(args.engines, engine, None, log_dir=log_dir) as fleet, _session(args) as session:
+        async with Fleet(args.engines, engine, None, log_dir=log_dir) as fleet, client_session(fresh_connections=args.fresh_connections) as session:
             for c in contenders(args):
                 print(f"{c.name} ({c.kind})", flush=True)
                 rows.append(await run_contender(c, fleet, session, args, log_dir))
     return {"benchmark": "overhead", "engines": args.engines, "profile": engine.profile, "max_tokens": MAX_TOKENS,
             "contenders": rows}
-
-
-def _session(args: argparse.Namespace) -> aiohttp.ClientSession:
-    """Keep-alive by default, as SDK clients pool connections; ``--fresh-connections`` opens one per request
-    (a TCP stall that only shows on reused connections, e.g. Nagle + delayed ACK, then disappears)."""
-    return client_session(fresh_connections=args.fresh_connections)
 
 
 def _share(x: float | None) -> str:

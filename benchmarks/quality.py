@@ -39,6 +39,7 @@ from typing import Any
 
 from benchmarks.common import (
     MODEL,
+    PROFILE_COST_PARAMS,
     RESULTS_DIR,
     CpuWatch,
     EngineSpec,
@@ -61,12 +62,6 @@ PROFILE = "llmd-8b"
 CHARS_PER_TOKEN = 4
 BLOCK_TOKENS = 16
 CAPACITY_SLACK = 1.35  # KV blocks = partitioned need x this (must stay well under the replicated need)
-# Starting points for `cost` on the sim profiles, from docs/policies.md (only their ratios matter).
-PROFILE_COST_PARAMS: dict[str, dict[str, float]] = {
-    "h100-llama3-8b": {},
-    "llmd-8b": {"prefill_s_per_token": 2.5e-4, "request_overhead_s": 1e-2, "decode_s_per_seq": 1e-4},
-    "tiny-cpu": {"prefill_s_per_token": 1.5e-4, "request_overhead_s": 7e-3, "decode_s_per_seq": 1e-3},
-}
 WORDS = ("the", "cache", "router", "engine", "token", "prompt", "block", "replica", "request", "decode",
          "prefill", "batch", "model", "river", "garden", "morning", "window", "number", "system", "answer")
 Render = Callable[[list[dict[str, str]]], str]

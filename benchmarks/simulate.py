@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import workloads as wl
-from benchmarks.common import RESULTS_DIR, format_table, machine_info, write_json
+from benchmarks.common import MODEL, PROFILE_COST_PARAMS, RESULTS_DIR, format_table, machine_info, write_json
 from benchmarks.loadgen import LoadSpec, RequestRecord, arrival_times
 from benchmarks.metrics import summarize_run
 from benchmarks.sim_fast import ChainEncoder, Emit, FastEngine
@@ -61,15 +61,8 @@ from router.policies import POLICY_NAMES, create_policy
 from router.policies.base import Decision, Outcome, Policy
 from router.replica_view import ReplicaView
 
-MODEL = "sim-model"
 DEFAULT_POLL_S = 0.5  # config.router LoadConfig.poll_interval_s default
 DEFAULT_STALE_S = 3.0  # config.router LoadConfig.stale_after_s default
-# `cost` with the sim profiles' time constants (docs/policies.md); the live benchmarks use the same.
-PROFILE_COST_PARAMS: dict[str, dict[str, float]] = {
-    "h100-llama3-8b": {},
-    "llmd-8b": {"prefill_s_per_token": 2.5e-4, "request_overhead_s": 1e-2, "decode_s_per_seq": 1e-4},
-    "tiny-cpu": {"prefill_s_per_token": 1.5e-4, "request_overhead_s": 7e-3, "decode_s_per_seq": 1e-3},
-}
 # Agreement tolerance of --against-live (docs/simulator.md explains the choice).
 TOL_HIT_ABS = 0.05
 TOL_TTFT_REL = 0.25
