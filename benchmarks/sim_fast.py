@@ -35,8 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import xxhash
-
+from benchmarks.workloads import extend_chain
 from engine_server.backend import BackendError, PromptTooLong
 from engine_server.sim.backend import SimBackend, SimConfig
 from engine_server.sim.scheduler import SchedulerConfig
@@ -65,12 +64,6 @@ class ChainEncoder:
         self.max_prefixes = max_prefixes
         self._prefixes: OrderedDict[tuple[Any, ...], tuple[list[int], str, int]] = OrderedDict()
 
-    def _extend(self, chain: list[int], text: str, stop: int) -> None:
-        parent = chain[-1] if chain else 0
-        span = self.span
-        for j in range(0, stop, span):
-            parent = xxhash.xxh64_intdigest(text[j:j + span].encode(), parent)
-            chain.append(parent)
 
     def encode(self, messages: Sequence[dict[str, Any]]) -> tuple[int, list[int]]:
         """Prompt token count and the hashes of its full blocks (a list the caller may keep)."""
@@ -92,7 +85,7 @@ class ChainEncoder:
             chars += len(part)
             s = rest + part
             full = len(s) - len(s) % self.span
-            self._extend(chain, s, full)
+            extend_chain(chain, s, full, self.span)
             rest = s[full:]
             self._prefixes[key] = (chain.copy(), rest, chars)
             if len(self._prefixes) > self.max_prefixes:
@@ -100,7 +93,7 @@ class ChainEncoder:
         s = rest + self.tail
         tokens = -(-(chars + tail_len) // self.c)
         missing = tokens // self.block_size - len(chain)  # the last block may end in a short chunk
-        self._extend(chain, s, missing * self.span)
+        extend_chain(chain, s, missing * self.span, self.span)
         return tokens, chain
 
 

@@ -319,13 +319,24 @@ def prompt_block_hashes(request: Request, render: Render, block_tokens: int = EN
     """(prompt tokens, chained hashes of the prompt's full blocks) as the sim engine would see them."""
     text = render(request.messages)
     n_tokens = math.ceil(len(text) / CHARS_PER_TOKEN)
-    chars = block_tokens * CHARS_PER_TOKEN
     hashes: list[int] = []
-    parent = 0
-    for start in range(0, n_tokens // block_tokens * chars, chars):
-        parent = xxhash.xxh64_intdigest(text[start:start + chars].encode(), parent)
-        hashes.append(parent)
+    span = block_tokens * CHARS_PER_TOKEN
+    extend_chain(hashes, text, n_tokens // block_tokens * span, span)
     return n_tokens, hashes
+
+
+def extend_chain(chain: list[int], text: str, stop: int, span: int) -> None:
+    """Append the chained hashes of ``text[0:stop]`` cut into ``span``-character blocks to ``chain``.
+
+    A sim token is a fixed 4-character chunk, so engine block ``i`` is exactly characters
+    ``[i * span, (i + 1) * span)``: two prompts share a block hash iff they share that text and all
+    before it, as the engine's chain over token ids does. The oracle and the simulator's fast engine
+    both hash with this, so their hits agree by construction.
+    """
+    parent = chain[-1] if chain else 0
+    for j in range(0, stop, span):
+        parent = xxhash.xxh64_intdigest(text[j:j + span].encode(), parent)
+        chain.append(parent)
 
 
 @dataclass(frozen=True)
