@@ -258,7 +258,7 @@ class Fleet:
         deadline = time.monotonic() + self.start_timeout_s
         async with aiohttp.ClientSession() as s:
             for url in urls:
-                while not await _healthy(s, url):
+                while not await healthy(s, url):
                     self._check_alive()
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{url} not healthy after {self.start_timeout_s:g}s")
@@ -271,9 +271,10 @@ class Fleet:
                 raise RuntimeError(f"{name} exited with {proc.returncode} during start-up:\n{tail}")
 
 
-async def _healthy(session: aiohttp.ClientSession, url: str) -> bool:
+async def healthy(session: aiohttp.ClientSession, url: str, timeout_s: float = 1.0) -> bool:
+    """True if ``url``/health answers 200 within ``timeout_s``; False on any other answer or failure."""
     try:
-        async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+        async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
             return r.status == 200
     except (aiohttp.ClientError, TimeoutError):
         return False

@@ -53,6 +53,7 @@ from benchmarks.common import (
     client_session,
     format_table,
     free_port,
+    healthy,
     machine_info,
     percentile,
     stream_chat,
@@ -297,10 +298,8 @@ class EngineProcess:
                 if self.proc.poll() is not None:
                     tail = self.log_path.read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"{self.name} exited with {self.proc.returncode} during start-up:\n{tail}")
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with s.get(self.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                        if r.status == 200:
-                            break
+                if await healthy(s, self.url, timeout_s=2.0):
+                    break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.name} not healthy after {timeout_s:g}s (log: {self.log_path})")
                 await asyncio.sleep(0.5)
