@@ -46,6 +46,12 @@ class ServerState:
     default_max_tokens: int = 16
     draining: bool = False
     in_flight: int = 0
+    start_error: str | None = None  # the backend's start() raised this
+
+    @property
+    def failure(self) -> str | None:
+        """Why this replica can no longer serve (the server exits non-zero), or None."""
+        return self.backend.failure or self.start_error
 
     def begin(self) -> None:
         self.in_flight += 1
@@ -312,6 +318,8 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.draining:
         return error_response("draining", 503)
+    if (failure := state.failure) is not None:
+        return error_response(f"engine failed: {failure}", 503)
     if not state.backend.ready:
         return error_response("loading", 503)
     return web.json_response({"status": "ok"})
@@ -396,7 +404,7 @@ def create_app(backend: Backend, *, default_max_tokens: int = 16, max_body_bytes
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         task: asyncio.Task[None] | None = None
         if start_backend:
-            task = asyncio.create_task(_start(backend))
+            task = asyncio.create_task(_start(state))
         yield
         if task is not None and not task.done():
             task.cancel()
@@ -408,12 +416,16 @@ def create_app(backend: Backend, *, default_max_tokens: int = 16, max_body_bytes
     return app
 
 
-async def _start(backend: Backend) -> None:
+async def _start(state: ServerState) -> None:
+    """Start the backend; a failure is recorded (not raised into a task nobody awaits), so `serve` exits."""
+    backend = state.backend
     t0 = time.monotonic()
     try:
         await backend.start()
-    except Exception:
-        log.exception("backend %s failed to start", backend.name)
-        raise
+    except Exception as exc:
+        state.start_error = backend.failure or f"{type(exc).__name__}: {exc}"
+        log.error("backend %s failed to start: %s", backend.name, state.start_error,
+                  exc_info=not isinstance(exc, BackendError))
+        return
     log.info("backend %s ready in %.1fs, serving model %r", backend.name, time.monotonic() - t0,
              backend.model_name)
