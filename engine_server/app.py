@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError, model_validator
@@ -37,6 +37,8 @@ log = logging.getLogger("engine_server")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID = web.RequestKey("request_id", str)
+OFF_LOOP_CHARS = 16 * 1024  # prompts longer than this are tokenized in a worker thread
+T = TypeVar("T")
 
 
 @dataclass
@@ -101,6 +103,14 @@ async def read_json(request: web.Request) -> dict[str, Any] | web.Response:
     return body
 
 
+async def off_loop_if_large(text: str, fn: Callable[[str], T], arg: str) -> T:
+    """`fn(arg)` in a worker thread when `text` is long: tokenizing megabytes takes seconds, and on the
+    event loop it would stall /health until the router ejects this replica. Short texts stay inline."""
+    if len(text) <= OFF_LOOP_CHARS:
+        return fn(arg)
+    return await asyncio.to_thread(fn, arg)
+
+
 def _check_model(state: ServerState, model: str) -> web.Response | None:
     if model != state.backend.model_name:
         return error_response(f"The model `{model}` does not exist.", 404, param="model",
@@ -141,7 +151,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         prompts = req.prompts()
     sampling = req.sampling(state.default_max_tokens)
     for p in prompts:
-        n_tok = backend.count_tokens(p)
+        n_tok = await off_loop_if_large(p, backend.count_tokens, p)
         if n_tok + sampling.max_tokens > backend.max_model_len:
             return error_response(
                 f"This model's maximum context length is {backend.max_model_len} tokens. However, you "
@@ -372,7 +382,7 @@ async def tokenize(request: web.Request) -> web.Response:
     try:
         text = (req.prompt if req.messages is None
                 else state.backend.render_chat([m.plain() for m in req.messages], req.tools))
-        ids = list(state.backend.encode(text or ""))
+        ids = list(await off_loop_if_large(text or "", state.backend.encode, text or ""))
     except BackendError as exc:
         return error_response(str(exc), exc.status, exc.err_type)
     return web.json_response({"count": len(ids), "max_model_len": state.backend.max_model_len, "tokens": ids,

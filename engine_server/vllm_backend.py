@@ -32,6 +32,7 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 CPU_KV_CACHE_GIB = "1"
 CPU_GPU_MEMORY_UTILIZATION = 0.5
 CPU_BLOCK_MULTIPLE = 32
+OFF_LOOP_CHARS = 16 * 1024  # longer prompts are tokenized in a worker thread
 
 
 @dataclass
@@ -171,6 +173,8 @@ class VllmBackend:
         self._in_flight = 0
         self._ids = itertools.count()
         self._encodings: OrderedDict[str, list[int]] = OrderedDict()  # count_tokens -> generate reuse
+        self._encodings_lock = threading.Lock()
+        self.max_token_chars = 0  # the longest token's text: len(text) / this bounds the token count
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -265,6 +269,7 @@ class VllmBackend:
         self._building = None
         self._engine = engine = box.pop()
         self._tokenizer = engine.get_tokenizer()
+        self.max_token_chars = longest_token_chars(self._tokenizer)
         cache = engine.vllm_config.cache_config
         self.max_model_len = engine.vllm_config.model_config.max_model_len
         self.block_size = int(cache.block_size)
@@ -319,19 +324,27 @@ class VllmBackend:
 
     def encode(self, text: str) -> list[int]:
         """Token ids as the engine will see them. BOS is added unless the text already starts with it
-        (chat templates usually write it), which is what vLLM's own chat/completions paths do."""
-        if (ids := self._encodings.get(text)) is not None:
-            self._encodings.move_to_end(text)
-            return ids
+        (chat templates usually write it), which is what vLLM's own chat/completions paths do.
+        Thread-safe: long prompts are encoded in worker threads."""
+        with self._encodings_lock:
+            if (ids := self._encodings.get(text)) is not None:
+                self._encodings.move_to_end(text)
+                return ids
         tok = self._require_tokenizer()
         bos = getattr(tok, "bos_token", None)
         ids = list(tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))))
-        self._encodings[text] = ids
-        if len(self._encodings) > 32:
-            self._encodings.popitem(last=False)
+        with self._encodings_lock:
+            self._encodings[text] = ids
+            if len(self._encodings) > 32:
+                self._encodings.popitem(last=False)
         return ids
 
     def count_tokens(self, text: str) -> int:
+        """Exact, except for a text so long it cannot fit whatever it tokenizes to: then a lower bound
+        (already over max_model_len), without spending seconds tokenizing megabytes."""
+        per_token = 2 * self.max_token_chars  # x2: a normalizer may fold characters before tokenizing
+        if per_token and len(text) > self.max_model_len * per_token:
+            return -(-len(text) // per_token)
         return len(self.encode(text))
 
     # -- generation --------------------------------------------------------------------------------
@@ -368,7 +381,10 @@ class VllmBackend:
         engine = self._engine
         if engine is None:
             raise BackendError("engine is not ready", status=503)
-        ids = self.encode(request.prompt)
+        if len(request.prompt) > OFF_LOOP_CHARS and request.prompt not in self._encodings:
+            ids = await asyncio.to_thread(self.encode, request.prompt)  # seconds for megabytes: not on the loop
+        else:
+            ids = self.encode(request.prompt)
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(f"This model's maximum context length is {self.max_model_len} tokens, "
                                 f"but the prompt has {len(ids)} tokens (at least 1 must be generated).")
@@ -419,6 +435,16 @@ class VllmBackend:
             prefix_cache_queries=load.prefix_queries, prefix_cache_hits=load.prefix_hits,
             ready=self.ready, backend=self.name,
         )
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """Characters covered by the longest token (byte-level BPE strings have one character per byte, so
+    this bounds the characters too); 0 if the vocabulary cannot be read."""
+    try:
+        vocab = tokenizer.get_vocab()
+        return max((len(t) for t in vocab), default=0)
+    except Exception:  # noqa: BLE001 - no bound is a safe answer (count_tokens then always tokenizes)
+        return 0
 
 
 def _shutdown(engine: Any) -> None:
