@@ -138,7 +138,7 @@ async def test_client_disconnect_aborts_the_engine_request(engine_url: str, http
     r = await http.post(engine_url + "/v1/completions", json=body)
     await r.content.readuntil(b"\n\n")
     r.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a hang guard
     while time.monotonic() < deadline:
         async with http.get(engine_url + "/load") as lr:
             load = await lr.json()
