@@ -155,11 +155,32 @@ SERVICE_MONITOR_SCHEMA = {
 }
 
 
+# The PrometheusRule fields (monitoring.coreos.com/v1) of deploy/k8s/base/alerts.yaml.
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object"},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["groups"], "properties": {
+            "groups": {"type": "array", "items": {
+                "type": "object", "additionalProperties": False, "required": ["name", "rules"],
+                "properties": {"name": {"type": "string"}, "rules": {"type": "array", "items": {
+                    "type": "object", "additionalProperties": False, "required": ["alert", "expr"],
+                    "properties": {"alert": {"type": "string"}, "expr": {"type": "string"},
+                                   "for": {"type": "string"},
+                                   "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                   "annotations": {"type": "object",
+                                                   "additionalProperties": {"type": "string"}}}}}}}}}},
+    },
+}
+CRD_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PrometheusRule": PROMETHEUS_RULE_SCHEMA}
+
+
 def validate_object(obj: dict) -> None:
-    if obj["kind"] == "ServiceMonitor":
+    if obj["kind"] in CRD_SCHEMAS:
         import jsonschema
 
-        jsonschema.validate(obj, SERVICE_MONITOR_SCHEMA)
+        jsonschema.validate(obj, CRD_SCHEMAS[obj["kind"]])
         return
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra) is not installed")
     kv.validate(obj, K8S_VERSION, strict=True)
@@ -285,6 +306,14 @@ def test_alerts_and_dashboards_use_only_exported_metric_names() -> None:
     exprs += [expr for _, _, expr in load_generator().all_queries()]
     used = {m for e in exprs for m in METRIC_RE.findall(e)}
     assert used and used <= exported_names(), used - exported_names()
+
+
+def test_k8s_alert_rules_are_alerts_yml() -> None:
+    """deploy/k8s/base/alerts.yaml is generated from alerts.yml (render_k8s_rules.py) and is not stale."""
+    out = run(sys.executable, str(DEPLOY / "prometheus/render_k8s_rules.py"), "--check")
+    assert out.returncode == 0, out.stderr
+    rule = by_kind(kustomize("k8s/overlays/gpu"))[("PrometheusRule", "prefix-router-alerts")]
+    assert rule["spec"]["groups"] == yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
 
 
 # --- Grafana ------------------------------------------------------------------------------------------
