@@ -71,11 +71,13 @@ def _ratio(num: str, den: str, by: str = "") -> str:
 
 ROUTER_ROWS = (
     Row("Traffic", (
-        Panel("Requests by status", "Answered requests per second, by HTTP status.", "reqps",
+        Panel("Requests by status", "Attempts per second by HTTP status: a retried request counts once per "
+              "replica tried, a give-up once more (replica 'none').", "reqps",
               (Query(f"sum by (status) (rate(router_requests_total[{RATE}]))", "{{status}}"),)),
-        Panel("Requests by replica", "Where the router sent requests ('none': refused before routing).",
+        Panel("Requests by replica", "Where the router sent attempts ('none': no replica left, or all failed).",
               "reqps", (Query(f"sum by (replica) (rate(router_requests_total[{RATE}]))", "{{replica}}"),)),
-        Panel("5xx ratio", "Share of requests answered 5xx (alert PrefixRouterErrorRate above 5 %).",
+        Panel("5xx ratio", "Share of attempts and give-ups ending 5xx; clients see fewer when a retry "
+              "succeeds (alert PrefixRouterErrorRate above 5 %).",
               "percentunit",
               (Query(f'sum(rate(router_requests_total{{status=~"5.."}}[{RATE}])) '
                      f"/ sum(rate(router_requests_total[{RATE}]))", "5xx"),)),
