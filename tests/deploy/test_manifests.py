@@ -86,6 +86,31 @@ def test_final_stage_runs_as_non_root_with_a_healthcheck(dockerfile: Path) -> No
     assert "/health" in final
 
 
+def test_router_image_pins_every_runtime_dependency() -> None:
+    """requirements-router.txt pins (==) each of pyproject's dependencies and the k8s extra, nothing less."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-")
+              for d in project["dependencies"] + project["optional-dependencies"]["k8s"]}
+    pins = {}
+    for line in (DEPLOY / "docker/requirements-router.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    assert wanted <= set(pins), wanted - set(pins)
+    assert all(re.fullmatch(r"[0-9][0-9a-z.]*", v) for v in pins.values()), pins
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_base_images_are_pinned(dockerfile: Path) -> None:
+    images = re.findall(r"^ARG \w+_IMAGE=(\S+)", dockerfile.read_text(), flags=re.M)
+    assert images
+    for image in images:
+        name, _, tag = image.partition(":")
+        assert re.match(r"v?[0-9]+\.[0-9]+\.[0-9]+", tag), image
+
+
 # --- Compose ------------------------------------------------------------------------------------------
 
 def compose_config(path: Path, *extra: str) -> dict:
@@ -114,6 +139,23 @@ def test_gpu_compose_puts_each_engine_on_its_own_gpu_pair_with_tp2() -> None:
         assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
     assert sorted(used) == [str(i) for i in range(8)]
     assert {"router", "prometheus", "grafana"} <= set(services)
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_images_are_pinned_and_grafana_is_provisioned(path: Path) -> None:
+    services = compose_config(path, "--profile", "*")["services"]
+    for name, svc in services.items():
+        assert re.search(r":v?[0-9]+\.[0-9]+\.[0-9]+", svc["image"]), (name, svc["image"])
+    mounts = {v["target"]: Path(v["source"]) for v in services["grafana"]["volumes"] if v["type"] == "bind"}
+    provisioning = mounts["/etc/grafana/provisioning"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards/prefix-router.yaml").read_text())["providers"]
+    assert mounts[provider["options"]["path"]] == DEPLOY / "grafana/dashboards"
+    (ds,) = yaml.safe_load((provisioning / "datasources/prometheus.yaml").read_text())["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    prom = {v["target"]: Path(v["source"]) for v in services["prometheus"]["volumes"] if v["type"] == "bind"}
+    assert prom["/etc/prometheus/prometheus.yml"] == DEPLOY / "prometheus/prometheus.yml"
+    rule_files = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())["rule_files"]
+    assert [prom[f] for f in rule_files] == [DEPLOY / "prometheus/alerts.yml"]
 
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
