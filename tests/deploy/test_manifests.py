@@ -319,7 +319,7 @@ def test_alert_rules_pass_their_promtool_unit_tests() -> None:
 def test_every_required_alert_exists() -> None:
     rules = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())
     names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
-    assert {"PrefixRouterReplicaDown", "PrefixRouterAllReplicasDown", "PrefixRouterTTFTHigh",
+    assert {"PrefixRouterDown", "PrefixRouterReplicaDown", "PrefixRouterAllReplicasDown", "PrefixRouterTTFTHigh",
             "PrefixRouterCacheHitRateDropped", "PrefixRouterErrorRate", "PrefixRouterEjectionsFlapping",
             "PrefixRouterConfigReloadFailed"} <= names
 
