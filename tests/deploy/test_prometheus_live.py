@@ -3,8 +3,9 @@ query and every metric selector of every alert rule then returns data, and every
 
 So no typo'd metric name or label value survives in deploy/: a name that nothing exports returns no data
 here. The traffic is shaped so that every series the dashboards and alerts read exists: one engine fails
-every request and the other one in five (retries, ejections, some 5xx), one request lacks its API key
-(rejections), and a bad config file is written once (a failed reload).
+every request and the other none (retries, ejections, 5xx attempts), one request lacks its API key
+(rejections), and a bad config file is written once (a failed reload). Nothing here depends on a random
+draw or on how fast the host is: the waits poll for what they wait for (a hang guard bounds each).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import yaml
 
 from tests.deploy.test_manifests import DEPLOY, METRIC_RE, load_generator
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(400)
 API_KEY = "sk-deploy-test-0123456789"
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval becomes here
 
@@ -81,7 +82,7 @@ def stack(tmp_path: Path) -> Iterator[str]:
     try:
         engines = {"engine-a": free_port(), "engine-b": free_port()}
         for name, port in engines.items():
-            faults = ["--fault-error-rate", "1.0" if name == "engine-b" else "0.2"]
+            faults = ["--fault-error-rate", "1.0" if name == "engine-b" else "0.0"]
             start(name, sys.executable, "-m", "engine_server", "--backend", "sim", "--model", "sim-model",
                   "--profile", "instant", "--port", str(port), *faults)
         router_port = free_port()
@@ -125,14 +126,17 @@ def stack(tmp_path: Path) -> Iterator[str]:
                                  {"role": "user", "content": f"question {i % 5}"}]}
             statuses.append(request(f"{base}/v1/chat/completions", body))
             time.sleep(0.1)
-        assert statuses.count(200) >= 10 and any(s >= 500 for s in statuses), statuses
+        assert statuses.count(200) >= 10, statuses  # engine-a answers every retry
         assert request(f"{base}/v1/models", key=None) == 401  # a rejection
         config_file.write_text(config_file.read_text().replace("http://127.0.0.1", "ftp://127.0.0.1"))
-        time.sleep(2.0)  # the router polls its file every second: one refused reload
+        wait_until(lambda: 'result="error"' in metrics_text(base), "the router refused the bad config file")
         for i in range(10):  # traffic continues, so rates over the last minute stay defined
             request(f"{base}/v1/completions", {"model": "sim-model", "prompt": f"tail {i}", "max_tokens": 4})
             time.sleep(0.2)
-        time.sleep(3.0)  # a few more scrapes
+        # rate() needs two samples in its window: wait for several scrapes of every target after the traffic
+        scraped = "min(count_over_time(up[1m]))"
+        before = int(float((query(prom, scraped) or [{"value": [0, "0"]}])[0]["value"][1]))
+        wait_until(lambda: bool(query(prom, f"{scraped} >= {before + 3}")), "three more scrapes of every target")
         yield prom
     finally:
         for p in procs:
@@ -142,6 +146,20 @@ def stack(tmp_path: Path) -> Iterator[str]:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def wait_until(condition, what: str, timeout_s: float = 120.0) -> None:
+    """Poll `condition` until it holds; the timeout is a hang guard, not an expectation of speed."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def metrics_text(base: str) -> str:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
+        return resp.read().decode()
 
 
 def query(prom: str, expr: str) -> list[dict]:
