@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-scale", type=float, default=1.0,
                    help="real seconds slept per simulated second: 0.1 runs 10x faster, 0 as fast as possible")
     s.add_argument("--chars-per-token", type=int, default=4, help="sim tokenizer: characters per token")
+    k = p.add_argument_group("KV cache events (vLLM's ZMQ wire format; sim backend for now)")
+    k.add_argument("--kv-events-endpoint", default=None, metavar="ZMQ",
+                   help="publish KV cache events on this ZMQ PUB endpoint, e.g. tcp://*:5557 or "
+                        "ipc:///tmp/kv.sock (default: off)")
+    k.add_argument("--kv-events-replay-endpoint", default=None, metavar="ZMQ",
+                   help="answer replay requests (missed batches) on this ZMQ ROUTER endpoint (default: none)")
+    k.add_argument("--kv-events-topic", default="", help="topic frame of every event message (default empty)")
+    k.add_argument("--kv-events-buffer-steps", type=int, default=10_000,
+                   help="batches kept for replay (default 10000, as vLLM)")
     f = p.add_argument_group("sim fault injection (for reliability tests)")
     f.add_argument("--fault-latency-ms", type=float, default=0.0, help="extra delay before the first token")
     f.add_argument("--fault-error-rate", type=float, default=0.0, help="fraction of requests answered 500")
@@ -91,7 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def kv_events_settings(args: argparse.Namespace):  # -> KVEventsSettings | None
+    """The `--kv-events-*` flags as settings, or None when publishing is off."""
+    endpoint = getattr(args, "kv_events_endpoint", None)  # absent in Namespaces built by hand
+    if endpoint is None:
+        if getattr(args, "kv_events_replay_endpoint", None) is not None:
+            raise SystemExit("error: --kv-events-replay-endpoint needs --kv-events-endpoint")
+        return None
+    from engine_server.kv_events import KVEventsSettings
+
+    try:
+        return KVEventsSettings(endpoint=endpoint, replay_endpoint=args.kv_events_replay_endpoint,
+                                topic=args.kv_events_topic, buffer_steps=args.kv_events_buffer_steps)
+    except ValueError as e:
+        raise SystemExit(f"error: --kv-events-*: {e}") from None
+
+
 def make_backend(args: argparse.Namespace) -> Backend:
+    kv_events = kv_events_settings(args)
     if args.backend == "sim":
         from engine_server.sim.backend import SimBackend, SimConfig
         from engine_server.sim.faults import FaultConfig
@@ -105,7 +131,10 @@ def make_backend(args: argparse.Namespace) -> Backend:
             faults=FaultConfig(added_latency_s=args.fault_latency_ms / 1000.0, error_rate=args.fault_error_rate,
                                hang_rate=args.fault_hang_rate, drop_rate=args.fault_drop_rate,
                                die_after_s=args.fault_die_after_s),
+            kv_events=kv_events,
         ))
+    if kv_events is not None:  # phase 2 of issue 14 passes them to vLLM's --kv-events-config
+        raise SystemExit("error: --kv-events-endpoint is only implemented for --backend sim so far")
     if not args.model:
         raise SystemExit("error: --model is required with --backend vllm")
     from engine_server.vllm_backend import VllmBackend, VllmConfig

@@ -4,6 +4,9 @@ An asyncio task drives the pure `Scheduler`: while there is work it runs a step,
 duration times `time_scale` and then hands each request its output, so tokens arrive when a real engine of
 the profile would deliver them. Sleeps are against a running deadline, so event-loop jitter does not
 accumulate into lost throughput over thousands of short steps.
+
+With `SimConfig.kv_events` set, the cache's KV events of each step are published as one vLLM-format
+`KVEventBatch` (`engine_server.kv_events`), and `/load` advertises the endpoints under `"kv_events"`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +27,7 @@ from engine_server.backend import (
     LoadReport,
     StreamDropped,
 )
+from engine_server.kv_events import KVEventBatch, KVEventPublisher, KVEventsSettings
 from engine_server.sim.faults import FaultConfig, plan_faults
 from engine_server.sim.scheduler import RequestOutput, Scheduler, SchedulerConfig, SimRequest
 from engine_server.sim.timing import TimingProfile, get_profile
@@ -48,6 +53,7 @@ class SimConfig:
     seed: int = 0
     chars_per_token: int = 4
     faults: FaultConfig = field(default_factory=FaultConfig)
+    kv_events: KVEventsSettings | None = None  # None: no KV events published
 
     def __post_init__(self) -> None:
         get_profile(self.profile)  # fail early on a typo
@@ -93,6 +99,7 @@ class SimBackend:
         self._ready = False
         self._failure: str | None = None
         self._death: asyncio.TimerHandle | None = None
+        self.kv_events: KVEventPublisher | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -111,6 +118,10 @@ class SimBackend:
         if die_after == 0:
             self._failure = "simulated engine failed to start (fault injection: --fault-die-after-s 0)"
             raise BackendError(self._failure, status=503)
+        if self.config.kv_events is not None and self.kv_events is None:
+            self.kv_events = KVEventPublisher(self.config.kv_events)
+            seqs = self.scheduler._seqs  # token ids of live requests, for BlockStored.token_ids
+            self.scheduler.kv.enable_events(lambda rid: seqs[rid].token_ids)
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._engine_loop(), name="sim-engine")
         self._ready = True
@@ -133,6 +144,16 @@ class SimBackend:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._fail_all(BackendError("engine stopped", status=503))
+        publisher, self.kv_events = self.kv_events, None
+        if publisher is not None:
+            self._publish_kv_events()
+            publisher.flush(timeout_s=1.0)
+            publisher.shutdown()
+
+    def _publish_kv_events(self) -> None:
+        """One batch with everything the cache did since the last call (nothing if it did nothing)."""
+        if self.kv_events is not None and (events := self.scheduler.kv.take_events()):
+            self.kv_events.publish(KVEventBatch(ts=time.time(), events=events))
 
     def _fail_all(self, exc: BackendError) -> None:
         for rid, q in list(self._queues.items()):
@@ -154,6 +175,7 @@ class SimBackend:
                     deadline = loop.time()
                     continue
                 result = self.scheduler.step()
+                self._publish_kv_events()
                 self.model_time_s += result.duration_s
                 now = loop.time()
                 deadline = max(deadline, now - MAX_LAG_S) + result.duration_s * scale
@@ -253,11 +275,13 @@ class SimBackend:
 
     def load_report(self) -> LoadReport:
         s, kv = self.scheduler, self.scheduler.kv
-        return LoadReport(
+        cls = LoadReport if self.config.kv_events is None else _KVEventsLoadReport
+        extra = {} if self.config.kv_events is None else {"kv_events": self.config.kv_events}
+        return cls(
             model=self.model_name, running=s.num_running, waiting=s.num_waiting,
             kv_blocks_used=kv.num_used_blocks, kv_blocks_total=kv.num_blocks, block_size=kv.block_size,
             prefix_cache_queries=kv.stats.queries, prefix_cache_hits=kv.stats.hits, ready=self._ready,
-            backend="sim",
+            backend="sim", **extra,
         )
 
     def stats(self) -> dict[str, float | int]:
@@ -278,6 +302,19 @@ class SimBackend:
             "kv_cached_blocks": self.scheduler.kv.num_cached_blocks,
             **{f"sim_{k}": v for k, v in vars(self.counters).items()},
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _KVEventsLoadReport(LoadReport):
+    """`/load` plus where this engine publishes its KV events (the block size is already in it)."""
+
+    kv_events: KVEventsSettings | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = LoadReport.to_json(self)
+        if self.kv_events is not None:
+            out["kv_events"] = self.kv_events.advertised()
+        return out
 
 
 def _delta(out: RequestOutput) -> GenerationDelta:

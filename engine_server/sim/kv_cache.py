@@ -11,16 +11,24 @@ what a prefix-aware router is measured against:
 * A lookup never covers the whole prompt: at least one token is recomputed to produce logits.
 
 Blocks are allocated lazily as tokens are scheduled (prefill chunks, then one slot per decode token).
+
+KV events (optional, `enable_events`): as vLLM's block pool does, the cache queues a `BlockStored` for every
+run of blocks it starts caching (with the parent's hash and the blocks' token ids), a `BlockRemoved` for
+every cached block it evicts, and `AllBlocksCleared` when a reset empties it; `take_events` drains the
+queue (the backend publishes it once per step, see `engine_server.kv_events`).
 """
 
 from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
+
+from engine_server.kv_events import AllBlocksCleared, block_removed, block_stored
 
 ROOT_HASH = 0  # parent "hash" of a sequence's first block
 
@@ -81,6 +89,23 @@ class KVCache:
         self._req_blocks: dict[str, list[KVBlock]] = {}
         self._req_hashed: dict[str, int] = {}  # how many of the request's blocks carry their hash
         self.stats = CacheStats()
+        self._events: list[Any] | None = None  # None: KV events off
+        self._tokens_of: Callable[[str], Sequence[int]] | None = None
+
+    # ------------------------------------------------------------------------------------ events
+
+    def enable_events(self, tokens_of: Callable[[str], Sequence[int]]) -> None:
+        """Queue vLLM-format KV events from now on; ``tokens_of(request_id)`` gives a request's token ids."""
+        self._events = []
+        self._tokens_of = tokens_of
+
+    def take_events(self) -> list[Any]:
+        """The events queued since the last call, oldest first (empty when events are off)."""
+        events = self._events
+        if not events:
+            return []
+        self._events = []
+        return events
 
     # ------------------------------------------------------------------------------------ queries
 
@@ -168,6 +193,8 @@ class KVCache:
             if self._cached.get(b.block_hash) == b.block_id:
                 del self._cached[b.block_hash]
                 self.stats.evictions += 1
+                if self._events is not None:
+                    self._events.append(block_removed([b.block_hash]))
             b.block_hash = None
 
     def cache_full_blocks(self, request_id: str, hashes: Sequence[int], num_tokens: int) -> None:
@@ -184,12 +211,29 @@ class KVCache:
         end = min(num_tokens // self.block_size, len(hashes), len(table))
         if end <= start:
             return
+        run_start = -1  # first block of the current run of newly cached blocks (for events)
         for i in range(start, end):
             b, h = table[i], hashes[i]
             if b.block_hash is None and h not in self._cached:
                 b.block_hash = h
                 self._cached[h] = b.block_id
+                if run_start < 0:
+                    run_start = i
+            elif run_start >= 0:
+                self._store_event(request_id, hashes, run_start, i)
+                run_start = -1
+        if run_start >= 0:
+            self._store_event(request_id, hashes, run_start, end)
         self._req_hashed[request_id] = end
+
+    def _store_event(self, request_id: str, hashes: Sequence[int], start: int, end: int) -> None:
+        """Queue a `BlockStored` for blocks ``start..end-1`` of the request, chained to block ``start-1``."""
+        if self._events is None or self._tokens_of is None:
+            return
+        bs = self.block_size
+        tokens = list(self._tokens_of(request_id)[start * bs : end * bs])
+        parent = hashes[start - 1] if start > 0 else None
+        self._events.append(block_stored(list(hashes[start:end]), parent, tokens, bs))
 
     def free(self, request_id: str) -> None:
         """Release the request's blocks, tail first, so its last blocks are the first to be evicted."""
@@ -203,6 +247,14 @@ class KVCache:
                 self._free[b.block_id] = None
 
     def reset_prefix_cache(self) -> None:
-        """Forget every reusable hash of unreferenced blocks (like vLLM's /reset_prefix_cache)."""
+        """Forget every reusable hash of unreferenced blocks (like vLLM's /reset_prefix_cache).
+
+        With events on: `AllBlocksCleared` when nothing stays cached (vLLM only resets when no block is in
+        use), otherwise one `BlockRemoved` per forgotten block.
+        """
+        mark = len(self._events) if self._events is not None else 0
         for block_id in self._free:
             self._evict(self.blocks[block_id])
+        if self._events is not None and not self._cached and len(self._events) > mark:
+            del self._events[mark:]
+            self._events.append(AllBlocksCleared())

@@ -1,0 +1,139 @@
+"""Our KV event messages are vLLM's, byte for byte: decoded by vLLM's own classes, framed like its publisher."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import msgspec
+import pytest
+import zmq
+
+from engine_server import kv_events as ours
+from router.kv_events import wire
+
+vllm_kv = pytest.importorskip("vllm.distributed.kv_events")
+
+HANG_GUARD_MS = 10_000
+
+
+def sample_batch(mod) -> object:
+    """The same logical batch built from either module's classes."""
+    return mod.KVEventBatch(ts=1700000000.25, events=[
+        mod.BlockStored(block_hashes=[11, 2**64 - 1], parent_block_hash=None, token_ids=list(range(32)),
+                        block_size=16, lora_id=None, medium="GPU", lora_name=None, group_idx=0),
+        mod.BlockStored(block_hashes=[b"\x01" * 32], parent_block_hash=2**64 - 1, token_ids=[7] * 16,
+                        block_size=16, lora_id=3, medium="GPU", lora_name="adapter",
+                        extra_keys=[("adapter", "salt")], group_idx=0, session_id="s1"),
+        mod.BlockRemoved(block_hashes=[11], medium="GPU", group_idx=0),
+        mod.AllBlocksCleared(),
+    ], data_parallel_rank=0)
+
+
+def test_our_encoding_equals_vllms_byte_for_byte():
+    enc = msgspec.msgpack.Encoder()
+    assert ours.encode_batch(sample_batch(ours)) == enc.encode(sample_batch(vllm_kv))
+
+
+def test_vllms_decoder_reads_our_messages_and_ours_reads_vllms():
+    payload = ours.encode_batch(sample_batch(ours))
+    theirs = msgspec.msgpack.Decoder(type=vllm_kv.KVEventBatch).decode(payload)
+    assert theirs == sample_batch(vllm_kv)
+    back = wire.decode_batch(msgspec.msgpack.Encoder().encode(sample_batch(vllm_kv)))
+    assert back == sample_batch(wire)
+    assert wire.decode_batch(payload) == sample_batch(wire)
+
+
+def test_struct_fields_match_vllm():
+    for name in ("BlockStored", "BlockRemoved", "AllBlocksCleared", "KVEventBatch"):
+        theirs = getattr(vllm_kv, name)
+        for mod in (ours, wire):
+            mine = getattr(mod, name)
+            assert mine.__struct_fields__ == theirs.__struct_fields__, (mod.__name__, name)
+            assert mine.__struct_defaults__ == theirs.__struct_defaults__, (mod.__name__, name)
+            assert mine.__struct_config__.tag == theirs.__struct_config__.tag
+            assert mine.__struct_config__.array_like == theirs.__struct_config__.array_like
+            assert mine.__struct_config__.omit_defaults == theirs.__struct_config__.omit_defaults
+    assert ours.END_SEQ == wire.END_SEQ == vllm_kv.ZmqEventPublisher.END_SEQ
+
+
+@pytest.fixture
+def ipc_dir():
+    with tempfile.TemporaryDirectory(prefix="kvw") as d:
+        yield d
+
+
+def _frames(pub_cls, d: str, label: str, make_batch, **kwargs):
+    """Publish two batches with `pub_cls`, return the live frames and a replay's frames."""
+    ctx = zmq.Context()
+    endpoint, replay = f"ipc://{os.path.join(d, label)}.pub", f"ipc://{os.path.join(d, label)}.replay"
+    pub = pub_cls(endpoint=endpoint, replay_endpoint=replay, topic="kv", **kwargs)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv")
+    sub.setsockopt(zmq.RCVTIMEO, HANG_GUARD_MS)
+    sub.connect(endpoint)
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RCVTIMEO, HANG_GUARD_MS)
+    dealer.connect(replay)
+    try:
+        # Slow joiner: the first batches may be lost live, so read everything back through a replay.
+        pub.publish(make_batch())
+        pub.publish(make_batch())
+        dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+        replayed = []
+        while True:
+            frames = dealer.recv_multipart()
+            replayed.append(frames)
+            if frames[2] == ours.END_SEQ:
+                break
+            if len(replayed) > 3:  # the second batch may not be published yet: ask again
+                break
+        # A live message once the subscription is surely up.
+        live = []
+        for _ in range(200):
+            pub.publish(make_batch())
+            if sub.poll(50):
+                live = sub.recv_multipart()
+                break
+        return live, replayed
+    finally:
+        pub.shutdown()
+        sub.close(0)
+        dealer.close(0)
+        ctx.term()
+
+
+class _OursAdapter:
+    def __init__(self, **kwargs):
+        self.p = ours.KVEventPublisher(ours.KVEventsSettings(**kwargs))
+
+    def publish(self, batch):
+        self.p.publish(batch)
+        self.p.flush()
+
+    def shutdown(self):
+        self.p.shutdown()
+
+
+class _VllmAdapter:
+    def __init__(self, **kwargs):
+        self.p = vllm_kv.ZmqEventPublisher(data_parallel_rank=0, **kwargs)
+
+    def publish(self, batch):
+        self.p.publish(batch)
+        self.p._event_queue.join()  # all sent and buffered
+
+    def shutdown(self):
+        self.p.shutdown()
+
+
+def test_framing_equals_vllms_publisher(ipc_dir):
+    """Live [topic, seq, payload] and replay [b"", topic, seq, payload] ... end marker, as vLLM sends."""
+    live_ours, replay_ours = _frames(_OursAdapter, ipc_dir, "ours", lambda: sample_batch(ours))
+    live_vllm, replay_vllm = _frames(_VllmAdapter, ipc_dir, "vllm", lambda: sample_batch(vllm_kv))
+    assert live_ours[0] == live_vllm[0] == b"kv"
+    assert live_ours[2] == live_vllm[2]  # same payload bytes
+    assert len(live_ours[1]) == len(live_vllm[1]) == 8
+    assert replay_ours == replay_vllm
+    assert replay_ours[0] == [b"", b"kv", (0).to_bytes(8, "big"), live_ours[2]]
+    assert replay_ours[-1] == [b"", b"", ours.END_SEQ, b""]
