@@ -115,6 +115,10 @@ class EngineBlockIndex:
             n += 1
         return n
 
+    def engine_hashes(self) -> set[ExternalBlockHash]:
+        """The engine's hashes of the blocks held (resolved or not; for tests and debugging)."""
+        return set(self._present)
+
     def keys(self) -> set[int]:
         """Keys of the resolved blocks held (for tests and debugging)."""
         return set(self._held)
