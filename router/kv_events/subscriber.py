@@ -6,7 +6,7 @@ Per replica, one task owns three sockets:
 - a monitor of that SUB socket: a (re)connection starts a full resync, a disconnection marks the replica
   stale (`EventSync` decides; this module only carries messages);
 - a DEALER connected to the engine's ROUTER ``replay_endpoint``, created on the first replay and dropped
-  after a timeout (so a late answer cannot mix with the next replay).
+  after a timeout (so a late answer cannot mix with the next replay) and on every reconnection.
 
 While a replay runs, live messages wait in the SUB socket's queue (ZMQ buffers them), so the sync core
 sees one input at a time. When the stream has been idle for ``idle_probe_s``, the task asks for a replay
@@ -109,6 +109,7 @@ class ReplicaSubscriber:
                     event = parse_monitor_message(await monitor.recv_multipart())["event"]
                     if event == zmq.EVENT_CONNECTED:
                         log.info("kv events: %s connected, resyncing", src.replica)
+                        self._drop_dealer()  # a fresh one for a possibly restarted engine
                         await self._replay(self.sync.on_connected())
                     elif event == zmq.EVENT_DISCONNECTED:
                         log.warning("kv events: %s disconnected, its index is stale", src.replica)

@@ -46,6 +46,7 @@ Status = Literal["unsynced", "synced", "stale", "partial"]
 @dataclass(slots=True)
 class SyncStats:
     batches: int = 0  # batches applied
+    live: int = 0  # of those, received live (the others came from replays)
     duplicates: int = 0  # batches skipped because already applied
     gaps: int = 0  # live sequence gaps detected
     replays: int = 0  # replay requests issued
@@ -125,6 +126,7 @@ class EventSync:
             self._held = (seq, batch)
             return self._request(self.next_seq)
         self._apply(seq, batch)
+        self.stats.live += 1
         return None
 
     # -- replay --------------------------------------------------------------------------------------
