@@ -137,3 +137,46 @@ def test_framing_equals_vllms_publisher(ipc_dir):
     assert replay_ours == replay_vllm
     assert replay_ours[0] == [b"", b"kv", (0).to_bytes(8, "big"), live_ours[2]]
     assert replay_ours[-1] == [b"", b"", ours.END_SEQ, b""]
+
+
+async def test_the_router_hub_follows_vllms_own_publisher_and_its_restart(ipc_dir):
+    """vLLM's ZmqEventPublisher on one side, our KVEventHub on the other: stores, removes, restart."""
+    import asyncio
+
+    from router.features.hashing import token_block_hashes
+    from router.kv_events.subscriber import EventSource, KVEventHub
+
+    endpoint, replay = f"ipc://{ipc_dir}/v.pub", f"ipc://{ipc_dir}/v.replay"
+    source = EventSource(replica="v", endpoint=endpoint, replay_endpoint=replay, block_size=2, model="m")
+
+    def stored(hashes, parent, tokens):
+        return vllm_kv.BlockStored(block_hashes=hashes, parent_block_hash=parent, token_ids=tokens,
+                                   block_size=2, lora_id=None, medium="GPU", lora_name=None, group_idx=0)
+
+    async def until(cond) -> None:
+        async def loop() -> None:
+            while not cond():
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(loop(), HANG_GUARD_MS / 1000)
+
+    pub = vllm_kv.ZmqEventPublisher(data_parallel_rank=0, endpoint=endpoint, replay_endpoint=replay)
+    try:
+        async with KVEventHub(idle_probe_s=0.05) as hub:
+            sync = hub.add(source)
+            pub.publish(vllm_kv.KVEventBatch(ts=1.0, events=[stored([b"h1", b"h2"], None, [1, 2, 3, 4])]))
+            pub.publish(vllm_kv.KVEventBatch(ts=2.0, events=[stored([b"h3"], b"h2", [5, 6])]))
+            pub.publish(vllm_kv.KVEventBatch(ts=3.0, events=[vllm_kv.BlockRemoved(block_hashes=[b"h2"],
+                                                                                  medium="GPU")]))
+            await until(lambda: sync.next_seq == 3 and sync.status == "synced")
+            assert hub.index.match(token_block_hashes([1, 2, 3, 4, 5, 6], 2, "m"))["v"].blocks == 1
+            assert len(sync.index) == 2
+
+            pub.shutdown()  # the engine restarts: a new publisher, numbering from 0, an empty cache
+            pub = vllm_kv.ZmqEventPublisher(data_parallel_rank=0, endpoint=endpoint, replay_endpoint=replay)
+            pub.publish(vllm_kv.KVEventBatch(ts=10.0, events=[stored([b"k1"], None, [7, 7])]))
+            await until(lambda: sync.stats.resyncs >= 2 and sync.next_seq == 1 and sync.status == "synced")
+            assert len(sync.index) == 1
+            assert hub.index.match(token_block_hashes([7, 7, 1], 2, "m"))["v"].blocks == 1
+            assert hub.index.match(token_block_hashes([1, 2], 2, "m"))["v"].blocks == 0
+    finally:
+        pub.shutdown()
