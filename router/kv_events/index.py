@@ -59,8 +59,16 @@ from xxhash import xxh3_64_intdigest
 from router.features.hashing import model_seed
 from router.kv_events.wire import AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEvent
 
-DEFAULT_MEMORY = 1 << 18  # removed blocks whose engine hash -> key mapping is remembered
+DEFAULT_MEMORY = 1 << 16  # removed blocks whose engine hash -> key mapping is remembered (~6 MB)
 _UNRESOLVED = -1  # key of a present block whose chain we could not rebuild (never a valid match)
+
+
+def _pack(token_ids: Sequence[int]) -> bytes:
+    """Token ids as 8-byte little-endian integers, as `token_block_hashes` packs them."""
+    packed = array("q", token_ids)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def chain_key(parent_key: int, token_ids: Sequence[int], extra: tuple | None = None) -> int:
@@ -68,10 +76,7 @@ def chain_key(parent_key: int, token_ids: Sequence[int], extra: tuple | None = N
     seed = parent_key
     if extra is not None:
         seed = xxh3_64_intdigest(msgspec.msgpack.encode(extra), seed)
-    packed = array("q", token_ids)
-    if sys.byteorder != "little":
-        packed.byteswap()
-    return xxh3_64_intdigest(packed.tobytes(), seed)
+    return xxh3_64_intdigest(_pack(token_ids), seed)
 
 
 @dataclass(slots=True)
@@ -182,12 +187,17 @@ class EngineBlockIndex:
             if parent == _UNRESOLVED:
                 parent = None
         extras = ev.extra_keys
+        packed = _pack(ev.token_ids)
+        step = 8 * bs
         for i, h in enumerate(ev.block_hashes):
             if parent is not None:
+                seed = parent
                 extra = extras[i] if extras is not None and i < len(extras) else None
                 if extra is not None and ev.lora_name is not None and extra[:1] == (ev.lora_name,):
                     extra = extra[1:] or None  # the LoRA name is already the chain's root
-                parent = chain_key(parent, ev.token_ids[i * bs : (i + 1) * bs], extra)
+                if extra is not None:
+                    seed = xxh3_64_intdigest(msgspec.msgpack.encode(extra), seed)
+                parent = xxh3_64_intdigest(packed[i * step : (i + 1) * step], seed)
                 key = parent
             else:
                 key = _UNRESOLVED
