@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 import engine_server.sim.backend as sim_backend_module
+from engine_server.app import STATE
 from engine_server.backend import GenerationRequest, SamplingOptions
 from engine_server.kv_events import KVEventBatch, KVEventPublisher, KVEventsSettings
 from engine_server.sim.backend import SimBackend, SimConfig
@@ -206,3 +207,32 @@ def test_a_bind_wildcard_is_advertised_as_the_replica_host():
     src = EventSource.from_load("r", "http://10.0.0.7:8001", load)
     assert (src.endpoint, src.replay_endpoint, src.topic) == ("tcp://10.0.0.7:5557", "tcp://10.0.0.7:5558", "t")
     assert EventSource.from_load("r", "http://h:1", {"block_size": 16}) is None
+
+
+async def test_the_index_predicts_the_engines_cached_tokens_over_http(ipc_dir, sim_server):
+    """Discovered from /load, fed by events: the predicted hit is the `cached_tokens` the engine reports."""
+    s = settings_in(ipc_dir)
+    server = await sim_server(kv_events=s, block_size=BS, num_blocks=24, chars_per_token=1)
+    base = str(server.make_url("/"))
+    rng = random.Random(7)
+    async with aiohttp.ClientSession() as http, KVEventHub(idle_probe_s=0.05) as hub:
+        async with http.get(server.make_url("/load")) as resp:
+            hub.add(EventSource.from_load("e0", base, await resp.json()))
+        backend = server.app[STATE].backend
+        system = "you are a helpful bot. "
+        hits = 0
+        for i in range(16):
+            prompt = system + rng.choice(["tell me ", "say "]) + "".join(rng.choice("xyz")
+                                                                       for _ in range(rng.randrange(0, 40)))
+            async with http.post(server.make_url("/tokenize"), json={"model": MODEL, "prompt": prompt}) as resp:
+                ids = (await resp.json())["tokens"]
+
+            await caught_up(hub, backend)  # what a live router cannot wait for: phase 2 handles the lag
+            blocks = hub.index.match(token_block_hashes(ids, BS, MODEL))["e0"].blocks
+            predicted = min(blocks, (len(ids) - 1) // BS) * BS
+            async with http.post(server.make_url("/v1/completions"),
+                                 json={"model": MODEL, "prompt": prompt, "max_tokens": 3}) as resp:
+                usage = (await resp.json())["usage"]
+            assert usage["prompt_tokens_details"]["cached_tokens"] == predicted, (i, prompt)
+            hits += predicted > 0
+        assert hits >= 6 and backend.scheduler.kv.stats.evictions > 0
