@@ -86,20 +86,26 @@ async def caught_up(hub: KVEventHub, backend: SimBackend, status: str = "synced"
     await asyncio.wait_for(done(), HANG_GUARD_S)
 
 
-async def live_ready(hub: KVEventHub, backend: SimBackend) -> None:
-    """Wait until the subscription receives live messages (publishing empty batches, as a probe)."""
+async def live_ready(hub: KVEventHub, backend: SimBackend, status: str = "synced") -> None:
+    """Wait until the subscription receives live messages and is caught up in `status` (publishing empty
+    batches as probes: a message sent before the subscription is up is lost, and without a replay
+    endpoint only a later message shows where the stream is)."""
     publisher, sync = backend.kv_events, hub.index.replica("e0")
 
+    def ready() -> bool:
+        return (sync.stats.live > 0 and sync.status == status and sync.replaying_from is None
+                and sync.next_seq == publisher.published)
+
     async def done() -> None:
-        while sync.stats.live == 0:
+        while not ready():
             publisher.publish(KVEventBatch(ts=time.time(), events=[]))
+            publisher.flush()
             for _ in range(20):
                 await asyncio.sleep(0.01)
-                if sync.stats.live:
+                if ready():
                     return
 
     await asyncio.wait_for(done(), HANG_GUARD_S)
-    await caught_up(hub, backend)
 
 
 def assert_same_as_engine(hub: KVEventHub, backend: SimBackend, prompts: list[str]) -> None:
@@ -236,3 +242,23 @@ async def test_the_index_predicts_the_engines_cached_tokens_over_http(ipc_dir, s
             assert usage["prompt_tokens_details"]["cached_tokens"] == predicted, (i, prompt)
             hits += predicted > 0
         assert hits >= 6 and backend.scheduler.kv.stats.evictions > 0
+
+
+async def test_without_a_replay_endpoint_the_index_is_a_partial_subset(ipc_dir):
+    """No replay: the start-up cannot know what came before, so the index is `partial` (never too much)."""
+    s = KVEventsSettings(endpoint=f"ipc://{ipc_dir}/pub")
+    backend = await start_engine(s)
+    try:
+        async with KVEventHub(idle_probe_s=0.05) as hub:
+            sync = hub.add(source_for(s))
+            await live_ready(hub, backend, status="partial")
+            prompts = await run_workload(backend, seed=6, n=12)
+            await caught_up(hub, backend, status="partial")
+            kv = backend.scheduler.kv
+            assert all(kv.is_cached(h) for h in sync.index.engine_hashes())
+            for prompt in prompts:
+                ids = backend.encode(prompt)
+                engine = len(kv.lookup(sim_block_hashes(ids, BS), len(ids) + 1))
+                assert hub.index.match(token_block_hashes(ids, BS, MODEL))["e0"].blocks <= engine
+    finally:
+        await backend.stop()

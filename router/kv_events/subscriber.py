@@ -101,6 +101,8 @@ class ReplicaSubscriber:
             while True:
                 ready = dict(await poller.poll(timeout=self.idle_probe_s * 1000))
                 if not ready:
+                    if src.replay_endpoint is None:
+                        continue  # nothing to ask
                     start = self.sync.probe()
                     if start is not None:
                         await self._replay(start)

@@ -67,6 +67,7 @@ class EventSync:
         self._recent: OrderedDict[int, float] = OrderedDict()
         self.replaying_from: int | None = None  # a replay is under way (its start)
         self._held: tuple[int, KVEventBatch] | None = None  # live message waiting for a replay
+        self._probing = False  # the replay under way is an idle probe (its failure loses nothing)
         self._after_replay: Status = "synced"  # status once the replay under way has covered its gap
         self.stats = SyncStats()
 
@@ -95,6 +96,7 @@ class EventSync:
         if self.replaying_from is not None or self.status not in ("synced", "partial"):
             return None
         self._after_replay = self.status
+        self._probing = True
         return self._request(self.next_seq)
 
     def on_disconnected(self) -> None:
@@ -103,6 +105,7 @@ class EventSync:
         self.status = "stale"
         self.replaying_from = None  # a replay in flight is abandoned
         self._held = None
+        self._probing = False
 
     # -- live ----------------------------------------------------------------------------------------
 
@@ -143,7 +146,11 @@ class EventSync:
     def on_replay_end(self, ok: bool = True) -> int | None:
         """The end marker arrived (``ok``) or the replay failed/timed out. May ask for another replay."""
         self.replaying_from = None
+        probing, self._probing = self._probing, False
         held, self._held = self._held, None
+        if probing and not ok:
+            self.status = self._after_replay
+            return None
         if held is not None and held[0] > self.next_seq:
             # The replay did not cover the gap up to the held message: those batches are gone.
             self._lose(held[0])

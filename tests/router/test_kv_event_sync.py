@@ -165,6 +165,15 @@ def test_an_idle_probe_finds_a_lost_last_batch():
     assert sync.probe() == 1 and sync.on_replay_end(ok=True) is None and sync.status == "synced"
 
 
+def test_a_failed_idle_probe_loses_nothing():
+    engine = Engine()
+    sync = synced_sync(engine)
+    sync.on_live(*engine.emit_block(0))
+    assert sync.probe() == 1
+    sync.on_replay_end(ok=False)  # the replay endpoint did not answer this time
+    assert sync.status == "synced" and held(sync, 0) and sync.stats.lost == 0
+
+
 def test_a_gap_while_partial_stays_partial_after_repair():
     engine = Engine()
     for i in range(3):
