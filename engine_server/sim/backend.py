@@ -300,6 +300,7 @@ class SimBackend:
             "prefix_cache_hits": kv.hits,
             "kv_evictions": kv.evictions,
             "kv_cached_blocks": self.scheduler.kv.num_cached_blocks,
+            "kv_events_published": self.kv_events.published if self.kv_events is not None else 0,
             **{f"sim_{k}": v for k, v in vars(self.counters).items()},
         }
 
