@@ -137,14 +137,11 @@ class ReplicaSubscriber:
             sub.close(0)
             self._drop_dealer()
 
-    async def _replay(self, start: int | None) -> None:
-        """Run the replay the sync asked for (and any it asks for next)."""
-        while start is not None:
-            start = await self._replay_once(start)
-
-    async def _replay_once(self, start: int) -> int | None:
+    async def _replay(self, start: int) -> None:
+        """Run the replay the sync asked for, feeding it the answer (or its failure)."""
         if self.source.replay_endpoint is None:
-            return self.sync.on_replay_end(ok=False)
+            self.sync.on_replay_end(ok=False)
+            return
         if self._dealer is None:
             self._dealer = self._ctx.socket(zmq.DEALER)
             self._dealer.setsockopt(zmq.LINGER, 0)
@@ -158,13 +155,15 @@ class ReplicaSubscriber:
             if remaining <= 0 or not await dealer.poll(remaining * 1000):
                 log.warning("kv events: %s replay from %d timed out", self.source.replica, start)
                 self._drop_dealer()
-                return self.sync.on_replay_end(ok=False)
+                self.sync.on_replay_end(ok=False)
+                return
             frames = await dealer.recv_multipart()
             if len(frames) != 4:
                 self.decode_errors += 1
                 continue
             if frames[2] == END_SEQ:
-                return self.sync.on_replay_end(ok=True)
+                self.sync.on_replay_end(ok=True)
+                return
             try:
                 seq, batch = decode_seq(frames[2]), decode_batch(frames[3])
             except (msgspec.DecodeError, msgspec.ValidationError):

@@ -143,14 +143,15 @@ class EventSync:
             self._lose(seq)
         self._apply(seq, batch)
 
-    def on_replay_end(self, ok: bool = True) -> int | None:
-        """The end marker arrived (``ok``) or the replay failed/timed out. May ask for another replay."""
+    def on_replay_end(self, ok: bool = True) -> None:
+        """The end marker arrived (``ok``), or the replay failed or timed out (then what it should have
+        brought is lost, except for an idle probe's). Then the held live message, if any, is applied."""
         self.replaying_from = None
         probing, self._probing = self._probing, False
         held, self._held = self._held, None
         if probing and not ok:
             self.status = self._after_replay
-            return None
+            return
         if held is not None and held[0] > self.next_seq:
             # The replay did not cover the gap up to the held message: those batches are gone.
             self._lose(held[0])
@@ -162,7 +163,6 @@ class EventSync:
             self._apply(*held)
         elif held is not None:
             self.stats.duplicates += 1
-        return None
 
     # -- internals -----------------------------------------------------------------------------------
 
