@@ -131,6 +131,9 @@ async def test_the_hub_follows_a_sim_engine_exactly(ipc_dir):
             assert backend.scheduler.kv.stats.evictions > 0  # the cache was small enough to evict
             assert_same_as_engine(hub, backend, prompts)
             assert hub.subscribers["e0"].decode_errors == 0
+            snap = hub.index.snapshot()["e0"]
+            assert snap["status"] == "synced" and snap["blocks"] == backend.scheduler.kv.num_cached_blocks
+            assert snap["index"]["removed"] > 0 and snap["sync"]["lost"] == 0
     finally:
         await backend.stop()
 

@@ -25,7 +25,8 @@ to trust (phase 2: ``index: precise | approximate | auto`` in the cost policy):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from dataclasses import asdict
+from typing import Any, NamedTuple
 
 from router.kv_events.index import DEFAULT_MEMORY, EngineBlockIndex
 from router.kv_events.sync import EventSync, Status
@@ -72,3 +73,12 @@ class PreciseIndex:
             if sync is not None:
                 out[name] = Match(sync.index.match(keys), sync.status)
         return out
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per replica: status, next sequence, blocks held and every counter (for admin views and metrics)."""
+        return {
+            name: {"status": sync.status, "next_seq": sync.next_seq, "blocks": len(sync.index),
+                   "block_size": sync.index.block_size, "sync": asdict(sync.stats),
+                   "index": asdict(sync.index.stats)}
+            for name, sync in self._replicas.items()
+        }
