@@ -34,3 +34,30 @@ def test_off_by_default():
 def test_bad_combinations_are_refused(argv, message):
     with pytest.raises(SystemExit, match=message):
         make_backend(build_parser().parse_args(argv))
+
+
+def test_the_watch_tool_reports_status_and_matches(tmp_path):
+    """`python -m router.kv_events` follows a publisher and reports what the router knows, as JSON lines."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from engine_server.kv_events import KVEventBatch, KVEventPublisher, block_stored
+
+    d = tempfile.mkdtemp(prefix="kvw", dir="/tmp")
+    s = KVEventsSettings(endpoint=f"ipc://{d}/pub", replay_endpoint=f"ipc://{d}/replay")
+    pub = KVEventPublisher(s)
+    try:
+        pub.publish(KVEventBatch(ts=1.0, events=[block_stored([11], None, [1, 2, 3, 4], 4)]))
+        assert pub.flush()
+        out = subprocess.run(
+            [sys.executable, "-m", "router.kv_events", "--endpoint", s.endpoint, "--replay-endpoint",
+             s.replay_endpoint, "--block-size", "4", "--model", "m", "--interval", "0.1", "--until-synced",
+             "--duration", "50",
+             "--tokens", "1,2,3,4,5"], capture_output=True, text=True, timeout=60, check=True)
+    finally:
+        pub.shutdown()
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["replicas"]["direct"]["status"] == "synced" and last["replicas"]["direct"]["blocks"] == 1
+    assert last["match"] == {"direct": 1}
