@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import random
 
 import pytest
@@ -32,6 +33,15 @@ def removed(*hashes, **kw) -> BlockRemoved:
 
 def keys(tokens, bs=2, model=MODEL):
     return token_block_hashes(tokens, bs, model)
+
+
+def test_the_docstring_examples_run():
+    import router.kv_events.index
+    import router.kv_events.precise
+
+    for module in (router.kv_events.index, router.kv_events.precise):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
 def test_worked_example_from_the_docstring():
