@@ -265,3 +265,18 @@ async def test_without_a_replay_endpoint_the_index_is_a_partial_subset(ipc_dir):
                 assert hub.index.match(token_block_hashes(ids, BS, MODEL))["e0"].blocks <= engine
     finally:
         await backend.stop()
+
+
+async def test_a_router_started_before_its_engine_syncs_when_the_engine_comes_up(ipc_dir):
+    s = settings_in(ipc_dir)
+    async with KVEventHub(idle_probe_s=0.05) as hub:
+        sync = hub.add(source_for(s))
+        assert sync.status == "unsynced"
+        backend = await start_engine(s)
+        try:
+            await live_ready(hub, backend)
+            prompts = await run_workload(backend, seed=8, n=9)
+            await caught_up(hub, backend)
+            assert_same_as_engine(hub, backend, prompts)
+        finally:
+            await backend.stop()
