@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from engine_server.backend import Backend
+
+if TYPE_CHECKING:
+    from engine_server.kv_events import KVEventsSettings
 
 DESCRIPTION = """\
 OpenAI-compatible engine server (one replica) for the prefix-cache-aware router.
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def kv_events_settings(args: argparse.Namespace):  # -> KVEventsSettings | None
+def kv_events_settings(args: argparse.Namespace) -> KVEventsSettings | None:
     """The `--kv-events-*` flags as settings, or None when publishing is off."""
     endpoint = getattr(args, "kv_events_endpoint", None)  # absent in Namespaces built by hand
     if endpoint is None:
