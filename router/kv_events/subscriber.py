@@ -37,6 +37,8 @@ from router.kv_events.wire import END_SEQ, decode_batch, decode_seq
 
 log = logging.getLogger("router.kv_events")
 
+SUB_HWM = 100_000  # as vLLM's PUB side: a long replay should not make ZMQ drop the live messages behind it
+
 
 @dataclass(frozen=True, slots=True)
 class EventSource:
@@ -92,6 +94,7 @@ class ReplicaSubscriber:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, src.topic.encode("utf-8"))
         sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, SUB_HWM)  # live messages wait here while a replay runs
         monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         poller = zmq.asyncio.Poller()
         poller.register(sub, zmq.POLLIN)
