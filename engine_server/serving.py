@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from config.http_guard import install_json_protocol_errors
+
 log = logging.getLogger("engine_server")
 
 
@@ -27,6 +29,7 @@ async def serve(app: web.Application, host: str, port: int, *, grace_s: float,
     """Serve until a signal; cancel handlers whose client disconnected (so engines see the abort)."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    install_json_protocol_errors(runner)  # aiohttp's own 400s (bad request line, header flood) as JSON
     gc.collect()  # start-up objects live forever: keep full collections short (no stalls mid-stream)
     gc.freeze()
     site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from config.router import ConfigError, parse_config
 from router.app import create_app, harden, runner_kwargs
 from tests.conftest import SimServerFactory
+from tests.hostile_input import HOSTILE_BODIES, PROTOCOL_ERRORS, post, raw_exchange, status_and_error
 
 Start = Callable[..., Awaitable[TestServer]]
 
@@ -36,37 +36,6 @@ async def router(sim_server: SimServerFactory) -> AsyncIterator[Start]:
     yield start
     for s in servers:
         await s.close()
-
-
-async def raw_exchange(port: int, data: bytes, wait_s: float = 10.0) -> bytes:
-    """Send raw bytes, return everything the server sends until it closes (or `wait_s` passes)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    await writer.drain()
-    out = b""
-    try:
-        async with asyncio.timeout(wait_s):
-            while chunk := await reader.read(65536):
-                out += chunk
-    except TimeoutError:
-        out += b"<still open>"
-    writer.close()
-    return out
-
-
-def post(body: bytes, *extra: bytes, path: bytes = b"/v1/completions", length: int | None = None) -> bytes:
-    head = [b"POST " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Content-Type: application/json", *extra,
-            b"Content-Length: %d" % (len(body) if length is None else length)]
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
-def status_and_error(response: bytes) -> tuple[int, dict[str, Any]]:
-    head, _, body = response.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    assert b"application/json" in head, head
-    err = json.loads(body)["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return status, err
 
 
 async def test_slow_body_senders_hold_no_in_flight_slot_and_are_cut_after_the_body_timeout(router: Start) -> None:
@@ -96,17 +65,6 @@ def test_client_timeouts_are_validated_with_the_field_path() -> None:
         parse_config({"client_timeouts": {"header_s": -1}})
 
 
-HOSTILE_BODIES = {
-    "deep array": b"[" * 100_000 + b"]" * 100_000,
-    "deep inside an object": b'{"model":"sim-model","prompt":' + b"[" * 900 + b"]" * 900 + b"}",
-    "lone surrogate in model": b'{"model":"\\udc80","prompt":"x"}',
-    "lone surrogate in content": b'{"model":"sim-model","messages":[{"role":"user","content":"a\\ud800b"}]}',
-    "invalid utf-8": b'{"model":"sim-model","prompt":"\xff\xfe"}',
-    "not an object": b"[1,2,3]",
-    "truncated": b'{"model":',
-}
-
-
 @pytest.mark.parametrize("name", list(HOSTILE_BODIES))
 async def test_hostile_json_is_a_400_in_openai_format(router: Start, name: str) -> None:
     server = await router()
@@ -124,12 +82,7 @@ async def test_a_corrupt_gzip_body_is_a_400_and_a_gzip_bomb_stops_at_the_size_li
     assert status == 413, err
 
 
-@pytest.mark.parametrize("data", [
-    b"GARBAGE\r\n\r\n",
-    b"GET /health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(300)) + b"\r\n",
-    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-    b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
-], ids=["bad request line", "header flood", "bad chunking", "header too long"])
+@pytest.mark.parametrize("data", list(PROTOCOL_ERRORS.values()), ids=list(PROTOCOL_ERRORS))
 async def test_protocol_errors_are_answered_in_openai_json(router: Start, data: bytes) -> None:
     server = await router()
     status, _ = status_and_error(await raw_exchange(server.port, data))
