@@ -68,6 +68,8 @@ def dispatch_settings(cfg: RouterConfig) -> DispatchSettings:
     return DispatchSettings(timeouts=Timeouts(t.connect_s, t.first_byte_s, t.idle_s, t.total_s),
                             max_attempts=cfg.retry.max_attempts,
                             retry_statuses=frozenset(cfg.retry.retry_statuses),
+                            budget_ratio=cfg.retry.budget_ratio, budget_min_retries=cfg.retry.budget_min_retries,
+                            budget_window_s=cfg.retry.budget_window_s,
                             stale_after_s=cfg.load.stale_after_s, replica_header=cfg.replica_header)
 
 
@@ -94,7 +96,9 @@ def build_registry(cfg: RouterConfig) -> ReplicaRegistry:
 
 @web.middleware
 async def request_ids_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    rid = request.headers.get(REQUEST_ID_HEADER, "")
+    if not (0 < len(rid) <= 128 and rid.isascii() and rid.isprintable()):  # echoed and logged: keep sane
+        rid = uuid.uuid4().hex
     request[REQUEST_ID] = rid
     try:
         resp = await handler(request)

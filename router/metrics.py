@@ -23,6 +23,8 @@ class RouterMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.retries = Counter("router_retries", "Attempts moved to another replica, by reason", ["reason"],
                                registry=r)
+        self.retries_denied = Counter("router_retries_denied", "Retries not made because the fleet-wide "
+                                      "retry budget was spent (retry.budget_*)", registry=r)
         self.ejections = Counter("router_replica_ejections", "Replicas ejected by health tracking",
                                  ["replica"], registry=r)
         self.healthy = Gauge("router_replica_healthy", "1 if the replica is admitted for traffic", ["replica"],
