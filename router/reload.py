@@ -284,15 +284,13 @@ class Reloader:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
     def prune(self) -> None:
-        """Forget retired replicas whose last request has ended, and their per-replica gauges."""
+        """Forget retired replicas whose last request has ended, and all their per-replica series."""
         metrics, still = self.router.metrics, []
         for replica in self.retired:
             if replica.in_flight_requests > 0:
                 still.append(replica)
             elif replica.name not in self.router.registry:  # not re-added under the same name
-                for gauge in (metrics.healthy, metrics.in_flight):
-                    with contextlib.suppress(KeyError):
-                        gauge.remove(replica.name)
+                metrics.forget_replica(replica.name)
         self.retired = still
 
     async def context(self, app: web.Application) -> AsyncIterator[None]:
