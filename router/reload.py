@@ -62,7 +62,8 @@ log = logging.getLogger("router.reload")
 
 # Top-level fields bound when the process starts (socket, aiohttp body limit, log handler).
 # discovery: its watch is configured when it starts.
-RESTART_FIELDS: tuple[str, ...] = ("host", "port", "max_body_bytes", "log_format", "discovery")
+RESTART_FIELDS: tuple[str, ...] = ("host", "port", "max_body_bytes", "log_format", "discovery",
+                                   "client_timeouts")
 
 ConfigSource = Callable[[], RouterConfig]
 ConfigEdit = Callable[[RouterConfig], RouterConfig]
