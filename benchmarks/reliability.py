@@ -65,6 +65,7 @@ class Row:
     fds: tuple[int, int] = (0, 0)
     passed: bool = False
     notes: list[str] = field(default_factory=list)
+    facts: dict[str, float] = field(default_factory=dict)  # what tests assert on
 
     def cells(self) -> list[Any]:
         rec = "-" if self.recovery_s is None else f"{self.recovery_s:.2f}s"
@@ -120,7 +121,8 @@ class Lab:
         argv = [sys.executable, "-m", "engine_server", "--backend", "sim", "--model", MODEL, "--host", HOST,
                 "--port", str(port), "--profile", profile, "--log-level", "error", "--shutdown-grace-s", "1",
                 "--fault-latency-ms", str(latency_ms), "--fault-error-rate", str(error_rate),
-                "--fault-hang-rate", str(hang_rate), "--fault-drop-rate", str(drop_rate)]
+                "--fault-hang-rate", str(hang_rate), "--fault-drop-rate", str(drop_rate),
+                "--seed", str(len(self.engine_args))]  # own seed: each replica draws its own faults
         self.engine_args[name] = argv
         self._spawn(name, argv)
         url = f"http://{HOST}:{port}"
@@ -289,8 +291,10 @@ async def kill_replica(streams: int = 100, duration_s: float = 6.0) -> Row:
         readmitted = (await admitted(router))["r1"]
         row.recovery_s = time.monotonic() - restarted if readmitted else None
         tally(row, results)
-        early = sum(r.outcome == "failed" and not r.started for r in results)
+        early = sum(r.outcome == "failed" and not r.started and not r.error_event for r in results)
         unclear = sum(r.outcome == "failed" and r.started and not r.error_event for r in results)
+        row.facts.update(early=early, unclear=unclear, ejected_s=-1 if ejected_s is None else ejected_s,
+                         readmitted=readmitted)
         row.notes.append(f"ejected after {ejected_s:.2f}s" if ejected_s is not None else "never ejected")
         row.notes.append(f"{early} failed before streaming, {unclear} cut without an SSE error event")
         usage_after(lab, row)
@@ -318,6 +322,7 @@ async def failing_fleet(requests: int = 200, concurrency: int = 20) -> Row:
             await asyncio.gather(*[one(i, s) for i in range(requests)])
         retries = await metric_sum(router, "router_retries_total")
         attempts = requests + retries
+        row.facts.update(attempts=attempts)
         tally(row, results)
         row.notes.append(f"attempts {attempts:.0f} = {attempts / requests:.2f}x requests (limit 1.2x + 10)")
         usage_after(lab, row)
@@ -336,6 +341,7 @@ async def slow_fleet(requests: int = 20) -> Row:
             results = await asyncio.gather(*[request(s, router, chat(i, 4, stream=False)) for i in range(requests)])
         tally(row, results)
         ejections = await metric_sum(router, "router_replica_ejections_total")
+        row.facts.update(ejections=ejections)
         row.notes.append(f"{ejections:.0f} ejections")
         usage_after(lab, row)
         row.passed = row.ok == requests and ejections == 0
@@ -352,6 +358,7 @@ async def drops_and_hangs(streams: int = 40, duration_s: float = 5.0) -> Row:
         results = await load_loop(router, streams, duration_s, lambda i: chat(i, 32))
         tally(row, results)
         unclear = sum(r.outcome == "failed" and r.started and not r.error_event for r in results)
+        row.facts.update(unclear=unclear)
         row.notes.append(f"{unclear} cut without an SSE error event")
         usage_after(lab, row)
         row.passed = row.hung == 0 and unclear == 0 and row.ok >= 0.8 * row.sent
@@ -376,9 +383,10 @@ async def reload_under_load(streams: int = 20, duration_s: float = 6.0) -> Row:
                 async with s.request(method, router + path, json=body) as r:
                     statuses.append(r.status)
         tally(row, await load)
+        row.facts.update(admin_ok=all(200 <= st < 300 for st in statuses))
         row.notes.append(f"admin answers {statuses}")
         usage_after(lab, row)
-        row.passed = row.failed == 0 and row.hung == 0 and all(st == 200 for st in statuses)
+        row.passed = row.failed == 0 and row.hung == 0 and all(200 <= st < 300 for st in statuses)
     return row
 
 
@@ -414,6 +422,7 @@ async def hostile_input(cases: int = 500, hypothesis_cases: int = 0) -> Row:
             metrics_ok = all([(await s.get(u + "/metrics")).status == 200 for u in (router, engine)])
         usage_after(lab, row)
         alive = lab.alive("router") and lab.alive("e0")
+        row.facts.update(bad=len(bad), metrics_ok=metrics_ok, alive=alive, cases=len(items))
         row.notes.append(f"{len(items)} cases each; metrics {'200' if metrics_ok else 'FAILED'}; "
                          f"processes {'up' if alive else 'DOWN'}")
         row.notes += bad[:3]
@@ -464,6 +473,7 @@ async def slow_clients(slow_headers: int = 500, slow_bodies: int = 500, normal: 
         hung_slow = sum(c is None for c in cut)
         longest = max((c for c in cut if c is not None), default=0.0)
         row.hung += hung_slow
+        row.facts.update(longest_slow_s=longest)
         row.notes.append(f"slow connections cut after <= {longest:.1f}s (timeout {timeout_s:g}s)")
         usage_after(lab, row)
         row.passed = row.ok == normal and hung_slow == 0 and longest <= timeout_s + 10
@@ -500,10 +510,13 @@ async def disconnects(requests: int = 100, seed: int = 7) -> Row:
                 break
             await asyncio.sleep(0.05)
         row.recovery_s = time.monotonic() - t0 if settled else None
+        counted = await metric_sum(router, "router_requests_total")  # every request's outcome, 499s too
+        row.facts.update(settled=settled, counted=counted)
         row.notes.append("router and engine in-flight back to 0" if settled else "in-flight NOT back to 0")
+        row.notes.append(f"{counted:.0f} outcomes counted")
         usage_after(lab, row)
         row.ok = requests if settled else 0
-        row.passed = settled
+        row.passed = settled and counted == requests
     return row
 
 

@@ -218,13 +218,18 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
         for r in registry.all():
             policy.on_replica_added(r.name)
         router.dispatcher = Dispatcher(registry, policy, session, router.metrics, dispatch_settings(cfg))
-        router.poller = ReplicaPoller(registry, session, health_interval_s=cfg.health.check_interval_s,
+        # Probes get their own small pool: aiohttp reuses the longest-idle connection first, so probes
+        # sharing the request pool would keep every connection of a past burst alive forever.
+        probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=30),
+                                              timeout=aiohttp.ClientTimeout(total=None))
+        router.poller = ReplicaPoller(registry, probe_session, health_interval_s=cfg.health.check_interval_s,
                                       load_interval_s=cfg.load.poll_interval_s,
                                       timeout_s=cfg.health.check_timeout_s,
                                       on_transition=lambda r, t: _on_transition(router, r.name, t.new))
         await router.poller.start()
         yield
         await router.poller.stop()
+        await probe_session.close()
         await session.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -203,3 +203,13 @@ async def test_client_chosen_model_names_never_become_metric_labels(sim_server: 
     state.registry.get("r0").discovered_models = frozenset({"\udc80", "sim-model"})  # a hostile engine
     assert state.dispatcher.model_label("\udc80") == "unknown"  # type: ignore[union-attr]
     assert state.dispatcher.model_label("sim-model") == "sim-model"  # type: ignore[union-attr]
+
+
+async def test_probes_do_not_keep_the_request_pool_warm(sim_server: SimServerFactory, servers: Any) -> None:
+    # aiohttp reuses the longest-idle pooled connection first: probes sharing the request pool would
+    # touch every connection of a past burst in turn, and none would ever reach its keep-alive timeout.
+    router = await start_router(servers, [await sim_server()])
+    state = router.app[ROUTER]
+    assert state.poller is not None and state.dispatcher is not None
+    assert state.poller.session is not state.dispatcher.session
+    assert state.poller.session.connector.limit_per_host <= 4  # type: ignore[union-attr]
