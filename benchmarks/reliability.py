@@ -23,6 +23,11 @@ router's RSS and open fds before and after, and PASS/FAIL against the scenario's
 - disconnects: clients leave at seeded random points (queued, prefill, mid-stream, non-stream): the
   router's in-flight counts and the engines' return to zero.
 - many_streams: N concurrent streams through one router: all complete; RSS per stream reported.
+- auth: missing, wrong and user-instead-of-admin keys on every protected path, admin JSON and Origin
+  checks; no key ever in the router's log (at debug level) or metrics.
+- soak (only with --only soak): 10 minutes of streams with a replica SIGKILLed and restarted every
+  30 s; the share of requests that succeed, counting only those not yet streaming when their replica
+  died (goal >= 99.9 %).
 
 The same scenario functions run (smaller) in `tests/reliability/`.
 """
@@ -271,7 +276,7 @@ async def kill_replica(streams: int = 100, duration_s: float = 6.0) -> Row:
     row = Row("kill_replica", f"{streams} streams, 3 replicas")
     async with Lab() as lab:
         urls = [await lab.engine(f"e{i}") for i in range(3)]
-        router = await lab.router(urls)
+        router = await lab.router(urls, policy={"name": "round_robin"})  # streams in flight on every replica
         usage_before(lab, row)
         load = asyncio.ensure_future(load_loop(router, streams, duration_s, lambda i: chat(i, 64)))
         await asyncio.sleep(duration_s / 3)
@@ -510,13 +515,16 @@ async def disconnects(requests: int = 100, seed: int = 7) -> Row:
                 break
             await asyncio.sleep(0.05)
         row.recovery_s = time.monotonic() - t0 if settled else None
-        counted = await metric_sum(router, "router_requests_total")  # every request's outcome, 499s too
-        row.facts.update(settled=settled, counted=counted)
+        # Every dispatch attempt reports one outcome, 499s included (clients that left before the
+        # router chose a replica have neither).
+        counted = await metric_sum(router, "router_requests_total")
+        dispatched = await metric_sum(router, "router_decisions_total")
+        row.facts.update(settled=settled, counted=counted, dispatched=dispatched)
         row.notes.append("router and engine in-flight back to 0" if settled else "in-flight NOT back to 0")
-        row.notes.append(f"{counted:.0f} outcomes counted")
+        row.notes.append(f"{counted:.0f} outcomes for {dispatched:.0f} dispatches")
         usage_after(lab, row)
         row.ok = requests if settled else 0
-        row.passed = settled and counted == requests
+        row.passed = settled and counted == dispatched
     return row
 
 
@@ -546,6 +554,88 @@ async def many_streams(streams: int = 1000) -> Row:
     return row
 
 
+USER_KEY, ADMIN_KEY = "sk-reliab-user-6f1d", "sk-reliab-admin-93ac"
+
+
+async def auth() -> Row:
+    row = Row("auth", "missing/wrong/user keys x every protected path")
+    async with Lab() as lab:
+        engine = await lab.engine("e0", profile="instant")
+        router = await lab.router([engine], log_level="debug",
+                                  auth={"api_keys": [{"name": "team", "value": USER_KEY}],
+                                        "admin_keys": [{"name": "ops", "value": ADMIN_KEY}]})
+        usage_before(lab, row)
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+        checks: list[tuple[str, str, dict[str, str], Any, int]] = []
+        user_paths = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+                      ("GET", "/v1/nope")]
+        admin_paths = [("GET", "/admin/replicas"), ("GET", "/admin/config"), ("POST", "/admin/reload"),
+                       ("POST", "/admin/replicas/r0/drain"), ("DELETE", "/admin/replicas/r9"),
+                       ("POST", "/admin/replicas"), ("GET", "/admin")]
+        for method, path in user_paths + admin_paths:
+            checks.append((method, path, {}, None, 401))
+            checks.append((method, path, {"Authorization": "Bearer sk-wrong"}, None, 401))
+        for method, path in admin_paths:
+            checks.append((method, path, {"Authorization": f"Bearer {USER_KEY}"}, None, 403))
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        checks += [
+            ("POST", "/admin/replicas", {**admin, "Content-Type": "text/plain"}, '{"name":"x","url":"http://h"}', 415),
+            ("POST", "/admin/replicas/r0/drain", {**admin, "Origin": "http://evil.example"}, None, 403),
+            ("POST", "/v1/completions", {"Authorization": f"Bearer {USER_KEY}"}, body, 200),
+            ("GET", "/admin/replicas", admin, None, 200),
+        ]
+        wrong: list[str] = []
+        async with aiohttp.ClientSession() as s:
+            for method, path, headers, data, want in checks:
+                kw = {"json": data} if isinstance(data, dict) else {"data": data}
+                async with s.request(method, router + path, headers=headers, **kw) as r:
+                    text = await r.text()
+                    row.sent += 1
+                    ok = r.status == want and (want < 400 or '"error"' in text)
+                    row.ok += ok
+                    if not ok:
+                        row.failed += 1
+                        wrong.append(f"{method} {path} -> {r.status} (want {want})")
+            metrics = await (await s.get(router + "/metrics")).text()
+        log = (lab.dir / "router.log").read_text(errors="replace")
+        leaked = [k for k in (USER_KEY, ADMIN_KEY, "sk-wrong") if k in log or k in metrics]
+        row.facts.update(wrong=len(wrong), leaked=len(leaked))
+        row.notes += wrong[:3] + [f"keys in logs/metrics: {leaked or 'none'}"]
+        usage_after(lab, row)
+        row.passed = not wrong and not leaked
+    return row
+
+
+async def soak(minutes: float = 10.0, period_s: float = 30.0, streams: int = 30) -> Row:
+    """Kill and restart a replica every `period_s` for `minutes`: the availability figure."""
+    row = Row("soak", f"{minutes:g} min, {streams} streams, a replica killed+restarted every {period_s:g}s")
+    async with Lab() as lab:
+        urls = [await lab.engine(f"e{i}") for i in range(3)]
+        router = await lab.router(urls)
+        usage_before(lab, row)
+        duration = minutes * 60
+        load = asyncio.ensure_future(load_loop(router, streams, duration, lambda i: chat(i, 32)))
+        t0, k = time.monotonic(), 0
+        while time.monotonic() - t0 < duration - period_s:
+            await asyncio.sleep(period_s / 2)
+            victim = f"e{k % 3}"
+            lab.kill(victim)
+            await asyncio.sleep(period_s / 2)
+            await lab.restart(victim)
+            k += 1
+        results = await load
+        tally(row, results)
+        mid_stream = sum(r.outcome == "failed" and r.started for r in results)
+        eligible = row.sent - mid_stream
+        share = (eligible - (row.failed - mid_stream) - row.hung) / eligible if eligible else 0.0
+        row.facts.update(availability=share, kills=k)
+        row.notes.append(f"{k} kills; success {share:.4%} of requests not streaming when their replica died "
+                         f"(goal 99.9%); {mid_stream} cut mid-stream")
+        usage_after(lab, row)
+        row.passed = row.hung == 0 and share >= 0.999
+    return row
+
+
 SCENARIOS: dict[str, Callable[[bool], Awaitable[Row]]] = {
     "kill_replica": lambda quick: kill_replica(40 if quick else 100),
     "failing_fleet": lambda quick: failing_fleet(100 if quick else 200),
@@ -556,7 +646,9 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Row]]] = {
     "slow_clients": lambda quick: slow_clients(*((100, 100, 20) if quick else (500, 500, 50))),
     "disconnects": lambda quick: disconnects(50 if quick else 100),
     "many_streams": lambda quick: many_streams(300 if quick else 1000),
+    "auth": lambda quick: auth(),
 }
+OPT_IN = {"soak": lambda quick: soak(1.0 if quick else 10.0)}  # --only soak (not in the default run)
 
 
 async def run(names: Sequence[str], quick: bool) -> list[Row]:
@@ -564,7 +656,7 @@ async def run(names: Sequence[str], quick: bool) -> list[Row]:
     for name in names:
         t0 = time.monotonic()
         try:
-            row = await SCENARIOS[name](quick)
+            row = await {**SCENARIOS, **OPT_IN}[name](quick)
         except Exception as exc:  # noqa: BLE001 - one broken scenario must not hide the others
             row = Row(name, "-", notes=[f"crashed: {exc!r}"[:300]])
         row.notes.append(f"{time.monotonic() - t0:.0f}s")
@@ -576,7 +668,8 @@ async def run(names: Sequence[str], quick: bool) -> list[Row]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller loads (about a minute)")
-    p.add_argument("--only", nargs="+", choices=list(SCENARIOS), help="run only these scenarios")
+    p.add_argument("--only", nargs="+", choices=[*SCENARIOS, *OPT_IN],
+                   help="run only these scenarios (soak, 10 min with a replica killed every 30 s, only so)")
     args = p.parse_args(argv)
     rows = asyncio.run(run(args.only or list(SCENARIOS), args.quick))
     print(format_table(HEADERS, [r.cells() for r in rows]))

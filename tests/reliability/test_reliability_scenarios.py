@@ -28,6 +28,7 @@ async def test_killing_a_replica_under_load_fails_only_streams_in_flight_and_it_
     assert row.facts["early"] == 0  # requests not yet streaming were retried elsewhere
     assert row.facts["unclear"] == 0  # streams cut by the kill ended with an SSE error event
     assert row.facts["ejected_s"] >= 0 and row.facts["readmitted"], row.notes
+    assert row.failed > 0  # round robin: the killed replica had streams in flight, and they failed clearly
 
 
 async def test_a_failing_fleet_gets_at_most_the_retry_budget_in_extra_attempts() -> None:
@@ -55,7 +56,7 @@ async def test_slow_clients_are_cut_while_normal_traffic_flows() -> None:
 async def test_clients_leaving_at_any_point_leave_no_in_flight_bookkeeping_behind() -> None:
     row = await scenarios.disconnects(requests=30)
     assert row.facts["settled"], row.notes
-    assert row.facts["counted"] == 30  # every request's outcome reached the metrics (499 included)
+    assert row.facts["counted"] == row.facts["dispatched"] > 0  # one outcome per dispatch, 499s included
 
 
 @pytest.mark.slow
@@ -68,3 +69,8 @@ async def test_drops_and_hangs_end_every_stream_clearly() -> None:
 async def test_a_thousand_concurrent_streams_all_complete() -> None:
     row = await scenarios.many_streams(streams=1000)
     assert row.ok == 1000, row.notes
+
+
+async def test_every_protected_path_refuses_bad_keys_and_no_key_reaches_logs_or_metrics() -> None:
+    row = await scenarios.auth()
+    assert row.facts["wrong"] == 0 and row.facts["leaked"] == 0, row.notes
