@@ -27,7 +27,9 @@ def install_uvloop() -> None:
 async def serve(app: web.Application, host: str, port: int, *, grace_s: float,
                 begin_drain: Callable[[], None], in_flight: Callable[[], int]) -> None:
     """Serve until a signal; cancel handlers whose client disconnected (so engines see the abort)."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # keepalive_timeout also bounds how long a new connection may take to send its request headers
+    # (aiohttp's default is about an hour); the router closes its idle pooled connections after 30 s.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=75)
     await runner.setup()
     install_json_protocol_errors(runner)  # aiohttp's own 400s (bad request line, header flood) as JSON
     gc.collect()  # start-up objects live forever: keep full collections short (no stalls mid-stream)
