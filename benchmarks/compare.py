@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.cli_help import DefaultsHelpFormatter
 from benchmarks.common import (
     MODEL,
     PROFILE_COST_PARAMS,
@@ -291,7 +292,7 @@ def _cell(x: Any) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--workloads", default="gsp,multiturn", help=f"comma list of {', '.join(NAMES)}")
     p.add_argument("--full", action="store_true", help="the literature's workload sizes (slow on 2 cores)")
     p.add_argument("--trace", type=Path, help="JSONL trace for the trace workload (default: the bundled sample)")

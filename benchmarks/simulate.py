@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import workloads as wl
+from benchmarks.cli_help import DefaultsHelpFormatter
 from benchmarks.common import MODEL, PROFILE_COST_PARAMS, RESULTS_DIR, format_table, machine_info, write_json
 from benchmarks.loadgen import LoadSpec, RequestRecord, arrival_times
 from benchmarks.metrics import summarize_run
@@ -672,7 +673,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Offline discrete-event fleet simulator: the router's policies on the sim engine's "
                     "scheduler and prefix cache, in virtual time (no HTTP). Prints one row per policy and "
                     "writes benchmarks/results/simulate-<workload>.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--workload", choices=wl.NAMES, default="gsp",
                    help="workload generator from benchmarks.workloads (ignored with --scale)")
     p.add_argument("--trace", type=Path, default=None, help="JSONL trace for --workload trace (default: sample)")
@@ -692,8 +693,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     load.add_argument("--rate", type=float, default=None,
                       help="Poisson session arrivals per (virtual) second; 0 replays trace timestamps")
     p.add_argument("--requests", type=int, default=None,
-                   help="stop after this many requests (default: the whole workload); with --scale, also "
-                        "the generated workload's size (default 100000)")
+                   help="stop after this many requests (default: the whole workload; with --scale, also "
+                        "the generated workload's size, 100000)")
     p.add_argument("--max-s", type=float, default=3600.0, help="no request starts after this many virtual s")
     p.add_argument("--seed", type=int, default=1, help="workload, arrivals and policy tie-break seed")
     p.add_argument("--scale", action="store_true",

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError, model_validator
@@ -38,6 +38,8 @@ log = logging.getLogger("engine_server")
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID = web.RequestKey("request_id", str)
 BODY_TIMEOUT_S = 60.0  # a request body must arrive within this long after its headers (408)
+OFF_LOOP_CHARS = 16 * 1024  # prompts longer than this are tokenized in a worker thread
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,6 +49,12 @@ class ServerState:
     default_max_tokens: int = 16
     draining: bool = False
     in_flight: int = 0
+    start_error: str | None = None  # the backend's start() raised this
+
+    @property
+    def failure(self) -> str | None:
+        """Why this replica can no longer serve (the server exits non-zero), or None."""
+        return self.backend.failure or self.start_error
 
     def begin(self) -> None:
         self.in_flight += 1
@@ -90,6 +98,14 @@ async def read_json(request: web.Request) -> dict[str, Any] | web.Response:
         return await exc.respond_and_close(request, {REQUEST_ID_HEADER: request[REQUEST_ID]})
 
 
+async def off_loop_if_large(text: str, fn: Callable[[str], T], arg: str) -> T:
+    """`fn(arg)` in a worker thread when `text` is long: tokenizing megabytes takes seconds, and on the
+    event loop it would stall /health until the router ejects this replica. Short texts stay inline."""
+    if len(text) <= OFF_LOOP_CHARS:
+        return fn(arg)
+    return await asyncio.to_thread(fn, arg)
+
+
 def _check_model(state: ServerState, model: str) -> web.Response | None:
     if model != state.backend.model_name:
         return error_response(f"The model `{model}` does not exist.", 404, param="model",
@@ -130,7 +146,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         prompts = req.prompts()
     sampling = req.sampling(state.default_max_tokens)
     for p in prompts:
-        n_tok = backend.count_tokens(p)
+        n_tok = await off_loop_if_large(p, backend.count_tokens, p)
         if n_tok + sampling.max_tokens > backend.max_model_len:
             return error_response(
                 f"This model's maximum context length is {backend.max_model_len} tokens. However, you "
@@ -307,6 +323,8 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.draining:
         return error_response("draining", 503)
+    if (failure := state.failure) is not None:
+        return error_response(f"engine failed: {failure}", 503)
     if not state.backend.ready:
         return error_response("loading", 503)
     return web.json_response({"status": "ok"})
@@ -359,7 +377,7 @@ async def tokenize(request: web.Request) -> web.Response:
     try:
         text = (req.prompt if req.messages is None
                 else state.backend.render_chat([m.plain() for m in req.messages], req.tools))
-        ids = list(state.backend.encode(text or ""))
+        ids = list(await off_loop_if_large(text or "", state.backend.encode, text or ""))
     except BackendError as exc:
         return error_response(str(exc), exc.status, exc.err_type)
     return web.json_response({"count": len(ids), "max_model_len": state.backend.max_model_len, "tokens": ids,
@@ -391,7 +409,7 @@ def create_app(backend: Backend, *, default_max_tokens: int = 16, max_body_bytes
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         task: asyncio.Task[None] | None = None
         if start_backend:
-            task = asyncio.create_task(_start(backend))
+            task = asyncio.create_task(_start(state))
         yield
         if task is not None and not task.done():
             task.cancel()
@@ -403,12 +421,16 @@ def create_app(backend: Backend, *, default_max_tokens: int = 16, max_body_bytes
     return app
 
 
-async def _start(backend: Backend) -> None:
+async def _start(state: ServerState) -> None:
+    """Start the backend; a failure is recorded (not raised into a task nobody awaits), so `serve` exits."""
+    backend = state.backend
     t0 = time.monotonic()
     try:
         await backend.start()
-    except Exception:
-        log.exception("backend %s failed to start", backend.name)
-        raise
+    except Exception as exc:
+        state.start_error = backend.failure or f"{type(exc).__name__}: {exc}"
+        log.error("backend %s failed to start: %s", backend.name, state.start_error,
+                  exc_info=not isinstance(exc, BackendError))
+        return
     log.info("backend %s ready in %.1fs, serving model %r", backend.name, time.monotonic() - t0,
              backend.model_name)

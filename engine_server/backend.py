@@ -98,7 +98,13 @@ class Backend(Protocol):
     max_model_len: int
 
     @property
-    def ready(self) -> bool: ...
+    def ready(self) -> bool:
+        """True once the engine has proved it serves (for vLLM: after its warm-up request)."""
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (start-up failed, or it died), else None. The server exits
+        non-zero on a failure, so a supervisor restarts it rather than it answering 503 forever."""
 
     async def start(self) -> None:
         """Load the model / build the engine. The server answers /health with 503 until this returns."""

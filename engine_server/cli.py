@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fault-hang-rate", type=float, default=0.0, help="fraction of requests that never answer")
     f.add_argument("--fault-drop-rate", type=float, default=0.0,
                    help="fraction of streams cut mid-way (connection dropped)")
+    f.add_argument("--fault-die-after-s", type=float, default=None, metavar="S",
+                   help="the engine dies S seconds after start (0: start-up fails); the server then exits 1")
     return p
 
 
@@ -101,7 +103,8 @@ def make_backend(args: argparse.Namespace) -> Backend:
             block_size=args.block_size or 16, time_scale=args.time_scale, seed=args.seed,
             chars_per_token=args.chars_per_token,
             faults=FaultConfig(added_latency_s=args.fault_latency_ms / 1000.0, error_rate=args.fault_error_rate,
-                               hang_rate=args.fault_hang_rate, drop_rate=args.fault_drop_rate),
+                               hang_rate=args.fault_hang_rate, drop_rate=args.fault_drop_rate,
+                               die_after_s=args.fault_die_after_s),
         ))
     if not args.model:
         raise SystemExit("error: --model is required with --backend vllm")
@@ -131,9 +134,8 @@ def serve_main(argv: Sequence[str]) -> int:
         state.draining = True
 
     install_uvloop()
-    asyncio.run(serve(app, args.host, args.port, grace_s=args.shutdown_grace_s, begin_drain=begin_drain,
-                      in_flight=lambda: state.in_flight))
-    return 0
+    return asyncio.run(serve(app, args.host, args.port, grace_s=args.shutdown_grace_s, begin_drain=begin_drain,
+                             in_flight=lambda: state.in_flight, failure=lambda: state.failure))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

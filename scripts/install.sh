@@ -21,3 +21,5 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# deploy/ validation tools (promtool, kubectl): see the script
+[[ ",$EXTRAS," != *",dev,"* ]] || VENV=.venv bash scripts/install-deploy-tools.sh

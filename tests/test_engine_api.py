@@ -202,7 +202,7 @@ async def test_client_disconnect_aborts_the_engine_request(sim_server: SimServer
         await r.content.readuntil(b"\n\n")
         assert backend.load_report().running == 1
         r.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a hang guard: met at once unless the host is very busy
     while backend.load_report().running and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert backend.load_report().running == 0

@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
+import psutil
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
@@ -68,21 +72,41 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
+@dataclass
+class Engine:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path  # the server's stdout and stderr
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
 @pytest.fixture(scope="module")
-def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     model = generate_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine_server", "--backend", "vllm", "--model", str(model),
-         "--served-model-name", MODEL, "--port", str(port), "--max-model-len", "1024", "--max-num-seqs", "8",
-         "--shutdown-grace-s", "5"], env=env)
+    log = tmp_path_factory.mktemp("engine-log") / "engine.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine_server", "--backend", "vllm", "--model", str(model),
+             "--served-model-name", MODEL, "--port", str(port), "--max-model-len", "1024", "--max-num-seqs",
+             "8", "--shutdown-grace-s", "5"], env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(url + "/health", proc, 600)
-        yield url
+        try:
+            wait_http(url + "/health", proc, 600)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}; the engine server's last output:\n{log.read_text()[-4000:]}") from exc
+        yield Engine(url, proc, log)
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def engine_url(engine: Engine) -> str:
+    return engine.url
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +162,7 @@ async def test_client_disconnect_aborts_the_engine_request(engine_url: str, http
     r = await http.post(engine_url + "/v1/completions", json=body)
     await r.content.readuntil(b"\n\n")
     r.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a hang guard
     while time.monotonic() < deadline:
         async with http.get(engine_url + "/load") as lr:
             load = await lr.json()
@@ -227,3 +251,16 @@ async def test_sim_and_vllm_backends_answer_with_the_same_shapes(engine_url: str
             assert real[key] == simulated[key], key
     assert real["metrics"] == sorted(METRIC_NAMES)
 
+
+
+# Last in the module: it kills the module's engine.
+async def test_an_engine_core_killed_by_sigill_makes_the_server_exit_1_naming_the_dtype_flag(engine: Engine) -> None:
+    cores = [p for p in psutil.Process(engine.proc.pid).children(recursive=True)
+             if p.name().startswith("VLLM::EngineCore")]
+    assert cores, [p.name() for p in psutil.Process(engine.proc.pid).children(recursive=True)]
+    cores[0].send_signal(signal.SIGILL)  # what a VM that cannot execute AVX512-BF16/AMX does to it
+    assert await asyncio.to_thread(engine.proc.wait, 120) == 1  # exits on its own: a supervisor restarts it
+    out = engine.output()
+    assert "engine failed, exiting with status 1" in out
+    assert "killed by SIGILL" in out and "--dtype float32" in out
+    print(next(ln for ln in out.splitlines() if "exiting with status 1" in ln))

@@ -91,6 +91,8 @@ class SimBackend:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = False
+        self._failure: str | None = None
+        self._death: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -98,15 +100,33 @@ class SimBackend:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
     async def start(self) -> None:
         if self._task is not None:
             return
+        die_after = self.config.faults.die_after_s
+        if die_after == 0:
+            self._failure = "simulated engine failed to start (fault injection: --fault-die-after-s 0)"
+            raise BackendError(self._failure, status=503)
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._engine_loop(), name="sim-engine")
         self._ready = True
+        if die_after is not None:
+            self._death = asyncio.get_running_loop().call_later(die_after, self._die, (
+                f"simulated engine died {die_after:g}s after start (fault injection: --fault-die-after-s)"))
+
+    def _die(self, reason: str) -> None:
+        self._ready = False
+        self._failure = reason
+        self._fail_all(BackendError(reason, status=503))
 
     async def stop(self) -> None:
         self._ready = False
+        if self._death is not None:
+            self._death.cancel()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -147,6 +167,7 @@ class SimBackend:
         except Exception:  # a simulator bug must fail requests, not leave them hanging
             log.exception("sim engine loop crashed")
             self._ready = False
+            self._failure = "simulated engine crashed (see the traceback above)"
             self._fail_all(BackendError("simulated engine crashed", status=500))
 
     # ------------------------------------------------------------------------------- requests

@@ -19,9 +19,12 @@ class FaultConfig:
     error_rate: float = 0.0  # fraction answered with BackendError(500) before any output
     hang_rate: float = 0.0  # fraction that never yield anything (until the client cancels)
     drop_rate: float = 0.0  # fraction cut with StreamDropped after about half their tokens
+    die_after_s: float | None = None  # the engine dies this long after start (0: start-up fails)
 
     def __post_init__(self) -> None:
         rates = (self.error_rate, self.hang_rate, self.drop_rate)
+        if self.die_after_s is not None and self.die_after_s < 0:
+            raise ValueError("fault die_after_s must be >= 0")
         if self.added_latency_s < 0 or any(r < 0 or r > 1 for r in rates):
             raise ValueError("fault latency must be >= 0 and fault rates within [0, 1]")
         if sum(rates) > 1 + 1e-9:

@@ -11,7 +11,9 @@ For every eligible replica ``r`` the policy estimates, in seconds::
     decode(r)  = decode_s_per_seq * running(r) * (1 + expected_output_tokens)
 
 and picks the minimum. Costs within ``tie_tolerance`` (relative) of the minimum count as equal; among
-those the lower request load wins, then a seeded random draw.
+those the lower request load wins, then the lower cost, then the replica sent to least recently (so cold
+prefixes on an idle fleet go round the replicas instead of wherever a random draw lands), then a seeded
+random draw.
 
 - ``uncached_tokens(r)``: the prompt's token estimate minus what ``r`` is believed to hold, from a
   per-replica prefix index matched on the prompt's block chain (``matched blocks * block_tokens``).
@@ -133,6 +135,8 @@ class Cost(PolicyBase):
         self._geometry: dict[str, tuple[int, int, float]] = {}
         self._avg_uncached: float | None = None  # EWMA over dispatched requests
         self._avg_output: float | None = None  # EWMA of reported completion tokens
+        self._dispatches = 0
+        self._last_sent: dict[str, int] = {}  # replica -> number of the dispatch that last went there
 
     # -- decide ------------------------------------------------------------------------------------
 
@@ -154,9 +158,10 @@ class Cost(PolicyBase):
         near = [r for r in replicas if costs[r.name] <= cutoff]
         if len(near) == 1:
             pick = near[0]
-        else:  # near-equal costs: the less loaded replica, then the cheaper, then a seeded draw
-            stale = self.stale_after_s
-            pick = pick_lowest(near, lambda r: (r.request_load(stale) / _weight(r), costs[r.name]), self.rng)
+        else:  # near-equal costs: less loaded, then cheaper, then least recently sent to, then a draw
+            stale, last = self.stale_after_s, self._last_sent
+            pick = pick_lowest(near, lambda r: (r.request_load(stale) / _weight(r), costs[r.name],
+                                                last.get(r.name, -1)), self.rng)
         got = matched.get(pick.name, 0)
         reason = "load" if best == 0 else "prefix" if got == best else "replicate"
         return Decision(replica=pick.name, reason=reason, matched_blocks=got, scores=costs)
@@ -221,6 +226,8 @@ class Cost(PolicyBase):
     # -- commit and learn --------------------------------------------------------------------------
 
     def on_dispatch(self, features: RequestFeatures, decision: Decision) -> None:
+        self._dispatches += 1
+        self._last_sent[decision.replica] = self._dispatches
         self.index.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)
         own = self._inflight.setdefault(decision.replica, _InFlight())
@@ -251,6 +258,7 @@ class Cost(PolicyBase):
         self.index.remove_replica(name)
         self._inflight.pop(name, None)
         self._geometry.pop(name, None)
+        self._last_sent.pop(name, None)
 
     def index_size(self, name: str) -> int:
         """Blocks the index believes ``name`` holds (read by the admin API; not part of `Policy`)."""

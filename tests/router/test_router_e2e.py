@@ -78,6 +78,7 @@ async def test_different_prefixes_spread_over_replicas(fleet: RouterFactory) -> 
     router, _ = await fleet(profile="instant")
     async with aiohttp.ClientSession() as s:
         results = [await call(s, router, chat(f"{g} " * 200 + SYSTEM, "hi")) for g in range(8)]
+    # cold prefixes on an idle fleet go round the replicas (cost's tie-break; not a random draw)
     assert len({replica for _, _, replica in results}) >= 3
 
 
@@ -132,7 +133,7 @@ async def test_client_disconnect_aborts_the_upstream_request(fleet: RouterFactor
         await r.content.readuntil(b"\n\n")
         assert backend.load_report().running == 1
         r.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a hang guard: met at once unless the host is very busy
     while backend.load_report().running and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert backend.load_report().running == 0
@@ -177,7 +178,7 @@ async def test_request_id_and_replica_name_come_back(fleet: RouterFactory) -> No
 
 async def test_models_is_the_union_of_healthy_replicas(fleet: RouterFactory) -> None:
     router, _ = await fleet(n=2, profile="instant")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # a hang guard: met at once unless the host is very busy
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
             async with s.get(router.make_url("/v1/models")) as r:
