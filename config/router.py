@@ -81,9 +81,35 @@ class TimeoutSettings(_Frozen):
     total_s: float = Field(default=900.0, gt=0, description="a whole non-streamed request")
 
 
+class ClientTimeoutSettings(_Frozen):
+    """How long the router waits for its own clients (slow or stalled senders hold no slot for long)."""
+
+    header_s: float = Field(default=60.0, gt=0, le=3600, description="a connection must send complete "
+                            "request headers within this long of opening or of its previous response (also "
+                            "the keep-alive idle timeout); applied at start-up, a reload does not change it")
+    body_s: float = Field(default=30.0, gt=0, le=3600, description="the whole request body must arrive "
+                          "within this long after its headers, else 408; no in-flight slot is held meanwhile")
+
+
 class RetrySettings(_Frozen):
     max_attempts: int = Field(default=3, ge=1, le=10, description="tries on distinct replicas, first included")
     retry_statuses: tuple[int, ...] = (429, 500, 502, 503, 504)
+    budget_ratio: float = Field(default=0.2, ge=0, le=1, description="fleet-wide: retries may add at most "
+                                "this share of the requests seen in the last budget_window_s")
+    budget_min_retries: int = Field(default=10, ge=0, description="retries always allowed per window on "
+                                    "top of budget_ratio, so a quiet router can still retry")
+    budget_window_s: float = Field(default=10.0, gt=0, le=600, description="sliding window of the budget")
+
+
+class AdminSettings(_Frozen):
+    """Browser-facing protections of /admin/* (DNS rebinding, cross-site requests)."""
+
+    allowed_hosts: tuple[str, ...] = Field(default=(), description="Host names (without port) the admin "
+                                           "API answers besides loopback ones (localhost, 127.0.0.1, ::1); "
+                                           "checked while no admin key is configured")
+    allowed_origins: tuple[str, ...] = Field(default=(), description="browser Origins allowed to call the "
+                                             "admin API, e.g. https://ops.example.com; requests with another "
+                                             "Origin than the Host they were sent to get 403")
 
 
 class KeyLimits(_Frozen):
@@ -265,6 +291,8 @@ class RouterConfig(_Frozen):
     load: LoadSettings = LoadSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     retry: RetrySettings = RetrySettings()
+    client_timeouts: ClientTimeoutSettings = ClientTimeoutSettings()
+    admin: AdminSettings = AdminSettings()
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError, model_validator
 
+from config.http_guard import BodyError, read_json_object
 from engine_server import protocol
 from engine_server.backend import (
     Backend,
@@ -37,6 +37,7 @@ log = logging.getLogger("engine_server")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID = web.RequestKey("request_id", str)
+BODY_TIMEOUT_S = 60.0  # a request body must arrive within this long after its headers (408)
 OFF_LOOP_CHARS = 16 * 1024  # prompts longer than this are tokenized in a worker thread
 T = TypeVar("T")
 
@@ -90,17 +91,11 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
 
 
 async def read_json(request: web.Request) -> dict[str, Any] | web.Response:
+    """The body as a JSON object, or the OpenAI-format 4xx to answer (see `config.http_guard`)."""
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(f"request body too large (limit {request.client_max_size} bytes)", 413)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return error_response(f"request body is not valid JSON: {exc}", 400)
-    if not isinstance(body, dict):
-        return error_response("request body must be a JSON object", 400)
-    return body
+        return await read_json_object(request, BODY_TIMEOUT_S)
+    except BodyError as exc:
+        return await exc.respond_and_close(request, {REQUEST_ID_HEADER: request[REQUEST_ID]})
 
 
 async def off_loop_if_large(text: str, fn: Callable[[str], T], arg: str) -> T:

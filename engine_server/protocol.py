@@ -16,6 +16,7 @@ from engine_server.backend import SamplingOptions
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_PROMPTS = 64  # prompts in one completions request (each times n becomes an engine request)
 
 
 class StreamOptions(BaseModel):
@@ -74,6 +75,8 @@ class CompletionRequest(_Common):
     def _non_empty(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError("prompt list must not be empty")
+        if isinstance(v, list) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request (got {len(v)})")
         return v
 
     def prompts(self) -> list[str]:

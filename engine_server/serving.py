@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from config.http_guard import install_json_protocol_errors
+
 log = logging.getLogger("engine_server")
 
 
@@ -31,8 +33,11 @@ async def serve(app: web.Application, host: str, port: int, *, grace_s: float,
     """Serve until a signal (then drain, return 0) or until `failure()` says the engine is dead (return 1
     at once: a supervisor restarts a process that exits, never one that answers 503 forever). Handlers
     whose client disconnected are cancelled, so engines see the abort."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # keepalive_timeout also bounds how long a new connection may take to send its request headers
+    # (aiohttp's default is about an hour); the router closes its idle pooled connections after 30 s.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=75)
     await runner.setup()
+    install_json_protocol_errors(runner)  # aiohttp's own 400s (bad request line, header flood) as JSON
     gc.collect()  # start-up objects live forever: keep full collections short (no stalls mid-stream)
     gc.freeze()
     site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -54,10 +54,55 @@ def _admin_guard(request: web.Request) -> web.StreamResponse | None:
     denied = check_admin(request)
     if denied is not None:
         return denied
-    if request.app[ROUTER].config.auth.admin_keys or is_loopback(request.remote):
-        return None
-    return error_response("the admin API answers only loopback clients while no admin key is configured "
-                          "(auth.admin_keys)", 403, code="admin_loopback_only")
+    cfg = request.app[ROUTER].config
+    if not cfg.auth.admin_keys and not is_loopback(request.remote):
+        return error_response("the admin API answers only loopback clients while no admin key is "
+                              "configured (auth.admin_keys)", 403, code="admin_loopback_only")
+    return browser_guard(request, cfg)
+
+
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header value: ``[::1]:8000`` -> ``::1``, ``Example:80`` -> ``example``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def browser_guard(request: web.Request, cfg: RouterConfig) -> web.StreamResponse | None:
+    """Refuse what only a browser tricked by a web page would send (CSRF, DNS rebinding):
+
+    - a cross-origin request: an ``Origin`` that is neither the origin the request was sent to (its
+      Host) nor listed in ``admin.allowed_origins`` -> 403;
+    - without admin keys, a ``Host`` that is not a loopback name or address, nor listed in
+      ``admin.allowed_hosts`` (a rebound DNS name pointing at 127.0.0.1) -> 403;
+    - a mutating request whose body is not ``application/json`` (HTML forms and simple cross-site
+      requests can only send form or text types) -> 415. Bodyless POSTs (drain, reload) need no type,
+      unless they claim a form type.
+    """
+    host = request.headers.get("Host")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin not in cfg.admin.allowed_origins:
+        scheme, _, rest = origin.partition("://")
+        if host is None or rest.lower() != host.lower() or scheme not in ("http", "https"):
+            return error_response(f"cross-origin request refused (Origin {origin[:100]!r}); list trusted "
+                                  "origins in admin.allowed_origins", 403, code="admin_cross_origin")
+    if host is not None and not cfg.auth.admin_keys:
+        name = _host_name(host)
+        if (name not in LOOPBACK_NAMES and not name.endswith(".localhost") and not is_loopback(name)
+                and name not in {h.lower() for h in cfg.admin.allowed_hosts}):
+            return error_response(f"Host {host[:100]!r} is not a loopback name; add it to admin.allowed_hosts "
+                                  "(or configure an admin key)", 403, code="admin_host_refused")
+    form_type = request.content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+    if request.method in MUTATING and request.content_type != "application/json" and (request.body_exists
+                                                                                       or form_type):
+        return error_response("the admin API takes application/json bodies only", 415,
+                              code="unsupported_media_type")
+    return None
 
 
 def is_loopback(remote: str | None) -> bool:

@@ -8,17 +8,18 @@ Everything the app needs is built here and passed down; nothing lives in module 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from config.http_guard import BodyError, install_json_protocol_errors, read_json_object
 from config.router import RouterConfig
 from router.auth import install_access_control
 from router.dispatch import REQUEST_ID_HEADER, Dispatcher, DispatchSettings
@@ -49,6 +50,8 @@ class Router:
 
 ROUTER = web.AppKey("router", Router)
 REQUEST_ID = web.RequestKey("request_id", str)
+BODY = web.RequestKey("body", dict)
+GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -65,7 +68,22 @@ def dispatch_settings(cfg: RouterConfig) -> DispatchSettings:
     return DispatchSettings(timeouts=Timeouts(t.connect_s, t.first_byte_s, t.idle_s, t.total_s),
                             max_attempts=cfg.retry.max_attempts,
                             retry_statuses=frozenset(cfg.retry.retry_statuses),
+                            budget_ratio=cfg.retry.budget_ratio, budget_min_retries=cfg.retry.budget_min_retries,
+                            budget_window_s=cfg.retry.budget_window_s,
                             stale_after_s=cfg.load.stale_after_s, replica_header=cfg.replica_header)
+
+
+def runner_kwargs(cfg: RouterConfig) -> dict[str, Any]:
+    """Server settings fixed at start-up (for `web.AppRunner`, or `TestServer.start_server`): close
+    connections that do not complete their request headers within client_timeouts.header_s (aiohttp's
+    keep-alive timer also runs from the moment a connection opens). Run with handler_cancellation=True."""
+    return {"keepalive_timeout": cfg.client_timeouts.header_s}
+
+
+def harden(runner: web.BaseRunner) -> None:
+    """After `runner.setup()`: aiohttp's protocol-level errors (bad request line, header floods, bad
+    chunking) answer in OpenAI's JSON error format."""
+    install_json_protocol_errors(runner)
 
 
 def build_registry(cfg: RouterConfig) -> ReplicaRegistry:
@@ -78,7 +96,9 @@ def build_registry(cfg: RouterConfig) -> ReplicaRegistry:
 
 @web.middleware
 async def request_ids_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    rid = request.headers.get(REQUEST_ID_HEADER, "")
+    if not (0 < len(rid) <= 128 and rid.isascii() and rid.isprintable()):  # echoed and logged: keep sane
+        rid = uuid.uuid4().hex
     request[REQUEST_ID] = rid
     try:
         resp = await handler(request)
@@ -98,20 +118,28 @@ async def request_ids_and_errors(request: web.Request, handler: Handler) -> web.
     return resp
 
 
+@web.middleware
+async def read_body_first(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read and parse a generation request's body before admission (see `install_access_control`): a
+    client that sends its body slowly holds no in-flight slot, and is cut after client_timeouts.body_s."""
+    if request.method == "POST" and request.path in GENERATE_PATHS:
+        try:
+            request[BODY] = await read_json_object(request, request.app[ROUTER].config.client_timeouts.body_s)
+        except BodyError as exc:
+            return await exc.respond_and_close(request, {REQUEST_ID_HEADER: request[REQUEST_ID]})
+    return await handler(request)
+
+
 async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamResponse:
     router = request.app[ROUTER]
     if router.draining:
         return error_response("router is shutting down", 503)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(f"request body too large (limit {request.client_max_size} bytes)", 413)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return error_response(f"request body is not valid JSON: {exc}", 400)
-    if not isinstance(body, dict):
-        return error_response("request body must be a JSON object", 400)
+    body = request.get(BODY)
+    if body is None:  # a path spelled differently from the route (the middleware keys on the path)
+        try:
+            body = await read_json_object(request, router.config.client_timeouts.body_s)
+        except BodyError as exc:
+            return exc.response()
     try:
         session = request.headers.get(router.config.session_header) if router.config.session_header else None
         features = features_from_body(body, kind, request[REQUEST_ID], router.hashing, affinity_key=session)
@@ -173,7 +201,8 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
                     hashing=HashingConfig(block_chars=cfg.hashing.block_chars))
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[request_ids_and_errors])
     app[ROUTER] = router
-    install_access_control(app, lambda: router.config, router.metrics)  # API keys, limits
+    install_access_control(app, lambda: router.config, router.metrics,  # API keys, body, limits
+                           before_admission=read_body_first)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -189,13 +218,18 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
         for r in registry.all():
             policy.on_replica_added(r.name)
         router.dispatcher = Dispatcher(registry, policy, session, router.metrics, dispatch_settings(cfg))
-        router.poller = ReplicaPoller(registry, session, health_interval_s=cfg.health.check_interval_s,
+        # Probes get their own small pool: aiohttp reuses the longest-idle connection first, so probes
+        # sharing the request pool would keep every connection of a past burst alive forever.
+        probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=30),
+                                              timeout=aiohttp.ClientTimeout(total=None))
+        router.poller = ReplicaPoller(registry, probe_session, health_interval_s=cfg.health.check_interval_s,
                                       load_interval_s=cfg.load.poll_interval_s,
                                       timeout_s=cfg.health.check_timeout_s,
                                       on_transition=lambda r, t: _on_transition(router, r.name, t.new))
         await router.poller.start()
         yield
         await router.poller.stop()
+        await probe_session.close()
         await session.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -189,12 +189,17 @@ def check_admin(request: web.Request) -> web.Response | None:
 
 
 def install_access_control(app: web.Application, config: Callable[[], RouterConfig], metrics: RouterMetrics,
-                           *, clock: Callable[[], float] = time.monotonic) -> None:
+                           *, clock: Callable[[], float] = time.monotonic,
+                           before_admission: Middleware | None = None) -> None:
     """Append the auth then the limits middleware to `app` (before it starts). Both read `config()` on
-    every request, so a reload that swaps the config object changes keys and limits at once."""
+    every request, so a reload that swaps the config object changes keys and limits at once.
+    `before_admission` runs between them: for an authenticated request that holds no slot yet (the
+    router reads the body there, so a slow sender never occupies an in-flight slot)."""
     limiter = Limiter(clock)
     auth = Authenticator(config, metrics, on_rebuild=limiter.retain)
     app[LIMITER] = limiter
     app[AUTH] = auth
     app.middlewares.append(auth_middleware(auth))
+    if before_admission is not None:
+        app.middlewares.append(before_admission)
     app.middlewares.append(limits_middleware(limiter, config, metrics))

@@ -115,15 +115,16 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 async def serve(cfg: RouterConfig, *, config_file: str | None = None,
                 config_source: Callable[[], RouterConfig] | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain. With a config file, it is watched, and SIGHUP reloads it."""
-    from router.app import ROUTER, create_app
+    from router.app import ROUTER, create_app, harden, runner_kwargs
     from router.policies.registry import create_policy
     from router.reload import RELOADER
 
     create_policy(cfg.policy.name, **cfg.policy.params)  # fail fast on a bad policy before listening
     app = create_app(cfg, config_file=config_file, config_source=config_source)
     router = app[ROUTER]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, **runner_kwargs(cfg))
     await runner.setup()
+    harden(runner)
     # Start-up objects (modules, config, app) never die: move them out of the collector's reach, so full
     # collections stay short and do not stall every stream at once (measured: 37-70 ms pauses without).
     gc.collect()

@@ -5,6 +5,8 @@ One registry per router instance (tests run several in one process). Names start
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -23,6 +25,8 @@ class RouterMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.retries = Counter("router_retries", "Attempts moved to another replica, by reason", ["reason"],
                                registry=r)
+        self.retries_denied = Counter("router_retries_denied", "Retries not made because the fleet-wide "
+                                      "retry budget was spent (retry.budget_*)", registry=r)
         self.ejections = Counter("router_replica_ejections", "Replicas ejected by health tracking",
                                  ["replica"], registry=r)
         self.healthy = Gauge("router_replica_healthy", "1 if the replica is admitted for traffic", ["replica"],
@@ -46,6 +50,16 @@ class RouterMetrics:
                                       registry=r)
         self.config_generation = Gauge("router_config_generation", "Generation of the running config "
                                        "(1 at start, +1 per applied change)", registry=r)
+
+    def forget_replica(self, name: str) -> None:
+        """Drop every series labelled with replica `name` (it left the fleet: series must not pile up
+        with every rollout)."""
+        for metric in (self.healthy, self.in_flight, self.prompt_tokens, self.cached_tokens, self.ejections):
+            with contextlib.suppress(KeyError):
+                metric.remove(name)
+        for labels in [k for k in list(self.requests._metrics) if k[1] == name]:  # (model, replica, status)
+            with contextlib.suppress(KeyError):
+                self.requests.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -62,7 +62,8 @@ log = logging.getLogger("router.reload")
 
 # Top-level fields bound when the process starts (socket, aiohttp body limit, log handler).
 # discovery: its watch is configured when it starts.
-RESTART_FIELDS: tuple[str, ...] = ("host", "port", "max_body_bytes", "log_format", "discovery")
+RESTART_FIELDS: tuple[str, ...] = ("host", "port", "max_body_bytes", "log_format", "discovery",
+                                   "client_timeouts")
 
 ConfigSource = Callable[[], RouterConfig]
 ConfigEdit = Callable[[RouterConfig], RouterConfig]
@@ -165,6 +166,8 @@ async def apply_config(router: Router, new: RouterConfig) -> ReloadResult:
         router.hashing = HashingConfig(block_chars=effective.hashing.block_chars)
     if new_policy or settings != dispatcher.settings:
         router.dispatcher = Dispatcher(registry, policy, dispatcher.session, router.metrics, settings)
+        if router.dispatcher.budget.same_limits(dispatcher.budget):  # keep the window's counts
+            router.dispatcher.budget = dispatcher.budget
     if effective.log_level != old.log_level:
         logging.getLogger().setLevel(effective.log_level.upper())
     router.config = effective
@@ -282,15 +285,13 @@ class Reloader:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
     def prune(self) -> None:
-        """Forget retired replicas whose last request has ended, and their per-replica gauges."""
+        """Forget retired replicas whose last request has ended, and all their per-replica series."""
         metrics, still = self.router.metrics, []
         for replica in self.retired:
             if replica.in_flight_requests > 0:
                 still.append(replica)
             elif replica.name not in self.router.registry:  # not re-added under the same name
-                for gauge in (metrics.healthy, metrics.in_flight):
-                    with contextlib.suppress(KeyError):
-                        gauge.remove(replica.name)
+                metrics.forget_replica(replica.name)
         self.retired = still
 
     async def context(self, app: web.Application) -> AsyncIterator[None]:

@@ -16,6 +16,7 @@ import aiohttp
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "content-length", "content-encoding", "host", "date", "server",
+    "x-request-id",  # the router sets its own (the client's), never a second copy in another case
 })
 
 
@@ -31,7 +32,9 @@ class UpstreamFailure(Exception):
     """The replica failed before any byte reached the client.
 
     kind: "connect" (refused/unreachable), "timeout" (no headers in time), "status" (an answer the
-    caller may retry, e.g. 5xx/429), "protocol" (broken response).
+    caller may retry, e.g. 5xx/429), "protocol" (broken response), "deadline" (a non-streamed request
+    ran out of its whole-request time, total_s: the replica is working, just long; never retried and
+    not held against the replica).
     """
 
     def __init__(self, kind: str, message: str, status: int | None = None, body: bytes = b"",
@@ -41,22 +44,37 @@ class UpstreamFailure(Exception):
         self.status = status
         self.body = body
         self.content_type = content_type
+        self.retry_after: str | None = None  # the replica's Retry-After, passed on if the router gives up
 
     @property
     def health_failure(self) -> bool:
         """Counts against the replica's health: it is down or broken, not just busy (429) or strict (4xx)."""
         return self.kind in ("connect", "timeout", "protocol") or (self.status is not None and self.status >= 500)
 
+    @property
+    def retryable(self) -> bool:
+        """Worth trying on another replica: not a request that simply takes longer than it may."""
+        return self.kind != "deadline"
+
 
 async def open_upstream(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-                        timeouts: Timeouts, retry_statuses: frozenset[int]) -> aiohttp.ClientResponse:
-    """POST and wait for the response headers. Retryable statuses raise (after reading the small body)."""
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.idle_s)
+                        timeouts: Timeouts, retry_statuses: frozenset[int], *,
+                        stream: bool = True) -> aiohttp.ClientResponse:
+    """POST and wait for the response headers. Retryable statuses raise (after reading the small body).
+
+    A streamed request gets its headers with the first token: `first_byte_s` bounds prefill and a miss
+    is a "timeout" (a stuck replica). A non-streamed one gets them only when the whole generation is
+    done, so only `total_s` bounds it, its silence is not idleness, and a miss is a "deadline"."""
+    limit = timeouts.first_byte_s if stream else timeouts.total_s
+    sock_read = timeouts.idle_s if stream else None
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s, sock_read=sock_read)
     try:
-        async with asyncio.timeout(timeouts.first_byte_s):
+        async with asyncio.timeout(limit):
             resp = await session.post(url, data=body, headers=headers, timeout=timeout)
     except TimeoutError as exc:
-        raise UpstreamFailure("timeout", f"no response headers within {timeouts.first_byte_s:g}s") from exc
+        if not stream:
+            raise UpstreamFailure("deadline", f"no complete answer within total_s={limit:g}s") from exc
+        raise UpstreamFailure("timeout", f"no response headers within {limit:g}s") from exc
     except aiohttp.ServerTimeoutError as exc:
         raise UpstreamFailure("timeout", f"timed out: {exc}") from exc
     except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
@@ -71,8 +89,10 @@ async def open_upstream(session: aiohttp.ClientSession, url: str, body: bytes, h
             data = b""
         finally:
             resp.release()
-        raise UpstreamFailure("status", f"replica answered {resp.status}", resp.status, data,
-                              resp.headers.get("Content-Type", "application/json"))
+        failure = UpstreamFailure("status", f"replica answered {resp.status}", resp.status, data,
+                                  resp.headers.get("Content-Type", "application/json"))
+        failure.retry_after = resp.headers.get("Retry-After")
+        raise failure
     return resp
 
 

@@ -223,3 +223,31 @@ def test_remote_admin_needs_an_admin_key(admin_keys: bool, headers: dict[str, st
     assert (denied is None) is allowed
     if denied is not None:
         assert denied.status == 403
+
+
+async def test_a_text_plain_body_cannot_add_a_replica(fleet: Start) -> None:
+    router, _ = await fleet()
+    body = '{"name": "evil", "url": "http://203.0.113.9:80"}'  # what a web page can send without CORS
+    async with aiohttp.ClientSession() as s:
+        status, err = await req(s, router, "POST", "/admin/replicas", data=body,
+                                headers={"Content-Type": "text/plain"})
+        assert status == 415 and err["error"]["code"] == "unsupported_media_type"
+        status, listing = await req(s, router, "GET", "/admin/replicas")
+    assert "evil" not in {r["name"] for r in listing["data"]}
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({"Origin": "http://evil.example"}, 403),  # cross-site request from a web page
+    ({"Host": "rebound.evil.example:8000"}, 403),  # DNS rebinding: the page's name now points to 127.0.0.1
+    ({"Host": "localhost:8000", "Origin": "http://localhost:8000"}, 200),  # same origin, loopback name
+    ({"Host": "[::1]:8000"}, 200),
+    ({"Host": "ops.internal:8000"}, 200),  # listed in admin.allowed_hosts
+    ({"Origin": "https://console.internal"}, 200),  # listed in admin.allowed_origins
+])
+async def test_admin_checks_host_and_origin_against_browser_attacks(fleet: Start, headers: dict[str, str],
+                                                                    status: int) -> None:
+    router, _ = await fleet(router_cfg={"admin": {"allowed_hosts": ["ops.internal"],
+                                                  "allowed_origins": ["https://console.internal"]}})
+    async with aiohttp.ClientSession() as s:
+        got, body = await req(s, router, "POST", "/admin/replicas/r0/drain", headers=headers)
+    assert got == status, body

@@ -241,8 +241,10 @@ async def test_a_removed_replica_finishes_its_stream(fleet: Start) -> None:
     events = [e[6:] for e in raw.split("\n\n") if e.startswith("data: ")]
     assert events[-1] == "[DONE]" and not any("error" in json.loads(e) for e in events[:-1])
     assert old.in_flight_requests == 0
+    assert 'replica="r0"' in f.router.metrics.render().decode()
     f.reloader.prune()
     assert f.reloader.retired == []
+    assert 'replica="r0"' not in f.router.metrics.render().decode()  # no series left behind
 
 
 def _free_port() -> int:
