@@ -3,6 +3,7 @@
 # front of them, send one streamed request through the router, and keep serving until Ctrl-C.
 #   ROUTER_PORT=8000 BASE_PORT=8001 REPLICAS=2 POLICY=cost DEMO_EXIT=1 (exit after the smoke request)
 #   BACKEND=sim (simulated replicas instead of vLLM: no model, starts in a second)
+#   SKIP_INSTALL=1 (./.venv is installed already)
 #   REPLICA_ARGS="--dtype float32" (more flags for every replica; see python -m engine_server --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ CONFIG_FILE=${CONFIG_FILE:-.demo-replicas.yaml}  # the router config the launche
 read -r -a replica_args <<< "${REPLICA_ARGS:-}"
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 
-bash scripts/install.sh
+[ "${SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh  # SKIP_INSTALL=1: ./.venv is already installed
 if [ "$BACKEND" = vllm ] && [ ! -f "$MODEL_DIR/config.json" ]; then
   .venv/bin/python -m engine_server.tiny_model "$MODEL_DIR"
 fi
