@@ -130,7 +130,7 @@ def _cpu_defaults(cfg: VllmConfig, args: dict[str, Any]) -> None:
         # VMs that advertise them but cannot execute them. Only a probe that ran the kernel decides.
         choice = choose_cpu_dtype()
         args["dtype"] = choice.dtype
-        log.info("CPU dtype %s: %s (%s)", choice.dtype, choice.reason, OVERRIDE_HINT)
+        log.info("CPU dtype %s: %s; to override, %s", choice.dtype, choice.reason, OVERRIDE_HINT)
     if cfg.enforce_eager is None:
         args["enforce_eager"] = True  # torch.compile on CPU adds ~1 min to startup for little gain
     bs = args.get("block_size")
