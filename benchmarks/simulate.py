@@ -415,7 +415,7 @@ def simulate(workload: wl.Workload, replicas: int, policy_name: str, policy_para
             records.append(rec)
             policy.on_complete(st.features, st.decision, Outcome(
                 ok=True, status=200, ttft_s=st.ttft_s, prompt_tokens=out.prompt_tokens,
-                cached_tokens=out.cached_tokens, completion_tokens=out.completion_tokens))
+                cached_tokens=out.cached_tokens, completion_tokens=out.completion_tokens, e2e_s=now - st.start_s))
             follow.append((st.session, st.turn + 1, session))
         if changed:
             refresh(i, now)

@@ -10,6 +10,9 @@ For every eligible replica ``r`` the policy estimates, in seconds::
     prefill(r) = request_overhead_s + prefill_s_per_token * uncached_tokens(r)
     decode(r)  = decode_s_per_seq * running(r) * (1 + expected_output_tokens)
 
+with the time constants learned per replica (`router.calibration`, below) and ``queue(r)`` raised to the
+wait for a free slot when ``r`` is at its concurrency limit.
+
 and picks the minimum. Costs within ``tie_tolerance`` (relative) of the minimum count as equal; among
 those the lower request load wins, then a seeded random draw.
 
@@ -29,6 +32,13 @@ those the lower request load wins, then a seeded random draw.
 - ``work_weight``: a request's prefill delays everything queued behind it, and its decode slows every
   sequence it shares steps with. Without this term a replica holding a prefix looks worse than an idle
   one the moment it has any queue, prefixes get recomputed everywhere, and a busy fleet loses throughput.
+- saturation: an engine runs at most ``max_num_seqs`` sequences (or fewer when its KV cache is full);
+  beyond that a request waits for a slot, whatever the prefill queue. The limit is learned per replica
+  from the engine's reports (the ``running`` it reports again and again while requests wait, see
+  ``_see``). When the requests at ``r`` (running + pending) reach it, the queue term
+  is at least the time until this request's slot frees: with ``w`` requests waiting for a slot ahead of
+  it and ``R`` running, each with a remaining decode uniform over its ``L = expected_output *
+  (decode_step_s + decode_s_per_seq * R)``, the ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
 - ``evicted_tokens(r)``: prompt blocks that must leave ``r``'s (full) cache to make room for this
   request's uncached blocks; they will likely have to be recomputed later.
 
@@ -48,12 +58,20 @@ The prefix index is capacity-aware and self-correcting:
   are dropped for that replica; if it reports more, nothing changes;
 - a failed request that never produced a first token removes the entries its dispatch added.
 
-Parameters (only the ratios between the three time constants matter; the defaults follow a BLIS fit of
-Llama-3-8B on one H100: ~17 us per prefill token, ~6 us per decode sequence per step):
+Calibration: every finished request is an observation of the replica's timing (its TTFT against the
+prefill work that was ahead of it and its own uncached tokens per the engine's ``cached_tokens``; its
+decode time against the running sequences and the prefills dispatched meanwhile). `router.calibration`
+fits the four time constants per replica from them, starting from the configured values, and the next
+decision uses the result. ``calibration="pinned"`` keeps the configured constants.
+
+Parameters (the prior of the time constants; the defaults follow a BLIS fit of Llama-3-8B on one H100:
+~17 us per prefill token, ~6 us per decode sequence per step, ~6 ms per step):
     prefill_s_per_token (2e-5): prefill time per uncached prompt token.
     request_overhead_s (2e-3): fixed cost per request; well under an engine step (~6 ms) because a
         batched engine shares a step between many requests.
     decode_s_per_seq (1e-5): step time added per sequence running on the replica.
+    decode_step_s (6e-3): time of a decode step (prices the wait for a free slot).
+    calibration ("online"): "online", "pinned", or `CalibrationSettings` fields as a mapping.
     work_weight (1.0): how much a request's own work counts again for the requests it delays.
     eviction_weight (1.0): expected recompute of evicted blocks (0 disables the term).
     tie_tolerance (0.02): relative cost difference treated as a tie.
@@ -71,14 +89,17 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
 from router.features.parse import RequestFeatures
 from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, require_replicas
 from router.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.replica_view import DEFAULT_STALE_AFTER_S, ReplicaView
 
+SLOT_EVIDENCE = 6  # distinct queued load reports before a concurrency limit is believed
 DEFAULT_OUTPUT_GUESS = 128.0  # expected completion tokens until the engine reports some
 
 
@@ -89,6 +110,19 @@ class _InFlight:
     count: int = 0
     prompt_tokens: float = 0.0
     uncached_tokens: float = 0.0
+    dispatched_tokens: float = 0.0  # cumulative uncached tokens ever dispatched (for decode samples)
+    dispatched_requests: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class _Sent:
+    """What the policy knew about one request when it was sent (the calibration's regressors)."""
+
+    queued_tokens: float
+    queued_requests: float
+    running: float
+    dispatched_tokens: float
+    dispatched_requests: int
 
 
 class Cost(PolicyBase):
@@ -100,6 +134,8 @@ class Cost(PolicyBase):
         prefill_s_per_token: float = 2e-5,
         request_overhead_s: float = 2e-3,
         decode_s_per_seq: float = 1e-5,
+        decode_step_s: float = 6e-3,
+        calibration: CalibrationSettings | Mapping[str, object] | str | None = None,
         work_weight: float = 1.0,
         eviction_weight: float = 1.0,
         tie_tolerance: float = 0.02,
@@ -111,7 +147,8 @@ class Cost(PolicyBase):
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(seed=seed, rng=rng)
-        if min(prefill_s_per_token, request_overhead_s, decode_s_per_seq, work_weight, eviction_weight) < 0:
+        if min(prefill_s_per_token, request_overhead_s, decode_s_per_seq, decode_step_s, work_weight,
+               eviction_weight) < 0:
             raise ValueError("time constants and weights must be >= 0")
         if tie_tolerance < 0:
             raise ValueError("tie_tolerance must be >= 0")
@@ -122,6 +159,14 @@ class Cost(PolicyBase):
         self.prefill_s_per_token = prefill_s_per_token
         self.request_overhead_s = request_overhead_s
         self.decode_s_per_seq = decode_s_per_seq
+        self.decode_step_s = decode_step_s
+        prior = CostConstants(request_overhead_s, prefill_s_per_token, decode_s_per_seq, decode_step_s)
+        self.calibrator = Calibrator(prior, CalibrationSettings.of(calibration))  # type: ignore[arg-type]
+        self._constants: dict[str, tuple[float, float, float, float]] = {}
+        self._slot_limit: dict[str, int] = {}
+        self._queued_reports: dict[str, deque[tuple[int, int, int]]] = {}
+        self._views: dict[str, ReplicaView] = {}
+        self._sent: dict[tuple[str, str], _Sent] = {}
         self.tie_tolerance = tie_tolerance
         self.work_weight = work_weight
         self.eviction_weight = eviction_weight
@@ -146,6 +191,7 @@ class Cost(PolicyBase):
         best = 0
         for view in replicas:
             self._sync_capacity(view, block_tokens)
+            self._see(view)
             blocks = matched.get(view.name, 0)
             best = max(best, blocks)
             uncached = tokens - min(blocks * block_tokens, tokens)
@@ -164,6 +210,7 @@ class Cost(PolicyBase):
     def estimate_cost(self, view: ReplicaView, uncached_tokens: float, features: RequestFeatures) -> float:
         """Seconds charged for sending a request needing ``uncached_tokens`` of prefill to ``view``."""
         self._sync_capacity(view, features.block_tokens)
+        self._see(view)
         decode_steps = 1.0 + self._expected_output(features)
         return self._cost(view, uncached_tokens, features.block_tokens, decode_steps)
 
@@ -174,11 +221,22 @@ class Cost(PolicyBase):
         running = view.in_flight_requests - pending_requests
         if fresh and view.running > running:
             running = float(view.running)
-        per_token, overhead = self.prefill_s_per_token, self.request_overhead_s
+        consts = self._constants.get(view.name)
+        if consts is None:
+            consts = self._constants[view.name] = self.calibrator.constants(view.name).as_tuple()
+        overhead, per_token, per_seq, step = consts
         seconds = overhead * pending_requests + per_token * pending_tokens
+        limit = self._slot_limit.get(view.name)
+        if limit is not None and running + pending_requests >= limit:
+            ahead = max(0.0, running + pending_requests - limit)  # requests waiting for a slot before us
+            if fresh:
+                ahead = max(ahead, float(view.waiting))
+            busy = max(running, 1.0)
+            slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (step + per_seq * busy) / (busy + 1.0)
+            seconds = max(seconds, slot_wait)
         own = overhead + per_token * uncached
         if running > 0:
-            own += self.decode_s_per_seq * running * decode_steps
+            own += per_seq * running * decode_steps
         seconds += (1.0 + self.work_weight) * own
         if self.eviction_weight and uncached > 0:
             new_blocks = uncached / block_tokens
@@ -224,6 +282,17 @@ class Cost(PolicyBase):
         self.index.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)
         own = self._inflight.setdefault(decision.replica, _InFlight())
+        if not self.calibrator.pinned:
+            view = self._views.get(decision.replica)
+            queued_tokens = queued_requests = running = 0.0
+            if view is not None:
+                fresh = view.engine_fresh(self.stale_after_s)
+                queued_tokens, queued_requests = self._pending(view, fresh, uncached)
+                running = self._running(view, fresh, queued_requests)
+            self._sent[(features.request_id, decision.replica)] = _Sent(
+                queued_tokens, queued_requests, running, own.dispatched_tokens, own.dispatched_requests)
+        own.dispatched_tokens += uncached
+        own.dispatched_requests += 1
         own.count += 1
         own.prompt_tokens += features.token_estimate
         own.uncached_tokens += uncached
@@ -232,6 +301,9 @@ class Cost(PolicyBase):
 
     def on_complete(self, features: RequestFeatures, decision: Decision, outcome: Outcome) -> None:
         self._release(features, decision)
+        sent = self._sent.pop((features.request_id, decision.replica), None)
+        if sent is not None and outcome.ok:
+            self._learn(features, decision, outcome, sent)
         if outcome.ok and outcome.completion_tokens is not None:
             avg, out = self._avg_output, float(outcome.completion_tokens)
             self._avg_output = out if avg is None else 0.9 * avg + 0.1 * out
@@ -251,6 +323,77 @@ class Cost(PolicyBase):
         self.index.remove_replica(name)
         self._inflight.pop(name, None)
         self._geometry.pop(name, None)
+        self.calibrator.remove(name)
+        self._constants.pop(name, None)
+        self._slot_limit.pop(name, None)
+        self._queued_reports.pop(name, None)
+        self._views.pop(name, None)
+
+    def calibration(self, name: str) -> dict[str, object]:
+        """The learned time constants and slot limit of ``name`` (admin API, metrics; not `Policy`)."""
+        return {**self.calibrator.snapshot(name), "slot_limit": self._slot_limit.get(name)}
+
+    # -- calibration -------------------------------------------------------------------------------
+
+    def _see(self, view: ReplicaView) -> None:
+        """Keep the latest view (for on_dispatch / on_complete) and learn the replica's slot limit.
+
+        An engine at its concurrency limit reports the same ``running`` every time it has requests
+        waiting; one whose queue waits for something else (token budget, a busy prefill) reports
+        varying counts. So the limit is the largest ``running`` of the last reports with ``waiting > 0``
+        (distinct reports only) when at least ``SLOT_EVIDENCE`` of them and 3/4 of them show it."""
+        self._views[view.name] = view
+        if view.waiting <= 0 or view.running <= 0 or not view.engine_fresh(self.stale_after_s):
+            return
+        seen = self._queued_reports.get(view.name)
+        if seen is None:
+            seen = self._queued_reports[view.name] = deque(maxlen=4 * SLOT_EVIDENCE)
+        report = (view.running, view.waiting, view.kv_blocks_used)
+        if seen and seen[-1] == report:
+            return
+        seen.append(report)
+        top = max(r for r, _, _ in seen)
+        at_top = sum(1 for r, _, _ in seen if r == top)
+        if len(seen) >= SLOT_EVIDENCE and at_top >= 0.75 * len(seen):
+            self._slot_limit[view.name] = top
+        else:
+            self._slot_limit.pop(view.name, None)
+
+    def _running(self, view: ReplicaView, fresh: bool, pending_requests: float) -> float:
+        running = view.in_flight_requests - pending_requests
+        if fresh and view.running > running:
+            running = float(view.running)
+        return max(0.0, running)
+
+    def _learn(self, features: RequestFeatures, decision: Decision, outcome: Outcome, sent: _Sent) -> None:
+        name = decision.replica
+        ttft, e2e = outcome.ttft_s, outcome.e2e_s
+        if ttft is None:
+            return
+        estimate = float(features.token_estimate)
+        if outcome.prompt_tokens and outcome.cached_tokens is not None:  # the engine's truth, our units
+            uncached = max(0, outcome.prompt_tokens - outcome.cached_tokens) / outcome.prompt_tokens * estimate
+        else:
+            uncached = self._uncached(features, decision.matched_blocks)
+        observed = False
+        unary = e2e is not None and ttft >= e2e  # no first-token time: TTFT is the whole request
+        if not unary:
+            observed |= self.calibrator.observe(name, TtftSample(
+                ttft, uncached, sent.queued_tokens, sent.queued_requests, sent.running))
+        steps = (outcome.completion_tokens or 0) - 1
+        if e2e is not None and not unary and steps > 0:
+            own = self._inflight.get(name) or _InFlight()
+            view = self._views.get(name)
+            now_running = sent.running
+            if view is not None:
+                fresh = view.engine_fresh(self.stale_after_s)
+                now_running = self._running(view, fresh, self._pending(view, fresh, 0.0)[1])
+            observed |= self.calibrator.observe(name, DecodeSample(
+                e2e - ttft, steps, max(1.0, (sent.running + 1.0 + now_running) / 2.0),
+                max(0.0, own.dispatched_tokens - sent.dispatched_tokens - uncached),
+                max(0, own.dispatched_requests - sent.dispatched_requests - 1)))
+        if observed:
+            self._constants.pop(name, None)
 
     def index_size(self, name: str) -> int:
         """Blocks the index believes ``name`` holds (read by the admin API; not part of `Policy`)."""
