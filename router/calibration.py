@@ -17,10 +17,11 @@ from ``on_dispatch`` / ``on_complete``). Each request gives up to two observatio
   dispatch and ``running`` the sequences decoding there (engine report when fresh, else router counters).
   The last term is the decode step a prefill shares (or waits for) when others are running.
 - **decode** (``DecodeSample``): the time from first to last token, ``e2e - ttft``, over ``steps =
-  completion_tokens - 1`` steps: ``steps * (g + d * running) + p * other_tokens + a * other_requests``,
-  where ``running`` is the mean of the replica's running count at dispatch and at completion and
-  ``other_*`` the uncached tokens / requests dispatched there while this request was in flight (their
-  prefill chunks share the steps of its decode).
+  completion_tokens - 1`` steps: ``steps * (g + d * running)``, where ``running`` is the mean of the
+  replica's running count at dispatch and at completion. Prefill chunks of requests sent there meanwhile
+  share those steps; the caller subtracts their estimated time (``a * requests + p * tokens`` with the
+  current constants) first, so decode rows inform only ``d`` and ``g`` (which requests were really
+  prefilled during this decode is only roughly known, and TTFT rows measure ``a`` and ``p`` directly).
 
 The fit is least squares with exponential forgetting (``forgetting`` per observation, so the last
 ~1/(1 - forgetting) observations dominate and a replica whose timing drifts is followed), on *relative*
@@ -127,11 +128,9 @@ class DecodeSample:
     decode_s: float
     steps: float
     running: float
-    other_tokens: float = 0.0
-    other_requests: float = 0.0
 
     def row(self) -> tuple[float, float, float, float]:
-        return (self.other_requests, self.other_tokens, self.steps * self.running, self.steps)
+        return (0.0, 0.0, self.steps * self.running, self.steps)
 
 
 class ReplicaCalibration:

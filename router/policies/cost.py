@@ -388,10 +388,13 @@ class Cost(PolicyBase):
             if view is not None:
                 fresh = view.engine_fresh(self.stale_after_s)
                 now_running = self._running(view, fresh, self._pending(view, fresh, 0.0)[1])
+            # Prefills of requests sent there meanwhile shared these steps: take out their estimated time.
+            overhead, per_token, _, _ = self.calibrator.constants(name).as_tuple()
+            others = (overhead * max(0, own.dispatched_requests - sent.dispatched_requests - 1)
+                      + per_token * max(0.0, own.dispatched_tokens - sent.dispatched_tokens - uncached))
+            decode_s = max(0.5 * (e2e - ttft), e2e - ttft - others)
             observed |= self.calibrator.observe(name, DecodeSample(
-                e2e - ttft, steps, max(1.0, (sent.running + 1.0 + now_running) / 2.0),
-                max(0.0, own.dispatched_tokens - sent.dispatched_tokens - uncached),
-                max(0, own.dispatched_requests - sent.dispatched_requests - 1)))
+                decode_s, steps, max(1.0, (sent.running + 1.0 + now_running) / 2.0)))
         if observed:
             self._constants.pop(name, None)
 
