@@ -67,14 +67,16 @@ class CostConstants:
 
 @dataclass(frozen=True, slots=True)
 class CalibrationSettings:
-    """mode: "online" (learn per replica) or "pinned" (always the configured constants).
+    """mode: "online" (learn per replica) or "pinned" (always the configured constants; the default for
+        now: in the offline matrix, benchmarks/README.md, learned constants did not yet beat the H100
+        ratios, so learning is opt-in).
     forgetting: weight kept by past observations at each new one, in (0, 1]; 0.99 ~ the last 100.
     bound_factor: learned constants stay within prior / f .. prior * f.
     clip: largest relative residual one observation may apply.
     prior_spread: prior standard deviation, in units of the prior value.
     """
 
-    mode: Literal["online", "pinned"] = "online"
+    mode: Literal["online", "pinned"] = "pinned"
     forgetting: float = 0.99
     bound_factor: float = 10_000.0
     clip: float = 0.5

@@ -62,7 +62,8 @@ Calibration: every finished request is an observation of the replica's timing (i
 prefill work that was ahead of it and its own uncached tokens per the engine's ``cached_tokens``; its
 decode time against the running sequences and the prefills dispatched meanwhile). `router.calibration`
 fits the four time constants per replica from them, starting from the configured values, and the next
-decision uses the result. ``calibration="pinned"`` keeps the configured constants.
+decision uses the result (``calibration="online"``). ``"pinned"`` (the default) keeps the configured
+constants.
 
 Parameters (the prior of the time constants; the defaults follow a BLIS fit of Llama-3-8B on one H100:
 ~17 us per prefill token, ~6 us per decode sequence per step, ~6 ms per step):
@@ -71,7 +72,8 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
         batched engine shares a step between many requests.
     decode_s_per_seq (1e-5): step time added per sequence running on the replica.
     decode_step_s (6e-3): time of a decode step (prices the wait for a free slot).
-    calibration ("online"): "online", "pinned", or `CalibrationSettings` fields as a mapping.
+    calibration ("pinned"): "online", "pinned", or `CalibrationSettings` fields as a mapping. Online
+        learning is opt-in until it beats the configured ratios (benchmarks/README.md, issue 15).
     work_weight (1.0): how much a request's own work counts again for the requests it delays.
     eviction_weight (1.0): expected recompute of evicted blocks (0 disables the term).
     tie_tolerance (0.02): relative cost difference treated as a tie.
@@ -223,7 +225,7 @@ class Cost(PolicyBase):
             running = float(view.running)
         consts = self._constants.get(view.name)
         if consts is None:
-            consts = self._constants[view.name] = self.calibrator.constants(view.name).as_tuple()
+            consts = self._constants[view.name] = self._effective(view.name)
         overhead, per_token, per_seq, step = consts
         seconds = overhead * pending_requests + per_token * pending_tokens
         limit = self._slot_limit.get(view.name)
@@ -334,6 +336,16 @@ class Cost(PolicyBase):
         return {**self.calibrator.snapshot(name), "slot_limit": self._slot_limit.get(name)}
 
     # -- calibration -------------------------------------------------------------------------------
+
+    def _effective(self, name: str) -> tuple[float, float, float, float]:
+        """The learned constants as priced: the crowding term keeps at least the configured ratio of
+        per-sequence to per-token time. It also stands for what running sequences bring later (the next
+        turns of the conversations held there), which no timing observation shows: an engine whose steps
+        do not slow with more sequences still queues their next prefills."""
+        overhead, per_token, per_seq, step = self.calibrator.constants(name).as_tuple()
+        if self.prefill_s_per_token > 0:
+            per_seq = max(per_seq, per_token * self.decode_s_per_seq / self.prefill_s_per_token)
+        return overhead, per_token, per_seq, step
 
     def _see(self, view: ReplicaView) -> None:
         """Keep the latest view (for on_dispatch / on_complete) and learn the replica's slot limit.

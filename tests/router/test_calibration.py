@@ -1,0 +1,136 @@
+"""Online calibration of the cost model: learned per replica from observations, pinned on request."""
+
+import random
+
+import pytest
+from policy_fixtures import features_with, view
+
+from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
+from router.policies.base import Outcome
+from router.policies.cost import Cost
+
+H100_PRIOR = CostConstants(request_overhead_s=2e-3, prefill_s_per_token=2e-5, decode_s_per_seq=1e-5,
+                           decode_step_s=6e-3)
+ONLINE = CalibrationSettings(mode="online")
+# Engines far from the prior in every direction, each constant large enough to matter (a constant whose
+# effect is below the noise, like 6 us per sequence beside a 6 ms step, cannot be learned nor matter).
+ENGINES = {
+    "llmd-like": CostConstants(30e-3, 250e-6, 0.5e-3, 12e-3),
+    "slow-prefill": CostConstants(4e-3, 400e-6, 0.2e-3, 4e-3),
+    "slow-decode": CostConstants(8e-3, 20e-6, 1.5e-3, 8e-3),
+    "unbatched": CostConstants(1e-3, 150e-6, 8e-3, 40e-3),
+}
+
+
+def observations(true: CostConstants, n: int, seed: int, noise: float = 0.1):
+    """``n`` requests' TTFT and decode samples from the estimator's own model, with lognormal noise."""
+    rng = random.Random(seed)
+    a, p, d, g = true.as_tuple()
+    for _ in range(n):
+        uncached = rng.choice([0.0, rng.uniform(16, 3000)])
+        queued_requests = rng.choice([0, 0, 1, 2, 3])
+        queued_tokens = queued_requests * rng.uniform(0, 1500)
+        running = rng.choice([0, rng.randint(1, 40)])
+        ttft = a * (1 + queued_requests) + p * (uncached + queued_tokens) + (g + d * running) * (running > 0)
+        yield TtftSample(ttft * rng.lognormvariate(0, noise), uncached, queued_tokens, queued_requests, running)
+        steps, mean_running = rng.randint(16, 256), rng.uniform(1, 40)
+        yield DecodeSample(steps * (g + d * mean_running) * rng.lognormvariate(0, noise), steps, mean_running)
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_the_learned_constants_are_within_20_percent_of_the_engines_after_200_requests(engine):
+    true = ENGINES[engine]
+    calibrator = Calibrator(H100_PRIOR, ONLINE)
+    for sample in observations(true, 200, seed=7):
+        calibrator.observe("r0", sample)
+    learned = calibrator.constants("r0").as_tuple()
+    for name, got, want in zip(("a", "p", "d", "g"), learned, true.as_tuple(), strict=True):
+        assert got == pytest.approx(want, rel=0.2), name
+
+
+def test_a_few_wild_observations_do_not_throw_the_estimate():
+    true = ENGINES["slow-decode"]
+    calibrator = Calibrator(H100_PRIOR, ONLINE)
+    for i, sample in enumerate(observations(true, 200, seed=3)):
+        if i % 25 == 24 and isinstance(sample, TtftSample):  # a preempted request: 20x its TTFT
+            sample = TtftSample(sample.ttft_s * 20, sample.uncached_tokens, sample.queued_tokens,
+                                sample.queued_requests, sample.running)
+        calibrator.observe("r0", sample)
+    assert calibrator.constants("r0").prefill_s_per_token == pytest.approx(true.prefill_s_per_token, rel=0.2)
+
+
+def test_each_replica_learns_its_own_constants():
+    calibrator = Calibrator(H100_PRIOR, ONLINE)
+    for sample in observations(ENGINES["llmd-like"], 100, seed=1):
+        calibrator.observe("fast", sample)
+    slow = CostConstants(*(2 * c for c in ENGINES["llmd-like"].as_tuple()))
+    for sample in observations(slow, 100, seed=2):
+        calibrator.observe("slow", sample)
+    ratio = calibrator.constants("slow").prefill_s_per_token / calibrator.constants("fast").prefill_s_per_token
+    assert ratio == pytest.approx(2.0, rel=0.2)
+    assert calibrator.constants("never-seen") == H100_PRIOR
+
+
+def test_learned_constants_stay_within_the_bounds():
+    calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="online", bound_factor=10))
+    for sample in observations(CostConstants(1.0, 1e-2, 1e-5, 6e-3), 50, seed=1):
+        calibrator.observe("r0", sample)
+    assert calibrator.constants("r0").request_overhead_s == pytest.approx(2e-2)
+
+
+def test_pinned_constants_never_move():
+    calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="pinned"))
+    for sample in observations(ENGINES["unbatched"], 50, seed=1):
+        assert not calibrator.observe("r0", sample)
+    assert calibrator.constants("r0") == H100_PRIOR
+
+
+@pytest.mark.parametrize("settings", [{"mode": "auto"}, {"forgetting": 0.2}, {"bound_factor": 1}, {"nope": 1}])
+def test_nonsense_calibration_settings_are_rejected_with_their_name(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        CalibrationSettings.of(settings)
+
+
+# -- inside the cost policy ---------------------------------------------------------------------------
+
+
+def serve(policy, replica, n, ttft_per_token, seed=0):
+    """``n`` requests sent to ``replica`` alone, each answered with a TTFT proportional to its prompt."""
+    rng = random.Random(seed)
+    for i in range(n):
+        f = features_with(rng.randint(4, 60), f"w{i}-", rid=f"{replica}-{i}")
+        decision = policy.choose(f, [view(replica)])
+        policy.on_dispatch(f, decision)
+        ttft = 0.01 + ttft_per_token * f.token_estimate
+        policy.on_complete(f, decision, Outcome(ok=True, status=200, ttft_s=ttft, prompt_tokens=f.token_estimate,
+                                                cached_tokens=0, completion_tokens=32, e2e_s=ttft + 31 * 0.012))
+
+
+def test_the_cost_policy_learns_from_its_outcomes_and_shows_it():
+    policy = Cost(seed=0, calibration="online")
+    serve(policy, "a", 40, ttft_per_token=4e-4)
+    shown = policy.calibration("a")
+    assert shown["mode"] == "online" and shown["observations"] == 80
+    assert shown["prefill_s_per_token"] == pytest.approx(4e-4, rel=0.2)
+
+
+def test_a_replica_at_its_slot_limit_charges_the_wait_for_a_free_slot():
+    policy = Cost(seed=0, calibration="pinned")
+    full = dict(running=4, waiting=2, in_flight_requests=6, load_age_s=0.1)
+    for used in range(8):  # distinct reports, always 4 running while requests wait: the limit is 4
+        policy.choose(features_with(4, "p"), [view("a", kv_blocks_used=used, **full)])
+    assert policy.calibration("a")["slot_limit"] == 4
+    probe = features_with(4, "q", max_tokens=100)
+    at_limit = policy.estimate_cost(view("a", **full), 64, probe)
+    # 2 waiting + this one: the 3rd of 4 running requests to finish, each with a 100-step decode
+    # of 6 ms + 4 x 10 us: 3 x 100 x 6.04 ms / 5 = 362 ms, far above the per-sequence slowdown.
+    assert at_limit == pytest.approx(0.3624 + 2 * (2e-3 + 2e-5 * 64 + 1e-5 * 4 * 101), rel=0.01)
+    unknown = Cost(seed=0, calibration="pinned").estimate_cost(view("a", **full), 64, probe)
+    assert unknown < 0.05
+
+
+def test_a_queue_waiting_for_something_else_is_not_mistaken_for_a_slot_limit():
+    policy = Cost(seed=0, calibration="online")
+    for running in (3, 5, 2, 6, 4, 7, 5, 3):  # a busy prefill server, not a ceiling
+        policy.choose(features_with(4, "p"), [view("a", running=running, waiting=2, load_age_s=0.1)])
+    assert policy.calibration("a")["slot_limit"] is None
