@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from router.calibration import NAMES as CONSTANTS
 from router.errors import error_response
 from router.features.parse import RequestFeatures
 from router.metrics import RouterMetrics
@@ -216,8 +217,20 @@ class Dispatcher:
             self.metrics.cached_tokens.labels(replica.name).inc(outcome.cached_tokens)
         try:
             self.policy.on_complete(features, decision, outcome)
+            self._export_calibration(replica.name)
         except Exception:  # feedback must never break the response path
             log.exception("policy %s on_complete failed", self.policy.name)
+
+    def _export_calibration(self, name: str) -> None:
+        """Mirror the policy's learned timing of ``name`` (if it learns any) into the metrics."""
+        hook = getattr(self.policy, "calibration", None)
+        if not callable(hook):
+            return
+        shown = hook(name)
+        for constant in CONSTANTS:
+            self.metrics.cost_constant.labels(name, constant).set(shown[constant])
+        self.metrics.calibration_observations.labels(name).set(shown["observations"])
+        self.metrics.slot_limit.labels(name).set(shown["slot_limit"] or 0)
 
 
 def _outcome(status: int, ttft_s: float | None, usage: dict[str, Any] | None, e2e_s: float | None = None

@@ -134,3 +134,30 @@ def test_a_queue_waiting_for_something_else_is_not_mistaken_for_a_slot_limit():
     for running in (3, 5, 2, 6, 4, 7, 5, 3):  # a busy prefill server, not a ceiling
         policy.choose(features_with(4, "p"), [view("a", running=running, waiting=2, load_age_s=0.1)])
     assert policy.calibration("a")["slot_limit"] is None
+
+
+# -- the config switch -------------------------------------------------------------------------------
+
+
+def test_the_config_switch_builds_a_learning_or_a_pinned_cost_policy():
+    from config.router import parse_config
+    from router.policies import create_policy
+
+    for mode in ("online", "pinned"):
+        cfg = parse_config({"policy": {"name": "cost", "calibration": {"mode": mode, "forgetting": 0.98}}})
+        policy = create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())
+        assert policy.calibrator.settings == CalibrationSettings(mode=mode, forgetting=0.98)
+    assert create_policy("cost").calibrator.pinned  # the default, until online wins (benchmarks/README.md)
+
+
+@pytest.mark.parametrize("policy, message", [
+    ({"name": "cost", "calibration": {"mode": "learn"}}, "policy.calibration.mode"),
+    ({"name": "cost", "calibration": {"forgetting": 2}}, "policy.calibration.forgetting"),
+    ({"name": "cost", "calibration": {"mode": "online"}, "params": {"calibration": "pinned"}},
+     "set it here or in params, not both"),
+])
+def test_a_bad_calibration_config_names_the_field(policy, message):
+    from config.router import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"policy": policy})
