@@ -389,7 +389,10 @@ class Cost(PolicyBase):
             uncached = self._uncached(features, decision.matched_blocks)
         observed = False
         unary = e2e is not None and ttft >= e2e  # no first-token time: TTFT is the whole request
-        if not unary:
+        # Only requests sent with nothing queued ahead teach the TTFT constants: the queue ahead is the
+        # router's estimate, and fitted through it a busy replica's prefill looks free (measured in the
+        # matrix: a per-token time learned 60x too low, and all traffic sent there).
+        if not unary and sent.queued_requests == 0:
             observed |= self.calibrator.observe(name, TtftSample(
                 ttft, uncached, sent.queued_tokens, sent.queued_requests, sent.running))
         steps = (outcome.completion_tokens or 0) - 1

@@ -3,7 +3,7 @@
 import random
 
 import pytest
-from policy_fixtures import features_with, view
+from policy_fixtures import features_with, view, views
 
 from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
 from router.policies.base import Outcome
@@ -112,6 +112,41 @@ def test_the_cost_policy_learns_from_its_outcomes_and_shows_it():
     shown = policy.calibration("a")
     assert shown["mode"] == "online" and shown["observations"] == 80
     assert shown["prefill_s_per_token"] == pytest.approx(4e-4, rel=0.2)
+
+
+def teach(policy, replica, n, overhead_s, per_token_s, seed):
+    """``n`` requests served by ``replica`` alone, nothing queued, TTFT = overhead + per_token x prompt."""
+    rng = random.Random(seed)
+    for i in range(n):
+        f = features_with(rng.randint(4, 60), f"{replica}{i}-", rid=f"{replica}-{i}")
+        decision = policy.choose(f, [view(replica)])
+        policy.on_dispatch(f, decision)
+        ttft = overhead_s + per_token_s * f.token_estimate
+        policy.on_complete(f, decision, Outcome(ok=True, status=200, ttft_s=ttft, prompt_tokens=f.token_estimate,
+                                                cached_tokens=0, completion_tokens=2, e2e_s=ttft + 0.012))
+
+
+@pytest.mark.parametrize("mode, expected", [("pinned", "slow"), ("online", "fast")])
+def test_once_calibrated_a_slow_replica_no_longer_wins_on_its_cached_prefix(mode, expected):
+    # "slow" holds 60 of the probe's 100 blocks. With the H100 constants, recomputing them on "fast"
+    # looks dearer than the rest on "slow"; once it has learned that "slow" takes 0.5 s per request and
+    # 20x longer per token, the learning policy recomputes on "fast".
+    policy = Cost(seed=0, calibration=mode)
+    teach(policy, "slow", 40, overhead_s=0.5, per_token_s=4e-4, seed=1)
+    teach(policy, "fast", 40, overhead_s=0.01, per_token_s=2e-5, seed=2)
+    warm = features_with(60, "x", rid="warm")
+    policy.on_dispatch(warm, policy.choose(warm, views("slow")))
+    assert policy.choose(features_with(100, "x", rid="probe"), views("slow", "fast")).replica == expected
+
+
+def test_only_requests_with_nothing_queued_ahead_teach_the_ttft_constants():
+    policy = Cost(seed=0, calibration="online")
+    f = features_with(20, "q", rid="q")
+    decision = policy.choose(f, [view("a", in_flight_requests=3, in_flight_tokens=3000)])
+    policy.on_dispatch(f, decision)
+    policy.on_complete(f, decision, Outcome(ok=True, status=200, ttft_s=5.0, prompt_tokens=f.token_estimate,
+                                            cached_tokens=0, completion_tokens=1, e2e_s=5.0))
+    assert policy.calibration("a")["observations"] == 0
 
 
 def test_a_replica_at_its_slot_limit_charges_the_wait_for_a_free_slot():
