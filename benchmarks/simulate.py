@@ -164,6 +164,7 @@ class ExactEngine:
         self.sched = Scheduler(config, timing)
         self.num_blocks = config.num_blocks
         self.block_size = config.block_size
+        self.max_num_seqs = config.max_num_seqs
         self.epoch = 0
         self._outputs: list[RequestOutput] = []
 
@@ -534,9 +535,9 @@ def _view(rep: _Replica, url: str, now: float, stale_after_s: float) -> ReplicaV
     age = now - rep.load_at if load is not None else None
     if load is None or age is None or age > stale_after_s:
         return ReplicaView(rep.name, url, 1.0, rep.in_flight, rep.in_flight_tokens, 0, 0, 0, kv.num_blocks,
-                           kv.block_size, None)
+                           kv.block_size, None, max_num_seqs=kv.max_num_seqs)
     return ReplicaView(rep.name, url, 1.0, rep.in_flight, rep.in_flight_tokens, load[0], load[1], load[2],
-                       kv.num_blocks, kv.block_size, max(0.0, age))
+                       kv.num_blocks, kv.block_size, max(0.0, age), max_num_seqs=kv.max_num_seqs)
 
 
 _CHAINS: dict[int, ChainEncoder] = {}

@@ -156,6 +156,7 @@ class VllmBackend:
         self.max_model_len = config.max_model_len or _guess_max_model_len(config.model)
         self.block_size = config.block_size or 0
         self.num_blocks = 0
+        self.max_num_seqs = 0
         self._engine: Any = None
         self._tokenizer: Any = None
         self._building: asyncio.Future[None] | None = None
@@ -247,6 +248,7 @@ class VllmBackend:
         self.max_model_len = engine.vllm_config.model_config.max_model_len
         self.block_size = int(cache.block_size)
         self.num_blocks = int(cache.num_gpu_blocks or 0)
+        self.max_num_seqs = int(getattr(engine.vllm_config.scheduler_config, "max_num_seqs", 0) or 0)
         try:
             await self._warmup()
         except Exception as exc:
@@ -391,7 +393,7 @@ class VllmBackend:
             model=self.model_name, running=running, waiting=waiting, kv_blocks_used=used,
             kv_blocks_total=self.num_blocks, block_size=self.block_size,
             prefix_cache_queries=load.prefix_queries, prefix_cache_hits=load.prefix_hits,
-            ready=self.ready, backend=self.name,
+            ready=self.ready, backend=self.name, max_num_seqs=self.max_num_seqs,
         )
 
 

@@ -32,10 +32,12 @@ those the lower request load wins, then a seeded random draw.
 - ``work_weight``: a request's prefill delays everything queued behind it, and its decode slows every
   sequence it shares steps with. Without this term a replica holding a prefix looks worse than an idle
   one the moment it has any queue, prefixes get recomputed everywhere, and a busy fleet loses throughput.
-- saturation: an engine runs at most ``max_num_seqs`` sequences (or fewer when its KV cache is full);
-  beyond that a request waits for a slot, whatever the prefill queue. The limit is learned per replica
-  from the engine's reports (the ``running`` it reports again and again while requests wait, see
-  ``_see``). When the requests at ``r`` (running + pending) reach it, the queue term
+- saturation: an engine runs at most ``max_num_seqs`` sequences; beyond that a request waits for a
+  slot, whatever the prefill queue. The limit comes from the engine's load report (``/load`` of this
+  project's engine servers, sim and vLLM; a stock vLLM's /metrics does not say, and then the term is
+  off: running/waiting alone cannot tell a slot limit from a queue for prefill or for KV blocks, which
+  a test harness showed by teaching a limit of 1). When the requests at ``r`` (running + pending)
+  reach it, the queue term
   is at least the time until this request's slot frees: with ``w`` requests waiting for a slot ahead of
   it and ``R`` running, each with a remaining decode uniform over its ``L = expected_output *
   (decode_step_s + decode_s_per_seq * R)``, the ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
@@ -91,7 +93,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -101,7 +102,6 @@ from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, req
 from router.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.replica_view import DEFAULT_STALE_AFTER_S, ReplicaView
 
-SLOT_EVIDENCE = 6  # distinct queued load reports before a concurrency limit is believed
 DEFAULT_OUTPUT_GUESS = 128.0  # expected completion tokens until the engine reports some
 
 
@@ -165,8 +165,6 @@ class Cost(PolicyBase):
         prior = CostConstants(request_overhead_s, prefill_s_per_token, decode_s_per_seq, decode_step_s)
         self.calibrator = Calibrator(prior, CalibrationSettings.of(calibration))  # type: ignore[arg-type]
         self._constants: dict[str, tuple[float, float, float, float]] = {}
-        self._slot_limit: dict[str, int] = {}
-        self._queued_reports: dict[str, deque[tuple[int, int, int]]] = {}
         self._views: dict[str, ReplicaView] = {}
         self._sent: dict[tuple[str, str], _Sent] = {}
         self.tie_tolerance = tie_tolerance
@@ -228,8 +226,8 @@ class Cost(PolicyBase):
             consts = self._constants[view.name] = self._effective(view.name)
         overhead, per_token, per_seq, step = consts
         seconds = overhead * pending_requests + per_token * pending_tokens
-        limit = self._slot_limit.get(view.name)
-        if limit is not None and running + pending_requests >= limit:
+        limit = view.max_num_seqs
+        if limit and running + pending_requests >= limit:
             ahead = max(0.0, running + pending_requests - limit)  # requests waiting for a slot before us
             if fresh:
                 ahead = max(ahead, float(view.waiting))
@@ -327,13 +325,12 @@ class Cost(PolicyBase):
         self._geometry.pop(name, None)
         self.calibrator.remove(name)
         self._constants.pop(name, None)
-        self._slot_limit.pop(name, None)
-        self._queued_reports.pop(name, None)
         self._views.pop(name, None)
 
     def calibration(self, name: str) -> dict[str, object]:
         """The learned time constants and slot limit of ``name`` (admin API, metrics; not `Policy`)."""
-        return {**self.calibrator.snapshot(name), "slot_limit": self._slot_limit.get(name)}
+        view = self._views.get(name)
+        return {**self.calibrator.snapshot(name), "slot_limit": (view.max_num_seqs or None) if view else None}
 
     # -- calibration -------------------------------------------------------------------------------
 
@@ -348,28 +345,8 @@ class Cost(PolicyBase):
         return overhead, per_token, per_seq, step
 
     def _see(self, view: ReplicaView) -> None:
-        """Keep the latest view (for on_dispatch / on_complete) and learn the replica's slot limit.
-
-        An engine at its concurrency limit reports the same ``running`` every time it has requests
-        waiting; one whose queue waits for something else (token budget, a busy prefill) reports
-        varying counts. So the limit is the largest ``running`` of the last reports with ``waiting > 0``
-        (distinct reports only) when at least ``SLOT_EVIDENCE`` of them and 3/4 of them show it."""
+        """Keep the latest view of each replica (on_dispatch and on_complete read it)."""
         self._views[view.name] = view
-        if view.waiting <= 0 or view.running <= 0 or not view.engine_fresh(self.stale_after_s):
-            return
-        seen = self._queued_reports.get(view.name)
-        if seen is None:
-            seen = self._queued_reports[view.name] = deque(maxlen=4 * SLOT_EVIDENCE)
-        report = (view.running, view.waiting, view.kv_blocks_used)
-        if seen and seen[-1] == report:
-            return
-        seen.append(report)
-        top = max(r for r, _, _ in seen)
-        at_top = sum(1 for r, _, _ in seen if r == top)
-        if len(seen) >= SLOT_EVIDENCE and at_top >= 0.75 * len(seen):
-            self._slot_limit[view.name] = top
-        else:
-            self._slot_limit.pop(view.name, None)
 
     def _running(self, view: ReplicaView, fresh: bool, pending_requests: float) -> float:
         running = view.in_flight_requests - pending_requests

@@ -150,24 +150,23 @@ def test_only_requests_with_nothing_queued_ahead_teach_the_ttft_constants():
 
 
 def test_a_replica_at_its_slot_limit_charges_the_wait_for_a_free_slot():
-    policy = Cost(seed=0, calibration="pinned")
-    full = dict(running=4, waiting=2, in_flight_requests=6, load_age_s=0.1)
-    for used in range(8):  # distinct reports, always 4 running while requests wait: the limit is 4
-        policy.choose(features_with(4, "p"), [view("a", kv_blocks_used=used, **full)])
-    assert policy.calibration("a")["slot_limit"] == 4
+    policy = Cost(seed=0)
+    full = dict(running=4, waiting=2, in_flight_requests=6, load_age_s=0.1, max_num_seqs=4)
     probe = features_with(4, "q", max_tokens=100)
     at_limit = policy.estimate_cost(view("a", **full), 64, probe)
     # 2 waiting + this one: the 3rd of 4 running requests to finish, each with a 100-step decode
     # of 6 ms + 4 x 10 us: 3 x 100 x 6.04 ms / 5 = 362 ms, far above the per-sequence slowdown.
     assert at_limit == pytest.approx(0.3624 + 2 * (2e-3 + 2e-5 * 64 + 1e-5 * 4 * 101), rel=0.01)
-    unknown = Cost(seed=0, calibration="pinned").estimate_cost(view("a", **full), 64, probe)
-    assert unknown < 0.05
+    assert policy.calibration("a")["slot_limit"] == 4
+    below = policy.estimate_cost(view("a", **{**full, "max_num_seqs": 16}), 64, probe)
+    assert below < 0.05
 
 
-def test_a_queue_waiting_for_something_else_is_not_mistaken_for_a_slot_limit():
-    policy = Cost(seed=0, calibration="online")
-    for running in (3, 5, 2, 6, 4, 7, 5, 3):  # a busy prefill server, not a ceiling
-        policy.choose(features_with(4, "p"), [view("a", running=running, waiting=2, load_age_s=0.1)])
+def test_without_a_reported_limit_a_queue_is_not_taken_for_one():
+    # running/waiting alone cannot tell a slot limit from a queue for prefill or KV blocks.
+    policy = Cost(seed=0)
+    for waiting in range(8):
+        policy.choose(features_with(4, "p"), [view("a", running=1, waiting=waiting + 1, load_age_s=0.1)])
     assert policy.calibration("a")["slot_limit"] is None
 
 
