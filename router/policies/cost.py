@@ -36,11 +36,12 @@ those the lower request load wins, then a seeded random draw.
   slot, whatever the prefill queue. The limit comes from the engine's load report (``/load`` of this
   project's engine servers, sim and vLLM; a stock vLLM's /metrics does not say, and then the term is
   off: running/waiting alone cannot tell a slot limit from a queue for prefill or for KV blocks, which
-  a test harness showed by teaching a limit of 1). When the requests at ``r`` (running + pending)
-  reach it, the queue term
+  a test harness showed by teaching a limit of 1). When the router's requests in flight at ``r``
+  reach it (its own count: the engine's lags a poll), the queue term
   is at least the time until this request's slot frees: with ``w`` requests waiting for a slot ahead of
-  it and ``R`` running, each with a remaining decode uniform over its ``L = expected_output *
-  (decode_step_s + decode_s_per_seq * R)``, the ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
+  it (also at least the engine's fresh ``waiting``) and ``R = limit`` running, each with a remaining
+  decode uniform over its ``L = expected_output * (decode_step_s + decode_s_per_seq * R)``, the
+  ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
 - ``evicted_tokens(r)``: prompt blocks that must leave ``r``'s (full) cache to make room for this
   request's uncached blocks; they will likely have to be recomputed later.
 
@@ -227,11 +228,13 @@ class Cost(PolicyBase):
         overhead, per_token, per_seq, step = consts
         seconds = overhead * pending_requests + per_token * pending_tokens
         limit = view.max_num_seqs
-        if limit and running + pending_requests >= limit:
-            ahead = max(0.0, running + pending_requests - limit)  # requests waiting for a slot before us
+        # Occupancy from the router's own count: exact now, while the engine's running lags a poll and
+        # still counts a conversation's previous turn when its next one arrives.
+        if limit and view.in_flight_requests >= limit:
+            ahead = float(view.in_flight_requests - limit)  # requests waiting for a slot before us
             if fresh:
                 ahead = max(ahead, float(view.waiting))
-            busy = max(running, 1.0)
+            busy = float(limit)
             slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (step + per_seq * busy) / (busy + 1.0)
             seconds = max(seconds, slot_wait)
         own = overhead + per_token * uncached
