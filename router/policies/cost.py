@@ -10,8 +10,8 @@ For every eligible replica ``r`` the policy estimates, in seconds::
     prefill(r) = request_overhead_s + prefill_s_per_token * uncached_tokens(r)
     decode(r)  = decode_s_per_seq * running(r) * (1 + expected_output_tokens)
 
-with the time constants learned per replica (`router.calibration`, below) and ``queue(r)`` raised to the
-wait for a free slot when ``r`` is at its concurrency limit.
+with the time constants configured, or learned per replica (``calibration="online"``, below), and
+``queue(r)`` raised to the wait for a free slot when ``r`` is at its concurrency limit.
 
 and picks the minimum. Costs within ``tie_tolerance`` (relative) of the minimum count as equal; among
 those the lower request load wins, then a seeded random draw.
