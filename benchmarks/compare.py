@@ -451,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.matrix:  # too heavy to run live on a small machine: the same policy objects in virtual time
         from benchmarks.matrix import main as matrix_main
 
-        return matrix_main(["--plot", "--seed", str(args.seed or 1)])
+        return matrix_main(["--plot", "--poisson", "0.5,0.75,0.9", "--seed", str(args.seed or 1)])
     return run_benchmark(lambda: amain(args), args.out_dir / f"{args.name}.json")
 
 

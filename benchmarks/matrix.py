@@ -2,7 +2,8 @@
 
     python -m benchmarks.matrix                    # every engine x workload cell, offline simulator
     python -m benchmarks.matrix --engines tiny-seqs,hetero --workloads agentic
-    python -m benchmarks.compare --matrix          # the same (compare delegates here)
+    python -m benchmarks.matrix --poisson 0.5,0.75,0.9   # + Poisson arrivals at 50/75/90 % of saturation
+    python -m benchmarks.compare --matrix          # all of it, with the plot (compare delegates here)
 
 Each cell is a fleet of 4 simulated engines (`benchmarks.simulate`, the very scheduler and prefix cache
 the sim engine server steps) and one workload; every contender runs it from a cold start: `cost` as the
@@ -72,11 +73,24 @@ def workload_of(name: str, seed: int) -> wl.Workload:
     return built[0]
 
 
+def saturation_rate(engine: str, workload: wl.Workload, seed: int) -> float:
+    """Sessions/s at which this fleet saturates: round_robin's throughput with 64 closed-loop clients,
+    converted from requests to sessions."""
+    kv = wl.kv_blocks_per_replica(workload, REPLICAS, CAPACITY.get(engine, 1.3))
+    load = LoadSpec(concurrency=64, max_requests=workload.num_requests, seed=seed)
+    s = simulate(workload, REPLICAS, "round_robin", profile=profiles(engine), num_blocks=kv, load=load,
+                 seed=seed).summary()
+    return s["req_per_s"] * len(workload.sessions) / workload.num_requests
+
+
 def run_cell(engine: str, workload: wl.Workload, contenders: Sequence[str], seed: int,
-             concurrency: int) -> dict[str, Any]:
+             concurrency: int, rate: float | None = None, label: str | None = None) -> dict[str, Any]:
+    """One engine x workload x load cell: every contender from a cold start, then the goal ratios.
+    ``rate`` (Poisson sessions/s) replaces the ``concurrency`` closed-loop clients when given."""
     kv = wl.kv_blocks_per_replica(workload, REPLICAS, CAPACITY.get(engine, 1.3))
     oracle = wl.oracle(workload, kv * REPLICAS).hit_rate
-    load = LoadSpec(concurrency=concurrency, max_requests=workload.num_requests, seed=seed)
+    load = (LoadSpec(rate=rate, max_requests=workload.num_requests, seed=seed) if rate is not None else
+            LoadSpec(concurrency=concurrency, max_requests=workload.num_requests, seed=seed))
     runs: dict[str, Any] = {}
     for name in contenders:
         policy, params = CONTENDERS[name]
@@ -85,7 +99,8 @@ def run_cell(engine: str, workload: wl.Workload, contenders: Sequence[str], seed
         runs[name] = {"ttft_p90_ms": s["ttft_ms"]["p90"], "ttft_p50_ms": s["ttft_ms"]["p50"],
                       "req_per_s": s["req_per_s"], "hit_rate": s["hit_rate"],
                       "max_over_mean": s["max_over_mean"], "failed": s["failed"]}
-    cell: dict[str, Any] = {"engine": engine, "workload": workload.name, "kv_blocks": kv,
+    cell: dict[str, Any] = {"engine": engine, "workload": workload.name, "load": label or load.label(),
+                            "kv_blocks": kv,
                             "oracle_hit_rate": round(oracle, 4), "runs": runs}
     ours = runs.get("cost")
     others = {k: v for k, v in runs.items() if not k.startswith("cost")}
@@ -159,10 +174,10 @@ def table(cells: Sequence[dict[str, Any]]) -> str:
         def flag(k: str, r: dict[str, float] = r, m: dict[str, bool] = m) -> str:
             return f"{r.get(k, math.nan):.2f}{'' if m.get(k) else ' x'}"
 
-        rows.append([c["engine"], c["workload"], ours.get("ttft_p90_ms"), flag("ttft_p90_vs_best"),
+        rows.append([c["engine"], c["workload"], c.get("load", ""), ours.get("ttft_p90_ms"), flag("ttft_p90_vs_best"),
                      c.get("online_ttft_p90_vs_best", ""), c.get("best_ttft", ""), flag("throughput_vs_best"),
                      flag("hit_vs_oracle"), flag("max_over_mean")])
-    return format_table(["engine", "workload", "cost p90 ms", "p90 vs best", "online vs best", "best other",
+    return format_table(["engine", "workload", "load", "cost p90 ms", "p90 vs best", "online vs best", "best other",
                          "req/s vs best", "hit vs oracle", "max/mean"], rows)
 
 
@@ -172,6 +187,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of " + ", ".join(WORKLOADS))
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list of " + ", ".join(CONTENDERS))
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
+    p.add_argument("--poisson", default="",
+                   help="also Poisson session arrivals at these fractions of the fleet's saturation rate "
+                        "(round_robin's throughput at 64 clients), e.g. 0.5,0.75,0.9")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--plot", action="store_true", help="also the convergence plot (matrix-convergence.png)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "matrix.json")
@@ -195,6 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for engine in engines:
             cells.append(run_cell(engine, workload, contenders, args.seed, args.concurrency))
             print(table(cells[-1:]).splitlines()[-1], flush=True)
+            fractions = [float(f) for f in args.poisson.split(",") if f.strip()]
+            if fractions:
+                sat = saturation_rate(engine, workload, args.seed)
+                for f in fractions:
+                    cells.append(run_cell(engine, workload, contenders, args.seed, args.concurrency,
+                                          rate=f * sat, label=f"p{round(100 * f)}"))
+                    cells[-1]["rate_sessions_per_s"] = round(f * sat, 3)
+                    print(table(cells[-1:]).splitlines()[-1], flush=True)
     out: dict[str, Any] = {"benchmark": "matrix", "machine": machine_info(), "goals": GOALS,
                            "replicas": REPLICAS, "concurrency": args.concurrency, "seed": args.seed,
                            "cells": cells, "real_s": round(time.perf_counter() - t0, 1)}
