@@ -67,10 +67,11 @@ DEFAULT = "cost"  # the router's default policy: the contender the acceptance li
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:
-    """Our policies (plus `cost-online`, learning its constants, and `cost-tuned` where the profile has
-    documented ratios), then the peers."""
+    """Our policies (plus `cost-pinned` and `cost-online`, the calibration modes the default does not
+    use, and `cost-tuned` where the profile has documented ratios), then the peers."""
     ours = our_contenders()
-    ours.append(Contender("cost-online", "ours", "cost", {"calibration": "online"}))  # issue 15, opt-in
+    ours.append(Contender("cost-pinned", "ours", "cost", {"calibration": "pinned"}))  # issue 15 variants
+    ours.append(Contender("cost-online", "ours", "cost", {"calibration": "online"}))
     if tuned := PROFILE_COST_PARAMS.get(args.profile):
         ours.append(Contender("cost-tuned", "ours", "cost", dict(tuned)))
     if args.policies:

@@ -7,8 +7,8 @@
 
 Each cell is a fleet of 4 simulated engines (`benchmarks.simulate`, the very scheduler and prefix cache
 the sim engine server steps) and one workload; every contender runs it from a cold start: `cost` as the
-router starts it (no parameters: the H100 defaults, pinned), `cost-online` (the same defaults as the
-prior of online calibration, `router.calibration`) and our other policies (`cache_aware` is the
+router starts it (no parameters: the H100 defaults, `calibration: relative`), `cost-pinned` (learning
+nothing), `cost-online` (every fitted constant, `router.calibration`) and our other policies (`cache_aware` is the
 SGLang / vllm-router algorithm; the peer routers themselves only run live, see benchmarks/README.md).
 
 Engines (`engine_server.sim.timing` profiles; the cost model's defaults are an H100 fit):
@@ -51,7 +51,8 @@ ENGINES: dict[str, tuple[str, ...] | str] = {
 CAPACITY = {"small-kv": 0.6}  # fleet KV as a multiple of the footprint; the rest use 1.3
 WORKLOADS = ("gsp", "multiturn", "agentic", "prefix-sweep")
 CONTENDERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "cost": ("cost", {}), "cost-online": ("cost", {"calibration": "online"}),
+    "cost": ("cost", {}), "cost-pinned": ("cost", {"calibration": "pinned"}),
+    "cost-online": ("cost", {"calibration": "online"}),
     "round_robin": ("round_robin", {}), "least_load": ("least_load", {}),
     "power_of_two": ("power_of_two", {}), "consistent_hash": ("consistent_hash", {}),
     "cache_aware": ("cache_aware", {}),
@@ -115,8 +116,10 @@ def run_cell(engine: str, workload: wl.Workload, contenders: Sequence[str], seed
                     ratios={k: round(v, 3) for k, v in ratios.items()},
                     met={k: (v >= GOALS[k] if k in ("throughput_vs_best", "hit_vs_oracle") else v <= GOALS[k])
                          for k, v in ratios.items()})
-        if "cost-online" in runs:
-            cell["online_ttft_p90_vs_best"] = round(runs["cost-online"]["ttft_p90_ms"] / best_ttft[1]["ttft_p90_ms"], 3)
+        for variant in ("pinned", "online"):
+            if f"cost-{variant}" in runs:
+                cell[f"{variant}_ttft_p90_vs_best"] = round(
+                    runs[f"cost-{variant}"]["ttft_p90_ms"] / best_ttft[1]["ttft_p90_ms"], 3)
     return cell
 
 
@@ -175,9 +178,10 @@ def table(cells: Sequence[dict[str, Any]]) -> str:
             return f"{r.get(k, math.nan):.2f}{'' if m.get(k) else ' x'}"
 
         rows.append([c["engine"], c["workload"], c.get("load", ""), ours.get("ttft_p90_ms"), flag("ttft_p90_vs_best"),
+                     c.get("pinned_ttft_p90_vs_best", ""),
                      c.get("online_ttft_p90_vs_best", ""), c.get("best_ttft", ""), flag("throughput_vs_best"),
                      flag("hit_vs_oracle"), flag("max_over_mean")])
-    return format_table(["engine", "workload", "load", "cost p90 ms", "p90 vs best", "online vs best", "best other",
+    return format_table(["engine", "workload", "load", "cost p90 ms", "p90 vs best", "pinned vs best", "online vs best", "best other",
                          "req/s vs best", "hit vs oracle", "max/mean"], rows)
 
 

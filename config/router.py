@@ -45,9 +45,11 @@ class ReplicaConfig(_Frozen):
 class CalibrationConfig(_Frozen):
     """How the `cost` policy's time constants are set (router/calibration.py)."""
 
-    mode: Literal["online", "pinned"] = Field(
-        default="pinned", description="pinned: the constants in policy.params (or their defaults), fixed; "
-                                      "online: learned per replica from every finished request, starting there")
+    mode: Literal["pinned", "online", "relative"] = Field(
+        default="relative", description="pinned: the constants in policy.params (or their defaults), fixed; "
+                                      "online: learned per replica from every finished request, starting there; "
+                                      "relative: the configured constants times each replica's learned speed "
+                                      "relative to the fleet's median replica"),
     forgetting: float = Field(default=0.99, gt=0.5, le=1.0,
                               description="weight past observations keep at each new one (0.99 ~ the last 100)")
     bound_factor: float = Field(default=10_000.0, gt=1.0,
@@ -56,6 +58,10 @@ class CalibrationConfig(_Frozen):
                                                        "down-weighted (outliers)")
     prior_spread: float = Field(default=1000.0, gt=0, description="prior standard deviation, in units of "
                                                                   "the configured value")
+    deadband: float = Field(default=1.5, ge=1.0, description="relative: a speed within 1/deadband .. "
+                                                             "deadband of the median counts as equal")
+    min_observations: int = Field(default=30, ge=1, description="relative: observations before a "
+                                                                "replica's speed is used")
 
 
 class PolicyConfig(_Frozen):

@@ -35,7 +35,12 @@ whose relative residual exceeds ``clip`` is down-weighted to it (Huber-like), so
 cannot throw the estimate. A constant whose effect is below the noise (a per-sequence cost of 6 us
 beside a 6 ms step) is not identifiable and not needed: it stays wherever it fits best.
 
-``mode="pinned"`` turns learning off: `constants()` always returns the prior.
+Modes: ``"pinned"`` turns learning off (`constants()` is always the prior). ``"online"`` uses each
+replica's fitted constants. ``"relative"`` uses the prior scaled by each replica's *slowness*: its observed
+times over what one fit of the whole fleet predicts for the same requests, relative to the median
+replica's, counted as 1 within ``deadband`` and before ``min_observations``. In a fleet of equal replicas only the ratios between the
+constants matter to the cost policy, and there the configured ratios routed better than fitted ones
+(benchmarks/README.md, "Calibration matrix"); what calibration adds is telling a slower replica apart.
 """
 
 from __future__ import annotations
@@ -67,24 +72,28 @@ class CostConstants:
 
 @dataclass(frozen=True, slots=True)
 class CalibrationSettings:
-    """mode: "online" (learn per replica) or "pinned" (always the configured constants; the default for
-        now: in the offline matrix, benchmarks/README.md, learned constants did not yet beat the H100
-        ratios, so learning is opt-in).
+    """mode: "pinned" (always the configured constants), "online" (each replica's fitted constants) or
+        "relative" (the configured constants times each replica's speed relative to the fleet); see the
+        module docstring and benchmarks/README.md for which routes best.
     forgetting: weight kept by past observations at each new one, in (0, 1]; 0.99 ~ the last 100.
     bound_factor: learned constants stay within prior / f .. prior * f.
     clip: largest relative residual one observation may apply.
     prior_spread: prior standard deviation, in units of the prior value.
     """
 
-    mode: Literal["online", "pinned"] = "pinned"
+    mode: Literal["pinned", "online", "relative"] = "relative"
     forgetting: float = 0.99
     bound_factor: float = 10_000.0
     clip: float = 0.5
     prior_spread: float = 1000.0
+    deadband: float = 1.5
+    min_observations: int = 30
 
     def __post_init__(self) -> None:
-        if self.mode not in ("online", "pinned"):
-            raise ValueError(f"calibration mode must be 'online' or 'pinned', got {self.mode!r}")
+        if self.mode not in ("pinned", "online", "relative"):
+            raise ValueError(f"calibration mode must be 'pinned', 'online' or 'relative', got {self.mode!r}")
+        if not self.deadband >= 1.0 or self.min_observations < 1:
+            raise ValueError("calibration deadband must be >= 1 and min_observations >= 1")
         if not 0.5 < self.forgetting <= 1.0:
             raise ValueError(f"calibration forgetting must be in (0.5, 1], got {self.forgetting}")
         if not self.bound_factor > 1.0:
@@ -245,6 +254,10 @@ class Calibrator:
         self.prior = prior
         self.settings = settings or CalibrationSettings()
         self._replicas: dict[str, ReplicaCalibration] = {}
+        self._median: float | None = None  # fleet median of the replicas' slowness (relative mode)
+        # relative mode: one fit over the whole fleet, and per replica its observed / predicted times
+        self._pooled = ReplicaCalibration(prior, self.settings)
+        self._slowness: dict[str, list[float]] = {}
 
     @property
     def pinned(self) -> bool:
@@ -257,11 +270,52 @@ class Calibrator:
         return cal
 
     def observe(self, name: str, sample: TtftSample | DecodeSample) -> bool:
-        return False if self.pinned else self.replica(name).observe(sample)
+        if self.pinned or not self.replica(name).observe(sample):
+            return False
+        if self.settings.mode == "relative":
+            y = sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s
+            fleet = self._pooled.constants().as_tuple()
+            predicted = sum(x * c for x, c in zip(sample.row(), fleet, strict=True))
+            self._pooled.observe(sample)
+            if predicted > 0:
+                sums = self._slowness.setdefault(name, [0.0, 0.0])
+                lam = self.settings.forgetting
+                sums[0], sums[1] = lam * sums[0] + y, lam * sums[1] + predicted
+        self._median = None
+        return True
+
+    def _slow(self, name: str) -> float | None:
+        sums = self._slowness.get(name)
+        return sums[0] / sums[1] if sums and sums[1] > 0 else None
 
     def constants(self, name: str) -> CostConstants:
+        """The constants the policy should price ``name`` with (see the module docstring's modes)."""
         cal = self._replicas.get(name)
-        return self.prior if cal is None or self.pinned else cal.constants()
+        if cal is None or self.pinned:
+            return self.prior
+        if self.settings.mode == "online":
+            return cal.constants()
+        speed = self.speed(name)
+        return self.prior if speed == 1.0 else CostConstants(*(c * speed for c in self.prior.as_tuple()))
+
+    def speed(self, name: str) -> float:
+        """How many times slower than the fleet's median replica ``name`` is: its observed times over
+        what one fit of the whole fleet predicts for the same requests, over the median of that ratio
+        (1.0 when unknown or within the deadband)."""
+        cal = self._replicas.get(name)
+        s = self.settings
+        own = self._slow(name)
+        if cal is None or cal.observations < s.min_observations or own is None:
+            return 1.0
+        if self._median is None:
+            known = sorted(v for n, c in self._replicas.items()
+                           if c.observations >= s.min_observations and (v := self._slow(n)) is not None)
+            mid = len(known) // 2
+            self._median = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+        ratio = own / self._median if self._median > 0 else 1.0
+        if 1.0 / s.deadband < ratio < s.deadband:
+            return 1.0
+        return min(s.bound_factor, max(1.0 / s.bound_factor, ratio))
 
     def observations(self, name: str) -> int:
         cal = self._replicas.get(name)
@@ -269,8 +323,13 @@ class Calibrator:
 
     def remove(self, name: str) -> None:
         self._replicas.pop(name, None)
+        self._slowness.pop(name, None)
+        self._median = None
 
     def snapshot(self, name: str) -> dict[str, Any]:
         """What the admin API and metrics show for one replica."""
-        return {"mode": self.settings.mode, "observations": self.observations(name),
-                **self.constants(name).as_dict()}
+        shown: dict[str, Any] = {"mode": self.settings.mode, "observations": self.observations(name),
+                                 **self.constants(name).as_dict()}
+        if self.settings.mode == "relative":
+            shown["speed"] = self.speed(name)
+        return shown

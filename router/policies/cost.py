@@ -10,7 +10,7 @@ For every eligible replica ``r`` the policy estimates, in seconds::
     prefill(r) = request_overhead_s + prefill_s_per_token * uncached_tokens(r)
     decode(r)  = decode_s_per_seq * running(r) * (1 + expected_output_tokens)
 
-with the time constants configured, or learned per replica (``calibration="online"``, below), and
+with the time constants configured, scaled or learned per replica (``calibration``, below), and
 ``queue(r)`` raised to the wait for a free slot when ``r`` is at its concurrency limit.
 
 and picks the minimum. Costs within ``tie_tolerance`` (relative) of the minimum count as equal; among
@@ -65,8 +65,9 @@ Calibration: every finished request is an observation of the replica's timing (i
 prefill work that was ahead of it and its own uncached tokens per the engine's ``cached_tokens``; its
 decode time against the running sequences and the prefills dispatched meanwhile). `router.calibration`
 fits the four time constants per replica from them, starting from the configured values, and the next
-decision uses the result (``calibration="online"``). ``"pinned"`` (the default) keeps the configured
-constants.
+decision uses the result: all four fitted constants (``calibration="online"``), or (the default,
+``"relative"``) the configured ones scaled by the replica's slowness relative to the fleet's median
+replica, which only moves a replica that differs by more than the deadband. ``"pinned"`` learns nothing.
 
 Parameters (the prior of the time constants; the defaults follow a BLIS fit of Llama-3-8B on one H100:
 ~17 us per prefill token, ~6 us per decode sequence per step, ~6 ms per step):
@@ -75,8 +76,10 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
         batched engine shares a step between many requests.
     decode_s_per_seq (1e-5): step time added per sequence running on the replica.
     decode_step_s (6e-3): time of a decode step (prices the wait for a free slot).
-    calibration ("pinned"): "online", "pinned", or `CalibrationSettings` fields as a mapping. Online
-        learning is opt-in until it beats the configured ratios (benchmarks/README.md, issue 15).
+    calibration ("relative"): "relative", "online", "pinned", or `CalibrationSettings` fields as a
+        mapping. "relative" (the default) keeps the configured ratios and learns how much slower each
+        replica is than the fleet's median one; "online" uses every fitted constant, which routed worse
+        in the matrix (benchmarks/README.md, issue 15); "pinned" learns nothing.
     work_weight (1.0): how much a request's own work counts again for the requests it delays.
     eviction_weight (1.0): expected recompute of evicted blocks (0 disables the term).
     tie_tolerance (0.02): relative cost difference treated as a tie.
@@ -391,7 +394,10 @@ class Cost(PolicyBase):
             observed |= self.calibrator.observe(name, DecodeSample(
                 decode_s, steps, max(1.0, (sent.running + 1.0 + now_running) / 2.0)))
         if observed:
-            self._constants.pop(name, None)
+            if self.calibrator.settings.mode == "relative":  # the fleet median may have moved
+                self._constants.clear()
+            else:
+                self._constants.pop(name, None)
 
     def index_size(self, name: str) -> int:
         """Blocks the index believes ``name`` holds (read by the admin API; not part of `Policy`)."""

@@ -78,6 +78,22 @@ def test_learned_constants_stay_within_the_bounds():
     assert calibrator.constants("r0").request_overhead_s == pytest.approx(2e-2)
 
 
+def test_relative_mode_keeps_the_configured_ratios_and_scales_only_a_clearly_slower_replica():
+    calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative"))
+    engine = ENGINES["llmd-like"]
+    slow = CostConstants(*(2 * c for c in engine.as_tuple()))
+    for i, name in enumerate(("a", "b", "c")):
+        for sample in observations(engine, 60, seed=10 + i):
+            calibrator.observe(name, sample)
+    for sample in observations(slow, 60, seed=20):
+        calibrator.observe("slow", sample)
+    assert [calibrator.constants(n) for n in "abc"] == [H100_PRIOR] * 3  # equal replicas: the prior
+    assert calibrator.speed("slow") == pytest.approx(2.0, rel=0.2)
+    scaled = calibrator.constants("slow").as_tuple()
+    assert [c / p for c, p in zip(scaled, H100_PRIOR.as_tuple(), strict=True)] == pytest.approx(
+        [calibrator.speed("slow")] * 4)
+
+
 def test_pinned_constants_never_move():
     calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="pinned"))
     for sample in observations(ENGINES["unbatched"], 50, seed=1):
@@ -181,7 +197,7 @@ def test_the_config_switch_builds_a_learning_or_a_pinned_cost_policy():
         cfg = parse_config({"policy": {"name": "cost", "calibration": {"mode": mode, "forgetting": 0.98}}})
         policy = create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())
         assert policy.calibrator.settings == CalibrationSettings(mode=mode, forgetting=0.98)
-    assert create_policy("cost").calibrator.pinned  # the default, until online wins (benchmarks/README.md)
+    assert create_policy("cost").calibrator.settings.mode == "relative"  # the default (benchmarks/README.md)
 
 
 @pytest.mark.parametrize("policy, message", [
