@@ -330,6 +330,8 @@ class Calibrator:
         """What the admin API and metrics show for one replica."""
         shown: dict[str, Any] = {"mode": self.settings.mode, "observations": self.observations(name),
                                  **self.constants(name).as_dict()}
-        if self.settings.mode == "relative":
+        if self.settings.mode == "relative":  # what is priced, plus what was fitted
+            cal = self._replicas.get(name)
             shown["speed"] = self.speed(name)
+            shown["fitted"] = cal.constants().as_dict() if cal is not None else None
         return shown

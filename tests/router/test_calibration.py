@@ -92,6 +92,8 @@ def test_relative_mode_keeps_the_configured_ratios_and_scales_only_a_clearly_slo
     scaled = calibrator.constants("slow").as_tuple()
     assert [c / p for c, p in zip(scaled, H100_PRIOR.as_tuple(), strict=True)] == pytest.approx(
         [calibrator.speed("slow")] * 4)
+    shown = calibrator.snapshot("slow")
+    assert shown["speed"] == calibrator.speed("slow") and shown["fitted"]["prefill_s_per_token"] > 0
 
 
 def test_pinned_constants_never_move():
