@@ -180,6 +180,8 @@ def test_overhead_smoke_has_a_row_per_contender(tmp_path: Path) -> None:
         assert row["argv"] and row["version"]
         (level,) = row["levels"]
         assert level["router"]["requests"] == 12 and level["router"]["errors"] == 0
-        assert level["router"]["cpu_s_per_1k"]["router"] > 0
+        # CPU time comes in 10 ms clock ticks: 12 requests through a Rust peer may take less than one.
+        assert level["router"]["cpu_s_per_1k"]["router"] > 0 if kind == "ours" else \
+            level["router"]["cpu_s_per_1k"]["router"] >= 0
         assert set(level["added_ms"]) == {"ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99"}
     assert "direct" in proc.stdout and "router CPU s/1k" in proc.stdout
