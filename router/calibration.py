@@ -35,12 +35,16 @@ whose relative residual exceeds ``clip`` is down-weighted to it (Huber-like), so
 cannot throw the estimate. A constant whose effect is below the noise (a per-sequence cost of 6 us
 beside a 6 ms step) is not identifiable and not needed: it stays wherever it fits best.
 
-Modes: ``"pinned"`` turns learning off (`constants()` is always the prior). ``"online"`` uses each
-replica's fitted constants. ``"relative"`` uses the prior scaled by each replica's *slowness*: its observed
-times over what one fit of the whole fleet predicts for the same requests, relative to the median
-replica's, counted as 1 within ``deadband`` and before ``min_observations``. In a fleet of equal replicas only the ratios between the
-constants matter to the cost policy, and there the configured ratios routed better than fitted ones
-(benchmarks/README.md, "Calibration matrix"); what calibration adds is telling a slower replica apart.
+Modes (what `Calibrator.constants` returns):
+
+- ``"relative"`` (the default): the prior scaled by the replica's *slowness*: its observed times over
+  what one fit of the whole fleet predicts for the same requests, relative to the median replica's,
+  counted as 1 within ``deadband`` and before ``min_observations``. In a fleet of equal replicas only
+  the ratios between the constants matter to the cost policy, and there the configured ratios routed
+  better than fitted ones (benchmarks/README.md, "Calibration matrix"); what calibration adds is
+  telling a slower replica apart.
+- ``"online"``: the replica's fitted constants.
+- ``"pinned"``: always the prior; nothing is learned.
 """
 
 from __future__ import annotations
