@@ -76,13 +76,15 @@ class CostConstants:
 
 @dataclass(frozen=True, slots=True)
 class CalibrationSettings:
-    """mode: "pinned" (always the configured constants), "online" (each replica's fitted constants) or
-        "relative" (the configured constants times each replica's speed relative to the fleet); see the
-        module docstring and benchmarks/README.md for which routes best.
-    forgetting: weight kept by past observations at each new one, in (0, 1]; 0.99 ~ the last 100.
-    bound_factor: learned constants stay within prior / f .. prior * f.
-    clip: largest relative residual one observation may apply.
+    """mode: "relative" (default: the configured constants times each replica's slowness relative to
+        the fleet), "online" (each replica's fitted constants) or "pinned" (the configured constants);
+        see the module docstring and benchmarks/README.md for which routes best.
+    forgetting: weight kept by past observations at each new one, in (0.5, 1]; 0.99 ~ the last 100.
+    bound_factor: learned constants (and slowness) stay within prior / f .. prior * f.
+    clip: relative residual above which an observation is down-weighted (after MIN_FOR_ROBUST).
     prior_spread: prior standard deviation, in units of the prior value.
+    deadband: relative: a slowness within 1/deadband .. deadband of the median replica's counts as 1.
+    min_observations: relative: observations of a replica before its slowness is used.
     """
 
     mode: Literal["pinned", "online", "relative"] = "relative"
