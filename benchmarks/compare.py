@@ -3,6 +3,8 @@
     python -m benchmarks.compare                       # gsp and multiturn, 4 llmd-8b sim engines, c=16
     python -m benchmarks.compare --workloads agentic,trace --rates 2,4,8
     python -m benchmarks.compare --quick               # a small run (minutes)
+    python -m benchmarks.compare --matrix              # issue 15's engine x workload matrix, offline (~1 min)
+    python -m benchmarks.compare --profile unbatched --workloads agentic --quick   # one matrix cell, live
 
 For each workload and each contender (and each load point) it starts a fresh fleet of N sim engines
 (cold caches, the same KV capacity for everyone), starts the contender's router in front of it by its
@@ -66,8 +68,11 @@ DEFAULT = "cost"  # the router's default policy: the contender the acceptance li
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:
-    """Our policies (plus `cost-tuned` where the profile has documented ratios), then the peers."""
+    """Our policies (plus `cost-pinned` and `cost-online`, the calibration modes the default does not
+    use, and `cost-tuned` where the profile has documented ratios), then the peers."""
     ours = our_contenders()
+    ours.append(Contender("cost-pinned", "ours", "cost", {"calibration": "pinned"}))  # issue 15 variants
+    ours.append(Contender("cost-online", "ours", "cost", {"calibration": "online"}))
     if tuned := PROFILE_COST_PARAMS.get(args.profile):
         ours.append(Contender("cost-tuned", "ours", "cost", dict(tuned)))
     if args.policies:
@@ -327,6 +332,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="workload parameter, e.g. --set groups=4 --set system_tokens=256 (applies to every "
                         "workload that has it; see benchmarks/workloads.py)")
+    p.add_argument("--matrix", action="store_true",
+                   help="run the calibration matrix (benchmarks.matrix: every sim engine profile x workload, "
+                        "in the offline simulator) instead; a cell runs live with --profile and --workloads")
     p.add_argument("--name", default="compare", help="results/<name>.json and results/<name>-<workload>.png")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the JSON and plots go")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -442,6 +450,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.matrix:  # too heavy to run live on a small machine: the same policy objects in virtual time
+        from benchmarks.matrix import main as matrix_main
+
+        return matrix_main(["--plot", "--poisson", "0.5,0.75,0.9", "--seed", str(args.seed or 1)])
     return run_benchmark(lambda: amain(args), args.out_dir / f"{args.name}.json")
 
 

@@ -139,7 +139,7 @@ class FastEngine:
         self.timing = timing
         self.num_blocks = config.num_blocks
         self.block_size = config.block_size
-        self.max_seqs = config.max_num_seqs
+        self.max_seqs = self.max_num_seqs = config.max_num_seqs
         self.max_batched = config.max_num_batched_tokens
         self.max_len = config.effective_max_model_len
         self.keep_itl = keep_itl

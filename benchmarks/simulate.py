@@ -165,6 +165,7 @@ class ExactEngine:
         self.sched = Scheduler(config, timing)
         self.num_blocks = config.num_blocks
         self.block_size = config.block_size
+        self.max_num_seqs = config.max_num_seqs
         self.epoch = 0
         self._outputs: list[RequestOutput] = []
 
@@ -264,12 +265,14 @@ class SimRun:
 
 
 def simulate(workload: wl.Workload, replicas: int, policy_name: str, policy_params: dict[str, Any] | None = None,
-             *, profile: str = "llmd-8b", num_blocks: int | None = None, load: LoadSpec,
+             *, profile: str | TimingProfile | Sequence[str | TimingProfile] = "llmd-8b",
+             num_blocks: int | None = None, load: LoadSpec,
              poll_interval_s: float = DEFAULT_POLL_S, stale_after_s: float = DEFAULT_STALE_S, seed: int = 1,
              hashing: HashingConfig | None = None, keep_itl: bool = True, exact_tokens: bool = False,
              max_real_s: float = 3600.0, policy: Policy | None = None, engine: str = "exact") -> SimRun:
     """Run ``workload`` on ``replicas`` simulated engines behind policy ``policy_name``, in virtual time.
 
+    ``profile`` is one timing profile (name or object) for every replica, or one per replica.
     ``load`` has `benchmarks.loadgen` semantics; its ``max_s`` bounds virtual time (no request starts
     later) and ``max_real_s`` bounds the real time spent (then it stops like a deadline). ``seed`` seeds
     the policy's tie-breaks; Poisson arrivals use ``load.seed`` as the load generator does.
@@ -281,13 +284,17 @@ def simulate(workload: wl.Workload, replicas: int, policy_name: str, policy_para
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     fast = engine == "fast"
     t_real, t_cpu = time.perf_counter(), time.process_time()
-    prof = get_profile(profile)
-    cfg = SchedulerConfig.from_profile(prof, num_blocks=num_blocks)
+    if isinstance(profile, (str, TimingProfile)):
+        profile = [profile] * replicas
+    if len(profile) != replicas:
+        raise ValueError(f"{len(profile)} profiles for {replicas} replicas")
+    profs = [get_profile(p) if isinstance(p, str) else p for p in profile]
     hashing = hashing or HashingConfig()
     if policy is None:
         policy = create_policy(policy_name, seed=seed, **(policy_params or {}))
-    reps = [_Replica(f"r{i}", FastEngine(cfg, prof, keep_itl) if fast else ExactEngine(cfg, prof))
-            for i in range(replicas)]
+    cfgs = [SchedulerConfig.from_profile(p, num_blocks=num_blocks) for p in profs]
+    reps = [_Replica(f"r{i}", FastEngine(c, p, keep_itl) if fast else ExactEngine(c, p))
+            for i, (c, p) in enumerate(zip(cfgs, profs, strict=True))]
     for r in reps:
         policy.on_replica_added(r.name)
     by_name = {r.name: i for i, r in enumerate(reps)}
@@ -416,7 +423,7 @@ def simulate(workload: wl.Workload, replicas: int, policy_name: str, policy_para
             records.append(rec)
             policy.on_complete(st.features, st.decision, Outcome(
                 ok=True, status=200, ttft_s=st.ttft_s, prompt_tokens=out.prompt_tokens,
-                cached_tokens=out.cached_tokens, completion_tokens=out.completion_tokens))
+                cached_tokens=out.cached_tokens, completion_tokens=out.completion_tokens, e2e_s=now - st.start_s))
             follow.append((st.session, st.turn + 1, session))
         if changed:
             refresh(i, now)
@@ -529,9 +536,9 @@ def _view(rep: _Replica, url: str, now: float, stale_after_s: float) -> ReplicaV
     age = now - rep.load_at if load is not None else None
     if load is None or age is None or age > stale_after_s:
         return ReplicaView(rep.name, url, 1.0, rep.in_flight, rep.in_flight_tokens, 0, 0, 0, kv.num_blocks,
-                           kv.block_size, None)
+                           kv.block_size, None, max_num_seqs=kv.max_num_seqs)
     return ReplicaView(rep.name, url, 1.0, rep.in_flight, rep.in_flight_tokens, load[0], load[1], load[2],
-                       kv.num_blocks, kv.block_size, max(0.0, age))
+                       kv.num_blocks, kv.block_size, max(0.0, age), max_num_seqs=kv.max_num_seqs)
 
 
 _CHAINS: dict[int, ChainEncoder] = {}

@@ -42,10 +42,46 @@ class ReplicaConfig(_Frozen):
         return v.rstrip("/")
 
 
+class CalibrationConfig(_Frozen):
+    """How the `cost` policy's time constants are set (router/calibration.py)."""
+
+    mode: Literal["pinned", "online", "relative"] = Field(
+        default="relative", description="pinned: the constants in policy.params (or their defaults), fixed; "
+                                      "online: learned per replica from every finished request, starting there; "
+                                      "relative: the configured constants times each replica's learned speed "
+                                      "relative to the fleet's median replica"),
+    forgetting: float = Field(default=0.99, gt=0.5, le=1.0,
+                              description="weight past observations keep at each new one (0.99 ~ the last 100)")
+    bound_factor: float = Field(default=10_000.0, gt=1.0,
+                                description="learned constants stay within configured / f .. configured * f")
+    clip: float = Field(default=0.5, gt=0, description="relative residual above which an observation is "
+                                                       "down-weighted (outliers)")
+    prior_spread: float = Field(default=1000.0, gt=0, description="prior standard deviation, in units of "
+                                                                  "the configured value")
+    deadband: float = Field(default=1.5, ge=1.0, description="relative: a speed within 1/deadband .. "
+                                                             "deadband of the median counts as equal")
+    min_observations: int = Field(default=30, ge=1, description="relative: observations before a "
+                                                                "replica's speed is used")
+
+
 class PolicyConfig(_Frozen):
     name: str = Field(default="cost", description="round_robin, random, least_load, power_of_two, "
                                                   "consistent_hash, cache_aware, cost")
     params: dict[str, Any] = Field(default_factory=dict, description="constructor parameters of the policy")
+    calibration: CalibrationConfig | None = Field(
+        default=None, description="cost only: learn the time constants online or pin them (default pinned)")
+
+    @model_validator(mode="after")
+    def _one_calibration(self) -> PolicyConfig:
+        if self.calibration is not None and "calibration" in self.params:
+            raise ValueError("calibration: set it here or in params, not both")
+        return self
+
+    def policy_kwargs(self) -> dict[str, Any]:
+        """Constructor keyword arguments: params, plus the calibration settings when given."""
+        if self.calibration is None:
+            return dict(self.params)
+        return {**self.params, "calibration": self.calibration.model_dump()}
 
 
 class HashingConfig(_Frozen):

@@ -71,6 +71,7 @@ class LoadReport:
     ready: bool
     draining: bool = False
     backend: str = ""
+    max_num_seqs: int = 0  # the engine's concurrency limit (0: unknown); the router prices slot waits with it
 
     def to_json(self) -> dict[str, Any]:
         usage = self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
@@ -87,6 +88,7 @@ class LoadReport:
             "block_size": self.block_size,
             "prefix_cache_queries": self.prefix_cache_queries,
             "prefix_cache_hits": self.prefix_cache_hits,
+            "max_num_seqs": self.max_num_seqs,
         }
 
 

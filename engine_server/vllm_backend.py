@@ -163,6 +163,7 @@ class VllmBackend:
         self.max_model_len = config.max_model_len or _guess_max_model_len(config.model)
         self.block_size = config.block_size or 0
         self.num_blocks = 0
+        self.max_num_seqs = 0
         self._engine: Any = None
         self._warm = False  # the warm-up request passed: only then is the engine ready
         self._failure: str | None = None  # why the engine can no longer serve (start-up failed)
@@ -274,6 +275,7 @@ class VllmBackend:
         self.max_model_len = engine.vllm_config.model_config.max_model_len
         self.block_size = int(cache.block_size)
         self.num_blocks = int(cache.num_gpu_blocks or 0)
+        self.max_num_seqs = int(getattr(engine.vllm_config.scheduler_config, "max_num_seqs", 0) or 0)
         try:
             await self._warmup()
         except Exception as exc:
@@ -433,7 +435,7 @@ class VllmBackend:
             model=self.model_name, running=running, waiting=waiting, kv_blocks_used=used,
             kv_blocks_total=self.num_blocks, block_size=self.block_size,
             prefix_cache_queries=load.prefix_queries, prefix_cache_hits=load.prefix_hits,
-            ready=self.ready, backend=self.name,
+            ready=self.ready, backend=self.name, max_num_seqs=self.max_num_seqs,
         )
 
 

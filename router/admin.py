@@ -133,6 +133,12 @@ def index_size(policy: Policy, name: str) -> int | None:
     return hook(name) if callable(hook) else None
 
 
+def calibration(policy: Policy, name: str) -> dict[str, Any] | None:
+    """The policy's learned timing for ``name`` (optional ``calibration`` hook, the cost policy's)."""
+    hook = getattr(policy, "calibration", None)
+    return hook(name) if callable(hook) else None
+
+
 def replica_json(replica: ReplicaState, policy: Policy | None, now: float, *, removed: bool = False
                  ) -> dict[str, Any]:
     h, load = replica.health, replica.load
@@ -155,6 +161,7 @@ def replica_json(replica: ReplicaState, policy: Policy | None, now: float, *, re
         "cache_hit_rate": replica.cache_hit_rate, "prompt_tokens_total": replica.prompt_tokens_total,
         "cached_tokens_total": replica.cached_tokens_total,
         "index_blocks": None if removed or policy is None else index_size(policy, replica.name),
+        "calibration": None if removed or policy is None else calibration(policy, replica.name),
     }
 
 

@@ -214,7 +214,7 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
         session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
                                         auto_decompress=False)
-        policy = create_policy(cfg.policy.name, **cfg.policy.params)
+        policy = create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())
         for r in registry.all():
             policy.on_replica_added(r.name)
         router.dispatcher = Dispatcher(registry, policy, session, router.metrics, dispatch_settings(cfg))

@@ -119,7 +119,7 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
     from router.policies.registry import create_policy
     from router.reload import RELOADER
 
-    create_policy(cfg.policy.name, **cfg.policy.params)  # fail fast on a bad policy before listening
+    create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())  # fail fast on a bad policy before listening
     app = create_app(cfg, config_file=config_file, config_source=config_source)
     router = app[ROUTER]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, **runner_kwargs(cfg))

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from router.calibration import NAMES as CONSTANTS
 from router.errors import error_response
 from router.features.parse import RequestFeatures
 from router.metrics import RouterMetrics
@@ -209,7 +210,7 @@ class Dispatcher:
             raise failure from exc
         usage = usage_from_json(data) if upstream.status == 200 else None
         elapsed = time.monotonic() - started
-        self._finish(features, decision, lease, _outcome(upstream.status, elapsed, usage),
+        self._finish(features, decision, lease, _outcome(upstream.status, elapsed, usage, elapsed),
                      health_failure=False)
         self.metrics.e2e.labels(self.model_label(features.model)).observe(elapsed)
         return web.Response(status=upstream.status, body=data,
@@ -245,7 +246,7 @@ class Dispatcher:
                 ok=False, status=502, ttft_s=ttft, prompt_tokens=None, cached_tokens=None, completion_tokens=None,
                 error_kind="mid_stream"), health_failure=True)
         else:
-            outcome = _outcome(200, ttft, result.usage)
+            outcome = _outcome(200, ttft, result.usage, elapsed)
             self._finish(features, decision, lease, outcome, health_failure=False)
         return resp
 
@@ -266,15 +267,28 @@ class Dispatcher:
             self.metrics.cached_tokens.labels(replica.name).inc(outcome.cached_tokens)
         try:
             self.policy.on_complete(features, decision, outcome)
+            self._export_calibration(replica.name)
         except Exception:  # feedback must never break the response path
             log.exception("policy %s on_complete failed", self.policy.name)
 
+    def _export_calibration(self, name: str) -> None:
+        """Mirror the policy's learned timing of ``name`` (if it learns any) into the metrics."""
+        hook = getattr(self.policy, "calibration", None)
+        if not callable(hook):
+            return
+        shown = hook(name)
+        for constant in CONSTANTS:
+            self.metrics.cost_constant.labels(name, constant).set(shown[constant])
+        self.metrics.calibration_observations.labels(name).set(shown["observations"])
+        self.metrics.slot_limit.labels(name).set(shown["slot_limit"] or 0)
 
-def _outcome(status: int, ttft_s: float | None, usage: dict[str, Any] | None) -> Outcome:
+
+def _outcome(status: int, ttft_s: float | None, usage: dict[str, Any] | None, e2e_s: float | None = None
+             ) -> Outcome:
     prompt = usage.get("prompt_tokens") if usage else None
     completion = usage.get("completion_tokens") if usage else None
     return Outcome(ok=status == 200, status=status, ttft_s=ttft_s,
                    prompt_tokens=prompt if isinstance(prompt, int) else None,
                    cached_tokens=cached_tokens(usage),
                    completion_tokens=completion if isinstance(completion, int) else None,
-                   error_kind=None if status == 200 else f"status_{status}")
+                   error_kind=None if status == 200 else f"status_{status}", e2e_s=e2e_s)

@@ -48,6 +48,14 @@ class RouterMetrics:
         self.config_reloads = Counter("router_config_reloads", "Config changes attempted (file, SIGHUP, "
                                       "admin) by result: ok, or error (the old config stays)", ["result"],
                                       registry=r)
+        self.cost_constant = Gauge("router_cost_constant_seconds", "The cost policy's time constants per "
+                                   "replica (learned online, or pinned), by constant", ["replica", "constant"],
+                                   registry=r)
+        self.calibration_observations = Gauge("router_calibration_observations", "Observations the cost "
+                                              "policy's calibration has folded in, per replica", ["replica"],
+                                              registry=r)
+        self.slot_limit = Gauge("router_replica_slot_limit", "Concurrency limit the cost policy learned from "
+                                "the engine's reports (0: not known)", ["replica"], registry=r)
         self.config_generation = Gauge("router_config_generation", "Generation of the running config "
                                        "(1 at start, +1 per applied change)", registry=r)
 

@@ -134,9 +134,11 @@ async def apply_config(router: Router, new: RouterConfig) -> ReloadResult:
     policy: Policy = dispatcher.policy
     if new_policy:
         try:
-            policy = create_policy(effective.policy.name, **effective.policy.params)
+            policy = create_policy(effective.policy.name, **effective.policy.policy_kwargs())
         except (TypeError, ValueError) as exc:
             where = "policy.params" if effective.policy.name in POLICY_NAMES else "policy.name"
+            if effective.policy.calibration is not None and "calibration" in str(exc):
+                where = "policy.calibration"
             raise ConfigError(f"{where}: {exc}") from None
     settings = dispatch_settings(effective)
 

@@ -27,6 +27,8 @@ class ReplicaView:
     running, waiting, kv_blocks_used, kv_blocks_total, block_size: the engine's last load report
         (meaningful only while fresh, see `engine_fresh`).
     load_age_s: seconds since that report was received; None = never.
+    max_num_seqs: the engine's concurrency limit from its /load report (any age: it is static);
+        0 = not reported (a stock vLLM's /metrics does not say).
     """
 
     name: str
@@ -41,6 +43,7 @@ class ReplicaView:
     block_size: int = 0
     load_age_s: float | None = None
     healthy: bool = True
+    max_num_seqs: int = 0
 
     def engine_fresh(self, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:
         """True when the engine's load report exists and is at most ``stale_after_s`` old."""

@@ -32,7 +32,7 @@ def test_there_are_examples() -> None:
 def test_an_example_loads_and_its_policy_builds(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.replicas
-    create_policy(cfg.policy.name, **cfg.policy.params)
+    create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())
 
 
 def test_the_keyed_example_turns_auth_on_with_its_env_keys() -> None:

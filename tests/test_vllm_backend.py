@@ -59,6 +59,7 @@ async def test_ready_and_load_report(backend: VllmBackend) -> None:
     report = backend.load_report()
     assert report.ready and report.backend == "vllm" and report.block_size == 32
     assert report.kv_blocks_total > 0 and report.running == report.waiting == report.kv_blocks_used == 0
+    assert report.max_num_seqs > 0  # the router prices slot waits with it
 
 
 async def test_repeated_prefix_hits_the_cache(backend: VllmBackend) -> None:

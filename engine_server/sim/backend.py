@@ -281,7 +281,7 @@ class SimBackend:
             model=self.model_name, running=s.num_running, waiting=s.num_waiting,
             kv_blocks_used=kv.num_used_blocks, kv_blocks_total=kv.num_blocks, block_size=kv.block_size,
             prefix_cache_queries=kv.stats.queries, prefix_cache_hits=kv.stats.hits, ready=self._ready,
-            backend="sim", **extra,
+            backend="sim", max_num_seqs=s.config.max_num_seqs, **extra,
         )
 
     def stats(self) -> dict[str, float | int]:

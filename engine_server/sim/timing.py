@@ -16,7 +16,7 @@ as defaults by `SimConfig`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,14 @@ class TimingProfile:
         if decode_seqs > 0:
             t += self.decode_overhead_s + self.decode_per_seq_s * decode_seqs
         return t * (1.0 + self.kv_slowdown * min(max(kv_usage, 0.0), 1.0))
+
+    def cost_constants(self) -> dict[str, float]:
+        """The cost policy's four time constants this profile truly has (`router.calibration`): a
+        prefill's fixed time, time per prefill token, per running sequence, and of a decode step."""
+        return {"request_overhead_s": self.step_overhead_s + self.prefill_overhead_s,
+                "prefill_s_per_token": self.prefill_per_token_s,
+                "decode_s_per_seq": self.decode_per_seq_s,
+                "decode_step_s": self.step_overhead_s + self.decode_overhead_s}
 
 
 US = 1e-6
@@ -92,6 +100,53 @@ PROFILES: dict[str, TimingProfile] = {
             max_num_batched_tokens=2048,
             max_model_len=2048,
         ),
+        # The calibration matrix (benchmarks/matrix.py): engines that differ from the cost model's H100
+        # defaults in every direction. Nothing in the router is tuned to them.
+        TimingProfile(
+            name="slow-prefill",
+            description="prefill 23x the H100 fit per token (400 us), cheap steps (4 ms) and decodes.",
+            step_overhead_s=4 * MS,
+            prefill_per_token_s=400 * US,
+            decode_per_seq_s=6 * US,
+            num_blocks=16_384,
+            max_num_seqs=64,
+            max_num_batched_tokens=4096,
+            max_model_len=8192,
+        ),
+        TimingProfile(
+            name="slow-decode",
+            description="every running sequence adds 1.5 ms to a step (250x the H100 fit); prefill as H100.",
+            step_overhead_s=8 * MS,
+            prefill_per_token_s=20 * US,
+            decode_per_seq_s=1.5 * MS,
+            num_blocks=16_384,
+            max_num_seqs=64,
+            max_num_batched_tokens=4096,
+            max_model_len=8192,
+        ),
+        TimingProfile(
+            name="tiny-seqs",
+            description="llmd-8b timing with at most 4 running sequences: requests wait for a slot.",
+            prefill_overhead_s=30 * MS,
+            prefill_per_token_s=250 * US,
+            decode_overhead_s=12 * MS,
+            num_blocks=1024,
+            max_num_seqs=4,
+            max_num_batched_tokens=4096,
+            max_model_len=4096,
+        ),
+        TimingProfile(
+            name="unbatched",
+            description="decode barely batched (8 ms per running sequence, 1 ms per step, 150 us per "
+            "prefill token) and at most 8 running sequences: a CPU-like engine.",
+            step_overhead_s=1 * MS,
+            prefill_per_token_s=150 * US,
+            decode_per_seq_s=8 * MS,
+            num_blocks=16_384,
+            max_num_seqs=8,
+            max_num_batched_tokens=4096,
+            max_model_len=8192,
+        ),
         TimingProfile(
             name="instant",
             description="zero step time: only scheduling and cache effects remain (router-overhead runs).",
@@ -102,6 +157,17 @@ PROFILES: dict[str, TimingProfile] = {
         ),
     )
 }
+
+
+def slowed(profile: TimingProfile, factor: float) -> TimingProfile:
+    """The same engine ``factor`` times slower in every timing term (an older GPU of the same shape)."""
+    return replace(profile, name=f"{profile.name}-x{factor:g}",
+                   description=f"{profile.name}, every time {factor:g}x",
+                   step_overhead_s=profile.step_overhead_s * factor,
+                   prefill_overhead_s=profile.prefill_overhead_s * factor,
+                   prefill_per_token_s=profile.prefill_per_token_s * factor,
+                   decode_overhead_s=profile.decode_overhead_s * factor,
+                   decode_per_seq_s=profile.decode_per_seq_s * factor)
 
 
 def get_profile(name: str) -> TimingProfile:

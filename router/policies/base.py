@@ -42,7 +42,8 @@ class Decision:
 class Outcome:
     """How a dispatched request ended. Token counts are the engine's ``usage`` numbers when known;
     ``cached_tokens`` is ``usage.prompt_tokens_details.cached_tokens``. ``ttft_s`` is None when no
-    first token was seen (the prompt was probably never prefilled)."""
+    first token was seen (the prompt was probably never prefilled). ``e2e_s`` is the whole request's time
+    as the router saw it (equal to ``ttft_s`` for a non-streamed answer)."""
 
     ok: bool
     status: int
@@ -51,6 +52,7 @@ class Outcome:
     cached_tokens: int | None = None
     completion_tokens: int | None = None
     error_kind: str | None = None
+    e2e_s: float | None = None
 
 
 @runtime_checkable

@@ -10,6 +10,9 @@ For every eligible replica ``r`` the policy estimates, in seconds::
     prefill(r) = request_overhead_s + prefill_s_per_token * uncached_tokens(r)
     decode(r)  = decode_s_per_seq * running(r) * (1 + expected_output_tokens)
 
+with the time constants configured, scaled or learned per replica (``calibration``, below), and
+``queue(r)`` raised to the wait for a free slot when ``r`` is at its concurrency limit.
+
 and picks the minimum. Costs within ``tie_tolerance`` (relative) of the minimum count as equal; among
 those the lower request load wins, then the lower cost, then the replica sent to least recently (so cold
 prefixes on an idle fleet go round the replicas instead of wherever a random draw lands), then a seeded
@@ -31,6 +34,16 @@ random draw.
 - ``work_weight``: a request's prefill delays everything queued behind it, and its decode slows every
   sequence it shares steps with. Without this term a replica holding a prefix looks worse than an idle
   one the moment it has any queue, prefixes get recomputed everywhere, and a busy fleet loses throughput.
+- saturation: an engine runs at most ``max_num_seqs`` sequences; beyond that a request waits for a
+  slot, whatever the prefill queue. The limit comes from the engine's load report (``/load`` of this
+  project's engine servers, sim and vLLM; a stock vLLM's /metrics does not say, and then the term is
+  off: running/waiting alone cannot tell a slot limit from a queue for prefill or for KV blocks, which
+  a test harness showed by teaching a limit of 1). When the router's requests in flight at ``r``
+  reach it (its own count: the engine's lags a poll), the queue term
+  is at least the time until this request's slot frees: with ``w`` requests waiting for a slot ahead of
+  it (also at least the engine's fresh ``waiting``) and ``R = limit`` running, each with a remaining
+  decode uniform over its ``L = expected_output * (decode_step_s + decode_s_per_seq * R)``, the
+  ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
 - ``evicted_tokens(r)``: prompt blocks that must leave ``r``'s (full) cache to make room for this
   request's uncached blocks; they will likely have to be recomputed later.
 
@@ -50,12 +63,25 @@ The prefix index is capacity-aware and self-correcting:
   are dropped for that replica; if it reports more, nothing changes;
 - a failed request that never produced a first token removes the entries its dispatch added.
 
-Parameters (only the ratios between the three time constants matter; the defaults follow a BLIS fit of
-Llama-3-8B on one H100: ~17 us per prefill token, ~6 us per decode sequence per step):
+Calibration: every finished request is an observation of the replica's timing (its TTFT against the
+prefill work that was ahead of it and its own uncached tokens per the engine's ``cached_tokens``; its
+decode time against the running sequences and the prefills dispatched meanwhile). `router.calibration`
+fits the four time constants per replica from them, starting from the configured values, and the next
+decision uses the result: all four fitted constants (``calibration="online"``), or (the default,
+``"relative"``) the configured ones scaled by the replica's slowness relative to the fleet's median
+replica, which only moves a replica that differs by more than the deadband. ``"pinned"`` learns nothing.
+
+Parameters (the prior of the time constants; the defaults follow a BLIS fit of Llama-3-8B on one H100:
+~17 us per prefill token, ~6 us per decode sequence per step, ~6 ms per step):
     prefill_s_per_token (2e-5): prefill time per uncached prompt token.
     request_overhead_s (2e-3): fixed cost per request; well under an engine step (~6 ms) because a
         batched engine shares a step between many requests.
     decode_s_per_seq (1e-5): step time added per sequence running on the replica.
+    decode_step_s (6e-3): time of a decode step (prices the wait for a free slot).
+    calibration ("relative"): "relative", "online", "pinned", or `CalibrationSettings` fields as a
+        mapping. "relative" (the default) keeps the configured ratios and learns how much slower each
+        replica is than the fleet's median one; "online" uses every fitted constant, which routed worse
+        in the matrix (benchmarks/README.md, issue 15); "pinned" learns nothing.
     work_weight (1.0): how much a request's own work counts again for the requests it delays.
     eviction_weight (1.0): expected recompute of evicted blocks (0 disables the term).
     tie_tolerance (0.02): relative cost difference treated as a tie.
@@ -73,9 +99,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
 from router.features.parse import RequestFeatures
 from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, require_replicas
 from router.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
@@ -91,6 +118,19 @@ class _InFlight:
     count: int = 0
     prompt_tokens: float = 0.0
     uncached_tokens: float = 0.0
+    dispatched_tokens: float = 0.0  # cumulative uncached tokens ever dispatched (for decode samples)
+    dispatched_requests: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class _Sent:
+    """What the policy knew about one request when it was sent (the calibration's regressors)."""
+
+    queued_tokens: float
+    queued_requests: float
+    running: float
+    dispatched_tokens: float
+    dispatched_requests: int
 
 
 class Cost(PolicyBase):
@@ -102,6 +142,8 @@ class Cost(PolicyBase):
         prefill_s_per_token: float = 2e-5,
         request_overhead_s: float = 2e-3,
         decode_s_per_seq: float = 1e-5,
+        decode_step_s: float = 6e-3,
+        calibration: CalibrationSettings | Mapping[str, object] | str | None = None,
         work_weight: float = 1.0,
         eviction_weight: float = 1.0,
         tie_tolerance: float = 0.02,
@@ -113,7 +155,8 @@ class Cost(PolicyBase):
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(seed=seed, rng=rng)
-        if min(prefill_s_per_token, request_overhead_s, decode_s_per_seq, work_weight, eviction_weight) < 0:
+        if min(prefill_s_per_token, request_overhead_s, decode_s_per_seq, decode_step_s, work_weight,
+               eviction_weight) < 0:
             raise ValueError("time constants and weights must be >= 0")
         if tie_tolerance < 0:
             raise ValueError("tie_tolerance must be >= 0")
@@ -124,6 +167,12 @@ class Cost(PolicyBase):
         self.prefill_s_per_token = prefill_s_per_token
         self.request_overhead_s = request_overhead_s
         self.decode_s_per_seq = decode_s_per_seq
+        self.decode_step_s = decode_step_s
+        prior = CostConstants(request_overhead_s, prefill_s_per_token, decode_s_per_seq, decode_step_s)
+        self.calibrator = Calibrator(prior, CalibrationSettings.of(calibration))  # type: ignore[arg-type]
+        self._constants: dict[str, tuple[float, float, float, float]] = {}
+        self._views: dict[str, ReplicaView] = {}
+        self._sent: dict[tuple[str, str], _Sent] = {}
         self.tie_tolerance = tie_tolerance
         self.work_weight = work_weight
         self.eviction_weight = eviction_weight
@@ -150,6 +199,7 @@ class Cost(PolicyBase):
         best = 0
         for view in replicas:
             self._sync_capacity(view, block_tokens)
+            self._see(view)
             blocks = matched.get(view.name, 0)
             best = max(best, blocks)
             uncached = tokens - min(blocks * block_tokens, tokens)
@@ -169,6 +219,7 @@ class Cost(PolicyBase):
     def estimate_cost(self, view: ReplicaView, uncached_tokens: float, features: RequestFeatures) -> float:
         """Seconds charged for sending a request needing ``uncached_tokens`` of prefill to ``view``."""
         self._sync_capacity(view, features.block_tokens)
+        self._see(view)
         decode_steps = 1.0 + self._expected_output(features)
         return self._cost(view, uncached_tokens, features.block_tokens, decode_steps)
 
@@ -179,11 +230,24 @@ class Cost(PolicyBase):
         running = view.in_flight_requests - pending_requests
         if fresh and view.running > running:
             running = float(view.running)
-        per_token, overhead = self.prefill_s_per_token, self.request_overhead_s
+        consts = self._constants.get(view.name)
+        if consts is None:
+            consts = self._constants[view.name] = self._effective(view.name)
+        overhead, per_token, per_seq, step = consts
         seconds = overhead * pending_requests + per_token * pending_tokens
+        limit = view.max_num_seqs
+        # Occupancy from the router's own count: exact now, while the engine's running lags a poll and
+        # still counts a conversation's previous turn when its next one arrives.
+        if limit and view.in_flight_requests >= limit:
+            ahead = float(view.in_flight_requests - limit)  # requests waiting for a slot before us
+            if fresh:
+                ahead = max(ahead, float(view.waiting))
+            busy = float(limit)
+            slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (step + per_seq * busy) / (busy + 1.0)
+            seconds = max(seconds, slot_wait)
         own = overhead + per_token * uncached
         if running > 0:
-            own += self.decode_s_per_seq * running * decode_steps
+            own += per_seq * running * decode_steps
         seconds += (1.0 + self.work_weight) * own
         if self.eviction_weight and uncached > 0:
             new_blocks = uncached / block_tokens
@@ -231,6 +295,17 @@ class Cost(PolicyBase):
         self.index.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)
         own = self._inflight.setdefault(decision.replica, _InFlight())
+        if not self.calibrator.pinned:
+            view = self._views.get(decision.replica)
+            queued_tokens = queued_requests = running = 0.0
+            if view is not None:
+                fresh = view.engine_fresh(self.stale_after_s)
+                queued_tokens, queued_requests = self._pending(view, fresh, uncached)
+                running = self._running(view, fresh, queued_requests)
+            self._sent[(features.request_id, decision.replica)] = _Sent(
+                queued_tokens, queued_requests, running, own.dispatched_tokens, own.dispatched_requests)
+        own.dispatched_tokens += uncached
+        own.dispatched_requests += 1
         own.count += 1
         own.prompt_tokens += features.token_estimate
         own.uncached_tokens += uncached
@@ -239,6 +314,9 @@ class Cost(PolicyBase):
 
     def on_complete(self, features: RequestFeatures, decision: Decision, outcome: Outcome) -> None:
         self._release(features, decision)
+        sent = self._sent.pop((features.request_id, decision.replica), None)
+        if sent is not None and outcome.ok:
+            self._learn(features, decision, outcome, sent)
         if outcome.ok and outcome.completion_tokens is not None:
             avg, out = self._avg_output, float(outcome.completion_tokens)
             self._avg_output = out if avg is None else 0.9 * avg + 0.1 * out
@@ -259,6 +337,75 @@ class Cost(PolicyBase):
         self._inflight.pop(name, None)
         self._geometry.pop(name, None)
         self._last_sent.pop(name, None)
+        self.calibrator.remove(name)
+        self._constants.pop(name, None)
+        self._views.pop(name, None)
+
+    def calibration(self, name: str) -> dict[str, object]:
+        """The learned time constants and slot limit of ``name`` (admin API, metrics; not `Policy`)."""
+        view = self._views.get(name)
+        return {**self.calibrator.snapshot(name), "slot_limit": (view.max_num_seqs or None) if view else None}
+
+    # -- calibration -------------------------------------------------------------------------------
+
+    def _effective(self, name: str) -> tuple[float, float, float, float]:
+        """The learned constants as priced: the crowding term keeps at least the configured ratio of
+        per-sequence to per-token time. It also stands for what running sequences bring later (the next
+        turns of the conversations held there), which no timing observation shows: an engine whose steps
+        do not slow with more sequences still queues their next prefills."""
+        overhead, per_token, per_seq, step = self.calibrator.constants(name).as_tuple()
+        if self.prefill_s_per_token > 0:
+            per_seq = max(per_seq, per_token * self.decode_s_per_seq / self.prefill_s_per_token)
+        return overhead, per_token, per_seq, step
+
+    def _see(self, view: ReplicaView) -> None:
+        """Keep the latest view of each replica (on_dispatch and on_complete read it)."""
+        self._views[view.name] = view
+
+    def _running(self, view: ReplicaView, fresh: bool, pending_requests: float) -> float:
+        running = view.in_flight_requests - pending_requests
+        if fresh and view.running > running:
+            running = float(view.running)
+        return max(0.0, running)
+
+    def _learn(self, features: RequestFeatures, decision: Decision, outcome: Outcome, sent: _Sent) -> None:
+        name = decision.replica
+        ttft, e2e = outcome.ttft_s, outcome.e2e_s
+        if ttft is None:
+            return
+        estimate = float(features.token_estimate)
+        if outcome.prompt_tokens and outcome.cached_tokens is not None:  # the engine's truth, our units
+            uncached = max(0, outcome.prompt_tokens - outcome.cached_tokens) / outcome.prompt_tokens * estimate
+        else:
+            uncached = self._uncached(features, decision.matched_blocks)
+        observed = False
+        unary = e2e is not None and ttft >= e2e  # no first-token time: TTFT is the whole request
+        # Only requests sent with nothing queued ahead teach the TTFT constants: the queue ahead is the
+        # router's estimate, and fitted through it a busy replica's prefill looks free (measured in the
+        # matrix: a per-token time learned 60x too low, and all traffic sent there).
+        if not unary and sent.queued_requests == 0:
+            observed |= self.calibrator.observe(name, TtftSample(
+                ttft, uncached, sent.queued_tokens, sent.queued_requests, sent.running))
+        steps = (outcome.completion_tokens or 0) - 1
+        if e2e is not None and not unary and steps > 0:
+            own = self._inflight.get(name) or _InFlight()
+            view = self._views.get(name)
+            now_running = sent.running
+            if view is not None:
+                fresh = view.engine_fresh(self.stale_after_s)
+                now_running = self._running(view, fresh, self._pending(view, fresh, 0.0)[1])
+            # Prefills of requests sent there meanwhile shared these steps: take out their estimated time.
+            overhead, per_token, _, _ = self.calibrator.constants(name).as_tuple()
+            others = (overhead * max(0, own.dispatched_requests - sent.dispatched_requests - 1)
+                      + per_token * max(0.0, own.dispatched_tokens - sent.dispatched_tokens - uncached))
+            decode_s = max(0.5 * (e2e - ttft), e2e - ttft - others)
+            observed |= self.calibrator.observe(name, DecodeSample(
+                decode_s, steps, max(1.0, (sent.running + 1.0 + now_running) / 2.0)))
+        if observed:
+            if self.calibrator.settings.mode == "relative":  # the fleet median may have moved
+                self._constants.clear()
+            else:
+                self._constants.pop(name, None)
 
     def index_size(self, name: str) -> int:
         """Blocks the index believes ``name`` holds (read by the admin API; not part of `Policy`)."""

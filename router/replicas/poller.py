@@ -117,7 +117,8 @@ def parse_load_json(data: Any, received_at: float) -> LoadSnapshot:
     return LoadSnapshot(running=num("num_requests_running"), waiting=num("num_requests_waiting"),
                         kv_blocks_used=used, kv_blocks_total=total, block_size=size,
                         prefix_cache_queries=num("prefix_cache_queries"),
-                        prefix_cache_hits=num("prefix_cache_hits"), received_at=received_at)
+                        prefix_cache_hits=num("prefix_cache_hits"), received_at=received_at,
+                        max_num_seqs=num("max_num_seqs"))
 
 
 @dataclass

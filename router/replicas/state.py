@@ -47,6 +47,7 @@ class LoadSnapshot:
     prefix_cache_queries: int
     prefix_cache_hits: int
     received_at: float
+    max_num_seqs: int = 0  # the engine's concurrency limit, when its /load says (0: unknown)
 
     @property
     def kv_usage(self) -> float | None:
@@ -124,6 +125,7 @@ class ReplicaState:
             kv_blocks_used=live.kv_blocks_used if live else 0,
             kv_blocks_total=geometry.kv_blocks_total if geometry else 0,
             block_size=geometry.block_size if geometry else 0,
+            max_num_seqs=load.max_num_seqs if load is not None else 0,
             load_age_s=age if live else None,
             healthy=self.health.admits(now),
         )

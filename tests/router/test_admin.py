@@ -92,6 +92,23 @@ async def test_list_replicas_shows_health_load_usage_and_index(fleet: Start) -> 
     assert rows[served]["prompt_tokens_total"] > 0 and rows[served]["cache_hit_rate"] == 0.0
 
 
+async def test_learned_timing_is_shown_per_replica_and_exported_as_metrics(fleet: Start) -> None:
+    server, _ = await fleet(router_cfg={"policy": {"name": "cost", "calibration": {"mode": "online"}}})
+    async with aiohttp.ClientSession() as s:
+        for i in range(4):
+            async with s.post(server.make_url("/v1/chat/completions"), json={**chat(f"q{i}"), "stream": True}) as r:
+                await r.read()
+        status, body = await req(s, server, "GET", "/admin/replicas")
+        async with s.get(server.make_url("/metrics")) as r:
+            metrics = await r.text()
+    shown = [row["calibration"] for row in body["data"]]
+    assert status == 200 and all(c["mode"] == "online" for c in shown)
+    assert sum(c["observations"] for c in shown) >= 4  # a TTFT (and a decode) sample per request
+    assert all(c["prefill_s_per_token"] > 0 and c["decode_step_s"] > 0 for c in shown)
+    assert 'router_cost_constant_seconds{constant="prefill_s_per_token",replica="r' in metrics
+    assert "router_calibration_observations{" in metrics
+
+
 async def test_add_replica_makes_a_new_config_generation(fleet: Start) -> None:
     server, engines = await fleet(engines=3, replicas=2)
     async with aiohttp.ClientSession() as s:

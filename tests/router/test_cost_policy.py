@@ -159,7 +159,8 @@ def test_the_correction_uses_the_engines_own_tokens_per_character():
 
 
 def test_completions_release_the_queue_they_added():
-    policy, fresh = Cost(seed=0), Cost(seed=0)
+    # Pinned: completions would otherwise also teach the constants (tests/router/test_calibration.py).
+    policy, fresh = Cost(seed=0, calibration="pinned"), Cost(seed=0, calibration="pinned")
     features = [features_with(30, t) for t in "uvw"]
     decisions = [dispatched(policy, f, views("a")) for f in features]
     for f, d in zip(features, decisions, strict=True):

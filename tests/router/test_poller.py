@@ -301,3 +301,14 @@ def test_load_json_parses_engine_report() -> None:
     assert snap.kv_usage == 0.1 and snap.received_at == 2.0
     with pytest.raises(ValueError):
         parse_load_json({"status": "ok"}, received_at=2.0)
+
+
+def test_the_engines_concurrency_limit_reaches_the_policys_view() -> None:
+    from engine_server.sim.backend import SimBackend, SimConfig
+
+    report = SimBackend(SimConfig(profile="tiny-seqs", num_blocks=64)).load_report().to_json()
+    assert report["max_num_seqs"] == 4
+    replica = ReplicaState.create("a", "http://a")
+    replica.load = parse_load_json(report, received_at=1.0)
+    assert replica.view(now=100.0).max_num_seqs == 4  # static: kept after the report goes stale
+    assert parse_load_json({"num_requests_running": 0}, received_at=1.0).max_num_seqs == 0  # unknown

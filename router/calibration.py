@@ -1,0 +1,343 @@
+"""Online calibration of the cost model's time constants, one estimator per replica.
+
+The `cost` policy prices a request with four time constants (see `router.policies.cost`):
+
+    request_overhead_s   a: fixed time of a prefill (per request)
+    prefill_s_per_token  p: time per uncached prompt token
+    decode_s_per_seq     d: step time added per running sequence
+    decode_step_s        g: step time of a decode step with nothing else in it
+
+Defaults come from one H100 fit; real engines differ by orders of magnitude. This module learns them from
+what the router sees of every finished request, per replica, with no clock and no I/O (the policy feeds it
+from ``on_dispatch`` / ``on_complete``). Each request gives up to two observations:
+
+- **TTFT** (``TtftSample``): ``ttft = a * (1 + queued_requests) + p * (uncached + queued_tokens)
+  + (g + d * running) * [running > 0]`` where ``uncached`` is the engine-reported ``prompt_tokens -
+  cached_tokens``, ``queued_*`` is the prefill work the router believed was ahead of the request at
+  dispatch and ``running`` the sequences decoding there (engine report when fresh, else router counters).
+  The last term is the decode step a prefill shares (or waits for) when others are running.
+- **decode** (``DecodeSample``): the time from first to last token, ``e2e - ttft``, over ``steps =
+  completion_tokens - 1`` steps: ``steps * (g + d * running)``, where ``running`` is the mean of the
+  replica's running count at dispatch and at completion. Prefill chunks of requests sent there meanwhile
+  share those steps; the caller subtracts their estimated time (``a * requests + p * tokens`` with the
+  current constants) first, so decode rows inform only ``d`` and ``g`` (which requests were really
+  prefilled during this decode is only roughly known, and TTFT rows measure ``a`` and ``p`` directly).
+
+The fit is least squares with exponential forgetting (``forgetting`` per observation, so the last
+~1/(1 - forgetting) observations dominate and a replica whose timing drifts is followed), on *relative*
+errors (each row divided by its target, so a 5 s TTFT and a 50 ms one count alike). Parameters are
+fitted in units of their prior (``theta = prior * phi``), so the four are equally scaled, with a weak
+ridge towards the prior (``prior_spread``: its standard deviation in units of the prior), which only
+decides directions no observation has excited yet (e.g. ``decode_s_per_seq`` before two requests ever
+ran together). Estimates stay within ``[prior / bound_factor, prior * bound_factor]`` (the exact
+constrained optimum of a 4-parameter problem). After ``MIN_FOR_ROBUST`` observations, an observation
+whose relative residual exceeds ``clip`` is down-weighted to it (Huber-like), so one preempted request
+cannot throw the estimate. A constant whose effect is below the noise (a per-sequence cost of 6 us
+beside a 6 ms step) is not identifiable and not needed: it stays wherever it fits best.
+
+Modes (what `Calibrator.constants` returns):
+
+- ``"relative"`` (the default): the prior scaled by the replica's *slowness*: its observed times over
+  what one fit of the whole fleet predicts for the same requests, relative to the median replica's,
+  counted as 1 within ``deadband`` and before ``min_observations``. In a fleet of equal replicas only
+  the ratios between the constants matter to the cost policy, and there the configured ratios routed
+  better than fitted ones (benchmarks/README.md, "Calibration matrix"); what calibration adds is
+  telling a slower replica apart.
+- ``"online"``: the replica's fitted constants.
+- ``"pinned"``: always the prior; nothing is learned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+MIN_FOR_ROBUST = 20  # observations before outliers are down-weighted
+NAMES = ("request_overhead_s", "prefill_s_per_token", "decode_s_per_seq", "decode_step_s")
+
+
+@dataclass(frozen=True, slots=True)
+class CostConstants:
+    """The four time constants of the cost model, in seconds."""
+
+    request_overhead_s: float
+    prefill_s_per_token: float
+    decode_s_per_seq: float
+    decode_step_s: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.request_overhead_s, self.prefill_s_per_token, self.decode_s_per_seq, self.decode_step_s)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationSettings:
+    """mode: "relative" (default: the configured constants times each replica's slowness relative to
+        the fleet), "online" (each replica's fitted constants) or "pinned" (the configured constants);
+        see the module docstring and benchmarks/README.md for which routes best.
+    forgetting: weight kept by past observations at each new one, in (0.5, 1]; 0.99 ~ the last 100.
+    bound_factor: learned constants (and slowness) stay within prior / f .. prior * f.
+    clip: relative residual above which an observation is down-weighted (after MIN_FOR_ROBUST).
+    prior_spread: prior standard deviation, in units of the prior value.
+    deadband: relative: a slowness within 1/deadband .. deadband of the median replica's counts as 1.
+    min_observations: relative: observations of a replica before its slowness is used.
+    """
+
+    mode: Literal["pinned", "online", "relative"] = "relative"
+    forgetting: float = 0.99
+    bound_factor: float = 10_000.0
+    clip: float = 0.5
+    prior_spread: float = 1000.0
+    deadband: float = 1.5
+    min_observations: int = 30
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pinned", "online", "relative"):
+            raise ValueError(f"calibration mode must be 'pinned', 'online' or 'relative', got {self.mode!r}")
+        if not self.deadband >= 1.0 or self.min_observations < 1:
+            raise ValueError("calibration deadband must be >= 1 and min_observations >= 1")
+        if not 0.5 < self.forgetting <= 1.0:
+            raise ValueError(f"calibration forgetting must be in (0.5, 1], got {self.forgetting}")
+        if not self.bound_factor > 1.0:
+            raise ValueError(f"calibration bound_factor must be > 1, got {self.bound_factor}")
+        if not self.clip > 0 or not self.prior_spread > 0:
+            raise ValueError("calibration clip and prior_spread must be > 0")
+
+    @classmethod
+    def of(cls, value: CalibrationSettings | Mapping[str, Any] | str | None) -> CalibrationSettings:
+        """Accept settings, a mapping of their fields (config), a mode name, or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, CalibrationSettings):
+            return value
+        if isinstance(value, str):
+            return cls(mode=value)  # type: ignore[arg-type]
+        known = {f.name for f in fields(cls)}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"calibration has no setting(s) {sorted(unknown)}; accepted: {sorted(known)}")
+        return cls(**value)
+
+
+@dataclass(frozen=True, slots=True)
+class TtftSample:
+    """One request's time to first token and what the router knew when it sent it."""
+
+    ttft_s: float
+    uncached_tokens: float
+    queued_tokens: float = 0.0
+    queued_requests: float = 0.0
+    running: float = 0.0
+
+    def row(self) -> tuple[float, float, float, float]:
+        busy = 1.0 if self.running > 0 else 0.0
+        return (1.0 + self.queued_requests, self.uncached_tokens + self.queued_tokens, self.running * busy, busy)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSample:
+    """One request's decode phase: ``steps`` tokens after the first took ``decode_s``."""
+
+    decode_s: float
+    steps: float
+    running: float
+
+    def row(self) -> tuple[float, float, float, float]:
+        return (0.0, 0.0, self.steps * self.running, self.steps)
+
+
+class ReplicaCalibration:
+    """Exponentially weighted least squares over relative errors for one replica (module docstring).
+
+    Keeps the weighted normal equations ``A = sum w x x^T``, ``b = sum w x`` (rows already divided by
+    their targets, so every target is 1) and solves them, within the bounds, when the constants are next
+    read; that is a 4x4 problem, so the exact constrained optimum costs microseconds.
+    """
+
+    __slots__ = ("prior", "settings", "A", "b", "observations", "_phi", "_ridge")
+
+    def __init__(self, prior: CostConstants, settings: CalibrationSettings) -> None:
+        self.prior = prior.as_tuple()
+        self.settings = settings
+        self.A = [[0.0] * 4 for _ in range(4)]
+        self.b = [0.0] * 4
+        self.observations = 0
+        self._phi: list[float] | None = [1.0, 1.0, 1.0, 1.0]
+        self._ridge = 1.0 / settings.prior_spread ** 2
+
+    def observe(self, sample: TtftSample | DecodeSample) -> bool:
+        """Fold one observation in; False (and nothing changes) if it carries no usable information."""
+        if self.settings.mode == "pinned":
+            return False
+        y = sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s
+        if not (y > 0 and math.isfinite(y)):
+            return False
+        raw = sample.row()
+        if not all(math.isfinite(v) and v >= 0 for v in raw):
+            return False
+        # Relative errors: divide the row by its target; fit phi where theta = prior * phi.
+        x = [raw[i] * self.prior[i] / y for i in range(4)]
+        if not any(x):
+            return False
+        weight = 1.0
+        if self.observations >= MIN_FOR_ROBUST:  # down-weight outliers once the estimate means something
+            phi = self._solve()
+            resid = abs(1.0 - sum(x[i] * phi[i] for i in range(4)))
+            if resid > self.settings.clip:
+                weight = self.settings.clip / resid
+        lam, A, b = self.settings.forgetting, self.A, self.b
+        for i in range(4):
+            b[i] = lam * b[i] + weight * x[i]
+            row = A[i]
+            for j in range(4):
+                row[j] = lam * row[j] + weight * x[i] * x[j]
+        self.observations += 1
+        self._phi = None
+        return True
+
+    def _solve(self) -> list[float]:
+        """argmin sum w (1 - x.phi)^2 + ridge |phi - 1|^2 with lo <= phi: every subset of free
+        parameters (the rest at the lower bound) is tried, the best feasible one kept; then clamp to hi."""
+        if self._phi is not None:
+            return self._phi
+        lo, hi = 1.0 / self.settings.bound_factor, self.settings.bound_factor
+        r = self._ridge
+        A = [[self.A[i][j] + (r if i == j else 0.0) for j in range(4)] for i in range(4)]
+        b = [self.b[i] + r for i in range(4)]
+        best, best_obj = [1.0] * 4, math.inf
+        for mask in range(15, -1, -1):
+            free = [i for i in range(4) if mask >> i & 1]
+            phi = [lo] * 4
+            if free:
+                sub = [[A[i][j] for j in free] for i in free]
+                rhs = [b[i] - sum(A[i][j] * lo for j in range(4) if j not in free) for i in free]
+                sol = _solve_linear(sub, rhs)
+                if sol is None or any(v < lo for v in sol):
+                    continue
+                for i, v in zip(free, sol, strict=True):
+                    phi[i] = v
+            obj = sum(phi[i] * A[i][j] * phi[j] for i in range(4) for j in range(4)) - 2 * sum(
+                b[i] * phi[i] for i in range(4))
+            if obj < best_obj:
+                best, best_obj = phi, obj
+        self._phi = [min(hi, v) for v in best]
+        return self._phi
+
+    def constants(self) -> CostConstants:
+        if self.settings.mode == "pinned":
+            return CostConstants(*self.prior)
+        phi = self._solve()
+        return CostConstants(*(self.prior[i] * phi[i] for i in range(4)))
+
+
+def _solve_linear(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when singular."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        if abs(m[p][c]) < 1e-12:
+            return None
+        m[c], m[p] = m[p], m[c]
+        for r in range(c + 1, n):
+            f = m[r][c] / m[c][c]
+            for k in range(c, n + 1):
+                m[r][k] -= f * m[c][k]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        out[r] = (m[r][n] - sum(m[r][k] * out[k] for k in range(r + 1, n))) / m[r][r]
+    return out
+
+
+class Calibrator:
+    """One `ReplicaCalibration` per replica name, all starting from the same prior."""
+
+    def __init__(self, prior: CostConstants, settings: CalibrationSettings | None = None) -> None:
+        self.prior = prior
+        self.settings = settings or CalibrationSettings()
+        self._replicas: dict[str, ReplicaCalibration] = {}
+        self._median: float | None = None  # fleet median of the replicas' slowness (relative mode)
+        # relative mode: one fit over the whole fleet, and per replica its observed / predicted times
+        self._pooled = ReplicaCalibration(prior, self.settings)
+        self._slowness: dict[str, list[float]] = {}
+
+    @property
+    def pinned(self) -> bool:
+        return self.settings.mode == "pinned"
+
+    def replica(self, name: str) -> ReplicaCalibration:
+        cal = self._replicas.get(name)
+        if cal is None:
+            cal = self._replicas[name] = ReplicaCalibration(self.prior, self.settings)
+        return cal
+
+    def observe(self, name: str, sample: TtftSample | DecodeSample) -> bool:
+        if self.pinned or not self.replica(name).observe(sample):
+            return False
+        if self.settings.mode == "relative":
+            y = sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s
+            fleet = self._pooled.constants().as_tuple()
+            predicted = sum(x * c for x, c in zip(sample.row(), fleet, strict=True))
+            self._pooled.observe(sample)
+            if predicted > 0:
+                sums = self._slowness.setdefault(name, [0.0, 0.0])
+                lam = self.settings.forgetting
+                sums[0], sums[1] = lam * sums[0] + y, lam * sums[1] + predicted
+        self._median = None
+        return True
+
+    def _slow(self, name: str) -> float | None:
+        sums = self._slowness.get(name)
+        return sums[0] / sums[1] if sums and sums[1] > 0 else None
+
+    def constants(self, name: str) -> CostConstants:
+        """The constants the policy should price ``name`` with (see the module docstring's modes)."""
+        cal = self._replicas.get(name)
+        if cal is None or self.pinned:
+            return self.prior
+        if self.settings.mode == "online":
+            return cal.constants()
+        speed = self.speed(name)
+        return self.prior if speed == 1.0 else CostConstants(*(c * speed for c in self.prior.as_tuple()))
+
+    def speed(self, name: str) -> float:
+        """How many times slower than the fleet's median replica ``name`` is: its observed times over
+        what one fit of the whole fleet predicts for the same requests, over the median of that ratio
+        (1.0 when unknown or within the deadband)."""
+        cal = self._replicas.get(name)
+        s = self.settings
+        own = self._slow(name)
+        if cal is None or cal.observations < s.min_observations or own is None:
+            return 1.0
+        if self._median is None:
+            known = sorted(v for n, c in self._replicas.items()
+                           if c.observations >= s.min_observations and (v := self._slow(n)) is not None)
+            mid = len(known) // 2
+            self._median = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+        ratio = own / self._median if self._median > 0 else 1.0
+        if 1.0 / s.deadband < ratio < s.deadband:
+            return 1.0
+        return min(s.bound_factor, max(1.0 / s.bound_factor, ratio))
+
+    def observations(self, name: str) -> int:
+        cal = self._replicas.get(name)
+        return 0 if cal is None else cal.observations
+
+    def remove(self, name: str) -> None:
+        self._replicas.pop(name, None)
+        self._slowness.pop(name, None)
+        self._median = None
+
+    def snapshot(self, name: str) -> dict[str, Any]:
+        """What the admin API and metrics show for one replica."""
+        shown: dict[str, Any] = {"mode": self.settings.mode, "observations": self.observations(name),
+                                 **self.constants(name).as_dict()}
+        if self.settings.mode == "relative":  # what is priced, plus what was fitted
+            cal = self._replicas.get(name)
+            shown["speed"] = self.speed(name)
+            shown["fitted"] = cal.constants().as_dict() if cal is not None else None
+        return shown

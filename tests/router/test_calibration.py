@@ -1,0 +1,215 @@
+"""Online calibration of the cost model: learned per replica from observations, pinned on request."""
+
+import random
+
+import pytest
+from policy_fixtures import features_with, view, views
+
+from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
+from router.policies.base import Outcome
+from router.policies.cost import Cost
+
+H100_PRIOR = CostConstants(request_overhead_s=2e-3, prefill_s_per_token=2e-5, decode_s_per_seq=1e-5,
+                           decode_step_s=6e-3)
+ONLINE = CalibrationSettings(mode="online")
+# Engines far from the prior in every direction, each constant large enough to matter (a constant whose
+# effect is below the noise, like 6 us per sequence beside a 6 ms step, cannot be learned nor matter).
+ENGINES = {
+    "llmd-like": CostConstants(30e-3, 250e-6, 0.5e-3, 12e-3),
+    "slow-prefill": CostConstants(4e-3, 400e-6, 0.2e-3, 4e-3),
+    "slow-decode": CostConstants(8e-3, 20e-6, 1.5e-3, 8e-3),
+    "unbatched": CostConstants(1e-3, 150e-6, 8e-3, 40e-3),
+}
+
+
+def observations(true: CostConstants, n: int, seed: int, noise: float = 0.1):
+    """``n`` requests' TTFT and decode samples from the estimator's own model, with lognormal noise."""
+    rng = random.Random(seed)
+    a, p, d, g = true.as_tuple()
+    for _ in range(n):
+        uncached = rng.choice([0.0, rng.uniform(16, 3000)])
+        queued_requests = rng.choice([0, 0, 1, 2, 3])
+        queued_tokens = queued_requests * rng.uniform(0, 1500)
+        running = rng.choice([0, rng.randint(1, 40)])
+        ttft = a * (1 + queued_requests) + p * (uncached + queued_tokens) + (g + d * running) * (running > 0)
+        yield TtftSample(ttft * rng.lognormvariate(0, noise), uncached, queued_tokens, queued_requests, running)
+        steps, mean_running = rng.randint(16, 256), rng.uniform(1, 40)
+        yield DecodeSample(steps * (g + d * mean_running) * rng.lognormvariate(0, noise), steps, mean_running)
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_the_learned_constants_are_within_20_percent_of_the_engines_after_200_requests(engine):
+    true = ENGINES[engine]
+    calibrator = Calibrator(H100_PRIOR, ONLINE)
+    for sample in observations(true, 200, seed=7):
+        calibrator.observe("r0", sample)
+    learned = calibrator.constants("r0").as_tuple()
+    for name, got, want in zip(("a", "p", "d", "g"), learned, true.as_tuple(), strict=True):
+        assert got == pytest.approx(want, rel=0.2), name
+
+
+def test_a_few_wild_observations_do_not_throw_the_estimate():
+    true = ENGINES["slow-decode"]
+    calibrator = Calibrator(H100_PRIOR, ONLINE)
+    for i, sample in enumerate(observations(true, 200, seed=3)):
+        if i % 25 == 24 and isinstance(sample, TtftSample):  # a preempted request: 20x its TTFT
+            sample = TtftSample(sample.ttft_s * 20, sample.uncached_tokens, sample.queued_tokens,
+                                sample.queued_requests, sample.running)
+        calibrator.observe("r0", sample)
+    assert calibrator.constants("r0").prefill_s_per_token == pytest.approx(true.prefill_s_per_token, rel=0.2)
+
+
+def test_each_replica_learns_its_own_constants():
+    calibrator = Calibrator(H100_PRIOR, ONLINE)
+    for sample in observations(ENGINES["llmd-like"], 100, seed=1):
+        calibrator.observe("fast", sample)
+    slow = CostConstants(*(2 * c for c in ENGINES["llmd-like"].as_tuple()))
+    for sample in observations(slow, 100, seed=2):
+        calibrator.observe("slow", sample)
+    ratio = calibrator.constants("slow").prefill_s_per_token / calibrator.constants("fast").prefill_s_per_token
+    assert ratio == pytest.approx(2.0, rel=0.2)
+    assert calibrator.constants("never-seen") == H100_PRIOR
+
+
+def test_learned_constants_stay_within_the_bounds():
+    calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="online", bound_factor=10))
+    for sample in observations(CostConstants(1.0, 1e-2, 1e-5, 6e-3), 50, seed=1):
+        calibrator.observe("r0", sample)
+    assert calibrator.constants("r0").request_overhead_s == pytest.approx(2e-2)
+
+
+def test_relative_mode_keeps_the_configured_ratios_and_scales_only_a_clearly_slower_replica():
+    calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative"))
+    engine = ENGINES["llmd-like"]
+    slow = CostConstants(*(2 * c for c in engine.as_tuple()))
+    for i, name in enumerate(("a", "b", "c")):
+        for sample in observations(engine, 60, seed=10 + i):
+            calibrator.observe(name, sample)
+    for sample in observations(slow, 60, seed=20):
+        calibrator.observe("slow", sample)
+    assert [calibrator.constants(n) for n in "abc"] == [H100_PRIOR] * 3  # equal replicas: the prior
+    assert calibrator.speed("slow") == pytest.approx(2.0, rel=0.2)
+    scaled = calibrator.constants("slow").as_tuple()
+    assert [c / p for c, p in zip(scaled, H100_PRIOR.as_tuple(), strict=True)] == pytest.approx(
+        [calibrator.speed("slow")] * 4)
+    shown = calibrator.snapshot("slow")
+    assert shown["speed"] == calibrator.speed("slow") and shown["fitted"]["prefill_s_per_token"] > 0
+
+
+def test_pinned_constants_never_move():
+    calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="pinned"))
+    for sample in observations(ENGINES["unbatched"], 50, seed=1):
+        assert not calibrator.observe("r0", sample)
+    assert calibrator.constants("r0") == H100_PRIOR
+
+
+@pytest.mark.parametrize("settings", [{"mode": "auto"}, {"forgetting": 0.2}, {"bound_factor": 1}, {"nope": 1}])
+def test_nonsense_calibration_settings_are_rejected_with_their_name(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        CalibrationSettings.of(settings)
+
+
+# -- inside the cost policy ---------------------------------------------------------------------------
+
+
+def serve(policy, replica, n, ttft_per_token, seed=0):
+    """``n`` requests sent to ``replica`` alone, each answered with a TTFT proportional to its prompt."""
+    rng = random.Random(seed)
+    for i in range(n):
+        f = features_with(rng.randint(4, 60), f"w{i}-", rid=f"{replica}-{i}")
+        decision = policy.choose(f, [view(replica)])
+        policy.on_dispatch(f, decision)
+        ttft = 0.01 + ttft_per_token * f.token_estimate
+        policy.on_complete(f, decision, Outcome(ok=True, status=200, ttft_s=ttft, prompt_tokens=f.token_estimate,
+                                                cached_tokens=0, completion_tokens=32, e2e_s=ttft + 31 * 0.012))
+
+
+def test_the_cost_policy_learns_from_its_outcomes_and_shows_it():
+    policy = Cost(seed=0, calibration="online")
+    serve(policy, "a", 40, ttft_per_token=4e-4)
+    shown = policy.calibration("a")
+    assert shown["mode"] == "online" and shown["observations"] == 80
+    assert shown["prefill_s_per_token"] == pytest.approx(4e-4, rel=0.2)
+
+
+def teach(policy, replica, n, overhead_s, per_token_s, seed):
+    """``n`` requests served by ``replica`` alone, nothing queued, TTFT = overhead + per_token x prompt."""
+    rng = random.Random(seed)
+    for i in range(n):
+        f = features_with(rng.randint(4, 60), f"{replica}{i}-", rid=f"{replica}-{i}")
+        decision = policy.choose(f, [view(replica)])
+        policy.on_dispatch(f, decision)
+        ttft = overhead_s + per_token_s * f.token_estimate
+        policy.on_complete(f, decision, Outcome(ok=True, status=200, ttft_s=ttft, prompt_tokens=f.token_estimate,
+                                                cached_tokens=0, completion_tokens=2, e2e_s=ttft + 0.012))
+
+
+@pytest.mark.parametrize("mode, expected", [("pinned", "slow"), ("online", "fast")])
+def test_once_calibrated_a_slow_replica_no_longer_wins_on_its_cached_prefix(mode, expected):
+    # "slow" holds 60 of the probe's 100 blocks. With the H100 constants, recomputing them on "fast"
+    # looks dearer than the rest on "slow"; once it has learned that "slow" takes 0.5 s per request and
+    # 20x longer per token, the learning policy recomputes on "fast".
+    policy = Cost(seed=0, calibration=mode)
+    teach(policy, "slow", 40, overhead_s=0.5, per_token_s=4e-4, seed=1)
+    teach(policy, "fast", 40, overhead_s=0.01, per_token_s=2e-5, seed=2)
+    warm = features_with(60, "x", rid="warm")
+    policy.on_dispatch(warm, policy.choose(warm, views("slow")))
+    assert policy.choose(features_with(100, "x", rid="probe"), views("slow", "fast")).replica == expected
+
+
+def test_only_requests_with_nothing_queued_ahead_teach_the_ttft_constants():
+    policy = Cost(seed=0, calibration="online")
+    f = features_with(20, "q", rid="q")
+    decision = policy.choose(f, [view("a", in_flight_requests=3, in_flight_tokens=3000)])
+    policy.on_dispatch(f, decision)
+    policy.on_complete(f, decision, Outcome(ok=True, status=200, ttft_s=5.0, prompt_tokens=f.token_estimate,
+                                            cached_tokens=0, completion_tokens=1, e2e_s=5.0))
+    assert policy.calibration("a")["observations"] == 0
+
+
+def test_a_replica_at_its_slot_limit_charges_the_wait_for_a_free_slot():
+    policy = Cost(seed=0)
+    full = dict(running=4, waiting=2, in_flight_requests=6, load_age_s=0.1, max_num_seqs=4)
+    probe = features_with(4, "q", max_tokens=100)
+    at_limit = policy.estimate_cost(view("a", **full), 64, probe)
+    # 2 waiting + this one: the 3rd of 4 running requests to finish, each with a 100-step decode
+    # of 6 ms + 4 x 10 us: 3 x 100 x 6.04 ms / 5 = 362 ms, far above the per-sequence slowdown.
+    assert at_limit == pytest.approx(0.3624 + 2 * (2e-3 + 2e-5 * 64 + 1e-5 * 4 * 101), rel=0.01)
+    assert policy.calibration("a")["slot_limit"] == 4
+    below = policy.estimate_cost(view("a", **{**full, "max_num_seqs": 16}), 64, probe)
+    assert below < 0.05
+
+
+def test_without_a_reported_limit_a_queue_is_not_taken_for_one():
+    # running/waiting alone cannot tell a slot limit from a queue for prefill or KV blocks.
+    policy = Cost(seed=0)
+    for waiting in range(8):
+        policy.choose(features_with(4, "p"), [view("a", running=1, waiting=waiting + 1, load_age_s=0.1)])
+    assert policy.calibration("a")["slot_limit"] is None
+
+
+# -- the config switch -------------------------------------------------------------------------------
+
+
+def test_the_config_switch_builds_a_learning_or_a_pinned_cost_policy():
+    from config.router import parse_config
+    from router.policies import create_policy
+
+    for mode in ("online", "pinned"):
+        cfg = parse_config({"policy": {"name": "cost", "calibration": {"mode": mode, "forgetting": 0.98}}})
+        policy = create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())
+        assert policy.calibrator.settings == CalibrationSettings(mode=mode, forgetting=0.98)
+    assert create_policy("cost").calibrator.settings.mode == "relative"  # the default (benchmarks/README.md)
+
+
+@pytest.mark.parametrize("policy, message", [
+    ({"name": "cost", "calibration": {"mode": "learn"}}, "policy.calibration.mode"),
+    ({"name": "cost", "calibration": {"forgetting": 2}}, "policy.calibration.forgetting"),
+    ({"name": "cost", "calibration": {"mode": "online"}, "params": {"calibration": "pinned"}},
+     "set it here or in params, not both"),
+])
+def test_a_bad_calibration_config_names_the_field(policy, message):
+    from config.router import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"policy": policy})
