@@ -62,12 +62,16 @@ class RouterMetrics:
     def forget_replica(self, name: str) -> None:
         """Drop every series labelled with replica `name` (it left the fleet: series must not pile up
         with every rollout)."""
-        for metric in (self.healthy, self.in_flight, self.prompt_tokens, self.cached_tokens, self.ejections):
+        for metric in (self.healthy, self.in_flight, self.prompt_tokens, self.cached_tokens, self.ejections,
+                       self.calibration_observations, self.slot_limit):
             with contextlib.suppress(KeyError):
                 metric.remove(name)
         for labels in [k for k in list(self.requests._metrics) if k[1] == name]:  # (model, replica, status)
             with contextlib.suppress(KeyError):
                 self.requests.remove(*labels)
+        for labels in [k for k in list(self.cost_constant._metrics) if k[0] == name]:  # (replica, constant)
+            with contextlib.suppress(KeyError):
+                self.cost_constant.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
