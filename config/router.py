@@ -317,6 +317,44 @@ class DiscoveryConfig(_Frozen):
         return self
 
 
+def _readable_file(v: Path) -> Path:
+    try:
+        with v.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {v}: {exc.strerror or exc}") from None
+    return v
+
+
+class TLSConfig(_Frozen):
+    """HTTPS on the router's listening socket. The certificate and key files are watched (their mtime,
+    size and inode, every ``reload_interval_s``) and a changed pair is loaded for new connections; a pair
+    that does not load keeps the running one (logged, ``router_tls_cert_reloads_total{result="error"}``).
+    """
+
+    cert_file: Path = Field(description="PEM certificate chain, leaf first")
+    key_file: Path = Field(description="PEM private key of the certificate (unencrypted)")
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = Field(default="TLSv1.2", description="oldest protocol "
+                                                      "version clients may use")
+    reload_interval_s: float = Field(default=1.0, gt=0, le=3600, description="how often the files' "
+                                     "mtimes are checked for a renewed certificate")
+
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _readable(cls, v: Path) -> Path:
+        return _readable_file(v)
+
+    @model_validator(mode="after")
+    def _loads(self) -> TLSConfig:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cert_file / key_file: do not load as a certificate and its key: {exc}") from None
+        return self
+
+
 class RouterConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -332,6 +370,7 @@ class RouterConfig(_Frozen):
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
+    tls: TLSConfig | None = Field(default=None, description="serve HTTPS instead of HTTP; null = plain HTTP")
     replica_header: str | None = Field(default="x-router-replica",
                                        description="response header naming the chosen replica; null = off")
     session_header: str | None = Field(default="x-session-id",

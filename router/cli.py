@@ -38,6 +38,7 @@ examples:
   python -m router --port 8000 --replica http://127.0.0.1:8001 --replica http://127.0.0.1:8002
   python -m router --config config/examples/router.yaml --policy cache_aware
   python -m router --replica a=http://127.0.0.1:8001 --policy cost --policy-param prefill_s_per_token=0.0002
+  python -m router --replica http://127.0.0.1:8001 --tls-cert cert.pem --tls-key key.pem   # HTTPS
 
 then point any OpenAI client at http://127.0.0.1:8000/v1
 """
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, help="tries on distinct replicas before giving up (default 3)")
     p.add_argument("--no-replica-header", action="store_true",
                    help="do not name the chosen replica in the x-router-replica response header")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain); "
+                   "needs --tls-key; reloaded when the file changes")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["text", "json"])
     return p
@@ -104,6 +108,15 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         base["hashing"] = {**(base.get("hashing") or {}), "block_chars": args.block_chars}
     if args.max_attempts is not None:
         base["retry"] = {**(base.get("retry") or {}), "max_attempts": args.max_attempts}
+    if (args.tls_cert is None) != (args.tls_key is None) and not base.get("tls"):
+        raise ConfigError("--tls-cert and --tls-key: give both (or a tls section in the config file)")
+    if args.tls_cert is not None or args.tls_key is not None:
+        tls = dict(base.get("tls") or {})
+        if args.tls_cert is not None:
+            tls["cert_file"] = args.tls_cert
+        if args.tls_key is not None:
+            tls["key_file"] = args.tls_key
+        base["tls"] = tls
     if args.no_replica_header:
         base["replica_header"] = None
     cfg = parse_config(base)
@@ -122,6 +135,11 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
     create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())  # fail fast on a bad policy before listening
     app = create_app(cfg, config_file=config_file, config_source=config_source)
     router = app[ROUTER]
+    certs = None
+    if cfg.tls is not None:
+        from router.tls import CertReloader
+
+        certs = CertReloader(cfg.tls, router.metrics.tls_cert_reloads)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, **runner_kwargs(cfg))
     await runner.setup()
     harden(runner)
@@ -129,9 +147,12 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
     # collections stay short and do not stall every stream at once (measured: 37-70 ms pauses without).
     gc.collect()
     gc.freeze()
-    await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True).start()
+    await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True,
+                      ssl_context=certs.context if certs is not None else None).start()
+    cert_watch = asyncio.create_task(certs.watch(), name="tls-cert-watch") if certs is not None else None
     log = logging.getLogger("router")
-    log.info("router listening on http://%s:%d, policy %s, %d replica(s): %s", cfg.host, cfg.port,
+    log.info("router listening on %s://%s:%d, policy %s, %d replica(s): %s",
+             "https" if certs is not None else "http", cfg.host, cfg.port,
              cfg.policy.name, len(cfg.replicas), ", ".join(f"{r.name}={r.url}" for r in cfg.replicas))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -148,6 +169,9 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
         while router.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     finally:
+        if cert_watch is not None:
+            cert_watch.cancel()
+            await asyncio.gather(cert_watch, return_exceptions=True)
         await runner.cleanup()
 
 

@@ -48,6 +48,9 @@ class RouterMetrics:
         self.config_reloads = Counter("router_config_reloads", "Config changes attempted (file, SIGHUP, "
                                       "admin) by result: ok, or error (the old config stays)", ["result"],
                                       registry=r)
+        self.tls_cert_reloads = Counter("router_tls_cert_reloads", "Changed TLS certificate files loaded "
+                                        "(ok) or refused, the running certificate kept (error)", ["result"],
+                                        registry=r)
         self.cost_constant = Gauge("router_cost_constant_seconds", "The cost policy's time constants per "
                                    "replica (learned online, or pinned), by constant", ["replica", "constant"],
                                    registry=r)

@@ -61,9 +61,10 @@ from router.replicas.state import ReplicaState
 log = logging.getLogger("router.reload")
 
 # Top-level fields bound when the process starts (socket, aiohttp body limit, log handler).
-# discovery: its watch is configured when it starts.
+# discovery: its watch is configured when it starts. tls: the socket's context (a renewed certificate
+# in the same files is picked up without a restart, by router.tls.CertReloader).
 RESTART_FIELDS: tuple[str, ...] = ("host", "port", "max_body_bytes", "log_format", "discovery",
-                                   "client_timeouts")
+                                   "client_timeouts", "tls")
 
 ConfigSource = Callable[[], RouterConfig]
 ConfigEdit = Callable[[RouterConfig], RouterConfig]
