@@ -32,6 +32,7 @@ class _FakeEngine:
     def __init__(self) -> None:
         self.vllm_config = SimpleNamespace(
             cache_config=SimpleNamespace(block_size=32, num_gpu_blocks=64),
+            scheduler_config=SimpleNamespace(max_num_seqs=8),
             model_config=SimpleNamespace(max_model_len=512, dtype="torch.bfloat16"))
 
     def get_tokenizer(self) -> Any:
