@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +32,7 @@ from router.proxy.upstream import Timeouts
 from router.replicas.health import HealthConfig, HealthTracker
 from router.replicas.poller import ReplicaPoller
 from router.replicas.state import ReplicaRegistry, ReplicaState
+from router.tracing import Tracing, from_env
 
 log = logging.getLogger("router")
 
@@ -43,6 +44,7 @@ class Router:
     metrics: RouterMetrics
     hashing: HashingConfig
     dispatcher: Dispatcher | None = None
+    tracing: Tracing | None = None
     poller: ReplicaPoller | None = None
     draining: bool = False
     in_flight: int = 0
@@ -193,12 +195,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
-               config_source: Callable[[], RouterConfig] | None = None) -> web.Application:
+               config_source: Callable[[], RouterConfig] | None = None,
+               tracing: Tracing | None | Literal["env"] = "env") -> web.Application:
     """config_file: watched for live reload; config_source: rebuilds the config on reload (default: load
-    config_file). Without either, only the admin API changes the config at runtime."""
+    config_file). Without either, only the admin API changes the config at runtime. tracing: "env" = as
+    OTEL_TRACES_EXPORTER says (`router.tracing`), None = off, or a ready `Tracing` (tests)."""
+    owned = tracing == "env"
+    tracing = from_env() if tracing == "env" else tracing
     registry = build_registry(cfg)
     router = Router(config=cfg, registry=registry, metrics=RouterMetrics(),
-                    hashing=HashingConfig(block_chars=cfg.hashing.block_chars))
+                    hashing=HashingConfig(block_chars=cfg.hashing.block_chars), tracing=tracing)
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[request_ids_and_errors])
     app[ROUTER] = router
     install_access_control(app, lambda: router.config, router.metrics,  # API keys, body, limits
@@ -217,7 +223,8 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
         policy = create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())
         for r in registry.all():
             policy.on_replica_added(r.name)
-        router.dispatcher = Dispatcher(registry, policy, session, router.metrics, dispatch_settings(cfg))
+        router.dispatcher = Dispatcher(registry, policy, session, router.metrics, dispatch_settings(cfg),
+                                       tracing)
         # Probes get their own small pool: aiohttp reuses the longest-idle connection first, so probes
         # sharing the request pool would keep every connection of a past burst alive forever.
         probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=30),
@@ -231,6 +238,8 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
         await router.poller.stop()
         await probe_session.close()
         await session.close()
+        if owned and tracing is not None:
+            tracing.provider.shutdown()  # flushes the batch of spans not exported yet
 
     app.cleanup_ctx.append(lifecycle)
     from router.admin import setup_admin  # late: admin and reload import this module

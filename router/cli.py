@@ -179,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        from router.tracing import check_env
+
+        check_env()  # OTEL_TRACES_EXPORTER set without the otel extra: say so before listening
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@ client has seen a byte, each on a replica not tried yet, and only while the flee
 (`router.proxy.retry_budget`) allows. Every attempt that took a lease reports exactly one outcome to the
 policy and the metrics, also when the client leaves before the response headers (the handler is then
 cancelled mid-await). Engines get the client's request id plus a random suffix, unique per request
-(tenants' ids may collide); the client gets its own id back, once.
+(tenants' ids may collide); the client gets its own id back, once. With tracing on (`router.tracing`),
+each request gets a server span with route and upstream children; with it off, none of that runs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from router.proxy.relay import RelayResult, cached_tokens, relay_sse, usage_from
 from router.proxy.retry_budget import RetryBudget
 from router.proxy.upstream import Timeouts, UpstreamFailure, forward_headers, open_upstream
 from router.replicas.state import Lease, ReplicaRegistry, ReplicaState
+from router.tracing import Tracing
 
 log = logging.getLogger("router.dispatch")
 
@@ -52,7 +54,7 @@ class DispatchSettings:
 
 class Dispatcher:
     def __init__(self, registry: ReplicaRegistry, policy: Policy, session: aiohttp.ClientSession,
-                 metrics: RouterMetrics, settings: DispatchSettings) -> None:
+                 metrics: RouterMetrics, settings: DispatchSettings, tracing: Tracing | None = None) -> None:
         self.registry = registry
         self.policy = policy
         self.session = session
@@ -60,6 +62,8 @@ class Dispatcher:
         self.settings = settings
         self.budget = RetryBudget(settings.budget_ratio, settings.budget_min_retries, settings.budget_window_s)
         self._unreported: set[Lease] = set()  # leases whose attempt has not reported its outcome yet
+        self.tracing = tracing
+        self._spans: dict[Lease, tuple[Any, bool]] = {}  # attempt in flight -> (upstream span, streamed)
 
     def model_label(self, model: str) -> str:
         """`model` as a metric label: only names a replica serves, so clients cannot mint series."""
@@ -85,6 +89,27 @@ class Dispatcher:
 
     async def handle(self, request: web.Request, path: str, body: dict[str, Any],
                      features: RequestFeatures) -> web.StreamResponse:
+        tracing = self.tracing
+        if tracing is None:
+            return await self._handle(request, path, body, features, None)
+        span = tracing.start_server_span(f"{request.method} {path}", request.headers, {
+            "http.request.method": request.method, "url.path": path, "router.request_id": features.request_id,
+            "router.model": features.model, "router.stream": bool(body.get("stream"))})
+        try:
+            with tracing.use(span):  # current: log records carry its ids
+                resp = await self._handle(request, path, body, features, span)
+            span.set_attribute("http.response.status_code", resp.status)
+            if resp.status >= 500:
+                tracing.error(span, f"status {resp.status}")
+            return resp
+        except BaseException as exc:
+            tracing.error(span, exc.__class__.__name__)
+            raise
+        finally:
+            span.end()
+
+    async def _handle(self, request: web.Request, path: str, body: dict[str, Any],
+                      features: RequestFeatures, span: Any) -> web.StreamResponse:
         started = time.monotonic()
         stream = bool(body.get("stream"))
         strip_usage = False
@@ -112,12 +137,14 @@ class Dispatcher:
                 self.metrics.retries_denied.inc()
                 break
             decision, replica = self.choose(features, candidates)
+            if span is not None:
+                self._trace_route(span, decision, candidates)
             tried.add(replica.name)
             if attempt:
                 self.metrics.retries.labels(last_failure.kind if last_failure else "unknown").inc()
             try:
                 return await self._attempt(request, path, payload, headers, features, decision, replica,
-                                           stream, strip_usage, started)
+                                           stream, strip_usage, started, span, attempt)
             except UpstreamFailure as failure:
                 last_failure = failure
                 log.warning("rid=%s replica=%s attempt=%d failed: %s", features.request_id, replica.name,
@@ -125,6 +152,16 @@ class Dispatcher:
                 if not failure.retryable:
                     break
         return self._give_up(features, tried, last_failure)
+
+    def _trace_route(self, parent: Any, decision: Decision, candidates: list[ReplicaState]) -> None:
+        assert self.tracing is not None
+        names = [r.name for r in candidates]
+        attrs: dict[str, Any] = {"router.policy": self.policy.name, "router.replica": decision.replica,
+                                 "router.reason": decision.reason, "router.matched_blocks": decision.matched_blocks,
+                                 "router.candidates": names}
+        if decision.scores:
+            attrs["router.candidate_costs"] = [float(decision.scores.get(n, float("nan"))) for n in names]
+        self.tracing.start_child(parent, "route", attrs).end()
 
     def _give_up(self, features: RequestFeatures, tried: set[str],
                  failure: UpstreamFailure | None) -> web.Response:
@@ -143,11 +180,19 @@ class Dispatcher:
 
     async def _attempt(self, request: web.Request, path: str, payload: bytes, headers: dict[str, str],
                        features: RequestFeatures, decision: Decision, replica: ReplicaState, stream: bool,
-                       strip_usage: bool, started: float) -> web.StreamResponse:
+                       strip_usage: bool, started: float, parent: Any = None, attempt: int = 0
+                       ) -> web.StreamResponse:
         with replica.lease(features.token_estimate) as lease:
             self.metrics.in_flight.labels(replica.name).set(replica.in_flight_requests)
             self.policy.on_dispatch(features, decision)
             self._unreported.add(lease)
+            if parent is not None and self.tracing is not None:
+                span = self.tracing.start_child(parent, "upstream", {
+                    "router.replica": replica.name, "router.attempt": attempt + 1, "router.retry": attempt > 0,
+                    "server.address": replica.url}, client=True)
+                self._spans[lease] = (span, stream)
+                headers = dict(headers)
+                self.tracing.inject(span, headers)  # W3C traceparent to the engine
             try:
                 return await self._exchange(request, path, payload, headers, features, decision, lease,
                                             stream, strip_usage, started)
@@ -163,6 +208,10 @@ class Dispatcher:
                 raise
             finally:
                 self._unreported.discard(lease)
+                if self._spans:
+                    traced = self._spans.pop(lease, None)
+                    if traced is not None:
+                        traced[0].end()
 
     async def _exchange(self, request: web.Request, path: str, payload: bytes, headers: dict[str, str],
                         features: RequestFeatures, decision: Decision, lease: Lease, stream: bool,
@@ -238,6 +287,10 @@ class Dispatcher:
             return resp
         elapsed = time.monotonic() - started
         ttft = result.first_byte_at - started if result.first_byte_at is not None else None
+        if self._spans and result.first_byte_at is not None and (traced := self._spans.get(lease)) is not None:
+            span = traced[0]
+            ago_ns = int((time.monotonic() - result.first_byte_at) * 1e9)
+            span.add_event("first_token", {"router.ttft_s": ttft or 0.0}, timestamp=time.time_ns() - ago_ns)
         if ttft is not None:
             self.metrics.ttft.labels(self.model_label(features.model)).observe(ttft)
         self.metrics.e2e.labels(self.model_label(features.model)).observe(elapsed)
@@ -253,6 +306,8 @@ class Dispatcher:
     def _finish(self, features: RequestFeatures, decision: Decision, lease: Lease, outcome: Outcome,
                 *, health_failure: bool) -> None:
         self._unreported.discard(lease)
+        if self._spans and (traced := self._spans.get(lease)) is not None:
+            self._trace_outcome(*traced, outcome)
         replica = lease.replica
         if health_failure:
             lease.record_failure(outcome.error_kind or "error")
@@ -270,6 +325,21 @@ class Dispatcher:
             self._export_calibration(replica.name)
         except Exception:  # feedback must never break the response path
             log.exception("policy %s on_complete failed", self.policy.name)
+
+    def _trace_outcome(self, span: Any, stream: bool, outcome: Outcome) -> None:
+        assert self.tracing is not None
+        attrs: dict[str, Any] = {"router.outcome": "ok" if outcome.ok else (outcome.error_kind or "error")}
+        for key, value in (("router.prompt_tokens", outcome.prompt_tokens),
+                           ("router.cached_tokens", outcome.cached_tokens),
+                           ("router.completion_tokens", outcome.completion_tokens)):
+            if value is not None:
+                attrs[key] = value
+        if outcome.status:
+            span.set_attribute("http.response.status_code", outcome.status)
+        span.set_attributes(attrs)
+        span.add_event("stream_end" if stream else "response_end", attrs)
+        if not outcome.ok:
+            self.tracing.error(span, attrs["router.outcome"])
 
     def _export_calibration(self, name: str) -> None:
         """Mirror the policy's learned timing of ``name`` (if it learns any) into the metrics."""

@@ -168,7 +168,8 @@ async def apply_config(router: Router, new: RouterConfig) -> ReloadResult:
     if effective.hashing != old.hashing:
         router.hashing = HashingConfig(block_chars=effective.hashing.block_chars)
     if new_policy or settings != dispatcher.settings:
-        router.dispatcher = Dispatcher(registry, policy, dispatcher.session, router.metrics, settings)
+        router.dispatcher = Dispatcher(registry, policy, dispatcher.session, router.metrics, settings,
+                                       dispatcher.tracing)
         if router.dispatcher.budget.same_limits(dispatcher.budget):  # keep the window's counts
             router.dispatcher.budget = dispatcher.budget
     if effective.log_level != old.log_level:

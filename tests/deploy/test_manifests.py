@@ -87,12 +87,14 @@ def test_final_stage_runs_as_non_root_with_a_healthcheck(dockerfile: Path) -> No
 
 
 def test_router_image_pins_every_runtime_dependency() -> None:
-    """requirements-router.txt pins (==) each of pyproject's dependencies and the k8s extra, nothing less."""
+    """requirements-router.txt pins (==) each of pyproject's dependencies and the k8s and otel extras,
+    nothing less."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-")
-              for d in project["dependencies"] + project["optional-dependencies"]["k8s"]}
+              for d in project["dependencies"] + project["optional-dependencies"]["k8s"]
+              + project["optional-dependencies"]["otel"]}
     pins = {}
     for line in (DEPLOY / "docker/requirements-router.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
