@@ -26,6 +26,7 @@ from config.logging_setup import JsonFormatter  # noqa: E402
 from config.router import parse_config  # noqa: E402
 from engine_server.app import create_app as create_engine_app  # noqa: E402
 from engine_server.sim.backend import SimBackend, SimConfig  # noqa: E402
+from engine_server.sim.faults import FaultConfig  # noqa: E402
 from router.app import create_app  # noqa: E402
 from router.tracing import Tracing, TracingUnavailable, check_env, from_env, requested_exporter  # noqa: E402
 
@@ -47,7 +48,7 @@ async def routed(exporter: InMemorySpanExporter) -> AsyncIterator[Start]:
     """A router (tracing on or off) in front of one sim engine that records each request's headers."""
     servers: list[TestServer] = []
 
-    async def start(traced: bool = True) -> tuple[TestServer, list[dict[str, str]]]:
+    async def start(traced: bool = True, n: int = 1, **faults: float) -> tuple[TestServer, list[dict[str, str]]]:
         seen: list[dict[str, str]] = []
 
         @web.middleware
@@ -56,12 +57,16 @@ async def routed(exporter: InMemorySpanExporter) -> AsyncIterator[Start]:
                 seen.append({k.lower(): v for k, v in request.headers.items()})
             return await handler(request)
 
-        engine_app = create_engine_app(SimBackend(SimConfig(model_name="sim-model", profile="instant")))
-        engine_app.middlewares.append(record)
-        engine = TestServer(engine_app, host="127.0.0.1")
-        await engine.start_server()
-        servers.append(engine)
-        cfg = parse_config({"replicas": [{"name": "r0", "url": str(engine.make_url("")).rstrip("/")}],
+        replicas = []
+        for i in range(n):
+            engine_app = create_engine_app(SimBackend(SimConfig(model_name="sim-model", profile="instant",
+                                                                faults=FaultConfig(**faults))))
+            engine_app.middlewares.append(record)
+            engine = TestServer(engine_app, host="127.0.0.1")
+            await engine.start_server()
+            servers.append(engine)
+            replicas.append({"name": f"r{i}", "url": str(engine.make_url("")).rstrip("/")})
+        cfg = parse_config({"replicas": replicas,
                             "policy": {"name": "cost"}, "health": {"check_interval_s": 0.2},
                             "load": {"poll_interval_s": 0.1}})
         tracing = None
@@ -142,6 +147,26 @@ async def test_an_incoming_traceparent_is_continued(routed: Start, exporter: InM
     assert format(server.parent.span_id, "016x") == "00f067aa0ba902b7"
     assert seen[0]["traceparent"].split("-")[1] == INCOMING_TRACE
     assert [e.name for e in spans["upstream"].events] == ["response_end"]
+
+
+async def test_each_attempt_gets_its_route_and_upstream_span(
+        routed: Start, exporter: InMemorySpanExporter) -> None:
+    router, seen = await routed(n=2, error_rate=1.0)  # every attempt fails: one retry on the other replica
+    async with aiohttp.ClientSession() as s, s.post(router.make_url("/v1/chat/completions"), json=chat()) as r:
+        assert r.status == 500
+    spans = exporter.get_finished_spans()
+    (server,) = [s for s in spans if s.name == "POST /v1/chat/completions"]
+    routes = [s for s in spans if s.name == "route"]
+    upstreams = sorted((s for s in spans if s.name == "upstream"), key=lambda s: s.attributes["router.attempt"])
+    assert len(routes) == len(upstreams) == len(seen) == 2
+    assert [u.attributes["router.retry"] for u in upstreams] == [False, True]
+    assert {u.attributes["router.replica"] for u in upstreams} == {"r0", "r1"}
+    assert [r.attributes["router.replica"] for r in routes] == [u.attributes["router.replica"] for u in upstreams]
+    assert all(u.attributes["http.response.status_code"] == 500 for u in upstreams)
+    assert all(u.attributes["router.outcome"] == "status" for u in upstreams)
+    assert not server.status.is_ok and server.attributes["http.response.status_code"] == 500
+    sent = {h["traceparent"].split("-")[2] for h in seen}
+    assert sent == {f"{u.context.span_id:016x}" for u in upstreams}
 
 
 async def test_tracing_off_adds_no_traceparent_and_records_nothing(
