@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError, model_validator
 from config.http_guard import BodyError, read_json_object
 from engine_server import protocol
 from engine_server.backend import (
+    OFF_LOOP_CHARS,
     Backend,
     BackendError,
     GenerationDelta,
@@ -38,7 +39,6 @@ log = logging.getLogger("engine_server")
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID = web.RequestKey("request_id", str)
 BODY_TIMEOUT_S = 60.0  # a request body must arrive within this long after its headers (408)
-OFF_LOOP_CHARS = 16 * 1024  # prompts longer than this are tokenized in a worker thread
 T = TypeVar("T")
 
 
@@ -98,12 +98,12 @@ async def read_json(request: web.Request) -> dict[str, Any] | web.Response:
         return await exc.respond_and_close(request, {REQUEST_ID_HEADER: request[REQUEST_ID]})
 
 
-async def off_loop_if_large(text: str, fn: Callable[[str], T], arg: str) -> T:
-    """`fn(arg)` in a worker thread when `text` is long: tokenizing megabytes takes seconds, and on the
+async def off_loop_if_large(fn: Callable[[str], T], text: str) -> T:
+    """`fn(text)` in a worker thread when `text` is long: tokenizing megabytes takes seconds, and on the
     event loop it would stall /health until the router ejects this replica. Short texts stay inline."""
     if len(text) <= OFF_LOOP_CHARS:
-        return fn(arg)
-    return await asyncio.to_thread(fn, arg)
+        return fn(text)
+    return await asyncio.to_thread(fn, text)
 
 
 def _check_model(state: ServerState, model: str) -> web.Response | None:
@@ -146,7 +146,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         prompts = req.prompts()
     sampling = req.sampling(state.default_max_tokens)
     for p in prompts:
-        n_tok = await off_loop_if_large(p, backend.count_tokens, p)
+        n_tok = await off_loop_if_large(backend.count_tokens, p)
         if n_tok + sampling.max_tokens > backend.max_model_len:
             return error_response(
                 f"This model's maximum context length is {backend.max_model_len} tokens. However, you "
@@ -377,7 +377,7 @@ async def tokenize(request: web.Request) -> web.Response:
     try:
         text = (req.prompt if req.messages is None
                 else state.backend.render_chat([m.plain() for m in req.messages], req.tools))
-        ids = list(await off_loop_if_large(text or "", state.backend.encode, text or ""))
+        ids = list(await off_loop_if_large(state.backend.encode, text or ""))
     except BackendError as exc:
         return error_response(str(exc), exc.status, exc.err_type)
     return web.json_response({"count": len(ids), "max_model_len": state.backend.max_model_len, "tokens": ids,

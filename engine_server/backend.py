@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+OFF_LOOP_CHARS = 16 * 1024  # prompts longer than this are tokenized in a worker thread, off the event loop
+
 
 class BackendError(Exception):
     """An engine-side failure that should become an OpenAI error body (not a crash)."""

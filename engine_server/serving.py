@@ -50,7 +50,6 @@ async def serve(app: web.Application, host: str, port: int, *, grace_s: float,
     watch = asyncio.create_task(_watch_failure(failure, stop))
     try:
         await stop.wait()
-        watch.cancel()
         if (why := failure()) is not None:
             log.error("engine failed, exiting with status 1: %s", why)
             return 1

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from engine_server.backend import (
+    OFF_LOOP_CHARS,
     BackendError,
     GenerationDelta,
     GenerationRequest,
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 CPU_KV_CACHE_GIB = "1"
 CPU_GPU_MEMORY_UTILIZATION = 0.5
 CPU_BLOCK_MULTIPLE = 32
-OFF_LOOP_CHARS = 16 * 1024  # longer prompts are tokenized in a worker thread
 
 
 @dataclass
