@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,13 @@ from engine_server.sim.backend import SimBackend, SimConfig
 from engine_server.sim.faults import FaultConfig
 
 SimServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for servers started as separate processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
+
 
 async def raw_exchange(port: int, data: bytes, wait_s: float = 10.0) -> bytes:
     """Send raw bytes, return everything the server sends until it closes (or `wait_s` passes)."""
@@ -32,6 +34,15 @@ def post(body: bytes, *extra: bytes, path: bytes = b"/v1/completions", length: i
     head = [b"POST " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Content-Type: application/json", *extra,
             b"Content-Length: %d" % (len(body) if length is None else length)]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+async def assert_still_serves(base_url: str) -> None:
+    """After hostile input, the server (router or engine) still answers /metrics and a completion."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base_url}/metrics") as r:
+            assert r.status == 200
+        async with s.post(f"{base_url}/v1/completions", json={"model": "sim-model", "prompt": "x"}) as r:
+            assert r.status == 200
 
 
 def status_and_error(response: bytes) -> tuple[int, dict[str, Any]]:

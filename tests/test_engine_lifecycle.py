@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import threading
@@ -15,13 +14,7 @@ import aiohttp
 import pytest
 
 from engine_server.vllm_backend import VllmBackend, VllmConfig
-from tests.conftest import SimServerFactory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import SimServerFactory, free_port
 
 
 class _FakeEngine:

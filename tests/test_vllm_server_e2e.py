@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,17 +31,13 @@ from engine_server.app import create_app  # noqa: E402
 from engine_server.metrics import METRIC_NAMES  # noqa: E402
 from engine_server.sim.backend import SimBackend, SimConfig  # noqa: E402
 from engine_server.tiny_model import generate as generate_tiny_model  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
 MODEL = "tiny"
 PREFIX = "You are a helpful assistant. Answer briefly and politely, in plain words. " * 12
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,17 +25,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import free_port
 from tests.deploy.test_manifests import DEPLOY, METRIC_RE, load_generator
 
 pytestmark = pytest.mark.timeout(400)
 API_KEY = "sk-deploy-test-0123456789"
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval becomes here
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout_s: float = 30.0, ok: tuple[int, ...] = (200,)) -> None:

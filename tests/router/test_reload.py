@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from config.router import load_config
 from router.app import ROUTER, Router, create_app
 from router.reload import RELOADER, Reloader
-from tests.conftest import SimServerFactory
+from tests.conftest import SimServerFactory, free_port
 
 SYSTEM = "You are the support assistant of the Acme rocket company. Answer precisely. " * 12
 
@@ -247,11 +246,6 @@ async def test_a_removed_replica_finishes_its_stream(fleet: Start) -> None:
     assert 'replica="r0"' not in f.router.metrics.render().decode()  # no series left behind
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 async def test_serve_reloads_on_sighup_and_cli_flags_still_win(sim_server: SimServerFactory,
                                                                tmp_path: Path) -> None:
@@ -260,7 +254,7 @@ async def test_serve_reloads_on_sighup_and_cli_flags_still_win(sim_server: SimSe
     engines = [await sim_server() for _ in range(2)]
     urls = [str(e.make_url("")).rstrip("/") for e in engines]
     path = tmp_path / "router.yaml"
-    path.write_text(yaml.safe_dump({"replicas": [{"name": "r0", "url": urls[0]}], "port": _free_port()}))
+    path.write_text(yaml.safe_dump({"replicas": [{"name": "r0", "url": urls[0]}], "port": free_port()}))
     args = build_parser().parse_args(["--config", str(path), "--policy", "round_robin"])
     cfg = config_from_args(args)
     task = asyncio.create_task(serve(cfg, config_file=str(path),

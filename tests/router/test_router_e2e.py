@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,16 +17,11 @@ from aiohttp.test_utils import TestServer
 from config.router import parse_config
 from engine_server.app import STATE
 from router.app import ROUTER, create_app
-from tests.conftest import SimServerFactory
+from tests.conftest import SimServerFactory, free_port
 
 SYSTEM = "You are the support assistant of the Acme rocket company. Answer precisely. " * 12
 RouterFactory = Callable[..., Awaitable[tuple[TestServer, list[TestServer]]]]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

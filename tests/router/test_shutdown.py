@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import aiohttp
 
-from tests.conftest import SimServerFactory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import SimServerFactory, free_port
 
 
 async def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_work(sim_server: SimServerFactory) -> None:
