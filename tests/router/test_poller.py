@@ -246,7 +246,8 @@ async def test_stop_ends_all_probes_promptly(engine: EngineFactory,
     await eventually(lambda: stuck.hits["/health"] == 1)
     t0 = time.monotonic()
     await p.stop()
-    assert time.monotonic() - t0 < 0.5 and not p.running
+    # the probe in flight would take its 30 s timeout: stop() cancels it instead (5 s: room for a busy host)
+    assert time.monotonic() - t0 < 5.0 and not p.running
 
 
 async def test_probe_all_warms_every_replica(engine: EngineFactory,
