@@ -129,10 +129,10 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
                 config_source: Callable[[], RouterConfig] | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain. With a config file, it is watched, and SIGHUP reloads it."""
     from router.app import ROUTER, create_app, harden, runner_kwargs
-    from router.policies.registry import create_policy
     from router.reload import RELOADER
+    from router.runtime import build_policy
 
-    create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())  # fail fast on a bad policy before listening
+    build_policy(cfg)  # fail fast on a bad policy before listening
     app = create_app(cfg, config_file=config_file, config_source=config_source)
     router = app[ROUTER]
     certs = None
