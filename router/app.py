@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
 
-from config.http_guard import BodyError, install_json_protocol_errors, read_json_object
 from config.router import RouterConfig
+from openai_http import (
+    REQUEST_ID,
+    REQUEST_ID_HEADER,
+    BodyError,
+    install_json_protocol_errors,
+    read_json_object,
+    request_id_and_errors,
+)
 from router import runtime
 from router.admin import setup_admin
 from router.auth import install_access_control
 from router.discovery import setup_discovery
-from router.dispatch import REQUEST_ID_HEADER
 from router.errors import error_response
 from router.features.parse import FeatureError, Kind, features_from_body
 from router.reload import Reloader
@@ -34,7 +39,6 @@ from router.tracing import Tracing, from_env
 log = logging.getLogger("router")
 
 
-REQUEST_ID = web.RequestKey("request_id", str)
 BODY = web.RequestKey("body", dict)
 GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,30 +55,6 @@ def harden(runner: web.BaseRunner) -> None:
     """After `runner.setup()`: aiohttp's protocol-level errors (bad request line, header floods, bad
     chunking) answer in OpenAI's JSON error format."""
     install_json_protocol_errors(runner)
-
-
-@web.middleware
-async def request_ids_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request.headers.get(REQUEST_ID_HEADER, "")
-    if not (0 < len(rid) <= 128 and rid.isascii() and rid.isprintable()):  # echoed and logged: keep sane
-        rid = uuid.uuid4().hex
-    request[REQUEST_ID] = rid
-    try:
-        resp = await handler(request)
-    except web.HTTPNotFound:
-        resp = error_response(f"no route for {request.method} {request.path}", 404)
-    except web.HTTPMethodNotAllowed:
-        resp = error_response(f"method {request.method} not allowed on {request.path}", 405)
-    except web.HTTPRequestEntityTooLarge:
-        resp = error_response(f"request body too large (limit {request.client_max_size} bytes)", 413)
-    except web.HTTPException as exc:
-        resp = error_response(exc.reason or "error", exc.status)
-    except Exception:
-        log.exception("unhandled error rid=%s %s %s", rid, request.method, request.path)
-        resp = error_response("internal router error", 500)
-    if not resp.prepared:
-        resp.headers.setdefault(REQUEST_ID_HEADER, rid)
-    return resp
 
 
 @web.middleware
@@ -159,7 +139,7 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
     OTEL_TRACES_EXPORTER says (`router.tracing`), None = off, or a ready `Tracing` (tests)."""
     owned = tracing == "env"
     router = runtime.new_router(cfg, from_env() if tracing == "env" else tracing)
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[request_ids_and_errors])
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[request_id_and_errors(log, "internal router error")])
     app[ROUTER] = router
     install_access_control(app, lambda: router.config, router.metrics,  # API keys, body, limits
                            before_admission=read_body_first)
