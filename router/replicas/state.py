@@ -217,7 +217,7 @@ class ReplicaRegistry:
     """The set of replicas, by name, in insertion order.
 
     on_transition: called with (replica, transition) for every health change of a member, whoever
-    caused it (the poller's checks or the proxy's outcomes), so metrics count each ejection once.
+    caused it (the poller's checks or the dispatcher's outcomes), so metrics count each ejection once.
     """
 
     def __init__(self, replicas: Iterable[ReplicaState] = (), *,
