@@ -368,7 +368,8 @@ def create_app(backend: Backend, *, default_max_tokens: int = 16, max_body_bytes
                start_backend: bool = True) -> web.Application:
     """Build the app. With `start_backend`, the backend starts in the background so /health can say 503
     while it loads (vLLM takes seconds to minutes), and stops on cleanup."""
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[request_id_and_errors(log, "internal server error")])
+    app = web.Application(client_max_size=max_body_bytes,
+                          middlewares=[request_id_and_errors(log, "internal server error")])
     state = ServerState(backend=backend, metrics=EngineMetrics(backend.model_name),
                         default_max_tokens=default_max_tokens)
     app[STATE] = state

@@ -139,7 +139,8 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
     OTEL_TRACES_EXPORTER says (`router.tracing`), None = off, or a ready `Tracing` (tests)."""
     owned = tracing == "env"
     router = runtime.new_router(cfg, from_env() if tracing == "env" else tracing)
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[request_id_and_errors(log, "internal router error")])
+    app = web.Application(client_max_size=cfg.max_body_bytes,
+                          middlewares=[request_id_and_errors(log, "internal router error")])
     app[ROUTER] = router
     install_access_control(app, lambda: router.config, router.metrics,  # API keys, body, limits
                            before_admission=read_body_first)

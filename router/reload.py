@@ -6,9 +6,10 @@ edits take the same path, so ``router.config`` is always the config being served
 
 `apply_config` works in two phases:
 
-1. Prepare. This may fail and changes nothing: it builds the new replicas, builds a new policy only when
-   the policy's name or params (or the block hashing, which its index is keyed by) changed, and derives
-   the dispatcher settings. A failure is a `ConfigError` naming the field.
+1. Prepare. This may fail and changes nothing. With `router.runtime`'s builders (the ones the router
+   started from) it builds the new replicas, builds a new policy only when the policy's name or params
+   (or the block hashing, which its index is keyed by) changed, and derives the dispatcher settings.
+   A failure is a `ConfigError` naming the field.
 2. Commit. This is synchronous (no ``await``), so no request sees half a config:
    - removed replicas are marked draining and leave the registry, so nothing new picks them. Their
      in-flight requests finish on their leases (the dispatcher holds the `ReplicaState`, not the name);
