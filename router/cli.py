@@ -133,9 +133,7 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
     """Run until SIGTERM/SIGINT, then drain. With a config file, it is watched, and SIGHUP reloads it."""
     from router.app import ROUTER, create_app, harden, runner_kwargs
     from router.reload import RELOADER
-    from router.runtime import build_policy
 
-    build_policy(cfg)  # fail fast on a bad policy before listening
     app = create_app(cfg, config_file=config_file, config_source=config_source)
     router = app[ROUTER]
     certs = None
@@ -182,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        from router.runtime import build_policy
+
+        build_policy(cfg)  # the registry judges the policy: fail before listening, naming the field
         from router.tracing import check_env
 
         check_env()  # OTEL_TRACES_EXPORTER set without the otel extra: say so before listening

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from config.router import ConfigError, RouterConfig, parse_config
+from router.cli import main
 from router.runtime import block_hashing, build_policy, build_replicas, dispatch_settings, new_router
 
 
@@ -43,3 +44,8 @@ def test_a_policy_the_registry_refuses_is_a_config_error_naming_the_field(policy
                                                                         field: str) -> None:
     with pytest.raises(ConfigError, match=f"^{field}: "):
         build_policy(config(policy=policy))
+
+
+def test_the_cli_refuses_a_bad_policy_before_listening_naming_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--replica", "http://127.0.0.1:1", "--policy", "fastest"]) == 2
+    assert capsys.readouterr().err.startswith("error: policy.name: unknown policy 'fastest'")
