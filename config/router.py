@@ -65,8 +65,13 @@ class CalibrationConfig(_Frozen):
 
 
 class PolicyConfig(_Frozen):
-    name: str = Field(default="cost", description="round_robin, random, least_load, power_of_two, "
-                                                  "consistent_hash, cache_aware, cost")
+    """Which policy routes, and its constructor parameters. The name and params are judged by the policy
+    registry when the router builds the policy (`router.runtime.build_policy`, at start-up and on every
+    reload), as a `ConfigError` naming the field: config imports nothing of the router, so the registry
+    stays the one list of policies."""
+
+    name: str = Field(default="cost", description="a policy of the router's registry "
+                                                  "(router.policies.registry.POLICY_NAMES)")
     params: dict[str, Any] = Field(default_factory=dict, description="constructor parameters of the policy")
     calibration: CalibrationConfig | None = Field(
         default=None, description="cost only: learn the time constants online or pin them (default pinned)")
@@ -84,7 +89,9 @@ class PolicyConfig(_Frozen):
         return {**self.params, "calibration": self.calibration.model_dump()}
 
 
-class HashingConfig(_Frozen):
+class HashingSettings(_Frozen):
+    """Block hashing of prompts (the router builds `router.features.hashing.HashingConfig` from it)."""
+
     block_chars: int = Field(default=64, ge=8, le=65536,
                              description="characters per prefix block; smaller = finer matching, more hashes")
 
@@ -360,7 +367,7 @@ class RouterConfig(_Frozen):
     port: int = Field(default=8000, ge=1, le=65535)
     replicas: tuple[ReplicaConfig, ...] = Field(default=(), description="static replica list")
     policy: PolicyConfig = PolicyConfig()
-    hashing: HashingConfig = HashingConfig()
+    hashing: HashingSettings = HashingSettings()
     health: HealthSettings = HealthSettings()
     load: LoadSettings = LoadSettings()
     timeouts: TimeoutSettings = TimeoutSettings()

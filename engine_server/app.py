@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -20,7 +19,6 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError, model_validator
 
-from config.http_guard import BodyError, read_json_object
 from engine_server import protocol
 from engine_server.backend import (
     OFF_LOOP_CHARS,
@@ -33,11 +31,10 @@ from engine_server.backend import (
 )
 from engine_server.errors import error_response, validation_error_response
 from engine_server.metrics import EngineMetrics
+from openai_http import REQUEST_ID, REQUEST_ID_HEADER, BodyError, read_json_object, request_id_and_errors
 
 log = logging.getLogger("engine_server")
 
-REQUEST_ID_HEADER = "X-Request-Id"
-REQUEST_ID = web.RequestKey("request_id", str)
 BODY_TIMEOUT_S = 60.0  # a request body must arrive within this long after its headers (408)
 T = TypeVar("T")
 
@@ -67,31 +64,8 @@ STATE = web.AppKey("state", ServerState)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def request_id_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Accept or mint `X-Request-Id`, echo it back, and turn anything unexpected into an OpenAI error body."""
-    rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    request[REQUEST_ID] = rid
-    try:
-        resp = await handler(request)
-    except web.HTTPRequestEntityTooLarge:
-        resp = error_response(f"request body too large (limit {request.client_max_size} bytes)", 413)
-    except web.HTTPNotFound:
-        resp = error_response(f"no route for {request.method} {request.path}", 404)
-    except web.HTTPMethodNotAllowed:
-        resp = error_response(f"method {request.method} not allowed on {request.path}", 405)
-    except web.HTTPException as exc:
-        resp = error_response(exc.reason or "error", exc.status)
-    except Exception:  # a bug must still answer in OpenAI format, and be logged with its request id
-        log.exception("unhandled error rid=%s %s %s", rid, request.method, request.path)
-        resp = error_response("internal server error", 500)
-    if not resp.prepared:
-        resp.headers[REQUEST_ID_HEADER] = rid
-    return resp
-
-
 async def read_json(request: web.Request) -> dict[str, Any] | web.Response:
-    """The body as a JSON object, or the OpenAI-format 4xx to answer (see `config.http_guard`)."""
+    """The body as a JSON object, or the OpenAI-format 4xx to answer (see `openai_http.body`)."""
     try:
         return await read_json_object(request, BODY_TIMEOUT_S)
     except BodyError as exc:
@@ -394,7 +368,8 @@ def create_app(backend: Backend, *, default_max_tokens: int = 16, max_body_bytes
                start_backend: bool = True) -> web.Application:
     """Build the app. With `start_backend`, the backend starts in the background so /health can say 503
     while it loads (vLLM takes seconds to minutes), and stops on cleanup."""
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[request_id_and_errors])
+    app = web.Application(client_max_size=max_body_bytes,
+                          middlewares=[request_id_and_errors(log, "internal server error")])
     state = ServerState(backend=backend, metrics=EngineMetrics(backend.model_name),
                         default_max_tokens=default_max_tokens)
     app[STATE] = state

@@ -1,44 +1,14 @@
-"""OpenAI-format error bodies: `{"error": {"message", "type", "param", "code"}}`.
-
-Every failure the server answers, whatever the backend, goes through `error_response` so clients and the
-router can parse one shape.
-"""
+"""The engine server's error responses: OpenAI's format from `openai_http` (the same bodies the router
+sends), plus the 400 for a request that fails the protocol models' validation."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-}
+from openai_http.errors import error_response
 
-
-def error_body(message: str, status: int, err_type: str | None = None, param: str | None = None,
-               code: str | int | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": message,
-            "type": err_type or _TYPE_BY_STATUS.get(status, "server_error"),
-            "param": param,
-            "code": code if code is not None else status,
-        }
-    }
-
-
-def error_response(message: str, status: int, err_type: str | None = None, param: str | None = None,
-                   code: str | int | None = None, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(error_body(message, status, err_type, param, code), status=status,
-                             headers=headers)
+__all__ = ["error_response", "validation_error_response"]
 
 
 def validation_error_response(exc: ValidationError) -> web.Response:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from config.http_guard import install_json_protocol_errors
+from openai_http import install_json_protocol_errors
 
 log = logging.getLogger("engine_server")
 

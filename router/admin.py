@@ -30,12 +30,12 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from config.router import ConfigError, ReplicaConfig, RouterConfig, describe
-from router.app import ROUTER
 from router.auth import check_admin
 from router.errors import error_response
 from router.policies.base import Policy
 from router.reload import RELOADER, Reloader
 from router.replicas.state import ReplicaState
+from router.runtime import ROUTER
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SECRET_NAME = re.compile(r"(key|secret|token|password|credential)s?$", re.IGNORECASE)

@@ -3,76 +3,45 @@
 Routes: POST /v1/chat/completions, POST /v1/completions (streamed or not), GET /v1/models (union of
 healthy replicas' models), GET /health, GET /metrics; /admin/* and live reload come from `router.admin`
 and `router.reload`. Anything else is a 404 in OpenAI's error format.
-Everything the app needs is built here and passed down; nothing lives in module globals.
+The router itself (replicas, policy, dispatcher, poller) is built by `router.runtime`; this module adds
+the HTTP surface and wires the admin API, reload and discovery to it. Nothing lives in module globals.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import aiohttp
 from aiohttp import web
 
-from config.http_guard import BodyError, install_json_protocol_errors, read_json_object
 from config.router import RouterConfig
+from openai_http import (
+    REQUEST_ID,
+    REQUEST_ID_HEADER,
+    BodyError,
+    install_json_protocol_errors,
+    read_json_object,
+    request_id_and_errors,
+)
+from router import runtime
+from router.admin import setup_admin
 from router.auth import install_access_control
-from router.dispatch import REQUEST_ID_HEADER, Dispatcher, DispatchSettings
+from router.discovery import setup_discovery
 from router.errors import error_response
-from router.features.hashing import HashingConfig
 from router.features.parse import FeatureError, Kind, features_from_body
-from router.metrics import RouterMetrics
-from router.policies.registry import create_policy
-from router.proxy.upstream import Timeouts
-from router.replicas.health import HealthConfig, HealthTracker
-from router.replicas.poller import ReplicaPoller
-from router.replicas.state import ReplicaRegistry, ReplicaState
+from router.reload import Reloader
+from router.runtime import ROUTER
 from router.tracing import Tracing, from_env
 
 log = logging.getLogger("router")
 
 
-@dataclass
-class Router:
-    config: RouterConfig
-    registry: ReplicaRegistry
-    metrics: RouterMetrics
-    hashing: HashingConfig
-    dispatcher: Dispatcher | None = None
-    tracing: Tracing | None = None
-    poller: ReplicaPoller | None = None
-    draining: bool = False
-    in_flight: int = 0
-
-
-ROUTER = web.AppKey("router", Router)
-REQUEST_ID = web.RequestKey("request_id", str)
 BODY = web.RequestKey("body", dict)
 GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def health_config(cfg: RouterConfig) -> HealthConfig:
-    h = cfg.health
-    return HealthConfig(failures_to_eject=h.failures_to_eject, checks_to_eject=h.checks_to_eject,
-                        base_ejection_s=h.base_ejection_s, max_ejection_s=h.max_ejection_s,
-                        successes_to_readmit=h.successes_to_readmit)
-
-
-def dispatch_settings(cfg: RouterConfig) -> DispatchSettings:
-    """The dispatcher's view of ``cfg``; also rebuilt by `router.reload` on every config change."""
-    t = cfg.timeouts
-    return DispatchSettings(timeouts=Timeouts(t.connect_s, t.first_byte_s, t.idle_s, t.total_s),
-                            max_attempts=cfg.retry.max_attempts,
-                            retry_statuses=frozenset(cfg.retry.retry_statuses),
-                            budget_ratio=cfg.retry.budget_ratio, budget_min_retries=cfg.retry.budget_min_retries,
-                            budget_window_s=cfg.retry.budget_window_s,
-                            stale_after_s=cfg.load.stale_after_s, replica_header=cfg.replica_header)
 
 
 def runner_kwargs(cfg: RouterConfig) -> dict[str, Any]:
@@ -86,38 +55,6 @@ def harden(runner: web.BaseRunner) -> None:
     """After `runner.setup()`: aiohttp's protocol-level errors (bad request line, header floods, bad
     chunking) answer in OpenAI's JSON error format."""
     install_json_protocol_errors(runner)
-
-
-def build_registry(cfg: RouterConfig) -> ReplicaRegistry:
-    registry = ReplicaRegistry()
-    for rc in cfg.replicas:
-        registry.add(ReplicaState(name=rc.name, url=rc.url, models=frozenset(rc.models), weight=rc.weight,
-                                  labels=dict(rc.labels), health=HealthTracker(health_config(cfg))))
-    return registry
-
-
-@web.middleware
-async def request_ids_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request.headers.get(REQUEST_ID_HEADER, "")
-    if not (0 < len(rid) <= 128 and rid.isascii() and rid.isprintable()):  # echoed and logged: keep sane
-        rid = uuid.uuid4().hex
-    request[REQUEST_ID] = rid
-    try:
-        resp = await handler(request)
-    except web.HTTPNotFound:
-        resp = error_response(f"no route for {request.method} {request.path}", 404)
-    except web.HTTPMethodNotAllowed:
-        resp = error_response(f"method {request.method} not allowed on {request.path}", 405)
-    except web.HTTPRequestEntityTooLarge:
-        resp = error_response(f"request body too large (limit {request.client_max_size} bytes)", 413)
-    except web.HTTPException as exc:
-        resp = error_response(exc.reason or "error", exc.status)
-    except Exception:
-        log.exception("unhandled error rid=%s %s %s", rid, request.method, request.path)
-        resp = error_response("internal router error", 500)
-    if not resp.prepared:
-        resp.headers.setdefault(REQUEST_ID_HEADER, rid)
-    return resp
 
 
 @web.middleware
@@ -201,11 +138,9 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
     config_file). Without either, only the admin API changes the config at runtime. tracing: "env" = as
     OTEL_TRACES_EXPORTER says (`router.tracing`), None = off, or a ready `Tracing` (tests)."""
     owned = tracing == "env"
-    tracing = from_env() if tracing == "env" else tracing
-    registry = build_registry(cfg)
-    router = Router(config=cfg, registry=registry, metrics=RouterMetrics(),
-                    hashing=HashingConfig(block_chars=cfg.hashing.block_chars), tracing=tracing)
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[request_ids_and_errors])
+    router = runtime.new_router(cfg, from_env() if tracing == "env" else tracing)
+    app = web.Application(client_max_size=cfg.max_body_bytes,
+                          middlewares=[request_id_and_errors(log, "internal router error")])
     app[ROUTER] = router
     install_access_control(app, lambda: router.config, router.metrics,  # API keys, body, limits
                            before_admission=read_body_first)
@@ -216,43 +151,14 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
     app.router.add_get("/metrics", metrics)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        # One pooled session for all upstream calls; no total timeout here (streams are long-lived).
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
-        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
-                                        auto_decompress=False)
-        policy = create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())
-        for r in registry.all():
-            policy.on_replica_added(r.name)
-        router.dispatcher = Dispatcher(registry, policy, session, router.metrics, dispatch_settings(cfg),
-                                       tracing)
-        # Probes get their own small pool: aiohttp reuses the longest-idle connection first, so probes
-        # sharing the request pool would keep every connection of a past burst alive forever.
-        probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=30),
-                                              timeout=aiohttp.ClientTimeout(total=None))
-        router.poller = ReplicaPoller(registry, probe_session, health_interval_s=cfg.health.check_interval_s,
-                                      load_interval_s=cfg.load.poll_interval_s,
-                                      timeout_s=cfg.health.check_timeout_s,
-                                      on_transition=lambda r, t: _on_transition(router, r.name, t.new))
-        await router.poller.start()
+        await runtime.start(router)
         yield
-        await router.poller.stop()
-        await probe_session.close()
-        await session.close()
-        if owned and tracing is not None:
-            tracing.provider.shutdown()  # flushes the batch of spans not exported yet
+        await runtime.stop(router)
+        if owned and router.tracing is not None:
+            router.tracing.provider.shutdown()  # flushes the batch of spans not exported yet
 
     app.cleanup_ctx.append(lifecycle)
-    from router.admin import setup_admin  # late: admin and reload import this module
-    from router.discovery import setup_discovery
-    from router.reload import Reloader
-
     reloader = Reloader(router, path=config_file, source=config_source)
     setup_admin(app, reloader)  # after lifecycle
     setup_discovery(app, cfg, reloader)  # after admin: applies through the reloader
     return app
-
-
-def _on_transition(router: Router, name: str, new_state: str) -> None:
-    log.warning("replica %s is now %s", name, new_state)
-    if new_state == "ejected":
-        router.metrics.ejections.labels(name).inc()

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from config.router import ConfigError, RouterConfig, load_config, parse_config
+from router.policies.registry import DEFAULT_POLICY, POLICY_NAMES
 
 DESCRIPTION = """\
 Prefix-cache-aware router for vLLM replicas, speaking the OpenAI API.
@@ -28,7 +29,7 @@ prefill of the tokens that replica does NOT have cached), and streams the answer
 Replicas are health-checked and their load polled; failures before the first byte are retried on
 another replica.
 
-Policies: cost (default), cache_aware, consistent_hash, power_of_two, least_load, round_robin, random.
+Policies: {policies}.
 Replicas: repeat --replica URL (or NAME=URL), or list them in --config FILE (YAML, see config/).
 Flags given on the command line override the config file.
 """
@@ -45,7 +46,9 @@ then point any OpenAI client at http://127.0.0.1:8000/v1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m router", description=DESCRIPTION, epilog=EPILOG,
+    policies = ", ".join(f"{n} (default)" if n == DEFAULT_POLICY else n for n in POLICY_NAMES)
+    p = argparse.ArgumentParser(prog="python -m router", description=DESCRIPTION.format(policies=policies),
+                                epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="YAML router config (format: config/router.py)")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
@@ -129,10 +132,8 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
                 config_source: Callable[[], RouterConfig] | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain. With a config file, it is watched, and SIGHUP reloads it."""
     from router.app import ROUTER, create_app, harden, runner_kwargs
-    from router.policies.registry import create_policy
     from router.reload import RELOADER
 
-    create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())  # fail fast on a bad policy before listening
     app = create_app(cfg, config_file=config_file, config_source=config_source)
     router = app[ROUTER]
     certs = None
@@ -179,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        from router.runtime import build_policy
+
+        build_policy(cfg)  # the registry judges the policy: fail before listening, naming the field
         from router.tracing import check_env
 
         check_env()  # OTEL_TRACES_EXPORTER set without the otel extra: say so before listening

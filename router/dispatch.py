@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from openai_http import REQUEST_ID_HEADER
 from router.calibration import NAMES as CONSTANTS
 from router.errors import error_response
 from router.features.parse import RequestFeatures
@@ -36,7 +37,6 @@ from router.tracing import Tracing
 
 log = logging.getLogger("router.dispatch")
 
-REQUEST_ID_HEADER = "X-Request-Id"
 UNKNOWN_MODEL = "unknown"  # metric label for model names no replica serves (labels stay bounded)
 
 

@@ -6,9 +6,10 @@ edits take the same path, so ``router.config`` is always the config being served
 
 `apply_config` works in two phases:
 
-1. Prepare. This may fail and changes nothing: it builds the new replicas, builds a new policy only when
-   the policy's name or params (or the block hashing, which its index is keyed by) changed, and derives
-   the dispatcher settings. A failure is a `ConfigError` naming the field.
+1. Prepare. This may fail and changes nothing. With `router.runtime`'s builders (the ones the router
+   started from) it builds the new replicas, builds a new policy only when the policy's name or params
+   (or the block hashing, which its index is keyed by) changed, and derives the dispatcher settings.
+   A failure is a `ConfigError` naming the field.
 2. Commit. This is synchronous (no ``await``), so no request sees half a config:
    - removed replicas are marked draining and leave the registry, so nothing new picks them. Their
      in-flight requests finish on their leases (the dispatcher holds the `ReplicaState`, not the name);
@@ -50,13 +51,17 @@ from typing import Any
 from aiohttp import web
 
 from config.router import ConfigError, ReplicaConfig, RouterConfig, load_config
-from router.app import Router, dispatch_settings, health_config
 from router.dispatch import Dispatcher
-from router.features.hashing import HashingConfig
 from router.policies.base import Policy
-from router.policies.registry import POLICY_NAMES, create_policy
-from router.replicas.health import HealthTracker
 from router.replicas.state import ReplicaState
+from router.runtime import (
+    Router,
+    block_hashing,
+    build_policy,
+    build_replicas,
+    dispatch_settings,
+    health_config,
+)
 
 log = logging.getLogger("router.reload")
 
@@ -123,24 +128,9 @@ async def apply_config(router: Router, new: RouterConfig) -> ReloadResult:
                     and (current[n].models, current[n].weight, current[n].labels)
                     != (frozenset(rc.models), rc.weight, dict(rc.labels)))
     health = health_config(effective)
-    fresh: dict[str, ReplicaState] = {}
-    for name in (*added, *replaced):
-        i, rc = wanted[name]
-        try:
-            fresh[name] = ReplicaState(name=rc.name, url=rc.url, models=frozenset(rc.models),
-                                       weight=rc.weight, labels=dict(rc.labels), health=HealthTracker(health))
-        except ValueError as exc:
-            raise ConfigError(f"replicas.{i}: {exc}") from None
+    fresh = build_replicas(effective, (*added, *replaced))
     new_policy = effective.policy != old.policy or effective.hashing != old.hashing
-    policy: Policy = dispatcher.policy
-    if new_policy:
-        try:
-            policy = create_policy(effective.policy.name, **effective.policy.policy_kwargs())
-        except (TypeError, ValueError) as exc:
-            where = "policy.params" if effective.policy.name in POLICY_NAMES else "policy.name"
-            if effective.policy.calibration is not None and "calibration" in str(exc):
-                where = "policy.calibration"
-            raise ConfigError(f"{where}: {exc}") from None
+    policy: Policy = build_policy(effective) if new_policy else dispatcher.policy
     settings = dispatch_settings(effective)
 
     # -- commit: synchronous from here on ----------------------------------------------------------
@@ -166,7 +156,7 @@ async def apply_config(router: Router, new: RouterConfig) -> ReloadResult:
         for name in registry.names():
             policy.on_replica_added(name)
     if effective.hashing != old.hashing:
-        router.hashing = HashingConfig(block_chars=effective.hashing.block_chars)
+        router.hashing = block_hashing(effective)
     if new_policy or settings != dispatcher.settings:
         router.dispatcher = Dispatcher(registry, policy, dispatcher.session, router.metrics, settings,
                                        dispatcher.tracing)

@@ -1,20 +1,19 @@
 """`ReplicaView`: the read-only snapshot of one replica that policies decide on.
 
-The proxy builds one per eligible replica for each decision from two sources that policies must not
-confuse:
+The dispatcher (or the simulator) builds one per eligible replica for each decision, with
+`ReplicaState.view`, from two sources that policies must not confuse:
 
 - the router's own counters (``in_flight_requests``, ``in_flight_tokens``), always current;
 - the engine's polled load report (``running``, ``waiting``, ``kv_blocks_*``, ``block_size``), as old as
-  ``load_age_s``. ``None`` means no report was ever received, and a report older than a policy's
-  ``stale_after_s`` counts as missing. Missing is not zero: policies then fall back to the router's
-  counters, which is what `request_load` does.
+  ``load_age_s``. ``None`` means no report was received, or the last one was older than the router's
+  ``load.stale_after_s`` when the view was built: freshness is decided there, once, so policies never
+  filter again. Missing is not zero: policies then fall back to the router's counters, which is what
+  `request_load` does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-DEFAULT_STALE_AFTER_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +25,7 @@ class ReplicaView:
     in_flight_tokens: prompt tokens of those requests that have not finished prefill yet.
     running, waiting, kv_blocks_used, kv_blocks_total, block_size: the engine's last load report
         (meaningful only while fresh, see `engine_fresh`).
-    load_age_s: seconds since that report was received; None = never.
+    load_age_s: seconds since that report was received; None = never, or stale when the view was built.
     max_num_seqs: the engine's concurrency limit from its /load report (any age: it is static);
         0 = not reported (a stock vLLM's /metrics does not say).
     """
@@ -45,16 +44,15 @@ class ReplicaView:
     healthy: bool = True
     max_num_seqs: int = 0
 
-    def engine_fresh(self, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:
-        """True when the engine's load report exists and is at most ``stale_after_s`` old."""
-        return self.load_age_s is not None and self.load_age_s <= stale_after_s
+    def engine_fresh(self) -> bool:
+        """True when the view carries an engine load report (the view's builder dropped a stale one)."""
+        return self.load_age_s is not None
 
-    def request_load(self, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> int:
+    def request_load(self) -> int:
         """Requests at the replica: the router's count, raised to the engine's running + waiting when
         that report is fresh (other routers' traffic shows up only there). Never lower than our count."""
         load = self.in_flight_requests
-        age = self.load_age_s
-        if age is not None and age <= stale_after_s and self.running + self.waiting > load:
+        if self.load_age_s is not None and self.running + self.waiting > load:
             load = self.running + self.waiting
         return load
 

@@ -7,7 +7,7 @@ import gzip
 import aiohttp
 import pytest
 
-from config.http_guard import install_json_protocol_errors
+from openai_http import install_json_protocol_errors
 from tests.conftest import SimServerFactory
 from tests.hostile_input import (
     HOSTILE_BODIES,

@@ -15,10 +15,10 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from config.http_guard import install_json_protocol_errors
 from config.router import parse_config
 from engine_server.app import create_app as engine_app
 from engine_server.sim.backend import SimBackend, SimConfig
+from openai_http import install_json_protocol_errors
 from router.app import create_app as router_app
 
 FIELDS = ["model", "prompt", "messages", "max_tokens", "n", "stream", "stream_options", "temperature",

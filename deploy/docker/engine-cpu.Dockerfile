@@ -17,6 +17,7 @@ COPY pyproject.toml README.md ./
 COPY router ./router
 COPY engine_server ./engine_server
 COPY config ./config
+COPY openai_http ./openai_http
 COPY benchmarks ./benchmarks
 RUN /opt/venv/bin/pip install --no-compile --no-deps /src \
     && /opt/venv/bin/python -m engine_server.tiny_model /models/tiny-llama

@@ -17,6 +17,7 @@ COPY pyproject.toml README.md ./
 COPY router ./router
 COPY engine_server ./engine_server
 COPY config ./config
+COPY openai_http ./openai_http
 COPY benchmarks ./benchmarks
 RUN python3 -m pip install --no-compile --no-deps /opt/prefix-router \
     && groupadd --system --gid 10001 engine \

@@ -26,7 +26,7 @@ import aiohttp
 from kubernetes_asyncio import client, config
 
 from config.router import DiscoveryConfig, ReplicaConfig
-from router.discovery import ReplicaSetApplier
+from router.discovery.applier import ReplicaSetApplier
 
 log = logging.getLogger("router.discovery.kubernetes")
 

@@ -34,7 +34,7 @@ _MAX_TOKEN_ID = 2**63 - 1
 
 
 class FeatureError(ValueError):
-    """The body has a shape the router cannot route; the proxy answers 400 naming ``param``."""
+    """The body has a shape the router cannot route; the app answers 400 naming ``param``."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)

@@ -1,13 +1,13 @@
 """The policy contract: decide synchronously, then commit on dispatch, then learn on completion.
 
-Lifecycle of one request, as the proxy drives it:
+Lifecycle of one request, as the dispatcher (`router.dispatch`, or the simulator) drives it:
 
 1. ``choose(features, replicas)`` with the eligible replicas (healthy, serving the model; never empty).
    Pure as far as request state goes: it may refresh bookkeeping derived from the views (ring
    membership, index capacities), but it records nothing about this request.
-2. ``on_dispatch(features, decision)`` once the proxy commits to sending there. Index updates happen
-   here, so a request that is never sent (the proxy gave up, the replica vanished) leaves no trace.
-   The proxy should call it before its next ``await`` after ``choose`` so that concurrent decisions see
+2. ``on_dispatch(features, decision)`` once the dispatcher commits to sending there. Index updates happen
+   here, so a request that is never sent (the dispatcher gave up, the replica vanished) leaves no trace.
+   The dispatcher should call it before its next ``await`` after ``choose`` so that concurrent decisions see
    each other.
 3. ``on_complete(features, decision, outcome)`` exactly once per dispatched request, success or not.
 
@@ -57,7 +57,7 @@ class Outcome:
 
 @runtime_checkable
 class Policy(Protocol):
-    """What the proxy calls. Synchronous, no I/O."""
+    """What the dispatcher calls. Synchronous, no I/O."""
 
     name: str
 
@@ -104,7 +104,7 @@ T = TypeVar("T")
 
 
 def require_replicas(replicas: Sequence[ReplicaView]) -> None:
-    """Fail loudly on the one precondition the proxy owns."""
+    """Fail loudly on the one precondition the dispatcher owns."""
     if not replicas:
         raise ValueError("choose() needs at least one eligible replica")
 

@@ -16,7 +16,6 @@ Parameters:
     vnodes (160): points per replica; more = smoother key distribution, slower rebuilds.
     load_factor (1.25): the bound's slack over the mean (``1 + eps`` with eps = 0.25).
     prefix_blocks (16): how many leading blocks form the prompt key (16 x 64 chars ~ 256 tokens).
-    stale_after_s (5.0): an engine load report older than this is ignored.
     seed / rng: tie-break random source (only used if no replica fits the bound, then least load wins).
 Reason labels: ``"ring"`` (the key's owner), ``"ring_overflow"`` (a successor, the owner was full),
 ``"least_load"`` (nothing fit, e.g. with skewed weights).
@@ -34,7 +33,7 @@ from xxhash import xxh3_64_intdigest
 from router.features.parse import RequestFeatures
 from router.policies.base import Decision, PolicyBase, pick_lowest, require_replicas
 from router.policies.least_load import load_key
-from router.replica_view import DEFAULT_STALE_AFTER_S, ReplicaView
+from router.replica_view import ReplicaView
 
 
 class ConsistentHash(PolicyBase):
@@ -46,7 +45,6 @@ class ConsistentHash(PolicyBase):
         vnodes: int = 160,
         load_factor: float = 1.25,
         prefix_blocks: int = 16,
-        stale_after_s: float = DEFAULT_STALE_AFTER_S,
         seed: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -56,7 +54,6 @@ class ConsistentHash(PolicyBase):
         self.vnodes = vnodes
         self.load_factor = load_factor
         self.prefix_blocks = prefix_blocks
-        self.stale_after_s = stale_after_s
         self._members: set[str] = set()
         self._points: list[int] = []
         self._owners: list[str] = []
@@ -85,7 +82,7 @@ class ConsistentHash(PolicyBase):
         if not by_name.keys() <= self._members:  # replicas nobody announced still join the ring
             self._members |= by_name.keys()
             self._rebuild()
-        loads = {r.name: r.request_load(self.stale_after_s) for r in replicas}
+        loads = {r.name: r.request_load() for r in replicas}
         total_weight = sum(max(r.weight, 0.0) for r in replicas) or float(len(replicas))
         avg = (sum(loads.values()) + 1) / len(replicas)
         points, owners = self._points, self._owners
@@ -101,7 +98,7 @@ class ConsistentHash(PolicyBase):
                 return Decision(replica=name, reason="ring" if len(seen) == 1 else "ring_overflow")
             if len(seen) == len(by_name):
                 break
-        pick = pick_lowest(replicas, lambda r: load_key(r, self.stale_after_s), self.rng)
+        pick = pick_lowest(replicas, load_key, self.rng)
         return Decision(replica=pick.name, reason="least_load")
 
     def _rebuild(self) -> None:

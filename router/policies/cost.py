@@ -89,7 +89,6 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     default_capacity_blocks (2**20): index bound per replica before its KV geometry is known.
     correction_slack (0.05): fraction of predicted blocks a cached_tokens report may fall short by
         (token-count rounding) before entries are dropped.
-    stale_after_s (5.0): an engine load report older than this is ignored.
     seed / rng: tie-break random source.
 Reason labels: ``"prefix"`` (went to a best-matching replica), ``"replicate"`` (a replica with a longer
 match was passed over because of its load), ``"load"`` (nobody holds any of the prompt).
@@ -106,7 +105,7 @@ from router.calibration import CalibrationSettings, Calibrator, CostConstants, D
 from router.features.parse import RequestFeatures
 from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, require_replicas
 from router.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
-from router.replica_view import DEFAULT_STALE_AFTER_S, ReplicaView
+from router.replica_view import ReplicaView
 
 DEFAULT_OUTPUT_GUESS = 128.0  # expected completion tokens until the engine reports some
 
@@ -150,7 +149,6 @@ class Cost(PolicyBase):
         kv_capacity_factor: float = 1.0,
         default_capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
         correction_slack: float = 0.05,
-        stale_after_s: float = DEFAULT_STALE_AFTER_S,
         seed: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -178,7 +176,6 @@ class Cost(PolicyBase):
         self.eviction_weight = eviction_weight
         self.kv_capacity_factor = kv_capacity_factor
         self.correction_slack = correction_slack
-        self.stale_after_s = stale_after_s
         self.index = PrefixIndex(default_capacity=default_capacity_blocks)
         self._inflight: dict[str, _InFlight] = {}
         self._geometry: dict[str, tuple[int, int, float]] = {}
@@ -209,8 +206,8 @@ class Cost(PolicyBase):
         if len(near) == 1:
             pick = near[0]
         else:  # near-equal costs: less loaded, then cheaper, then least recently sent to, then a draw
-            stale, last = self.stale_after_s, self._last_sent
-            pick = pick_lowest(near, lambda r: (r.request_load(stale) / _weight(r), costs[r.name],
+            last = self._last_sent
+            pick = pick_lowest(near, lambda r: (r.request_load() / _weight(r), costs[r.name],
                                                 last.get(r.name, -1)), self.rng)
         got = matched.get(pick.name, 0)
         reason = "load" if best == 0 else "prefix" if got == best else "replicate"
@@ -225,7 +222,7 @@ class Cost(PolicyBase):
 
     def _cost(self, view: ReplicaView, uncached: float, block_tokens: float, decode_steps: float) -> float:
         # The formula of the module docstring, flattened: this runs once per replica per request.
-        fresh = view.load_age_s is not None and view.load_age_s <= self.stale_after_s
+        fresh = view.load_age_s is not None  # the view already dropped a stale report
         pending_tokens, pending_requests = self._pending(view, fresh, uncached)
         running = view.in_flight_requests - pending_requests
         if fresh and view.running > running:
@@ -299,7 +296,7 @@ class Cost(PolicyBase):
             view = self._views.get(decision.replica)
             queued_tokens = queued_requests = running = 0.0
             if view is not None:
-                fresh = view.engine_fresh(self.stale_after_s)
+                fresh = view.engine_fresh()
                 queued_tokens, queued_requests = self._pending(view, fresh, uncached)
                 running = self._running(view, fresh, queued_requests)
             self._sent[(features.request_id, decision.replica)] = _Sent(
@@ -392,7 +389,7 @@ class Cost(PolicyBase):
             view = self._views.get(name)
             now_running = sent.running
             if view is not None:
-                fresh = view.engine_fresh(self.stale_after_s)
+                fresh = view.engine_fresh()
                 now_running = self._running(view, fresh, self._pending(view, fresh, 0.0)[1])
             # Prefills of requests sent there meanwhile shared these steps: take out their estimated time.
             overhead, per_token, _, _ = self.calibrator.constants(name).as_tuple()

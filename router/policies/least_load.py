@@ -6,7 +6,6 @@ running + waiting when its load report is fresh (the engine also sees other rout
 or missing report falls back to the router's count: it never reads as zero load.
 
 Parameters:
-    stale_after_s (5.0): an engine load report older than this is ignored.
     seed / rng: tie-break random source.
 Reason label: ``"least_load"``.
 """
@@ -18,13 +17,13 @@ from collections.abc import Sequence
 
 from router.features.parse import RequestFeatures
 from router.policies.base import Decision, PolicyBase, pick_lowest, require_replicas
-from router.replica_view import DEFAULT_STALE_AFTER_S, ReplicaView
+from router.replica_view import ReplicaView
 
 
-def load_key(view: ReplicaView, stale_after_s: float) -> tuple[float, float]:
+def load_key(view: ReplicaView) -> tuple[float, float]:
     """Lexicographic load: weighted requests first, weighted not-yet-prefilled tokens second."""
     weight = view.weight if view.weight > 0 else 1.0
-    return view.request_load(stale_after_s) / weight, view.in_flight_tokens / weight
+    return view.request_load() / weight, view.in_flight_tokens / weight
 
 
 class LeastLoad(PolicyBase):
@@ -33,14 +32,12 @@ class LeastLoad(PolicyBase):
     def __init__(
         self,
         *,
-        stale_after_s: float = DEFAULT_STALE_AFTER_S,
         seed: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(seed=seed, rng=rng)
-        self.stale_after_s = stale_after_s
 
     def choose(self, features: RequestFeatures, replicas: Sequence[ReplicaView]) -> Decision:
         require_replicas(replicas)
-        replica = pick_lowest(replicas, lambda r: load_key(r, self.stale_after_s), self.rng)
+        replica = pick_lowest(replicas, load_key, self.rng)
         return Decision(replica=replica.name, reason="least_load")

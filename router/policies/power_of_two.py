@@ -6,7 +6,6 @@ to keep consistent across many router replicas than a global minimum, and avoids
 least-loaded replica when load signals lag.
 
 Parameters:
-    stale_after_s (5.0): an engine load report older than this is ignored.
     seed / rng: the sampling random source.
 Reason labels: ``"power_of_two"``, or ``"only_replica"``.
 """
@@ -19,7 +18,7 @@ from collections.abc import Sequence
 from router.features.parse import RequestFeatures
 from router.policies.base import Decision, PolicyBase, require_replicas
 from router.policies.least_load import load_key
-from router.replica_view import DEFAULT_STALE_AFTER_S, ReplicaView
+from router.replica_view import ReplicaView
 
 
 class PowerOfTwo(PolicyBase):
@@ -28,17 +27,15 @@ class PowerOfTwo(PolicyBase):
     def __init__(
         self,
         *,
-        stale_after_s: float = DEFAULT_STALE_AFTER_S,
         seed: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
         super().__init__(seed=seed, rng=rng)
-        self.stale_after_s = stale_after_s
 
     def choose(self, features: RequestFeatures, replicas: Sequence[ReplicaView]) -> Decision:
         require_replicas(replicas)
         if len(replicas) == 1:
             return Decision(replica=replicas[0].name, reason="only_replica")
         a, b = self.rng.sample(list(replicas), 2)
-        pick = b if load_key(b, self.stale_after_s) < load_key(a, self.stale_after_s) else a
+        pick = b if load_key(b) < load_key(a) else a
         return Decision(replica=pick.name, reason="power_of_two")

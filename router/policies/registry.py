@@ -1,4 +1,4 @@
-"""Policy names -> classes. The only place that knows every policy; the proxy and config use names.
+"""Policy names -> classes. The only place that knows every policy; the dispatcher and config use names.
 
 ``create_policy("cost", seed=1, prefill_s_per_token=3e-5)`` builds a policy; unknown names and unknown
 parameters raise ``ValueError`` naming what is accepted, so a config typo fails at startup.

@@ -1,7 +1,7 @@
 """round_robin: each request goes to the next replica in turn.
 
 Algorithm: a counter advances on every ``choose`` and indexes the eligible replicas in the order the
-proxy passes them. It advances in ``choose`` (not ``on_dispatch``) so that concurrent requests decided
+dispatcher passes them. It advances in ``choose`` (not ``on_dispatch``) so that concurrent requests decided
 before either is dispatched still rotate; a request that is never sent merely skips one turn.
 
 Parameters: ``seed`` / ``rng`` (unused, accepted for a uniform constructor).

@@ -155,7 +155,7 @@ class HealthTracker:
         return True
 
     def end_trial(self, now: float) -> None:
-        """Give the trial slot back without a verdict (the client left, the proxy gave up)."""
+        """Give the trial slot back without a verdict (the client left, the dispatcher gave up)."""
         self._trial_started = None
 
     # --- evidence ----------------------------------------------------------------------------------

@@ -137,8 +137,8 @@ class ReplicaPoller:
     session: the router's shared `aiohttp.ClientSession`; the poller never closes it.
     timeout_s: bound on each probe, connect to last byte.
     on_transition: shorthand for ``registry.on_transition`` (one hook sees every health change, from
-        probes and from the proxy alike, so nothing is counted twice).
-    clock: monotonic seconds; must be the clock the proxy passes as ``now``.
+        probes and from the dispatcher alike, so nothing is counted twice).
+    clock: monotonic seconds; must be the clock the dispatcher passes as ``now``.
     """
 
     def __init__(self, registry: ReplicaRegistry, session: aiohttp.ClientSession, *,

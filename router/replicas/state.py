@@ -20,10 +20,15 @@ from functools import partial
 from types import TracebackType
 from urllib.parse import urlsplit
 
-from router.replica_view import DEFAULT_STALE_AFTER_S, ReplicaView
+from config.router import LoadSettings
+from router.replica_view import ReplicaView
 from router.replicas.health import HealthConfig, HealthTracker, HealthTransition
 
 log = logging.getLogger(__name__)
+
+# How old an engine load report may be and still count (the router passes its load.stale_after_s); the
+# default is the config's, so a view built without a config (tests, simulator) judges the same way.
+DEFAULT_STALE_AFTER_S: float = LoadSettings.model_fields["stale_after_s"].default
 
 # /metrics without `vllm:cache_config_info` gives a usage fraction but no geometry; the fraction is then
 # stored as kv_blocks_used / KV_USAGE_SCALE with block_size 0, so used/total still reads as usage while
@@ -212,7 +217,7 @@ class ReplicaRegistry:
     """The set of replicas, by name, in insertion order.
 
     on_transition: called with (replica, transition) for every health change of a member, whoever
-    caused it (the poller's checks or the proxy's outcomes), so metrics count each ejection once.
+    caused it (the poller's checks or the dispatcher's outcomes), so metrics count each ejection once.
     """
 
     def __init__(self, replicas: Iterable[ReplicaState] = (), *,

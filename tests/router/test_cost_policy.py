@@ -1,7 +1,7 @@
 """cost: estimated time to first token (queue + uncached prefill + decode pressure), minimised."""
 
 import pytest
-from policy_fixtures import features_with, view, views
+from policy_fixtures import features_with, reported, view, views
 
 from router.policies.base import Outcome
 from router.policies.cost import Cost
@@ -68,7 +68,7 @@ def test_a_missing_engine_report_does_not_read_as_zero_load():
 
 def test_a_stale_engine_report_is_ignored_so_it_cannot_starve_a_replica():
     replicas = [
-        view("stale", running=200, waiting=100, load_age_s=60.0),
+        reported("stale", running=200, waiting=100, report_age_s=60.0),
         view("busy", in_flight_requests=3, in_flight_tokens=3000),
     ]
     assert Cost(seed=0).choose(features_with(10, "x"), replicas).replica == "stale"

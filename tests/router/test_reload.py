@@ -19,8 +19,9 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from config.router import load_config
-from router.app import ROUTER, Router, create_app
+from router.app import ROUTER, create_app
 from router.reload import RELOADER, Reloader
+from router.runtime import Router
 from tests.conftest import SimServerFactory, free_port
 
 SYSTEM = "You are the support assistant of the Acme rocket company. Answer precisely. " * 12

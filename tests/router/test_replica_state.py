@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from config.router import LoadSettings
 from router.replicas.health import HealthConfig, HealthTransition
 from router.replicas.state import KV_USAGE_SCALE, LoadSnapshot, ReplicaRegistry, ReplicaState
 
@@ -114,7 +115,7 @@ def test_stale_load_reads_as_missing_not_as_zero_load() -> None:
     r = replica()
     r.load = snapshot(received_at=10.0, running=0)
     v = r.view(now=15.1, stale_after_s=5.0)
-    assert v.load_age_s is None and not v.engine_fresh(5.0)
+    assert v.load_age_s is None and not v.engine_fresh()
     assert (v.running, v.waiting, v.kv_blocks_used) == (0, 0, 0)
     assert (v.kv_blocks_total, v.block_size) == (100, 16)  # geometry is static, kept at any age
 
@@ -125,6 +126,14 @@ def test_stale_usage_only_report_leaves_no_kv_numbers() -> None:
                           prefix_cache_queries=0, prefix_cache_hits=0, received_at=0.0)
     v = r.view(now=10.0, stale_after_s=5.0)
     assert (v.kv_blocks_total, v.kv_blocks_used, v.load_age_s) == (0, 0, None)
+
+
+def test_without_a_stale_after_s_a_view_judges_freshness_as_the_router_config_does() -> None:
+    r = replica()
+    r.load = snapshot(received_at=0.0)
+    limit = LoadSettings().stale_after_s
+    assert r.view(now=limit).load_age_s == limit
+    assert r.view(now=limit + 0.01).load_age_s is None
 
 
 def test_view_without_any_report_has_no_age() -> None:

@@ -4,7 +4,7 @@ import random
 from collections import Counter
 
 import pytest
-from policy_fixtures import request, view, views
+from policy_fixtures import reported, request, view, views
 
 from router.policies import DEFAULT_POLICY, POLICY_NAMES, Decision, Policy, create_policy, policy_parameters
 
@@ -48,7 +48,7 @@ def test_least_load_prefers_fewer_requests_then_fewer_queued_tokens():
 def test_least_load_counts_the_engine_queue_only_while_fresh():
     replicas = [
         view("fresh", in_flight_requests=1, running=1, waiting=8, load_age_s=0.1),
-        view("stale", in_flight_requests=2, running=0, waiting=0, load_age_s=30.0),
+        reported("stale", running=50, waiting=50, report_age_s=30.0, in_flight_requests=2),
     ]
     assert create_policy("least_load").choose(F, replicas).replica == "stale"
 

@@ -1,4 +1,4 @@
-"""Hostile-input guards shared by the router and the engine server: bodies and protocol errors.
+"""Hostile-input guards for request bodies and protocol errors, the same in both servers.
 
 Both servers face clients they do not control, so everything a client can send must end in a 4xx in
 OpenAI's error format (`{"error": {"message", "type", "param", "code"}}`), never a 500 or a traceback:
@@ -12,8 +12,6 @@ OpenAI's error format (`{"error": {"message", "type", "param", "code"}}`), never
 - `install_json_protocol_errors(runner)` makes aiohttp's own protocol-level answers (malformed request
   line, too many or too long headers, bad chunked encoding: the request never reaches a handler) JSON
   in the same format instead of aiohttp's plain text.
-
-The module depends on aiohttp only; `config` is the package both servers already share.
 """
 
 from __future__ import annotations
@@ -26,20 +24,10 @@ from typing import Any
 
 from aiohttp import web, web_protocol, web_server
 
+from openai_http.errors import error_response
+
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest about 6 deep (tools' JSON schemas a little more)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
-
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 408: "invalid_request_error",
-          413: "invalid_request_error", 414: "invalid_request_error", 415: "invalid_request_error",
-          431: "invalid_request_error"}
-
-
-def error_json(message: str, status: int, *, param: str | None = None, code: str | int | None = None,
-               headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500
-                                                             else "invalid_request_error"),
-                      "param": param, "code": code if code is not None else status}}
-    return web.json_response(body, status=status, headers=headers)
 
 
 class BodyError(Exception):
@@ -51,7 +39,7 @@ class BodyError(Exception):
         self.message = message
 
     def response(self) -> web.Response:
-        return error_json(self.message, self.status)
+        return error_response(self.message, self.status)
 
     async def respond_and_close(self, request: web.Request,
                                 headers: dict[str, str] | None = None) -> web.StreamResponse:
@@ -151,7 +139,7 @@ class _JsonErrorRequestHandler(web_protocol.RequestHandler):
         elif request.writer.output_size > 0:  # a client's malformed request: no traceback in the log
             raise ConnectionError("response already started, cannot send the error")
         text = message if status < 500 and message else HTTPStatus(status).phrase
-        out = error_json(text[:500], status)
+        out = error_response(text[:500], status)
         out.force_close()
         return out
 

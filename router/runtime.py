@@ -1,0 +1,149 @@
+"""Builds a running router from a `RouterConfig`, in one place.
+
+The app (`router.app`) builds a router at start-up and the reloader (`router.reload`) rebuilds parts of it
+on every config change; both take the pieces from here, so a config field means the same thing on the
+first start and after a reload. This module knows the config and the router's parts, not HTTP routes.
+
+`Router` is everything one running router holds; `start` opens its upstream sessions, dispatcher and
+poller, `stop` closes them. The `build_*` functions are pure conversions from config sections.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from config.router import ConfigError, RouterConfig
+from router.dispatch import Dispatcher, DispatchSettings
+from router.features.hashing import HashingConfig
+from router.metrics import RouterMetrics
+from router.policies.base import Policy
+from router.policies.registry import POLICY_NAMES, create_policy
+from router.proxy.upstream import Timeouts
+from router.replicas.health import HealthConfig, HealthTracker
+from router.replicas.poller import ReplicaPoller
+from router.replicas.state import ReplicaRegistry, ReplicaState
+from router.tracing import Tracing
+
+log = logging.getLogger("router")
+
+
+@dataclass
+class Router:
+    """One running router: the effective config and what was built from it (dispatcher and poller exist
+    between `start` and `stop`)."""
+
+    config: RouterConfig
+    registry: ReplicaRegistry
+    metrics: RouterMetrics
+    hashing: HashingConfig
+    dispatcher: Dispatcher | None = None
+    tracing: Tracing | None = None
+    poller: ReplicaPoller | None = None
+    draining: bool = False
+    in_flight: int = 0
+
+
+ROUTER = web.AppKey("router", Router)
+
+
+def health_config(cfg: RouterConfig) -> HealthConfig:
+    h = cfg.health
+    return HealthConfig(failures_to_eject=h.failures_to_eject, checks_to_eject=h.checks_to_eject,
+                        base_ejection_s=h.base_ejection_s, max_ejection_s=h.max_ejection_s,
+                        successes_to_readmit=h.successes_to_readmit)
+
+
+def dispatch_settings(cfg: RouterConfig) -> DispatchSettings:
+    t = cfg.timeouts
+    return DispatchSettings(timeouts=Timeouts(t.connect_s, t.first_byte_s, t.idle_s, t.total_s),
+                            max_attempts=cfg.retry.max_attempts,
+                            retry_statuses=frozenset(cfg.retry.retry_statuses),
+                            budget_ratio=cfg.retry.budget_ratio, budget_min_retries=cfg.retry.budget_min_retries,
+                            budget_window_s=cfg.retry.budget_window_s,
+                            stale_after_s=cfg.load.stale_after_s, replica_header=cfg.replica_header)
+
+
+def block_hashing(cfg: RouterConfig) -> HashingConfig:
+    return HashingConfig(block_chars=cfg.hashing.block_chars)
+
+
+def build_replicas(cfg: RouterConfig, names: tuple[str, ...] | None = None) -> dict[str, ReplicaState]:
+    """New `ReplicaState`s for the config's replicas (only ``names``, in that order, if given), by name.
+    A replica the state refuses is a `ConfigError` naming its index in ``replicas``."""
+    health = health_config(cfg)
+    index = {rc.name: i for i, rc in enumerate(cfg.replicas)}
+    built: dict[str, ReplicaState] = {}
+    for name in index if names is None else names:
+        i = index[name]
+        rc = cfg.replicas[i]
+        try:
+            built[name] = ReplicaState(name=rc.name, url=rc.url, models=frozenset(rc.models), weight=rc.weight,
+                                       labels=dict(rc.labels), health=HealthTracker(health))
+        except ValueError as exc:
+            raise ConfigError(f"replicas.{i}: {exc}") from None
+    return built
+
+
+def build_registry(cfg: RouterConfig) -> ReplicaRegistry:
+    registry = ReplicaRegistry()
+    for replica in build_replicas(cfg).values():
+        registry.add(replica)
+    return registry
+
+
+def build_policy(cfg: RouterConfig) -> Policy:
+    """A new policy as ``cfg.policy`` says. The registry is the judge of names and parameters (config
+    cannot import it), so a refusal becomes a `ConfigError` naming the field, here, for every caller."""
+    try:
+        return create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())
+    except (TypeError, ValueError) as exc:
+        where = "policy.params" if cfg.policy.name in POLICY_NAMES else "policy.name"
+        if cfg.policy.calibration is not None and "calibration" in str(exc):
+            where = "policy.calibration"
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def new_router(cfg: RouterConfig, tracing: Tracing | None = None) -> Router:
+    """A router for ``cfg``, not started (no sessions, dispatcher or poller yet)."""
+    return Router(config=cfg, registry=build_registry(cfg), metrics=RouterMetrics(), hashing=block_hashing(cfg),
+                  tracing=tracing)
+
+
+async def start(router: Router) -> None:
+    """Open the upstream sessions, build the policy and dispatcher for the current config, start polling."""
+    cfg, registry = router.config, router.registry
+    # One pooled session for all upstream calls; no total timeout here (streams are long-lived).
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
+                                    timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
+    policy = build_policy(cfg)
+    for r in registry.all():
+        policy.on_replica_added(r.name)
+    router.dispatcher = Dispatcher(registry, policy, session, router.metrics, dispatch_settings(cfg),
+                                   router.tracing)
+    # Probes get their own small pool: aiohttp reuses the longest-idle connection first, so probes sharing
+    # the request pool would keep every connection of a past burst alive forever.
+    probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=30),
+                                          timeout=aiohttp.ClientTimeout(total=None))
+    router.poller = ReplicaPoller(registry, probe_session, health_interval_s=cfg.health.check_interval_s,
+                                  load_interval_s=cfg.load.poll_interval_s, timeout_s=cfg.health.check_timeout_s,
+                                  on_transition=lambda r, t: _on_transition(router, r.name, t.new))
+    await router.poller.start()
+
+
+async def stop(router: Router) -> None:
+    """Stop polling and close both sessions (the dispatcher's session is the upstream pool)."""
+    if router.poller is not None:
+        await router.poller.stop()
+        await router.poller.session.close()
+    if router.dispatcher is not None:
+        await router.dispatcher.session.close()
+
+
+def _on_transition(router: Router, name: str, new_state: str) -> None:
+    log.warning("replica %s is now %s", name, new_state)
+    if new_state == "ejected":
+        router.metrics.ejections.labels(name).inc()
