@@ -36,24 +36,15 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.cli_help import DefaultsHelpFormatter
-from benchmarks.common import (
-    MODEL,
-    PROFILE_COST_PARAMS,
-    RESULTS_DIR,
-    CpuWatch,
-    EngineSpec,
-    Fleet,
-    client_session,
-    fetch_text,
-    machine_info,
-    prometheus_samples,
-    run_benchmark,
-    stream_chat,
-)
-from benchmarks.loadgen import LoadSpec, ladder, run_workload
-from benchmarks.metrics import Slo, summarize_run
-from benchmarks.routers import (
+from benchmarks.lib.cli_help import DefaultsHelpFormatter
+from benchmarks.lib.client import client_session, fetch_text, prometheus_samples, stream_chat
+from benchmarks.lib.cpu import CpuWatch
+from benchmarks.lib.defaults import MODEL, PROFILE_COST_PARAMS, RESULTS_DIR
+from benchmarks.lib.fleet import EngineSpec, Fleet
+from benchmarks.lib.loadgen import LoadSpec, ladder, run_workload
+from benchmarks.lib.metrics import Slo, summarize_run
+from benchmarks.lib.report import machine_info, run_benchmark
+from benchmarks.lib.routers import (
     Contender,
     RouterStartError,
     our_contenders,
@@ -62,7 +53,7 @@ from benchmarks.routers import (
     peer_version,
     run_router,
 )
-from benchmarks.workloads import NAMES, Workload, build, kv_blocks_per_replica, oracle, reseed
+from benchmarks.lib.workloads import NAMES, Workload, build, kv_blocks_per_replica, oracle, reseed
 
 DEFAULT = "cost"  # the router's default policy: the contender the acceptance lines judge
 
@@ -264,7 +255,7 @@ def print_result(res: dict[str, Any]) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # the bench extra is not installed: plain text
-        from benchmarks.common import format_table
+        from benchmarks.lib.report import format_table
 
         print(f"\n{title}\n" + format_table(COLUMNS, table_rows(res)))
     else:
@@ -402,7 +393,7 @@ def workloads_for(args: argparse.Namespace) -> list[Workload]:
     """The workloads named on the command line, with --quick sizes and --set overrides where they apply."""
     import inspect
 
-    from benchmarks.workloads import GENERATORS
+    from benchmarks.lib.workloads import GENERATORS
 
     sets = parse_sets(args.set or [])
     out: list[Workload] = []
@@ -439,7 +430,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             print_result(res)
             if not args.no_plots:
                 try:
-                    from benchmarks.plots import plot_compare
+                    from benchmarks.lib.plots import plot_compare
 
                     res["plot"] = str(plot_compare(res, args.out_dir / f"{args.name}-{wl.name}.png"))
                     print(f"  plot: {res['plot']}")

@@ -45,24 +45,16 @@ from typing import Any
 import aiohttp
 import psutil
 
-from benchmarks.cli_help import DefaultsHelpFormatter
-from benchmarks.common import (
-    HOST,
-    RESULTS_DIR,
-    ROOT,
-    CpuWatch,
-    client_session,
-    format_table,
-    free_port,
-    healthy,
-    machine_info,
-    percentile,
-    stream_chat,
-    write_json,
-)
-from benchmarks.loadgen import LoadSpec, RequestRecord, RunResult, run_workload
-from benchmarks.metrics import summarize_run
-from benchmarks.workloads import Workload, gsp, multiturn, sim_render
+from benchmarks.lib.cli_help import DefaultsHelpFormatter
+from benchmarks.lib.client import client_session, healthy, stream_chat
+from benchmarks.lib.cpu import CpuWatch
+from benchmarks.lib.defaults import HOST, RESULTS_DIR, ROOT
+from benchmarks.lib.fleet import free_port
+from benchmarks.lib.loadgen import LoadSpec, RequestRecord, RunResult, run_workload
+from benchmarks.lib.metrics import summarize_run
+from benchmarks.lib.report import format_table, machine_info, write_json
+from benchmarks.lib.stats import percentile
+from benchmarks.lib.workloads import Workload, gsp, multiturn, sim_render
 
 DEFAULT_OUT = RESULTS_DIR / "fidelity.json"
 DEFAULT_MODEL = ROOT / "models" / "tiny-llama"

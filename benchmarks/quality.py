@@ -37,25 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    MODEL,
-    PROFILE_COST_PARAMS,
-    RESULTS_DIR,
-    CpuWatch,
-    EngineSpec,
-    Fleet,
-    RouterSpec,
-    StreamResult,
-    client_session,
-    closed_loop,
-    fetch_text,
-    format_table,
-    machine_info,
-    prometheus_samples,
-    run_benchmark,
-    stream_chat,
-    summarize,
-)
+from benchmarks.lib.client import StreamResult, client_session, fetch_text, prometheus_samples, stream_chat
+from benchmarks.lib.cpu import CpuWatch
+from benchmarks.lib.defaults import MODEL, PROFILE_COST_PARAMS, RESULTS_DIR
+from benchmarks.lib.fleet import EngineSpec, Fleet, RouterSpec
+from benchmarks.lib.loadgen import closed_loop
+from benchmarks.lib.report import format_table, machine_info, run_benchmark
+from benchmarks.lib.stats import summarize
 
 REPLICAS = 4
 PROFILE = "llmd-8b"

@@ -52,7 +52,10 @@ import aiohttp
 import psutil
 import yaml
 
-from benchmarks.common import HOST, MODEL, ROOT, format_table, free_port, healthy, prometheus_samples
+from benchmarks.lib.client import healthy, prometheus_samples
+from benchmarks.lib.defaults import HOST, MODEL, ROOT
+from benchmarks.lib.fleet import free_port
+from benchmarks.lib.report import format_table
 
 HANG_GUARD_S = 30.0  # a client waiting longer than this counts as hung
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks.common import format_table, percentile, summarize
+from benchmarks.lib.report import format_table
+from benchmarks.lib.stats import percentile, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 

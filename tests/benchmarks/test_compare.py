@@ -70,7 +70,7 @@ def test_tiny_compare_run_has_a_row_for_every_contender(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_compare_against_running_replicas_sends_every_run_fresh_text(tmp_path: Path) -> None:
-    from benchmarks.common import EngineSpec, Fleet
+    from benchmarks.lib.fleet import EngineSpec, Fleet
 
     async with Fleet(2, EngineSpec(profile="instant", num_blocks=256)) as fleet:
         argv = [sys.executable, "-m", "benchmarks.compare", "--workloads", "gsp", "--engine-urls",

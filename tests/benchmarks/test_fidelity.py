@@ -28,8 +28,8 @@ from benchmarks.fidelity import (
     ttft_by_kind,
     within,
 )
-from benchmarks.loadgen import RequestRecord
-from benchmarks.metrics import summarize_run
+from benchmarks.lib.loadgen import RequestRecord
+from benchmarks.lib.metrics import summarize_run
 
 REL30 = Tolerance("rel", 0.30)
 ABS05 = Tolerance("abs", 0.05)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.common import EngineSpec, Fleet
-from benchmarks.loadgen import LoadSpec, run_workload
-from benchmarks.workloads import Workload, gsp, multiturn
+from benchmarks.lib.fleet import EngineSpec, Fleet
+from benchmarks.lib.loadgen import LoadSpec, run_workload
+from benchmarks.lib.workloads import Workload, gsp, multiturn
 
 
 async def test_turns_of_a_session_run_in_order_and_every_request_is_recorded() -> None:

@@ -15,8 +15,10 @@ import psutil
 import pytest
 import yaml
 
-from benchmarks.common import MODEL, ROOT, EngineSpec, Fleet, client_session, stream_chat
-from benchmarks.routers import (
+from benchmarks.lib.client import client_session, stream_chat
+from benchmarks.lib.defaults import MODEL, ROOT
+from benchmarks.lib.fleet import EngineSpec, Fleet
+from benchmarks.lib.routers import (
     Contender,
     RouterStartError,
     our_contenders,

@@ -7,6 +7,8 @@ Two ways to offer load, both bounded in request count and wall time:
 - Poisson arrivals: sessions start at ``rate`` per second whatever the server does (open loop; the
   load is fixed, latency shows the queueing). Trace workloads keep their own timestamps instead.
 
+`closed_loop` is the same closed loop for benchmarks that send their own requests (no workload).
+
 Turns of one session always run in order, each after the previous one completed. Every request yields
 a `RequestRecord` whether it succeeded or not: failures (including 429 and 503) stay in the results so
 that shedding can never look like a win.
@@ -18,13 +20,17 @@ import asyncio
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiohttp
 
-from benchmarks.common import MODEL, client_session, stream_chat
-from benchmarks.workloads import Session, Workload
+from benchmarks.lib.client import client_session, stream_chat
+from benchmarks.lib.defaults import MODEL
+from benchmarks.lib.workloads import Session, Workload
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -150,6 +156,27 @@ async def run_workload(url: str, workload: Workload, spec: LoadSpec, *, model: s
                 await asyncio.gather(*tasks)
     records.sort(key=lambda r: r.start_s)
     return RunResult(records, time.perf_counter() - t0, spec.mode, spec.load, budget.stopped_by)
+
+
+async def closed_loop(count: int, concurrency: int, deadline_s: float,
+                      request: Callable[[int], Awaitable[T]]) -> list[T]:
+    """Run ``request(i)`` for i = 0..count-1 with ``concurrency`` workers pulling from one queue.
+
+    Bounded twice: at most ``count`` requests, and no new request starts after ``deadline_s`` seconds.
+    Results come back in completion order.
+    """
+    next_index = iter(range(count))
+    stop_at = time.monotonic() + deadline_s
+    results: list[T] = []
+
+    async def worker() -> None:
+        for i in next_index:
+            if time.monotonic() > stop_at:
+                return
+            results.append(await request(i))
+
+    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, count)))))
+    return results
 
 
 def arrival_times(workload: Workload, spec: LoadSpec) -> list[float]:

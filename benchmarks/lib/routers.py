@@ -45,7 +45,9 @@ from typing import Any
 import aiohttp
 import yaml
 
-from benchmarks.common import HOST, MODEL, ROOT, RouterSpec, free_port, stream_chat
+from benchmarks.lib.client import stream_chat
+from benchmarks.lib.defaults import HOST, MODEL, ROOT
+from benchmarks.lib.fleet import RouterSpec, free_port
 
 KINDS = ("ours", "sglang-router", "vllm-router")
 _PEER_IMPORT = {"sglang-router": "sglang_router", "vllm-router": "vllm_router"}
