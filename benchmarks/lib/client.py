@@ -1,14 +1,18 @@
-"""The streaming client the benchmarks time requests with, and small scrapes (/health, /metrics)."""
+"""The streaming client the benchmarks time requests with, warm-up requests, and small scrapes (/health,
+/metrics, the engines' counters)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
+from benchmarks.lib.defaults import MODEL
 
 
 async def healthy(session: aiohttp.ClientSession, url: str, timeout_s: float = 1.0) -> bool:
@@ -119,3 +123,25 @@ def prometheus_samples(text: str, name: str) -> list[tuple[dict[str, str], float
 async def fetch_text(session: aiohttp.ClientSession, url: str) -> str:
     async with session.get(url, timeout=aiohttp.ClientTimeout(total=5.0)) as r:
         return await r.text()
+
+
+async def engine_counters(session: aiohttp.ClientSession, urls: Sequence[str]) -> list[dict[str, float]]:
+    """Per engine: finished requests and prefix-cache token counters (Prometheus /metrics)."""
+    out = []
+    for url in urls:
+        text = await fetch_text(session, url + "/metrics")
+        out.append({name: sum(v for _, v in prometheus_samples(text, f"vllm:{name}_total"))
+                    for name in ("request_success", "prefix_cache_queries", "prefix_cache_hits")})
+    return out
+
+
+async def warm_up(url: str, count: int, model: str = MODEL) -> list[str]:
+    """A few short requests with text no workload uses: connections, pools and load polls get going."""
+    errors = []
+    async with client_session() as s:
+        for i in range(count):
+            r = await stream_chat(s, url, {"model": model, "max_tokens": 2, "ignore_eos": True, "messages": [
+                {"role": "user", "content": f"warm-up {i} {time.time_ns()}"}]}, timeout_s=30)
+            if not r.ok:
+                errors.append(f"{r.status}: {r.error}")
+    return errors

@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 MODEL = "sim-model"
 HOST = "127.0.0.1"
+SESSION_HEADER = "x-session-id"  # the router's default session-affinity header (config/router.py)
 # Starting points for `cost` on the sim profiles, from docs/policies.md (only their ratios matter;
 # the router's defaults fit H100s). Every benchmark that runs `cost` tuned to a profile uses these.
 PROFILE_COST_PARAMS: dict[str, dict[str, float]] = {

@@ -9,6 +9,7 @@ the caller's event loop (fast to start; for smoke tests only, since everything t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from benchmarks.lib.client import healthy
+from benchmarks.lib.client import client_session, healthy
 from benchmarks.lib.defaults import HOST, MODEL, ROOT
 
 
@@ -198,3 +199,25 @@ class Fleet:
             if proc.poll() is not None:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{name} exited with {proc.returncode} during start-up:\n{tail}")
+
+
+async def inspect_replicas(urls: Sequence[str], model: str | None) -> tuple[str, int | None]:
+    """For replicas that already run: check they answer and serve ``model`` (default: the first one's
+    first model); returns the model and the KV blocks per replica from /load (ours only; None elsewhere)."""
+    async with client_session() as s:
+        for url in urls:
+            try:
+                async with s.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    models = [m["id"] for m in (await r.json())["data"]]
+            except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
+                raise SystemExit(f"--engine-urls: {url}/v1/models failed: {exc}") from exc
+            if model is None:
+                model = models[0]
+            elif model not in models:
+                raise SystemExit(f"--engine-urls: {url} does not serve {model!r} (it serves {models})")
+        kv_blocks = None
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError, ValueError):
+            async with s.get(urls[0] + "/load", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                kv_blocks = int((await r.json())["kv_blocks_total"])
+    assert model is not None
+    return model, kv_blocks

@@ -75,6 +75,7 @@ class LoadSpec:
     request_timeout_s: float = 120.0
     seed: int = 0
     fresh_connections: bool = False  # one TCP connection per request instead of keep-alive
+    session_header: str | None = None  # send each session's id in this header (session affinity)
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -128,7 +129,8 @@ async def run_workload(url: str, workload: Workload, spec: LoadSpec, *, model: s
                 for turn, req in enumerate(s.turns):
                     if not budget.take():
                         return
-                    rec = await _send(session, url, req.body(model), s.id, turn, t0, spec.request_timeout_s)
+                    rec = await _send(session, url, req.body(model), s.id, turn, t0, spec.request_timeout_s,
+                                      {spec.session_header: s.id} if spec.session_header else None)
                     records.append(rec)
                     tick()
 
@@ -192,9 +194,9 @@ def arrival_times(workload: Workload, spec: LoadSpec) -> list[float]:
 
 
 async def _send(session: aiohttp.ClientSession, url: str, body: dict, session_id: str, turn: int, t0: float,
-                timeout_s: float) -> RequestRecord:
+                timeout_s: float, headers: dict[str, str] | None = None) -> RequestRecord:
     start = time.perf_counter() - t0
-    r = await stream_chat(session, url, body, timeout_s=timeout_s)
+    r = await stream_chat(session, url, body, headers=headers, timeout_s=timeout_s)
     usage = r.usage or {}
     gaps = [b - a for a, b in zip(r.arrivals, r.arrivals[1:], strict=False)]
     error = r.error

@@ -97,6 +97,7 @@ class Contender:
     policy: str
     params: dict[str, Any] = field(default_factory=dict, hash=False)
     notes: str = ""  # what degrades in front of vLLM-shaped engines, defaults kept
+    session_header: str | None = None  # the load generator sends each session's id in this header
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
