@@ -7,21 +7,17 @@ import math
 
 import pytest
 
-from benchmarks.fidelity import (
+from benchmarks.fidelity import RunPlan, build_parser, build_workload, parse_variants, rendered_chars
+from benchmarks.lib.fidelity_errors import (
     TABLE_HEADERS,
     Metric,
-    RunPlan,
     Tolerance,
-    build_parser,
-    build_workload,
     chars_per_token,
     default_metrics,
     error_of,
     fidelity_rows,
     format_error,
     paired_ttft,
-    parse_variants,
-    rendered_chars,
     run_metrics,
     sim_chars_per_token,
     table_cells,
