@@ -274,7 +274,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smaller workloads: gsp 8x8, multiturn 8x6, ...")
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="workload parameter, e.g. --set groups=4 --set system_tokens=256 (applies to every "
-                        "workload that has it; see benchmarks/workloads.py)")
+                        "workload that has it; see benchmarks/lib/workloads.py)")
     p.add_argument("--matrix", action="store_true",
                    help="run the calibration matrix (benchmarks.matrix: every sim engine profile x workload, "
                         "in the offline simulator) instead; a cell runs live with --profile and --workloads")

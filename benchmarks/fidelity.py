@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-chars-per-token", type=parse_variants, default=["auto", "4"],
                    help="sim tokenizer variants: 'auto' = the real tokenizer's chars/token on these prompts "
                         "(rounded), or integers")
-    w = p.add_argument_group("workload sizes (in 4-character units, as benchmarks.workloads counts)")
+    w = p.add_argument_group("workload sizes (in 4-character units, as benchmarks.lib.workloads counts)")
     w.add_argument("--gsp-groups", type=int, default=8, help="gsp: groups sharing a system prompt")
     w.add_argument("--gsp-questions", type=int, default=4, help="gsp: questions per group")
     w.add_argument("--gsp-system-tokens", type=int, default=256, help="gsp: system prompt length")

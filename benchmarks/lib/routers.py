@@ -105,7 +105,7 @@ class Contender:
 
     @property
     def router_spec(self) -> RouterSpec:
-        """Ours only: the config `benchmarks.common.Fleet` would use (policy, 0.5 s load polling)."""
+        """Ours only: the config `benchmarks.lib.fleet.Fleet` would use (policy, 0.5 s load polling)."""
         return RouterSpec(policy=self.policy, params=dict(self.params))
 
     def argv(self, port: int, engine_urls: Sequence[str], workdir: Path, *,

@@ -1,4 +1,4 @@
-"""Contender routers as subprocesses (`benchmarks.routers`) and the overhead benchmark's smoke run.
+"""Contender routers as subprocesses (`benchmarks.lib.routers`) and the overhead benchmark's smoke run.
 
 Engines are real subprocesses with the `instant` sim profile; peers are skipped with the reason when their
 PyPI package is not installed. Every test checks that no router process outlives it.
