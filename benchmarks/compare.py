@@ -106,6 +106,8 @@ async def run_one(contender: Contender, workload: Workload, spec: LoadSpec, args
     row: dict[str, Any] = {"contender": contender.name, "kind": contender.kind, "policy": contender.policy,
                            "params": contender.params, "notes": contender.notes,
                            "load": spec.label(), "load_value": spec.load, "mode": spec.mode}
+    if contender.session_header:  # `pinned`: the load generator names each request's session
+        spec = dataclasses.replace(spec, session_header=contender.session_header)
     t0 = time.monotonic()
     async with engines(args, kv_blocks, log_dir) as urls:
         try:
@@ -115,8 +117,6 @@ async def run_one(contender: Contender, workload: Workload, spec: LoadSpec, args
                 async with client_session() as s:
                     before = await engine_counters(s, urls)
                     watch = CpuWatch([router.pid]).start()
-                    if contender.session_header:
-                        spec = dataclasses.replace(spec, session_header=contender.session_header)
                     run = await run_workload(router.url, workload, spec, model=args.model, progress=args.progress,
                                              description=f"{workload.name} {contender.name} {spec.label()}")
                     watch.stop()
