@@ -19,6 +19,11 @@ With ``--engine-urls`` it points at replicas that already run (real vLLM servers
 caches cannot be reset between runs, so every run gets the same workload shape with its own text
 (`workloads.reseed`), and no contender is served from blocks an earlier one left behind.
 
+Each workload ends with PASS/FAIL acceptance lines per load point (`lib/acceptance.py`): the benchmarks
+issue's (`cost`'s TTFT p90 vs the best other router, its hit rate vs the oracle) and, on gsp and
+multiturn, the routing-quality lines that `benchmarks.quality` used to check (hit rate vs the oracle and
+round robin, max/mean, multiturn hit rate vs `pinned`: consistent_hash keyed by the session header).
+
 Per-replica shares come from the engines' own counters (``vllm:request_success_total``), so routers
 that do not say where they sent a request are measured the same way as ours. Output: a table, a JSON
 file (`benchmarks/results/<name>.json`, with every router's exact command line) and PNG plots.
@@ -28,32 +33,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from benchmarks.cli_help import DefaultsHelpFormatter
-from benchmarks.common import (
-    MODEL,
-    PROFILE_COST_PARAMS,
-    RESULTS_DIR,
-    CpuWatch,
-    EngineSpec,
-    Fleet,
-    client_session,
-    fetch_text,
-    machine_info,
-    prometheus_samples,
-    run_benchmark,
-    stream_chat,
-)
-from benchmarks.loadgen import LoadSpec, ladder, run_workload
-from benchmarks.metrics import Slo, summarize_run
-from benchmarks.routers import (
+from benchmarks.lib.acceptance import DEFAULT, print_acceptance, quality_lines, verdict
+from benchmarks.lib.cli_help import DefaultsHelpFormatter
+from benchmarks.lib.client import client_session, engine_counters, warm_up
+from benchmarks.lib.cpu import CpuWatch
+from benchmarks.lib.defaults import MODEL, PROFILE_COST_PARAMS, RESULTS_DIR, SESSION_HEADER
+from benchmarks.lib.fleet import EngineSpec, Fleet, inspect_replicas
+from benchmarks.lib.loadgen import LoadSpec, ladder, run_workload
+from benchmarks.lib.metrics import Slo, summarize_run
+from benchmarks.lib.report import machine_info, run_benchmark
+from benchmarks.lib.routers import (
     Contender,
     RouterStartError,
     our_contenders,
@@ -62,19 +58,19 @@ from benchmarks.routers import (
     peer_version,
     run_router,
 )
-from benchmarks.workloads import NAMES, Workload, build, kv_blocks_per_replica, oracle, reseed
-
-DEFAULT = "cost"  # the router's default policy: the contender the acceptance lines judge
+from benchmarks.lib.workloads import NAMES, Workload, build, kv_blocks_per_replica, oracle, reseed
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:
     """Our policies (plus `cost-pinned` and `cost-online`, the calibration modes the default does not
-    use, and `cost-tuned` where the profile has documented ratios), then the peers."""
+    use, `cost-tuned` where the profile has documented ratios, and `pinned`), then the peers."""
     ours = our_contenders()
     ours.append(Contender("cost-pinned", "ours", "cost", {"calibration": "pinned"}))  # issue 15 variants
     ours.append(Contender("cost-online", "ours", "cost", {"calibration": "online"}))
     if tuned := PROFILE_COST_PARAMS.get(args.profile):
         ours.append(Contender("cost-tuned", "ours", "cost", dict(tuned)))
+    ours.append(Contender("pinned", "ours", "consistent_hash", session_header=SESSION_HEADER,
+                          notes="consistent_hash keyed by the session header: every session stays on one replica"))
     if args.policies:
         keep = [p.strip() for p in args.policies.split(",")]
         unknown = set(keep) - {c.name for c in ours}
@@ -94,28 +90,6 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
 # -- one run ------------------------------------------------------------------------------------------
 
 
-async def engine_counters(session: aiohttp.ClientSession, urls: Sequence[str]) -> list[dict[str, float]]:
-    """Per engine: finished requests and prefix-cache token counters (Prometheus /metrics)."""
-    out = []
-    for url in urls:
-        text = await fetch_text(session, url + "/metrics")
-        out.append({name: sum(v for _, v in prometheus_samples(text, f"vllm:{name}_total"))
-                    for name in ("request_success", "prefix_cache_queries", "prefix_cache_hits")})
-    return out
-
-
-async def warm_up(url: str, count: int, model: str = MODEL) -> list[str]:
-    """A few short requests with text no workload uses: connections, pools and load polls get going."""
-    errors = []
-    async with client_session() as s:
-        for i in range(count):
-            r = await stream_chat(s, url, {"model": model, "max_tokens": 2, "ignore_eos": True, "messages": [
-                {"role": "user", "content": f"warm-up {i} {time.time_ns()}"}]}, timeout_s=30)
-            if not r.ok:
-                errors.append(f"{r.status}: {r.error}")
-    return errors
-
-
 @contextlib.asynccontextmanager
 async def engines(args: argparse.Namespace, kv_blocks: int, log_dir: Path) -> AsyncIterator[list[str]]:
     """A fresh fleet of sim engines for one run, or the replicas given by ``--engine-urls``."""
@@ -132,6 +106,8 @@ async def run_one(contender: Contender, workload: Workload, spec: LoadSpec, args
     row: dict[str, Any] = {"contender": contender.name, "kind": contender.kind, "policy": contender.policy,
                            "params": contender.params, "notes": contender.notes,
                            "load": spec.label(), "load_value": spec.load, "mode": spec.mode}
+    if contender.session_header:  # `pinned`: the load generator names each request's session
+        spec = dataclasses.replace(spec, session_header=contender.session_header)
     t0 = time.monotonic()
     async with engines(args, kv_blocks, log_dir) as urls:
         try:
@@ -185,6 +161,8 @@ async def bench_workload(workload: Workload, args: argparse.Namespace, cands: Se
     print(f"\n{workload.describe()}\n  {fleet}, {kv} KV blocks each; "
           f"oracle hit rate {bound.hit_rate:.3f} (footprint {bound.unique_blocks} blocks)", flush=True)
     rows = []
+    if all(len(s.turns) == 1 for s in workload.sessions):  # no session to keep together: pinned is random
+        cands = [c for c in cands if not c.session_header]
     for spec in load_specs(args, workload):
         for c in cands:
             log_dir = log_root / workload.name / c.name.replace(":", "-") / spec.label().replace("/", "per")
@@ -205,33 +183,7 @@ async def bench_workload(workload: Workload, args: argparse.Namespace, cands: Se
             "oracle": {"hit_rate": round(bound.hit_rate, 4), "capacity_blocks": bound.capacity_blocks,
                        "footprint_blocks": bound.unique_blocks,
                        "definition": "one LRU prefix cache with the fleet's total KV blocks, requests in order"},
-            "rows": rows, "verdict": verdict(rows, bound.hit_rate)}
-
-
-def verdict(rows: Sequence[dict[str, Any]], oracle_hit: float) -> dict[str, Any]:
-    """The acceptance lines of the issue, per load point: our default vs the best other router."""
-    out: dict[str, Any] = {}
-    for load in dict.fromkeys(r["load"] for r in rows):
-        at = [r for r in rows if r["load"] == load and "summary" in r and r["summary"]["ok"]]
-        ours = next((r for r in at if r["contender"] == DEFAULT), None)
-        peers = [r for r in at if r["kind"] != "ours"]
-        if ours is None:
-            out[load] = {"error": f"{DEFAULT} did not run"}
-            continue
-        best = min(peers, key=lambda r: r["summary"]["ttft_ms"]["p90"], default=None)
-        line: dict[str, Any] = {"ours_ttft_p90_ms": ours["summary"]["ttft_ms"]["p90"],
-                                "ours_hit_vs_oracle": ours.get("hit_vs_oracle"),
-                                "hit_goal_0.95_met": (ours.get("hit_vs_oracle") or 0) >= 0.95,
-                                "ours_failed": ours["summary"]["failed"]}
-        if best is not None:
-            ratio = ours["summary"]["ttft_ms"]["p90"] / best["summary"]["ttft_ms"]["p90"]
-            line.update({"best_peer": best["contender"], "best_peer_ttft_p90_ms": best["summary"]["ttft_ms"]["p90"],
-                         "ttft_p90_ratio": round(ratio, 3),
-                         "ttft_goal_0.7_met": ratio <= 0.7 and not ours["summary"]["failed"]})
-        else:
-            line["best_peer"] = None
-        out[load] = line
-    return out
+            "rows": rows, "verdict": verdict(rows, bound.hit_rate), "acceptance": quality_lines(workload.name, rows)}
 
 
 # -- output ---------------------------------------------------------------------------------------------
@@ -264,7 +216,7 @@ def print_result(res: dict[str, Any]) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # the bench extra is not installed: plain text
-        from benchmarks.common import format_table
+        from benchmarks.lib.report import format_table
 
         print(f"\n{title}\n" + format_table(COLUMNS, table_rows(res)))
     else:
@@ -274,16 +226,7 @@ def print_result(res: dict[str, Any]) -> None:
         for row in table_rows(res):
             t.add_row(*(_cell(x) for x in row), style="bold" if row[0] == DEFAULT else None)
         Console(width=max(160, Console().width)).print(t)
-    for load, v in res["verdict"].items():
-        if "error" in v:
-            print(f"  {load}: {v['error']}")
-            continue
-        peer = (f"TTFT p90 {v['ours_ttft_p90_ms']} ms vs best other router {v['best_peer']} "
-                f"{v['best_peer_ttft_p90_ms']} ms = {v['ttft_p90_ratio']:.2f}x "
-                f"({'PASS' if v['ttft_goal_0.7_met'] else 'FAIL'} <= 0.7x)") if v.get("best_peer") else \
-            "no other router ran"
-        print(f"  {load}: {DEFAULT}: {peer}; hit rate {v['ours_hit_vs_oracle']} of oracle "
-              f"({'PASS' if v['hit_goal_0.95_met'] else 'FAIL'} >= 0.95)")
+    print_acceptance(res)
 
 
 def _cell(x: Any) -> str:
@@ -331,7 +274,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smaller workloads: gsp 8x8, multiturn 8x6, ...")
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="workload parameter, e.g. --set groups=4 --set system_tokens=256 (applies to every "
-                        "workload that has it; see benchmarks/workloads.py)")
+                        "workload that has it; see benchmarks/lib/workloads.py)")
     p.add_argument("--matrix", action="store_true",
                    help="run the calibration matrix (benchmarks.matrix: every sim engine profile x workload, "
                         "in the offline simulator) instead; a cell runs live with --profile and --workloads")
@@ -347,28 +290,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.engines = len(args.engine_urls)
     args.external_kv_blocks = None
     return args
-
-
-async def inspect_engines(args: argparse.Namespace) -> None:
-    """For ``--engine-urls``: check they answer, learn the model and (from /load, ours only) the KV size."""
-    assert args.engine_urls
-    async with client_session() as s:
-        for url in args.engine_urls:
-            try:
-                async with s.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as r:
-                    models = [m["id"] for m in (await r.json())["data"]]
-            except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
-                raise SystemExit(f"--engine-urls: {url}/v1/models failed: {exc}") from exc
-            if args.model is None:
-                args.model = models[0]
-            elif args.model not in models:
-                raise SystemExit(f"--engine-urls: {url} does not serve {args.model!r} (it serves {models})")
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError, ValueError):
-            async with s.get(args.engine_urls[0] + "/load", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                args.external_kv_blocks = int((await r.json())["kv_blocks_total"])
-    if args.kv_blocks is None and args.external_kv_blocks is None:
-        print("note: KV size unknown (no /load): the oracle assumes --capacity-factor x the footprint; "
-              "give --kv-blocks for a true bound")
 
 
 QUICK: dict[str, dict[str, Any]] = {
@@ -402,7 +323,7 @@ def workloads_for(args: argparse.Namespace) -> list[Workload]:
     """The workloads named on the command line, with --quick sizes and --set overrides where they apply."""
     import inspect
 
-    from benchmarks.workloads import GENERATORS
+    from benchmarks.lib.workloads import GENERATORS
 
     sets = parse_sets(args.set or [])
     out: list[Workload] = []
@@ -418,7 +339,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
     if args.engine_urls:
-        await inspect_engines(args)
+        args.model, args.external_kv_blocks = await inspect_replicas(args.engine_urls, args.model)
+        if args.kv_blocks is None and args.external_kv_blocks is None:
+            print("note: KV size unknown (no /load): the oracle assumes --capacity-factor x the footprint; "
+                  "give --kv-blocks for a true bound")
     args.model = args.model or MODEL
     cands = contenders(args)
     unavailable = {k: why for k in ("sglang-router", "vllm-router") if (why := peer_available(k))}
@@ -439,7 +363,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             print_result(res)
             if not args.no_plots:
                 try:
-                    from benchmarks.plots import plot_compare
+                    from benchmarks.lib.plots import plot_compare
 
                     res["plot"] = str(plot_compare(res, args.out_dir / f"{args.name}-{wl.name}.png"))
                     print(f"  plot: {res['plot']}")

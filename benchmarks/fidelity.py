@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,200 +40,35 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import psutil
 
-from benchmarks.cli_help import DefaultsHelpFormatter
-from benchmarks.common import (
-    HOST,
-    RESULTS_DIR,
-    ROOT,
-    CpuWatch,
-    client_session,
-    format_table,
-    free_port,
-    healthy,
-    machine_info,
-    percentile,
-    stream_chat,
-    write_json,
+from benchmarks.lib.cli_help import DefaultsHelpFormatter
+from benchmarks.lib.client import client_session, stream_chat
+from benchmarks.lib.cpu import CpuWatch
+from benchmarks.lib.defaults import HOST, RESULTS_DIR, ROOT
+from benchmarks.lib.engine_process import EngineProcess
+from benchmarks.lib.fidelity_errors import (
+    TABLE_HEADERS,
+    chars_per_token,
+    default_metrics,
+    fidelity_rows,
+    paired_ttft,
+    run_metrics,
+    sim_chars_per_token,
+    table_cells,
+    ttft_by_kind,
 )
-from benchmarks.loadgen import LoadSpec, RequestRecord, RunResult, run_workload
-from benchmarks.metrics import summarize_run
-from benchmarks.workloads import Workload, gsp, multiturn, sim_render
+from benchmarks.lib.fleet import free_port
+from benchmarks.lib.loadgen import LoadSpec, RequestRecord, RunResult, run_workload
+from benchmarks.lib.metrics import summarize_run
+from benchmarks.lib.report import format_table, machine_info, write_json
+from benchmarks.lib.workloads import Workload, gsp, multiturn, sim_render
 
 DEFAULT_OUT = RESULTS_DIR / "fidelity.json"
 DEFAULT_MODEL = ROOT / "models" / "tiny-llama"
 SERVED_MODEL = "tiny-llama"
 PROFILE = "tiny-cpu"
 OTHERS_WARN = 0.3  # share of all CPUs used by other jobs during a run above which latencies are suspect
-
-
-# -- pure parts: tolerances, errors, rows ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """How far the sim may be from vLLM and still count as faithful.
-
-    ``kind`` "rel": |sim - vllm| / vllm <= bound (latencies, throughput, token counts);
-    ``kind`` "abs": |sim - vllm| <= bound (dimensionless rates such as the hit rate, where a relative
-    error of a small number would mislead).
-    """
-
-    kind: str
-    bound: float
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("rel", "abs"):
-            raise ValueError(f"tolerance kind must be 'rel' or 'abs', not {self.kind!r}")
-        if self.bound < 0:
-            raise ValueError("tolerance bound must be >= 0")
-
-    def describe(self) -> str:
-        return f"±{self.bound * 100:g}%" if self.kind == "rel" else f"±{self.bound:g}"
-
-
-def error_of(vllm: float, sim: float, tol: Tolerance) -> float:
-    """Signed error of the sim against vLLM: relative ((sim - vllm) / vllm) or absolute (sim - vllm).
-
-    NaN when a value is missing or a relative error has a zero reference (both zero counts as 0).
-    """
-    if math.isnan(vllm) or math.isnan(sim):
-        return math.nan
-    if tol.kind == "abs":
-        return sim - vllm
-    if vllm == 0:
-        return 0.0 if sim == 0 else math.nan
-    return (sim - vllm) / vllm
-
-
-def within(error: float, tol: Tolerance) -> bool:
-    """True when the error is known and inside the bound (a small epsilon absorbs float rounding)."""
-    return not math.isnan(error) and abs(error) <= tol.bound + 1e-9
-
-
-def format_error(error: float, tol: Tolerance) -> str:
-    """'+12.3%' for a relative error, '+0.012' for an absolute one, 'nan' when unknown."""
-    if math.isnan(error):
-        return "nan"
-    return f"{error * 100:+.1f}%" if tol.kind == "rel" else f"{error:+.3f}"
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One compared quantity: its key in `run_metrics` output, a label and its tolerance."""
-
-    key: str
-    label: str
-    tol: Tolerance
-
-
-def default_metrics(hit_tol: float = 0.05, latency_tol: float = 0.30, tokens_tol: float = 0.10) -> list[Metric]:
-    """What is comparable across the two tokenizers: rates, latencies, throughput, per-request counts."""
-    lat = Tolerance("rel", latency_tol)
-    return [
-        Metric("prompt_tokens_per_req", "prompt tok/req", Tolerance("rel", tokens_tol)),
-        Metric("output_tokens_per_req", "output tok/req", Tolerance("rel", 0.0)),
-        Metric("hit_rate", "hit rate", Tolerance("abs", hit_tol)),
-        Metric("ttft_p50_ms", "TTFT p50 ms", lat),
-        Metric("ttft_p90_ms", "TTFT p90 ms", lat),
-        Metric("tpot_p50_ms", "TPOT p50 ms", lat),
-        Metric("e2e_p50_ms", "E2E p50 ms", lat),
-        Metric("output_tok_per_s", "output tok/s", lat),
-    ]
-
-
-def run_metrics(summary: Mapping[str, Any], records: Sequence[RequestRecord]) -> dict[str, float]:
-    """The flat numbers compared, from `summarize_run`'s summary and the run's records (successes only)."""
-    ok = [r for r in records if r.ok]
-    n = len(ok)
-    return {
-        "requests_ok": float(n),
-        "prompt_tokens_per_req": sum(r.prompt_tokens for r in ok) / n if n else math.nan,
-        "output_tokens_per_req": sum(r.output_tokens for r in ok) / n if n else math.nan,
-        "hit_rate": float(summary.get("hit_rate", math.nan)),
-        "ttft_p50_ms": float(summary["ttft_ms"]["p50"]),
-        "ttft_p90_ms": float(summary["ttft_ms"]["p90"]),
-        "tpot_p50_ms": float(summary["tpot_ms"]["p50"]),
-        "e2e_p50_ms": float(summary["e2e_ms"]["p50"]),
-        "output_tok_per_s": float(summary.get("output_tok_per_s", math.nan)),
-    }
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of the fidelity table."""
-
-    workload: str
-    concurrency: int
-    metric: str
-    vllm: float
-    sim: float
-    error: float
-    tolerance: str
-    within: bool
-    error_text: str
-
-
-def fidelity_rows(workload: str, concurrency: int, vllm: Mapping[str, float], sim: Mapping[str, float],
-                  metrics: Sequence[Metric]) -> list[Row]:
-    """Compare one run's numbers, metric by metric."""
-    rows = []
-    for m in metrics:
-        v, s = float(vllm.get(m.key, math.nan)), float(sim.get(m.key, math.nan))
-        err = error_of(v, s, m.tol)
-        rows.append(Row(workload, concurrency, m.label, v, s, err, m.tol.describe(), within(err, m.tol),
-                        format_error(err, m.tol)))
-    return rows
-
-
-TABLE_HEADERS = ("workload", "c", "metric", "vllm", "sim", "error", "tolerance", "verdict")
-
-
-def table_cells(row: Row) -> list[Any]:
-    """A row as the printed table shows it (numbers rounded to what the measurement supports)."""
-    def num(x: float) -> Any:
-        if math.isnan(x):
-            return x
-        return round(x, 3) if abs(x) < 10 else round(x, 1)
-
-    return [row.workload, row.concurrency, row.metric, num(row.vllm), num(row.sim), row.error_text,
-            row.tolerance, "within" if row.within else "OUTSIDE"]
-
-
-def ttft_by_kind(records: Sequence[RequestRecord]) -> dict[str, dict[str, float]]:
-    """TTFT p50 (ms) and count of prefix hits (some cached tokens) and misses: separates the per-request
-    overhead (visible on hits, little prefill) from the prefill slope (visible on misses)."""
-    out = {}
-    for kind, pick in (("hit", lambda r: r.cached_tokens > 0), ("miss", lambda r: r.cached_tokens == 0)):
-        v = [r.ttft_s * 1e3 for r in records if r.ok and r.ttft_s is not None and pick(r)]
-        out[kind] = {"n": float(len(v)), "ttft_p50_ms": round(percentile(v, 0.5), 1)}
-    return out
-
-
-def paired_ttft(vllm: Sequence[RequestRecord], sim: Sequence[RequestRecord]) -> dict[str, float]:
-    """Per request (same session and turn on both engines): median TTFT difference sim - vllm in ms and
-    median ratio sim / vllm. A constant difference points at a fixed per-request cost the sim lacks."""
-    sim_by_key = {(r.session, r.turn): r for r in sim if r.ok and r.ttft_s is not None}
-    pairs = [(r.ttft_s, sim_by_key[(r.session, r.turn)].ttft_s) for r in vllm
-             if r.ok and r.ttft_s and (r.session, r.turn) in sim_by_key]
-    diffs = [(s - v) * 1e3 for v, s in pairs if s is not None]
-    ratios = [s / v for v, s in pairs if s is not None and v > 0]
-    return {"n": float(len(diffs)), "median_diff_ms": round(percentile(diffs, 0.5), 1),
-            "median_ratio": round(percentile(ratios, 0.5), 3)}
-
-
-def chars_per_token(chars: int, tokens: int) -> float:
-    """Average characters per real-tokenizer token on the same text."""
-    if tokens <= 0:
-        raise ValueError("no tokens measured")
-    return chars / tokens
-
-
-def sim_chars_per_token(ratio: float) -> int:
-    """The sim flag is an integer: the nearest one, at least 1."""
-    return max(1, round(ratio))
 
 
 def parse_variants(text: str) -> list[str]:
@@ -275,56 +108,6 @@ def sim_argv(port: int, args: argparse.Namespace, *, block_size: int, num_blocks
             "--block-size", str(block_size), "--num-blocks", str(num_blocks),
             "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
             "--chars-per-token", str(cpt), "--seed", "0", "--log-level", "warning", "--shutdown-grace-s", "1"]
-
-
-class EngineProcess:
-    """One engine server subprocess in its own process group, so that stopping it also reaps vLLM's
-    engine-core child even if the server dies without cleaning up."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> None:
-        self.name, self.argv, self.env = name, argv, dict(env or os.environ)
-        self.log_path = log_dir / f"{name}.log"
-        self.url = f"http://{HOST}:{argv[argv.index('--port') + 1]}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.startup_s = math.nan
-
-    async def start(self, timeout_s: float) -> EngineProcess:
-        t0 = time.monotonic()
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = t0 + timeout_s
-        async with aiohttp.ClientSession() as s:
-            while True:
-                if self.proc.poll() is not None:
-                    tail = self.log_path.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} during start-up:\n{tail}")
-                if await healthy(s, self.url, timeout_s=2.0):
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} not healthy after {timeout_s:g}s (log: {self.log_path})")
-                await asyncio.sleep(0.5)
-        self.startup_s = time.monotonic() - t0
-        return self
-
-    def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM, wait up to ``grace_s``, then SIGKILL the whole group (only what this process started)."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(grace_s)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group (e.g. vLLM's EngineCore)
-        if proc.poll() is None:
-            proc.wait(5)
-
-    async def load(self) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as s, s.get(self.url + "/load") as r:
-            return dict(await r.json())
 
 
 # -- runs ------------------------------------------------------------------------------------------------
@@ -526,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-chars-per-token", type=parse_variants, default=["auto", "4"],
                    help="sim tokenizer variants: 'auto' = the real tokenizer's chars/token on these prompts "
                         "(rounded), or integers")
-    w = p.add_argument_group("workload sizes (in 4-character units, as benchmarks.workloads counts)")
+    w = p.add_argument_group("workload sizes (in 4-character units, as benchmarks.lib.workloads counts)")
     w.add_argument("--gsp-groups", type=int, default=8, help="gsp: groups sharing a system prompt")
     w.add_argument("--gsp-questions", type=int, default=4, help="gsp: questions per group")
     w.add_argument("--gsp-system-tokens", type=int, default=256, help="gsp: system prompt length")

@@ -35,9 +35,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import workloads as wl
-from benchmarks.common import RESULTS_DIR, format_table, machine_info, write_json
-from benchmarks.loadgen import LoadSpec
+from benchmarks.lib import workloads as wl
+from benchmarks.lib.defaults import RESULTS_DIR
+from benchmarks.lib.loadgen import LoadSpec
+from benchmarks.lib.report import format_table, machine_info, write_json
 from benchmarks.simulate import simulate
 from engine_server.sim.timing import TimingProfile, get_profile, slowed
 from router.calibration import NAMES as CONSTANTS

@@ -28,24 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    RESULTS_DIR,
-    CpuWatch,
-    EngineSpec,
-    Fleet,
-    StreamResult,
-    added,
-    client_session,
-    closed_loop,
-    format_table,
-    install_uvloop,
-    level_stats,
-    machine_info,
-    overhead_chat_body,
-    stream_chat,
-    write_json,
-)
-from benchmarks.routers import (
+from benchmarks.lib.client import StreamResult, client_session, stream_chat
+from benchmarks.lib.cpu import CpuWatch
+from benchmarks.lib.defaults import MODEL, RESULTS_DIR
+from benchmarks.lib.fleet import EngineSpec, Fleet
+from benchmarks.lib.loadgen import closed_loop
+from benchmarks.lib.report import format_table, install_uvloop, machine_info, write_json
+from benchmarks.lib.routers import (
     Contender,
     RouterStartError,
     our_contenders,
@@ -54,8 +43,44 @@ from benchmarks.routers import (
     peer_version,
     run_router,
 )
+from benchmarks.lib.stats import summarize
 
 MAX_TOKENS = 16
+
+
+def overhead_chat_body(i: int, max_tokens: int) -> dict[str, Any]:
+    """A ~200-token chat (8 system prompts shared round-robin, a distinct question): the request the
+    router-overhead measurements repeat."""
+    system = f"You are assistant number {i % 8}. " * 30
+    return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": f"Question {i}: what is {i} times {i}?"}]}
+
+
+def level_stats(results: Sequence[StreamResult], wall: float, watch: CpuWatch, n_router_pids: int) -> dict[str, Any]:
+    """One load level's figures: throughput, TTFT/E2E, and CPU per 1,000 requests of router, engines and
+    client (``watch`` watched the router pids, then the engine pids, then this process)."""
+    ok = [r for r in results if r.ok]
+    per_k = 1000.0 / max(1, len(results))
+    errors = [r.error or f"status {r.status}" for r in results if not r.ok]
+    return {
+        "requests": len(results), "errors": len(errors), "first_error": errors[0][:300] if errors else None,
+        "wall_s": round(wall, 2), "req_per_s": round(len(results) / wall, 1) if wall > 0 else math.nan,
+        "ttft_ms": summarize([r.ttft_s for r in ok if r.ttft_s is not None], 1e3),
+        "e2e_ms": summarize([r.e2e_s for r in ok], 1e3),
+        "cpu_s_per_1k": {"router": round(sum(watch.used[:n_router_pids]) * per_k, 3),
+                         "engines": round(sum(watch.used[n_router_pids:-1]) * per_k, 3),
+                         "client": round(watch.used[-1] * per_k, 3)},
+        "host_cpu_busy": round(watch.busy_share, 3),
+        "other_cpu_share": round(watch.other_share, 3),  # other jobs on the machine: should be ~0
+    }
+
+
+def added(direct: dict[str, Any], routed: dict[str, Any]) -> dict[str, float]:
+    """Router minus direct, per percentile: a difference of percentiles, not a percentile of differences
+    (NaN where either side had no successful request)."""
+    return {f"{m}_{q}": round(routed[f"{m}_ms"].get(q, math.nan) - direct[f"{m}_ms"].get(q, math.nan), 3)
+            for m in ("ttft", "e2e") for q in ("p50", "p99")}
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:

@@ -1,6 +1,6 @@
-"""Router micro-benchmarks: policy decision time, and the latency the proxy adds to streamed requests.
+"""Router micro-benchmarks: policy decision time, and whether the relay delays chunks.
 
-    python -m benchmarks.router_micro                 # full run (~3 min), writes results/router_micro.json
+    python -m benchmarks.router_micro                 # full run (~2 min), writes results/router_micro.json
     python -m benchmarks.router_micro --quick         # a smaller run
     python -m benchmarks.router_micro --skip-proxy    # decision times only
 
@@ -10,11 +10,9 @@
     ``perf_counter_ns`` and the garbage collector off, for a hit (known system prompt, new question), a
     miss (unknown prompt) and a long hit (known 100k-char document, new question). Prompt parsing and
     hashing is timed separately. Goal: p99 <= 50 us.
-(b) Proxy overhead. Sim engines (profile `instant`) and the router (policy `cost`) run as subprocesses;
-    this process is the client (aiohttp, uvloop). At 1, 32 and 100 concurrent streams, the same
-    streamed chat requests go straight to the engines (round robin) and then through the router; the
-    difference of the TTFT and end-to-end percentiles is what the router adds. Router CPU seconds per
-    1,000 requests come from /proc. Goal: added p50 <= 0.3 ms at 100 streams.
+(b) Proxy overhead moved to `python -m benchmarks.overhead` (one overhead benchmark: ours beside the
+    peers, each router started by its own command line); ``--concurrency`` and ``--requests`` are still
+    accepted and print the equivalent overhead command.
 (c) Chunk promptness. With a sim that emits a token every engine step (`h100-llama3-8b`, one step =
     5.75 ms x time scale), the gaps between consecutive chunks at the client, direct vs routed, show any
     batching or Nagle/delayed-ACK stall (~40 ms) the relay adds.
@@ -33,26 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    MODEL,
-    RESULTS_DIR,
-    CpuWatch,
-    EngineSpec,
-    Fleet,
-    RouterSpec,
-    StreamResult,
-    added,
-    client_session,
-    closed_loop,
-    format_table,
-    level_stats,
-    machine_info,
-    overhead_chat_body,
-    percentile,
-    run_benchmark,
-    stream_chat,
-    summarize,
-)
+from benchmarks.lib.client import StreamResult, client_session, stream_chat
+from benchmarks.lib.cpu import CpuWatch
+from benchmarks.lib.defaults import MODEL, RESULTS_DIR
+from benchmarks.lib.fleet import EngineSpec, Fleet, RouterSpec
+from benchmarks.lib.loadgen import closed_loop
+from benchmarks.lib.report import format_table, machine_info, run_benchmark
+from benchmarks.lib.stats import percentile, summarize
 from router.features import (
     HashingConfig,
     RequestFeatures,
@@ -71,7 +56,6 @@ SYSTEM_CHARS = 1920  # 30 blocks of 64 chars
 QUESTIONS_PER_SYSTEM = 100
 LONG_DOCS, LONG_CHARS = 10, 100_000
 DECISION_GOAL_US = 50.0
-ADDED_P50_GOAL_MS = 0.3
 
 
 # -- (a) decision time -------------------------------------------------------------------------------
@@ -261,65 +245,6 @@ def print_decisions(res: dict[str, Any]) -> None:
                        [[p["what"], p["chars"], p["p50"], p["p99"], p["mean"]] for p in res["parsing"]]))
 
 
-# -- (b) proxy overhead ------------------------------------------------------------------------------
-
-
-async def run_level(session: Any, targets: Sequence[str], concurrency: int, count: int, max_s: float,
-                    max_tokens: int) -> tuple[list[StreamResult], float]:
-    """``count`` streamed requests at ``concurrency`` (after an unmeasured warm-up); results and wall time."""
-    async def one(i: int) -> StreamResult:
-        return await stream_chat(session, targets[i % len(targets)], overhead_chat_body(i, max_tokens), timeout_s=30)
-
-    await closed_loop(max(2 * concurrency, 50), concurrency, max_s, one)
-    t0 = time.perf_counter()
-    results = await closed_loop(count, concurrency, max_s, one)
-    return results, time.perf_counter() - t0
-
-
-async def measure_mode(fleet: Fleet, session: Any, mode: str, concurrency: int, args: argparse.Namespace,
-                       max_tokens: int) -> dict[str, Any]:
-    targets = [fleet.router_url] if mode == "router" else fleet.engine_urls
-    router_pids = [fleet.router_pid] if fleet.router_pid else []
-    watch = CpuWatch([*router_pids, *fleet.engine_pids]).start()
-    results, wall = await run_level(session, targets, concurrency, args.requests, args.max_level_s,
-                                    max_tokens)
-    watch.stop()
-    return {"mode": mode, "concurrency": concurrency, **level_stats(results, wall, watch, len(router_pids))}
-
-
-async def run_proxy(args: argparse.Namespace) -> dict[str, Any]:
-    engine = EngineSpec(profile="instant")
-    levels = []
-    async with Fleet(args.engines, engine, RouterSpec(policy="cost"), inprocess=args.inprocess) as fleet, \
-            client_session() as session:
-        for c in args.concurrency:
-            direct = await measure_mode(fleet, session, "direct", c, args, max_tokens=16)
-            routed = await measure_mode(fleet, session, "router", c, args, max_tokens=16)
-            levels.append({"concurrency": c, "direct": direct, "router": routed, "added_ms": added(direct, routed)})
-            print(f"(b) concurrency {c}: added TTFT p50 {levels[-1]['added_ms']['ttft_p50']} ms", flush=True)
-    return {"engines": args.engines, "profile": engine.profile, "max_tokens": 16, "policy": "cost",
-            "goal_added_p50_ms": ADDED_P50_GOAL_MS, "levels": levels}
-
-
-def print_proxy(res: dict[str, Any]) -> None:
-    print(f"\n(b) proxy overhead: {res['engines']} `{res['profile']}` engines, streamed chat, "
-          f"{res['max_tokens']} tokens, policy {res['policy']}; ms (goal: added TTFT p50 <= "
-          f"{ADDED_P50_GOAL_MS} ms at 100 streams)")
-    rows = []
-    for lv in res["levels"]:
-        for mode in ("direct", "router"):
-            m = lv[mode]
-            rows.append([lv["concurrency"], mode, m["requests"], m["errors"], m["req_per_s"], m["ttft_ms"]["p50"],
-                         m["ttft_ms"]["p99"], m["e2e_ms"]["p50"], m["e2e_ms"]["p99"],
-                         m["cpu_s_per_1k"]["router"], m["cpu_s_per_1k"]["engines"], m["cpu_s_per_1k"]["client"],
-                         _share(m["host_cpu_busy"]), _share(m["other_cpu_share"])])
-        a = lv["added_ms"]
-        rows.append([lv["concurrency"], "added", "", "", "", a["ttft_p50"], a["ttft_p99"], a["e2e_p50"],
-                     a["e2e_p99"], "", "", "", "", ""])
-    print(format_table(["conc", "mode", "reqs", "err", "req/s", "TTFT p50", "p99", "E2E p50", "p99",
-                        "CPU s/1k: router", "engines", "client", "host busy", "other procs"], rows))
-
-
 def _share(x: float | None) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.0%}"
 
@@ -389,15 +314,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefixes", type=int, default=100_000, help="prompts indexed before timing (a)")
     p.add_argument("--iterations", type=int, default=20_000, help="timed calls per policy and case (a)")
     p.add_argument("--max-case-s", type=float, default=10.0, help="time cap per timed case (a)")
-    p.add_argument("--engines", type=int, default=2, help="sim engine subprocesses (b, c)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 100], help="concurrent streams (b)")
-    p.add_argument("--requests", type=int, default=2000, help="measured requests per level and mode (b)")
-    p.add_argument("--max-level-s", type=float, default=60.0, help="time cap per level and mode (b, c)")
+    p.add_argument("--engines", type=int, default=2, help="sim engine subprocesses (c)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 100],
+                   help="(b) now in benchmarks.overhead: only printed as its equivalent command")
+    p.add_argument("--requests", type=int, default=2000,
+                   help="(b) now in benchmarks.overhead: only printed as its equivalent command")
+    p.add_argument("--max-level-s", type=float, default=60.0, help="time cap per level and mode (c)")
     p.add_argument("--gap-streams", type=int, default=32, help="streams at 16 concurrent (c; a quarter at 1)")
     p.add_argument("--gap-tokens", type=int, default=48, help="tokens per stream (c)")
     p.add_argument("--gap-time-scale", type=float, default=2.0, help="sim time scale for (c)")
     p.add_argument("--skip-decisions", action="store_true")
-    p.add_argument("--skip-proxy", action="store_true", help="skip (b) and (c)")
+    p.add_argument("--skip-proxy", action="store_true", help="skip (c)")
     p.add_argument("--inprocess", action="store_true",
                    help="engines and router in this process (smoke tests only: one shared event loop)")
     p.add_argument("--out", default=str(RESULTS_DIR / "router_micro.json"), help="JSON output path")
@@ -415,11 +342,16 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         out["decisions"] = run_decisions(args)
         print_decisions(out["decisions"])
     if not args.skip_proxy:
-        out["proxy"] = await run_proxy(args)
-        print_proxy(out["proxy"])
         out["chunk_gaps"] = await run_gaps(args)
         print_gaps(out["chunk_gaps"])
+    print("\n(b) proxy overhead: " + overhead_command(args))
     return out
+
+
+def overhead_command(args: argparse.Namespace) -> str:
+    """The `benchmarks.overhead` run that measures what (b) used to: our router alone, policy `cost`."""
+    return (f"python -m benchmarks.overhead --contenders ours --our-policy cost --engines {args.engines} "
+            f"--concurrency {' '.join(map(str, args.concurrency))} --requests {args.requests}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

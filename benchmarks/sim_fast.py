@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.workloads import extend_chain
+from benchmarks.lib.workloads import extend_chain
 from engine_server.backend import BackendError, PromptTooLong
 from engine_server.sim.backend import SimBackend, SimConfig
 from engine_server.sim.scheduler import SchedulerConfig

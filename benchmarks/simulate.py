@@ -46,11 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import workloads as wl
-from benchmarks.cli_help import DefaultsHelpFormatter
-from benchmarks.common import MODEL, PROFILE_COST_PARAMS, RESULTS_DIR, format_table, machine_info, write_json
-from benchmarks.loadgen import LoadSpec, RequestRecord, arrival_times
-from benchmarks.metrics import summarize_run
+from benchmarks.lib import workloads as wl
+from benchmarks.lib.cli_help import DefaultsHelpFormatter
+from benchmarks.lib.defaults import MODEL, PROFILE_COST_PARAMS, RESULTS_DIR
+from benchmarks.lib.loadgen import LoadSpec, RequestRecord, arrival_times
+from benchmarks.lib.metrics import summarize_run
+from benchmarks.lib.report import format_table, machine_info, write_json
 from benchmarks.sim_fast import ChainEncoder, Emit, FastEngine
 from engine_server.backend import BackendError
 from engine_server.sim.backend import SimBackend, SimConfig
@@ -661,8 +662,8 @@ def compare(sim: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
 async def run_live(workload: wl.Workload, policy: str, params: dict[str, Any], args: argparse.Namespace,
                    spec: LoadSpec, kv_blocks: int) -> dict[str, Any]:
     """The same workload over HTTP: 4 sim engine subprocesses (time scale 1) and the router."""
-    from benchmarks.common import EngineSpec, Fleet, RouterSpec
-    from benchmarks.loadgen import run_workload
+    from benchmarks.lib.fleet import EngineSpec, Fleet, RouterSpec
+    from benchmarks.lib.loadgen import run_workload
 
     engine = EngineSpec(profile=args.profile, num_blocks=kv_blocks)
     router = RouterSpec(policy=policy, params=params, load_poll_s=args.poll_interval_s)

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks.common import format_table, percentile, summarize
+from benchmarks.lib.report import format_table
+from benchmarks.lib.stats import percentile, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,21 +43,16 @@ def test_router_micro_runs(tmp_path: Path) -> None:
     rows = data["decisions"]["policies"]
     assert {r["policy"] for r in rows} >= {"cost", "cache_aware", "round_robin"}
     assert all(c["choose_us"]["n"] > 0 for r in rows for c in r["cases"].values())
-    levels = data["proxy"]["levels"]
-    assert [lv["concurrency"] for lv in levels] == [1, 4]
-    assert all(lv[m]["errors"] == 0 and lv[m]["requests"] == 30 for lv in levels for m in ("direct", "router"))
+    assert "proxy" not in data  # (b) is benchmarks.overhead's (tests/benchmarks/test_routers.py)
     assert all(lv[m]["errors"] == 0 for lv in data["chunk_gaps"]["levels"] for m in ("direct", "router"))
 
 
-def test_quality_runs(tmp_path: Path) -> None:
-    data = run_script("benchmarks.quality", tmp_path / "quality.json", "--inprocess", "--time-scale", "0",
-                      "--groups", "4", "--questions", "2", "--gsp-clients", "4", "--gsp-system-chars", "1200",
-                      "--conversations", "4", "--turns", "2", "--mt-system-chars", "400", "--load-poll-s", "0.1",
-                      "--policies", "cost", "round_robin", "pinned")
-    gsp, mt = data["gsp"], data["multiturn"]
-    assert [r["label"] for r in gsp["rows"]] == ["cost", "round_robin"]
-    assert [r["label"] for r in mt["rows"]] == ["cost", "round_robin", "pinned"]
-    assert all(r["errors"] == 0 and r["requests"] > 0 for r in gsp["rows"] + mt["rows"])
-    assert 0 < gsp["best_hit_rate"] < 1
-    assert all(0 <= r["hit_rate"] <= gsp["best_hit_rate"] + 1e-9 for r in gsp["rows"])
-    assert {line["check"].split(":")[0] for line in data["acceptance"]} == {"gsp", "multiturn"}
+def test_quality_is_compare_with_its_contenders() -> None:
+    """`python -m benchmarks.quality` runs compare: no peers, gsp and multiturn, `pinned` as the reference."""
+    from benchmarks.compare import contenders, parse_args
+    from benchmarks.quality import ARGS
+
+    args = parse_args(ARGS)
+    assert args.workloads == "gsp,multiturn" and args.name == "quality"
+    assert {c.name for c in contenders(args)} == {"cost", "cost-tuned", "cache_aware", "round_robin", "least_load",
+                                                  "consistent_hash", "pinned"}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.compare import parse_args, parse_sets, verdict, workloads_for
+from benchmarks.compare import contenders, parse_args, parse_sets, workloads_for
+from benchmarks.lib.acceptance import verdict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,10 +44,15 @@ def test_a_default_that_sheds_load_does_not_pass() -> None:
     assert not v["c=4"]["ttft_goal_0.7_met"]
 
 
+def test_pinned_is_ours_and_sends_the_session_header() -> None:
+    (pinned,) = [c for c in contenders(parse_args(["--no-peers"])) if c.name == "pinned"]
+    assert (pinned.kind, pinned.policy, pinned.session_header) == ("ours", "consistent_hash", "x-session-id")
+
+
 @pytest.mark.slow
 def test_tiny_compare_run_has_a_row_for_every_contender(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "benchmarks.compare", "--workloads", "gsp,multiturn", "--profile", "instant",
-            "--engines", "2", "--concurrency", "2", "--warmup", "1", "--policies", "cost,round_robin",
+            "--engines", "2", "--concurrency", "2", "--warmup", "1", "--policies", "cost,round_robin,pinned",
             "--peers", "sglang:cache_aware,vllm-router:cache_aware",
             "--set", "groups=2", "--set", "questions=2", "--set", "conversations=2", "--set", "turns=2",
             "--set", "system_tokens=64", "--name", "tiny", "--out-dir", str(tmp_path), "--no-progress"]
@@ -54,9 +60,11 @@ def test_tiny_compare_run_has_a_row_for_every_contender(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "tiny.json").read_text())
     names = [c["name"] for c in data["contenders"]]
-    assert {"cost", "round_robin"} <= set(names)
-    for res in data["results"]:
-        assert [r["contender"] for r in res["rows"]] == names
+    assert {"cost", "round_robin", "pinned"} <= set(names)
+    for res in data["results"]:  # pinned only where sessions have several turns
+        assert [r["contender"] for r in res["rows"]] == [n for n in names if n != "pinned" or
+                                                         res["workload"] == "multiturn"]
+        assert {line["check"].split(":")[0] for line in res["acceptance"]} == {res["workload"]}
         assert 0 < res["oracle"]["hit_rate"] <= 1
         for r in res["rows"]:
             if r["kind"] == "ours":
@@ -66,11 +74,12 @@ def test_tiny_compare_run_has_a_row_for_every_contender(tmp_path: Path) -> None:
                 assert ("summary" in r and r["argv"]) or r["error"], r
         assert (tmp_path / f"tiny-{res['workload']}.png").stat().st_size > 10_000
     assert "cost" in proc.stdout and "oracle" in proc.stdout
+    assert "multiturn: cost hit rate >= 0.95 x pinned" in proc.stdout  # quality's lines are compare's
 
 
 @pytest.mark.slow
 async def test_compare_against_running_replicas_sends_every_run_fresh_text(tmp_path: Path) -> None:
-    from benchmarks.common import EngineSpec, Fleet
+    from benchmarks.lib.fleet import EngineSpec, Fleet
 
     async with Fleet(2, EngineSpec(profile="instant", num_blocks=256)) as fleet:
         argv = [sys.executable, "-m", "benchmarks.compare", "--workloads", "gsp", "--engine-urls",

@@ -7,29 +7,25 @@ import math
 
 import pytest
 
-from benchmarks.fidelity import (
+from benchmarks.fidelity import RunPlan, build_parser, build_workload, parse_variants, rendered_chars
+from benchmarks.lib.fidelity_errors import (
     TABLE_HEADERS,
     Metric,
-    RunPlan,
     Tolerance,
-    build_parser,
-    build_workload,
     chars_per_token,
     default_metrics,
     error_of,
     fidelity_rows,
     format_error,
     paired_ttft,
-    parse_variants,
-    rendered_chars,
     run_metrics,
     sim_chars_per_token,
     table_cells,
     ttft_by_kind,
     within,
 )
-from benchmarks.loadgen import RequestRecord
-from benchmarks.metrics import summarize_run
+from benchmarks.lib.loadgen import RequestRecord
+from benchmarks.lib.metrics import summarize_run
 
 REL30 = Tolerance("rel", 0.30)
 ABS05 = Tolerance("abs", 0.05)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.common import EngineSpec, Fleet
-from benchmarks.loadgen import LoadSpec, run_workload
-from benchmarks.workloads import Workload, gsp, multiturn
+from benchmarks.lib.fleet import EngineSpec, Fleet
+from benchmarks.lib.loadgen import LoadSpec, run_workload
+from benchmarks.lib.workloads import Workload, gsp, multiturn
 
 
 async def test_turns_of_a_session_run_in_order_and_every_request_is_recorded() -> None:
@@ -34,3 +34,20 @@ async def test_failed_requests_are_recorded_with_their_status() -> None:
                                  progress=False)
     assert [r.status for r in run.records] == [404, 404]
     assert all(not r.ok and r.error for r in run.records)
+
+
+async def test_a_session_header_carries_each_session_id_to_the_router() -> None:
+    """`pinned` (consistent_hash on the session header) keeps every conversation on one replica (one client:
+    no load bound moves a session to a ring successor)."""
+    from benchmarks.lib.fleet import RouterSpec
+
+    wl = multiturn(conversations=8, turns=2, system_tokens=16, first_user_tokens=16, user_tokens=4, output_tokens=2)
+    async with Fleet(2, EngineSpec(profile="instant"), RouterSpec("consistent_hash", load_poll_s=0.1),
+                     inprocess=True) as fleet:
+        assert fleet.router_url is not None
+        run = await run_workload(fleet.router_url, wl, LoadSpec(concurrency=1, session_header="x-session-id"),
+                                 progress=False)
+    assert len(run.records) == 16 and all(r.ok for r in run.records)
+    replicas = {s.id: {r.replica for r in run.records if r.session == s.id} for s in wl.sessions}
+    assert all(len(r) == 1 and None not in r for r in replicas.values())
+    assert len(set.union(*replicas.values())) == 2  # the session ids (fixed hashes) spread them

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from benchmarks import matrix
-from benchmarks import workloads as wl
-from benchmarks.loadgen import LoadSpec
+from benchmarks.lib import workloads as wl
+from benchmarks.lib.loadgen import LoadSpec
 from benchmarks.simulate import simulate
 from engine_server.sim.timing import get_profile, slowed
 

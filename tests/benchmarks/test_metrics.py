@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from benchmarks.loadgen import LoadSpec, RequestRecord, arrival_times
-from benchmarks.metrics import Slo, imbalance, pcts, summarize_run, tpot_s
-from benchmarks.workloads import gsp
+from benchmarks.lib.loadgen import LoadSpec, RequestRecord, arrival_times
+from benchmarks.lib.metrics import Slo, imbalance, pcts, summarize_run, tpot_s
+from benchmarks.lib.workloads import gsp
 
 
 def rec(i: int, ttft: float, e2e: float, *, status: int = 200, out: int = 11, prompt: int = 100,

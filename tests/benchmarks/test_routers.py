@@ -1,4 +1,4 @@
-"""Contender routers as subprocesses (`benchmarks.routers`) and the overhead benchmark's smoke run.
+"""Contender routers as subprocesses (`benchmarks.lib.routers`) and the overhead benchmark's smoke run.
 
 Engines are real subprocesses with the `instant` sim profile; peers are skipped with the reason when their
 PyPI package is not installed. Every test checks that no router process outlives it.
@@ -15,8 +15,10 @@ import psutil
 import pytest
 import yaml
 
-from benchmarks.common import MODEL, ROOT, EngineSpec, Fleet, client_session, stream_chat
-from benchmarks.routers import (
+from benchmarks.lib.client import client_session, stream_chat
+from benchmarks.lib.defaults import MODEL, ROOT
+from benchmarks.lib.fleet import EngineSpec, Fleet
+from benchmarks.lib.routers import (
     Contender,
     RouterStartError,
     our_contenders,

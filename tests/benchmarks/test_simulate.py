@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import workloads as wl
-from benchmarks.loadgen import LoadSpec, arrival_times
-from benchmarks.metrics import summarize_run
+from benchmarks.lib import workloads as wl
+from benchmarks.lib.loadgen import LoadSpec, arrival_times
+from benchmarks.lib.metrics import summarize_run
 from benchmarks.sim_fast import ChainEncoder
 from benchmarks.simulate import PROFILE_COST_PARAMS, PromptEncoder, main, scale_workload, simulate
 from engine_server.sim.tokenizer import SimTokenizer

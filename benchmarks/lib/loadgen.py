@@ -7,6 +7,8 @@ Two ways to offer load, both bounded in request count and wall time:
 - Poisson arrivals: sessions start at ``rate`` per second whatever the server does (open loop; the
   load is fixed, latency shows the queueing). Trace workloads keep their own timestamps instead.
 
+`closed_loop` is the same closed loop for benchmarks that send their own requests (no workload).
+
 Turns of one session always run in order, each after the previous one completed. Every request yields
 a `RequestRecord` whether it succeeded or not: failures (including 429 and 503) stay in the results so
 that shedding can never look like a win.
@@ -18,13 +20,17 @@ import asyncio
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiohttp
 
-from benchmarks.common import MODEL, client_session, stream_chat
-from benchmarks.workloads import Session, Workload
+from benchmarks.lib.client import client_session, stream_chat
+from benchmarks.lib.defaults import MODEL
+from benchmarks.lib.workloads import Session, Workload
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -69,6 +75,7 @@ class LoadSpec:
     request_timeout_s: float = 120.0
     seed: int = 0
     fresh_connections: bool = False  # one TCP connection per request instead of keep-alive
+    session_header: str | None = None  # send each session's id in this header (session affinity)
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -122,7 +129,8 @@ async def run_workload(url: str, workload: Workload, spec: LoadSpec, *, model: s
                 for turn, req in enumerate(s.turns):
                     if not budget.take():
                         return
-                    rec = await _send(session, url, req.body(model), s.id, turn, t0, spec.request_timeout_s)
+                    rec = await _send(session, url, req.body(model), s.id, turn, t0, spec.request_timeout_s,
+                                      {spec.session_header: s.id} if spec.session_header else None)
                     records.append(rec)
                     tick()
 
@@ -152,6 +160,27 @@ async def run_workload(url: str, workload: Workload, spec: LoadSpec, *, model: s
     return RunResult(records, time.perf_counter() - t0, spec.mode, spec.load, budget.stopped_by)
 
 
+async def closed_loop(count: int, concurrency: int, deadline_s: float,
+                      request: Callable[[int], Awaitable[T]]) -> list[T]:
+    """Run ``request(i)`` for i = 0..count-1 with ``concurrency`` workers pulling from one queue.
+
+    Bounded twice: at most ``count`` requests, and no new request starts after ``deadline_s`` seconds.
+    Results come back in completion order.
+    """
+    next_index = iter(range(count))
+    stop_at = time.monotonic() + deadline_s
+    results: list[T] = []
+
+    async def worker() -> None:
+        for i in next_index:
+            if time.monotonic() > stop_at:
+                return
+            results.append(await request(i))
+
+    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, count)))))
+    return results
+
+
 def arrival_times(workload: Workload, spec: LoadSpec) -> list[float]:
     """Session start offsets: Poisson at ``spec.rate`` (seeded), or the trace's own timestamps."""
     if spec.mode == "trace":
@@ -165,9 +194,9 @@ def arrival_times(workload: Workload, spec: LoadSpec) -> list[float]:
 
 
 async def _send(session: aiohttp.ClientSession, url: str, body: dict, session_id: str, turn: int, t0: float,
-                timeout_s: float) -> RequestRecord:
+                timeout_s: float, headers: dict[str, str] | None = None) -> RequestRecord:
     start = time.perf_counter() - t0
-    r = await stream_chat(session, url, body, timeout_s=timeout_s)
+    r = await stream_chat(session, url, body, headers=headers, timeout_s=timeout_s)
     usage = r.usage or {}
     gaps = [b - a for a, b in zip(r.arrivals, r.arrivals[1:], strict=False)]
     error = r.error

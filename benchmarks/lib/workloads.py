@@ -36,7 +36,7 @@ import xxhash
 
 CHARS_PER_TOKEN = 4  # the sim engine's tokenizer: one token per 4 characters
 ENGINE_BLOCK_TOKENS = 16  # the sim engine's (and vLLM's default) KV block size
-TRACE_DIR = Path(__file__).resolve().parent / "traces"
+TRACE_DIR = Path(__file__).resolve().parents[1] / "traces"
 WORDS = ("alpha", "bravo", "cache", "delta", "engine", "fleet", "gamma", "hotel", "index", "joule", "kappa",
          "lemma", "metric", "node", "omega", "prefix", "query", "route", "sigma", "token", "umbra", "vector",
          "window", "xenon", "yield", "zeta")

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.common import percentile
-from benchmarks.loadgen import RequestRecord
+from benchmarks.lib.loadgen import RequestRecord
+from benchmarks.lib.stats import percentile
 
 
 @dataclass(frozen=True)

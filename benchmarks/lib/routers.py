@@ -45,7 +45,9 @@ from typing import Any
 import aiohttp
 import yaml
 
-from benchmarks.common import HOST, MODEL, ROOT, RouterSpec, free_port, stream_chat
+from benchmarks.lib.client import stream_chat
+from benchmarks.lib.defaults import HOST, MODEL, ROOT
+from benchmarks.lib.fleet import RouterSpec, free_port
 
 KINDS = ("ours", "sglang-router", "vllm-router")
 _PEER_IMPORT = {"sglang-router": "sglang_router", "vllm-router": "vllm_router"}
@@ -95,6 +97,7 @@ class Contender:
     policy: str
     params: dict[str, Any] = field(default_factory=dict, hash=False)
     notes: str = ""  # what degrades in front of vLLM-shaped engines, defaults kept
+    session_header: str | None = None  # the load generator sends each session's id in this header
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -102,7 +105,7 @@ class Contender:
 
     @property
     def router_spec(self) -> RouterSpec:
-        """Ours only: the config `benchmarks.common.Fleet` would use (policy, 0.5 s load polling)."""
+        """Ours only: the config `benchmarks.lib.fleet.Fleet` would use (policy, 0.5 s load polling)."""
         return RouterSpec(policy=self.policy, params=dict(self.params))
 
     def argv(self, port: int, engine_urls: Sequence[str], workdir: Path, *,
