@@ -8,13 +8,14 @@ Everything the app needs is built here and passed down; nothing lives in module 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 from aiohttp import web
@@ -34,6 +35,9 @@ from router.replicas.poller import ReplicaPoller
 from router.replicas.state import ReplicaRegistry, ReplicaState
 from router.tracing import Tracing, from_env
 
+if TYPE_CHECKING:
+    from router.kv_events.prefix_source import PrefixSource
+
 log = logging.getLogger("router")
 
 
@@ -48,6 +52,7 @@ class Router:
     poller: ReplicaPoller | None = None
     draining: bool = False
     in_flight: int = 0
+    kv_events: PrefixSource | None = None  # exact prefix matches from KV events (kv_events.enabled)
 
 
 ROUTER = web.AppKey("router", Router)
@@ -147,6 +152,8 @@ async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamRe
         features = features_from_body(body, kind, request[REQUEST_ID], router.hashing, affinity_key=session)
     except FeatureError as exc:
         return error_response(exc.message, 400, param=exc.param)
+    if router.kv_events is not None:  # lazy: tokenized only if the policy asks
+        features = dataclasses.replace(features, kv_match=router.kv_events.for_request(body, kind))
     known = router.registry.models()
     if known and features.model not in known and not router.registry.eligible(features.model, time.monotonic()):
         return error_response(f"The model `{features.model}` does not exist.", 404, param="model",
@@ -242,6 +249,8 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
             tracing.provider.shutdown()  # flushes the batch of spans not exported yet
 
     app.cleanup_ctx.append(lifecycle)
+    if cfg.kv_events.enabled:
+        app.cleanup_ctx.append(kv_events_context(router))
     from router.admin import setup_admin  # late: admin and reload import this module
     from router.discovery import setup_discovery
     from router.reload import Reloader
@@ -250,6 +259,20 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
     setup_admin(app, reloader)  # after lifecycle
     setup_discovery(app, cfg, reloader)  # after admin: applies through the reloader
     return app
+
+
+def kv_events_context(router: Router) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Follow the replicas' KV events while the app runs (`router.kv_events.live`); the set of replicas
+    followed tracks the registry, so reloads and discovery need no hook."""
+    async def context(_: web.Application) -> AsyncIterator[None]:
+        from router.kv_events.live import running
+
+        replicas = lambda: [(r.name, r.url) for r in router.registry.all()]  # noqa: E731
+        async with running(router.config.kv_events, replicas, router.metrics.registry) as live:
+            router.kv_events = live.source
+            yield
+            router.kv_events = None
+    return context
 
 
 def _on_transition(router: Router, name: str, new_state: str) -> None:
