@@ -101,7 +101,7 @@ async def test_through_our_engine_server_the_index_predicts_cached_tokens_and_su
     restarts (empty cache, sequence from 0) the index resyncs and predicts again."""
     import aiohttp
 
-    from router.kv_events.subscriber import EventSource
+    from router.features.tokenize import HFTokens
     from tests.conftest import free_port
 
     d = tempfile.mkdtemp(prefix="kvs", dir="/tmp")
@@ -111,7 +111,6 @@ async def test_through_our_engine_server_the_index_predicts_cached_tokens_and_su
     url = f"http://127.0.0.1:{port}"
     log_path = str(tmp_path / "engine.log")
     rng = random.Random(1)
-    system = [rng.randrange(100, 1000) for _ in range(100)]
 
     async def healthy(http: aiohttp.ClientSession, proc) -> dict:
         while True:
@@ -125,22 +124,39 @@ async def test_through_our_engine_server_the_index_predicts_cached_tokens_and_su
                 pass
             await asyncio.sleep(0.5)
 
+    words = ["cache", "block", "router", "engine", "prefix", "token", "the", "of", "and", "model", "42"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    system = "You are a careful assistant. " + text(120)
+
     async def check_prompts(http: aiohttp.ClientSession, hub: KVEventHub, n: int) -> int:
-        prompts: list[list[int]] = []
+        """Chats that grow turn by turn and plain completions sharing the system text: the router's own
+        tokenizer (`HFTokens`, loaded from the model path) and hash predict the server's cached_tokens."""
+        tokens = HFTokens.load(model)
+        chat = [{"role": "system", "content": system}]
         hits = 0
         for i in range(n):
-            base = system if i % 2 == 0 or not prompts else prompts[-1]
-            prompts.append(base + [rng.randrange(100, 1000) for _ in range(rng.randrange(5, 50))])
-            ids = prompts[-1]
+            if i % 3 == 2:
+                kind, path, body = "completion", "/v1/completions", {"prompt": system + text(10)}
+            else:
+                chat = chat + [{"role": "user", "content": text(rng.randrange(5, 40))}]
+                kind, path, body = "chat", "/v1/chat/completions", {"messages": chat}
+            ids = tokens.prompt_ids(body, kind)
+            assert ids is not None
             keys = token_block_hashes(ids, BS, "tiny")
             predicted = min(hub.index.match(keys)["v"].blocks, (len(ids) - 1) // BS) * BS
-            async with http.post(url + "/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 2,
-                                                                "temperature": 0}) as r:
-                body = await r.json()
-                assert r.status == 200, body
-            assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == predicted, (i, len(ids))
+            async with http.post(url + path, json={"model": "tiny", "max_tokens": 3, "temperature": 0,
+                                                   **body}) as r:
+                answer = await r.json()
+                assert r.status == 200, answer
+            assert answer["usage"]["prompt_tokens"] == len(ids), i
+            assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == predicted, (i, len(ids))
             hits += predicted > 0
             await asyncio.wait_for(stored(hub, keys, len(ids) // BS), HANG_GUARD_S)
+            if kind == "chat":
+                chat = chat + [{"role": "assistant", "content": answer["choices"][0]["message"]["content"]}]
         return hits
 
     proc = start_engine_server(model, port, endpoint, replay, log_path)
@@ -151,7 +167,7 @@ async def test_through_our_engine_server_the_index_predicts_cached_tokens_and_su
             assert source is not None and source.block_size == BS and source.model == "tiny"
             assert (source.endpoint, source.replay_endpoint) == (endpoint, replay)
             sync = hub.add(source)
-            assert await check_prompts(http, hub, 4) >= 2
+            assert await check_prompts(http, hub, 6) >= 4
             resyncs = sync.stats.resyncs
 
             proc.terminate()
@@ -160,7 +176,7 @@ async def test_through_our_engine_server_the_index_predicts_cached_tokens_and_su
             await asyncio.wait_for(healthy(http, proc), 600)
             # The restarted engine's cache is empty: the index must be too once resynced (then predicts 0).
             await asyncio.wait_for(_until(lambda: sync.status == "synced" and len(sync.index) == 0), HANG_GUARD_S)
-            assert await check_prompts(http, hub, 4) >= 2
+            assert await check_prompts(http, hub, 6) >= 4
             assert sync.stats.resyncs > resyncs
             assert sync.index.stats.unresolved == 0
     finally:
