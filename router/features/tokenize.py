@@ -62,6 +62,28 @@ class _LRU(OrderedDict[Any, Any]):
             self.popitem(last=False)
 
 
+def trie_pattern(words: list[str]) -> str:
+    """A regex matching any of ``words``, longest first, with shared prefixes factored out: Python's `re`
+    tries alternatives one by one at every position, so 600 special tokens (reserved ones included) as a
+    flat alternation cost ~0.2 ms per 16k characters; as a trie the first character decides at once."""
+    trie: dict[str, Any] = {}
+    for w in words:
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def walk(node: dict[str, Any]) -> str:
+        ends = "" in node
+        alts = [re.escape(ch) + walk(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if ends else body  # greedy: the longer token wins, as the tokenizer's split
+
+    return walk(trie)
+
+
 def plain_messages(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     """Chat messages as the engine server hands them to a template (`ChatMessage.plain`): content as one
     string (text parts joined), plus name / tool_calls / tool_call_id when set. None for a bad shape."""
@@ -185,8 +207,13 @@ class HFTokens(_Base):
         added = getattr(tokenizer, "get_added_vocab", lambda: {})() or {}
         names = sorted(set(special) | set(added), key=len, reverse=True)
         self._vocab = {t: tokenizer.convert_tokens_to_ids(t) for t in names}
-        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        self._split = re.compile("(" + trie_pattern(names) + ")") if names else None
         self._pieces: _LRU = _LRU(cache_pieces)
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer under a fast one
+        if backend is not None:  # ~10x less overhead per call than transformers' encode (checked below)
+            self._encode_piece = lambda piece: backend.encode(piece, add_special_tokens=False).ids
+        else:
+            self._encode_piece = lambda piece: list(tokenizer.encode(piece, add_special_tokens=False))
         self._adds_bos = bool(self.bos_id is not None and tokenizer.encode("a", add_special_tokens=True)[:1]
                               == [self.bos_id])
         self.pieces_exact = self._split is not None and self._check_pieces()
@@ -224,7 +251,7 @@ class HFTokens(_Base):
                 continue
             got = cache.get_fresh(piece)
             if got is None:
-                got = self.tok.encode(piece, add_special_tokens=False)
+                got = self._encode_piece(piece)
                 cache.put(piece, got)
             ids.extend(got)
         return ids

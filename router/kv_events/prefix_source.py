@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from router.features.hashing import token_block_hashes
-from router.features.tokenize import Kind, RequestTokenizer
+from router.features.tokenize import _LRU, Kind, RequestTokenizer
 from router.kv_events.precise import Match, PreciseIndex
 
 
@@ -65,9 +65,13 @@ class RequestMatch:
 class PrefixSource:
     """`PreciseIndex` + the engines' tokenizer: per-request exact matches (see the module docstring)."""
 
-    def __init__(self, index: PreciseIndex, tokenizer: RequestTokenizer) -> None:
+    def __init__(self, index: PreciseIndex, tokenizer: RequestTokenizer, *, cache_prompts: int = 4096,
+                 per_probe: int = 8) -> None:
         self.index = index
         self.tokenizer = tokenizer
+        self.per_probe = per_probe
+        self._keys: dict[tuple[int, str], _LRU] = {}  # (block size, model) -> first block -> [(ids, keys)]
+        self._cache_prompts = cache_prompts
 
     def for_request(self, body: Mapping[str, Any], kind: Kind) -> RequestMatch:
         return RequestMatch(self, body, kind)
@@ -85,5 +89,41 @@ class PrefixSource:
             groups.setdefault((sync.index.block_size, sync.index.model), []).append(name)
         out: dict[str, Match] = {}
         for (block_size, model), names in groups.items():
-            out.update(self.index.match(token_block_hashes(ids, block_size, model), names))
+            out.update(self.index.match(self.keys(ids, block_size, model), names))
         return out
+
+    def keys(self, ids: list[int], block_size: int, model: str) -> tuple[int, ...]:
+        """`token_block_hashes(ids, block_size, model)`, hashing only the blocks past those shared with a
+        recent prompt of the same first block (a chat's previous turn): the chain makes their keys valid.
+        Shared blocks are found by comparing whole blocks of ids, which costs far less than hashing."""
+        cache = self._keys.get((block_size, model))
+        if cache is None:
+            cache = self._keys[(block_size, model)] = _LRU(self._cache_prompts)
+        probe = tuple(ids[:block_size])
+        entries: list[tuple[list[int], tuple[int, ...]]] | None = cache.get_fresh(probe)
+        shared, best = 0, ()
+        for old_ids, old_keys in reversed(entries or ()):
+            n = _shared_blocks(ids, old_ids, block_size, len(old_keys))
+            if n > shared:
+                shared, best = n, old_keys
+        keys = best[:shared] + token_block_hashes(ids[shared * block_size:], block_size, model,
+                                                  parent=best[shared - 1] if shared else None)
+        if len(ids) >= block_size:
+            if entries is None:
+                cache.put(probe, [(ids, keys)])
+            else:
+                entries.append((ids, keys))
+                del entries[: -self.per_probe]
+        return keys
+
+
+def _shared_blocks(a: list[int], b: list[int], block_size: int, limit: int) -> int:
+    """Leading whole blocks ``a`` and ``b`` have in common (at most ``limit``)."""
+    n = min(len(a) // block_size, len(b) // block_size, limit)
+    i = 0
+    while i < n:
+        lo = i * block_size
+        if a[lo : lo + block_size] != b[lo : lo + block_size]:
+            break
+        i += 1
+    return i

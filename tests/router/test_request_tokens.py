@@ -104,3 +104,18 @@ def test_hf_without_exact_pieces_still_answers_exactly(hf):
     plain.pieces_exact = False  # as for a tokenizer whose pieces do not concatenate
     text = "<|im_start|>user\nhi there<|im_end|>\n"
     assert plain.encode(text) == plain.encode(text) == vllm_backend_ids(hf.tok, text)
+
+
+def test_the_special_token_trie_splits_as_a_longest_first_alternation():
+    import re
+
+    from router.features.tokenize import trie_pattern
+
+    words = ["<|a|>", "<|ab|>", "<s>", "</s>", "<|reserved_1|>", "<|reserved_10|>", "x"]
+    trie = re.compile("(" + trie_pattern(words) + ")")
+    flat = re.compile("(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + ")")
+    rng = random.Random(0)
+    pieces = ["<|a|>", "<|ab|>", "<|a", "<s>", "</s", "x", "y", "<|reserved_1|>", "<|reserved_10|>", "|>", "<"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(10))
+        assert trie.split(text) == flat.split(text), text
