@@ -121,9 +121,11 @@ def plan_replicas(args: argparse.Namespace, extra: Sequence[str]) -> list[Replic
     return specs
 
 
-def router_config(specs: Sequence[ReplicaSpec], host: str, model: str | None) -> dict[str, object]:
+def router_config(specs: Sequence[ReplicaSpec], host: str, model: str | None,
+                  kv_events: dict[str, object] | None = None) -> dict[str, object]:
     """The router config for these replicas; with KV events, the `kv_events` section naming each
-    replica's endpoints (block size and model still come from its /load)."""
+    replica's endpoints (block size and model still come from its /load) plus ``kv_events`` (the
+    tokenizer settings, see `kv_events_tokenizer`)."""
     replicas: list[dict[str, object]] = []
     for s in specs:
         entry: dict[str, object] = {"name": s.name, "url": s.url(host)}
@@ -133,8 +135,22 @@ def router_config(specs: Sequence[ReplicaSpec], host: str, model: str | None) ->
     out: dict[str, object] = {"replicas": replicas}
     sources = {s.name: ev for s in specs if (ev := s.kv_events(host)) is not None}
     if sources:
-        out["kv_events"] = {"enabled": True, "replicas": sources}
+        out["kv_events"] = {"enabled": True, **(kv_events or {}), "replicas": sources}
     return out
+
+
+def kv_events_tokenizer(backend: str, model: str | None, extra: Sequence[str]) -> dict[str, object]:
+    """How the router tokenizes for these replicas: the sim's rule (and its --chars-per-token), or the
+    model's own tokenizer from the path or hub id the replicas load."""
+    if backend == "sim":
+        out: dict[str, object] = {"tokenizer": "sim"}
+        for i, a in enumerate(extra):
+            if a == "--chars-per-token" and i + 1 < len(extra):
+                out["sim_chars_per_token"] = int(extra[i + 1])
+            elif a.startswith("--chars-per-token="):
+                out["sim_chars_per_token"] = int(a.split("=", 1)[1])
+        return out
+    return {"tokenizer": model} if model else {}
 
 
 LOG_TAIL_LINES = 15
@@ -277,7 +293,7 @@ class Supervisor:
                 await proc.wait()
 
 
-async def run(args: argparse.Namespace, specs: list[ReplicaSpec]) -> int:
+async def run(args: argparse.Namespace, specs: list[ReplicaSpec], extra: Sequence[str] = ()) -> int:
     sup = Supervisor(specs, args.host, args.max_restarts, args.max_start_failures)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -307,7 +323,8 @@ async def run(args: argparse.Namespace, specs: list[ReplicaSpec]) -> int:
                 print(f"  {s.name}  {s.url(args.host)}", flush=True)
             if args.write_config:
                 Path(args.write_config).write_text(
-                    yaml.safe_dump(router_config(specs, args.host, args.served_name or args.model),
+                    yaml.safe_dump(router_config(specs, args.host, args.served_name or args.model,
+                                                 kv_events_tokenizer(args.backend, args.model, extra)),
                                    sort_keys=False))
                 print(f"router config written to {args.write_config}", flush=True)
             print("router: python -m router --port 8000 " + " ".join(f"--replica {u}" for u in urls), flush=True)
@@ -370,4 +387,4 @@ def launch_main(argv: Sequence[str]) -> int:
     from engine_server.serving import install_uvloop
 
     install_uvloop()
-    return asyncio.run(run(args, specs))
+    return asyncio.run(run(args, specs, extra))
