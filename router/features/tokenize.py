@@ -221,8 +221,11 @@ class HFTokens(_Base):
     @classmethod
     def load(cls, model: str, **kwargs: Any) -> HFTokens:
         """From a local model directory or a hub id (needs `transformers`)."""
-        from transformers import AutoTokenizer
-
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as exc:
+            raise ImportError(f"tokenizer {model!r} needs transformers: install the `tokenize` extra "
+                              "(or use `sim` for sim engines)") from exc
         return cls(AutoTokenizer.from_pretrained(model), **kwargs)
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str | None:
