@@ -9,7 +9,8 @@ workers given the same events and load decide alike (`tests/test_router_workers.
 behind a Kubernetes Service work the same way.
 
 The parent only supervises: a worker that exits unexpectedly is restarted (backoff 1 s doubling to 30 s,
-reset after a minute of good health); SIGTERM/SIGINT are forwarded so every worker drains its in-flight
+reset after a minute of good health), but one that fails within seconds of starting three times in a row
+(a port taken by a process without SO_REUSEPORT, a config it cannot load) stops them all with exit 1; SIGTERM/SIGINT are forwarded so every worker drains its in-flight
 requests (``shutdown_grace_s``), and anything still running after the grace is killed; SIGHUP is
 forwarded (each worker reloads its config file).
 
@@ -33,6 +34,8 @@ log = logging.getLogger("router.workers")
 
 RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, cap
 HEALTHY_AFTER_S = 60.0  # a worker that ran this long restarts without backoff
+QUICK_EXIT_S = 10.0  # a worker exiting this soon after its start failed to start (bad port, bad config)
+MAX_QUICK_EXITS = 3  # in a row: give up on all of them, exit 1 (a crash loop helps nobody)
 
 
 def worker_argv(argv: Sequence[str]) -> list[str]:
@@ -64,6 +67,7 @@ class Workers:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = [0] * n
         self.stopping = False
+        self.failed = asyncio.Event()  # a worker cannot start: the parent stops everything
 
     async def start(self, i: int) -> None:
         env = {**os.environ, "ROUTER_WORKER": str(i)}
@@ -72,12 +76,20 @@ class Workers:
 
     async def watch(self, i: int) -> None:
         backoff = RESTART_BACKOFF_S[0]
+        quick = 0
         while not self.stopping:
             started = time.monotonic()
             code = await self.procs[i].wait()
             if self.stopping:
                 return
-            if time.monotonic() - started > HEALTHY_AFTER_S:
+            ran = time.monotonic() - started
+            quick = quick + 1 if ran < QUICK_EXIT_S and code != 0 else 0
+            if quick >= MAX_QUICK_EXITS:
+                log.error("worker %d exited with %s within %.0fs of starting, %d times in a row: giving up",
+                          i, code, QUICK_EXIT_S, quick)
+                self.failed.set()
+                return
+            if ran > HEALTHY_AFTER_S:
                 backoff = RESTART_BACKOFF_S[0]
             self.restarts[i] += 1
             log.warning("worker %d (pid %d) exited with %s; restart %d in %.0fs", i, self.procs[i].pid, code,
@@ -122,8 +134,13 @@ async def supervise(n: int, argv: Sequence[str], grace_s: float) -> int:
         await workers.start(i)
     watchers = [asyncio.create_task(workers.watch(i), name=f"worker-{i}") for i in range(n)]
     log.info("%d router workers on one port (SO_REUSEPORT); SIGTERM drains them all", n)
-    await stop.wait()
+    stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(workers.failed.wait())
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    failed.cancel()
     code = await workers.stop()
+    if workers.failed.is_set():
+        code = code or 1
     for w in watchers:
         w.cancel()
     await asyncio.gather(*watchers, return_exceptions=True)

@@ -196,3 +196,17 @@ def test_two_router_processes_given_the_same_events_and_load_decide_alike():
         assert set(first[1]) == set(REPLICAS)
         exact_hits += any(m.blocks > 0 for m in first[1].values())
     assert exact_hits >= 10  # the processes agreed on non-trivial matches, not only on empty ones
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_start_stop_the_parent_with_an_error():
+    """A port held by a socket without SO_REUSEPORT: every worker fails at once; no endless crash loop."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "router", "--workers", "2", "--port", str(port), "--replica",
+                               "http://127.0.0.1:9", "--model", "m"], capture_output=True, text=True,
+                              timeout=HANG_GUARD_S * 2, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 1
+    assert "giving up" in proc.stderr
