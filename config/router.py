@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from config.kv_events import KVEventsConfig
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -378,6 +380,8 @@ class RouterConfig(_Frozen):
     limits: LimitsConfig = LimitsConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     tls: TLSConfig | None = Field(default=None, description="serve HTTPS instead of HTTP; null = plain HTTP")
+    kv_events: KVEventsConfig = Field(default=KVEventsConfig(), description="follow the engines' KV cache "
+                                      "events for exact prefix matches (config/kv_events.py)")
     replica_header: str | None = Field(default="x-router-replica",
                                        description="response header naming the chosen replica; null = off")
     session_header: str | None = Field(default="x-session-id",

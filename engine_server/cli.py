@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-scale", type=float, default=1.0,
                    help="real seconds slept per simulated second: 0.1 runs 10x faster, 0 as fast as possible")
     s.add_argument("--chars-per-token", type=int, default=4, help="sim tokenizer: characters per token")
-    k = p.add_argument_group("KV cache events (vLLM's ZMQ wire format; sim backend for now)")
+    k = p.add_argument_group("KV cache events (vLLM's ZMQ wire format; vllm: its own publisher)")
     k.add_argument("--kv-events-endpoint", default=None, metavar="ZMQ",
                    help="publish KV cache events on this ZMQ PUB endpoint, e.g. tcp://*:5557 or "
                         "ipc:///tmp/kv.sock (default: off)")
@@ -137,8 +137,6 @@ def make_backend(args: argparse.Namespace) -> Backend:
                                die_after_s=args.fault_die_after_s),
             kv_events=kv_events,
         ))
-    if kv_events is not None:  # phase 2 of issue 14 passes them to vLLM's --kv-events-config
-        raise SystemExit("error: --kv-events-endpoint is only implemented for --backend sim so far")
     if not args.model:
         raise SystemExit("error: --model is required with --backend vllm")
     from engine_server.vllm_backend import VllmBackend, VllmConfig
@@ -149,6 +147,7 @@ def make_backend(args: argparse.Namespace) -> Backend:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=args.enable_prefix_caching, num_gpu_blocks_override=args.num_gpu_blocks_override,
         block_size=args.block_size, seed=args.seed, dtype=args.dtype, enforce_eager=args.enforce_eager,
+        kv_events=kv_events,
     ))
 
 

@@ -32,10 +32,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import msgspec
+
+from engine_server.backend import LoadReport
 
 log = logging.getLogger("engine_server.kv_events")
 
@@ -275,3 +277,25 @@ class KVEventPublisher:
             if seq >= start:
                 self._replay.send_multipart((client_id, b"", self._topic, seq.to_bytes(8, "big"), payload))
         self._replay.send_multipart((client_id, b"", b"", END_SEQ, b""))
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventsLoadReport(LoadReport):
+    """`/load` plus where this engine publishes its KV events (the block size is already in it), so a
+    router can subscribe from what it polls anyway (`router.kv_events.subscriber.EventSource.from_load`)."""
+
+    kv_events: KVEventsSettings | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = LoadReport.to_json(self)
+        if self.kv_events is not None:
+            out["kv_events"] = self.kv_events.advertised()
+        return out
+
+
+def with_kv_events(report: LoadReport, settings: KVEventsSettings | None) -> LoadReport:
+    """``report`` advertising ``settings`` (unchanged when publishing is off). Any backend can use it."""
+    if settings is None:
+        return report
+    return KVEventsLoadReport(**{f.name: getattr(report, f.name) for f in fields(LoadReport)},
+                              kv_events=settings)

@@ -34,6 +34,8 @@ examples:
   python -m engine_server launch --gpus 0-7 --gpus-per-replica 2 --base-port 8001 --model meta-llama/Llama-3.1-8B-Instruct
   # two vLLM-CPU replicas of the project's tiny model, router config written to replicas.yaml
   python -m engine_server launch --cpu-replicas 2 --model ./models/tiny-llama --write-config replicas.yaml
+  # two sim replicas publishing KV cache events on ports 5557/5558 and 5559/5560, in the router config
+  python -m engine_server launch --cpu-replicas 2 --backend sim --kv-events-base-port 5557 --write-config r.yaml
   # sixteen simulated replicas; flags after `--` go to every replica
   python -m engine_server launch --cpu-replicas 16 --backend sim -- --profile h100-llama3-8b --time-scale 0.5
 """
@@ -62,9 +64,23 @@ class ReplicaSpec:
     port: int
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    kv_events_port: int | None = None  # KV events PUB port; the replay (ROUTER) socket is the next one
 
     def url(self, host: str) -> str:
         return f"http://{host}:{self.port}"
+
+    def kv_events(self, host: str) -> dict[str, str] | None:
+        """Where a router subscribes to this replica's KV events (None when it publishes none)."""
+        if self.kv_events_port is None:
+            return None
+        return {"endpoint": f"tcp://{host}:{self.kv_events_port}",
+                "replay_endpoint": f"tcp://{host}:{self.kv_events_port + 1}"}
+
+
+def kv_events_argv(port: int) -> list[str]:
+    """Engine flags publishing on `port` (PUB) and `port + 1` (replay). `*` because vLLM's rule binds only
+    wildcard endpoints (a host address would be connected to); the router config names the host."""
+    return ["--kv-events-endpoint", f"tcp://*:{port}", "--kv-events-replay-endpoint", f"tcp://*:{port + 1}"]
 
 
 def plan_replicas(args: argparse.Namespace, extra: Sequence[str]) -> list[ReplicaSpec]:
@@ -80,7 +96,7 @@ def plan_replicas(args: argparse.Namespace, extra: Sequence[str]) -> list[Replic
         for i in range(len(gpus) // per):
             group = gpus[i * per:(i + 1) * per]
             port = args.base_port + i
-            argv = base + ["--port", str(port), "--tensor-parallel-size", str(per), *extra]
+            argv = base + ["--port", str(port), "--tensor-parallel-size", str(per)]
             specs.append(ReplicaSpec(f"replica-{i}", port, argv,
                                      {"CUDA_VISIBLE_DEVICES": ",".join(map(str, group))}))
     else:
@@ -92,18 +108,49 @@ def plan_replicas(args: argparse.Namespace, extra: Sequence[str]) -> list[Replic
                 # Split the cores between replicas so their OpenMP pools do not fight over the same CPUs.
                 share = cores[i::args.cpu_replicas] or cores
                 env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, share))
-            specs.append(ReplicaSpec(f"replica-{i}", port, base + ["--port", str(port), *extra], env))
+            specs.append(ReplicaSpec(f"replica-{i}", port, base + ["--port", str(port)], env))
+    kv_base = getattr(args, "kv_events_base_port", None)
+    if kv_base is not None and any(a.startswith("--kv-events-") and "endpoint" in a for a in extra):
+        raise ValueError("--kv-events-base-port assigns each replica its endpoints: do not also pass "
+                         "--kv-events-*endpoint after `--`")
+    for i, spec in enumerate(specs):
+        if kv_base is not None:
+            spec.kv_events_port = kv_base + 2 * i
+            spec.argv += kv_events_argv(spec.kv_events_port)
+        spec.argv += list(extra)
     return specs
 
 
-def router_config(specs: Sequence[ReplicaSpec], host: str, model: str | None) -> dict[str, object]:
+def router_config(specs: Sequence[ReplicaSpec], host: str, model: str | None,
+                  kv_events: dict[str, object] | None = None) -> dict[str, object]:
+    """The router config for these replicas; with KV events, the `kv_events` section naming each
+    replica's endpoints (block size and model still come from its /load) plus ``kv_events`` (the
+    tokenizer settings, see `kv_events_tokenizer`)."""
     replicas: list[dict[str, object]] = []
     for s in specs:
         entry: dict[str, object] = {"name": s.name, "url": s.url(host)}
         if model:
             entry["models"] = [model]
         replicas.append(entry)
-    return {"replicas": replicas}
+    out: dict[str, object] = {"replicas": replicas}
+    sources = {s.name: ev for s in specs if (ev := s.kv_events(host)) is not None}
+    if sources:
+        out["kv_events"] = {"enabled": True, **(kv_events or {}), "replicas": sources}
+    return out
+
+
+def kv_events_tokenizer(backend: str, model: str | None, extra: Sequence[str]) -> dict[str, object]:
+    """How the router tokenizes for these replicas: the sim's rule (and its --chars-per-token), or the
+    model's own tokenizer from the path or hub id the replicas load."""
+    if backend == "sim":
+        out: dict[str, object] = {"tokenizer": "sim"}
+        for i, a in enumerate(extra):
+            if a == "--chars-per-token" and i + 1 < len(extra):
+                out["sim_chars_per_token"] = int(extra[i + 1])
+            elif a.startswith("--chars-per-token="):
+                out["sim_chars_per_token"] = int(a.split("=", 1)[1])
+        return out
+    return {"tokenizer": model} if model else {}
 
 
 LOG_TAIL_LINES = 15
@@ -246,7 +293,7 @@ class Supervisor:
                 await proc.wait()
 
 
-async def run(args: argparse.Namespace, specs: list[ReplicaSpec]) -> int:
+async def run(args: argparse.Namespace, specs: list[ReplicaSpec], extra: Sequence[str] = ()) -> int:
     sup = Supervisor(specs, args.host, args.max_restarts, args.max_start_failures)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -276,7 +323,8 @@ async def run(args: argparse.Namespace, specs: list[ReplicaSpec]) -> int:
                 print(f"  {s.name}  {s.url(args.host)}", flush=True)
             if args.write_config:
                 Path(args.write_config).write_text(
-                    yaml.safe_dump(router_config(specs, args.host, args.served_name or args.model),
+                    yaml.safe_dump(router_config(specs, args.host, args.served_name or args.model,
+                                                 kv_events_tokenizer(args.backend, args.model, extra)),
                                    sort_keys=False))
                 print(f"router config written to {args.write_config}", flush=True)
             print("router: python -m router --port 8000 " + " ".join(f"--replica {u}" for u in urls), flush=True)
@@ -307,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address replicas listen on (default 127.0.0.1)")
     p.add_argument("--base-port", type=int, default=8001, help="first replica's port; then +1 each (default 8001)")
     p.add_argument("--write-config", metavar="FILE", help="write the replicas as a router config (YAML)")
+    p.add_argument("--kv-events-base-port", type=int, default=None, metavar="PORT",
+                   help="replicas publish KV cache events (vLLM's ZMQ format): replica i on PORT+2i (PUB) and "
+                        "PORT+2i+1 (replay); written into --write-config (default: off)")
     p.add_argument("--health-timeout-s", type=float, default=900.0, help="wait this long for health (default 900)")
     p.add_argument("--max-restarts", type=int, default=5, help="restarts per replica before giving up (default 5)")
     p.add_argument("--max-start-failures", type=int, default=2,
@@ -336,4 +387,4 @@ def launch_main(argv: Sequence[str]) -> int:
     from engine_server.serving import install_uvloop
 
     install_uvloop()
-    return asyncio.run(run(args, specs))
+    return asyncio.run(run(args, specs, extra))

@@ -17,7 +17,9 @@ Where `load_report()` gets its numbers:
   - the scheduler only reports after a step, so an abort that leaves the engine idle is never
     reported; running/waiting are therefore capped by this backend's own count of in-flight
     requests (and KV usage is 0 when nothing is in flight);
-  - KV blocks total and block size: the engine's resolved `cache_config` after startup.
+  - KV blocks total and block size: the engine's resolved `cache_config` after startup;
+  - KV events (`VllmConfig.kv_events`): vLLM's own ZMQ publisher (`kv_events_config`), advertised under
+    `"kv_events"` as the sim backend does.
 
 Entry points that construct this backend need an `if __name__ == "__main__":` guard (vLLM spawns).
 """
@@ -49,6 +51,7 @@ from engine_server.backend import (
     SamplingOptions,
 )
 from engine_server.cpu_dtype import OVERRIDE_HINT, choose_cpu_dtype, describe_exit
+from engine_server.kv_events import KVEventsSettings, with_kv_events
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class VllmConfig:
     seed: int = 0
     dtype: str = "auto"
     enforce_eager: bool | None = None
+    kv_events: KVEventsSettings | None = None  # publish vLLM's KV cache events (None: off)
     extra_engine_args: dict[str, Any] = field(default_factory=dict)  # any other AsyncEngineArgs field
 
 
@@ -233,6 +237,8 @@ class VllmBackend:
             "block_size": cfg.block_size, "enforce_eager": cfg.enforce_eager,
         }
         args.update({k: v for k, v in optional.items() if v is not None})
+        if cfg.kv_events is not None:
+            args["kv_events_config"] = kv_events_config(cfg.kv_events)
         if current_platform.is_cpu():
             _cpu_defaults(cfg, args)
         args.update(cfg.extra_engine_args)
@@ -431,12 +437,22 @@ class VllmBackend:
         running = min(load.running, busy)
         waiting = min(load.waiting, busy - running)
         used = round(load.kv_usage * self.num_blocks) if busy else 0
-        return LoadReport(
+        return with_kv_events(LoadReport(
             model=self.model_name, running=running, waiting=waiting, kv_blocks_used=used,
             kv_blocks_total=self.num_blocks, block_size=self.block_size,
             prefix_cache_queries=load.prefix_queries, prefix_cache_hits=load.prefix_hits,
             ready=self.ready, backend=self.name, max_num_seqs=self.max_num_seqs,
-        )
+        ), self.config.kv_events)
+
+
+def kv_events_config(settings: KVEventsSettings) -> Any:
+    """vLLM's `KVEventsConfig` for our `--kv-events-*` flags: its own ZMQ publisher, so the engine speaks
+    the wire format the router follows (the sim backend publishes the same bytes itself)."""
+    from vllm.config.kv_events import KVEventsConfig
+
+    return KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=settings.endpoint,
+                          replay_endpoint=settings.replay_endpoint, topic=settings.topic,
+                          buffer_steps=settings.buffer_steps, hwm=settings.hwm)
 
 
 def longest_token_chars(tokenizer: Any) -> int:

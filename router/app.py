@@ -9,6 +9,7 @@ the HTTP surface and wires the admin API, reload and discovery to it. Nothing li
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -84,6 +85,8 @@ async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamRe
         features = features_from_body(body, kind, request[REQUEST_ID], router.hashing, affinity_key=session)
     except FeatureError as exc:
         return error_response(exc.message, 400, param=exc.param)
+    if router.kv_events is not None:  # lazy: tokenized only if the policy asks
+        features = dataclasses.replace(features, kv_match=router.kv_events.for_request(body, kind))
     known = router.registry.models()
     if known and features.model not in known and not router.registry.eligible(features.model, time.monotonic()):
         return error_response(f"The model `{features.model}` does not exist.", 404, param="model",
@@ -158,7 +161,24 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
             router.tracing.provider.shutdown()  # flushes the batch of spans not exported yet
 
     app.cleanup_ctx.append(lifecycle)
+    if cfg.kv_events.enabled:
+        app.cleanup_ctx.append(kv_events_context(router))
     reloader = Reloader(router, path=config_file, source=config_source)
     setup_admin(app, reloader)  # after lifecycle
     setup_discovery(app, cfg, reloader)  # after admin: applies through the reloader
     return app
+
+
+def kv_events_context(router: runtime.Router) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Follow the replicas' KV events while the app runs (`router.kv_events.live`); the set of replicas
+    followed tracks the registry, so reloads and discovery need no hook."""
+    async def context(_: web.Application) -> AsyncIterator[None]:
+        from router.kv_events.live import running
+
+        replicas = lambda: [(r.name, r.url) for r in router.registry.all()]  # noqa: E731
+        async with running(router.config.kv_events, replicas, router.metrics.registry) as live:
+            router.kv_events = live.source
+            yield
+            router.kv_events = None
+    return context
+

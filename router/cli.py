@@ -40,6 +40,7 @@ examples:
   python -m router --config config/examples/router.yaml --policy cache_aware
   python -m router --replica a=http://127.0.0.1:8001 --policy cost --policy-param prefill_s_per_token=0.0002
   python -m router --replica http://127.0.0.1:8001 --tls-cert cert.pem --tls-key key.pem   # HTTPS
+  python -m router --config router.yaml --workers 4   # four processes on one port (SO_REUSEPORT)
 
 then point any OpenAI client at http://127.0.0.1:8000/v1
 """
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain); "
                    "needs --tls-key; reloaded when the file changes")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run N router processes on the port (SO_REUSEPORT), supervised: each polls the "
+                        "replicas and follows their KV events itself (default 1)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="listen with SO_REUSEPORT, so other router processes can share the port")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["text", "json"])
     return p
@@ -129,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 
 
 async def serve(cfg: RouterConfig, *, config_file: str | None = None,
-                config_source: Callable[[], RouterConfig] | None = None) -> None:
+                config_source: Callable[[], RouterConfig] | None = None, reuse_port: bool = False) -> None:
     """Run until SIGTERM/SIGINT, then drain. With a config file, it is watched, and SIGHUP reloads it."""
     from router.app import ROUTER, create_app, harden, runner_kwargs
     from router.reload import RELOADER
@@ -148,7 +154,7 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
     # collections stay short and do not stall every stream at once (measured: 37-70 ms pauses without).
     gc.collect()
     gc.freeze()
-    await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True,
+    await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, reuse_port=reuse_port or None,
                       ssl_context=certs.context if certs is not None else None).start()
     cert_watch = asyncio.create_task(certs.watch(), name="tls-cert-watch") if certs is not None else None
     log = logging.getLogger("router")
@@ -177,8 +183,11 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.workers < 1:
+            raise ConfigError("--workers: must be at least 1")
         cfg = config_from_args(args)
         from router.runtime import build_policy
 
@@ -192,11 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from config.logging_setup import setup_logging
 
     setup_logging(cfg.log_level, cfg.log_format)
+    if args.workers > 1:
+        from router.workers import run_workers
+
+        return run_workers(args.workers, argv, cfg.shutdown_grace_s)
     with contextlib.suppress(ImportError):
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # A reload re-reads the file and re-applies the flags, so flags keep overriding the file.
     source = functools.partial(config_from_args, args) if args.config else None
-    asyncio.run(serve(cfg, config_file=args.config, config_source=source))
+    asyncio.run(serve(cfg, config_file=args.config, config_source=source, reuse_port=args.reuse_port))
     return 0

@@ -69,7 +69,7 @@ log = logging.getLogger("router.reload")
 # discovery: its watch is configured when it starts. tls: the socket's context (a renewed certificate
 # in the same files is picked up without a restart, by router.tls.CertReloader).
 RESTART_FIELDS: tuple[str, ...] = ("host", "port", "max_body_bytes", "log_format", "discovery",
-                                   "client_timeouts", "tls")
+                                   "client_timeouts", "tls", "kv_events")
 
 ConfigSource = Callable[[], RouterConfig]
 ConfigEdit = Callable[[RouterConfig], RouterConfig]

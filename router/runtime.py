@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +28,9 @@ from router.replicas.health import HealthConfig, HealthTracker
 from router.replicas.poller import ReplicaPoller
 from router.replicas.state import ReplicaRegistry, ReplicaState
 from router.tracing import Tracing
+
+if TYPE_CHECKING:
+    from router.kv_events.prefix_source import PrefixSource
 
 log = logging.getLogger("router")
 
@@ -45,6 +49,7 @@ class Router:
     poller: ReplicaPoller | None = None
     draining: bool = False
     in_flight: int = 0
+    kv_events: PrefixSource | None = None  # exact prefix matches from KV events (kv_events.enabled)
 
 
 ROUTER = web.AppKey("router", Router)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine_server.launcher import build_parser, parse_gpus, plan_replicas
+from config.router import parse_config
+from engine_server.launcher import build_parser, kv_events_tokenizer, parse_gpus, plan_replicas, router_config
 
 
 def _plan(argv: list[str], extra: list[str] | None = None):
@@ -42,6 +43,33 @@ def test_gpus_that_do_not_split_evenly_are_refused() -> None:
 def test_arguments_after_double_dash_reach_every_replica() -> None:
     specs = _plan(["--cpu-replicas", "2", "--backend", "sim"], ["--profile", "instant"])
     assert all(s.argv[-2:] == ["--profile", "instant"] for s in specs)
+
+
+def test_kv_events_base_port_gives_each_replica_its_own_pair_of_ports() -> None:
+    specs = _plan(["--cpu-replicas", "2", "--backend", "sim", "--kv-events-base-port", "26100"],
+                  ["--profile", "instant"])
+    assert [s.argv[s.argv.index("--kv-events-endpoint") + 1] for s in specs] == ["tcp://*:26100", "tcp://*:26102"]
+    assert [s.argv[s.argv.index("--kv-events-replay-endpoint") + 1] for s in specs] == [
+        "tcp://*:26101", "tcp://*:26103"]
+    assert all(s.argv[-2:] == ["--profile", "instant"] for s in specs)
+
+
+def test_the_router_config_names_each_replicas_kv_event_endpoints() -> None:
+    specs = _plan(["--cpu-replicas", "2", "--backend", "sim", "--kv-events-base-port", "26100"])
+    cfg = router_config(specs, "10.0.0.7", "sim-model", kv_events_tokenizer("sim", "sim-model",
+                                                                             ["--chars-per-token", "3"]))
+    assert cfg["kv_events"] == {"enabled": True, "tokenizer": "sim", "sim_chars_per_token": 3, "replicas": {
+        "replica-0": {"endpoint": "tcp://10.0.0.7:26100", "replay_endpoint": "tcp://10.0.0.7:26101"},
+        "replica-1": {"endpoint": "tcp://10.0.0.7:26102", "replay_endpoint": "tcp://10.0.0.7:26103"}}}
+    assert parse_config(cfg).kv_events.replicas["replica-1"].endpoint == "tcp://10.0.0.7:26102"  # the router takes it
+    assert kv_events_tokenizer("vllm", "./models/tiny-llama", []) == {"tokenizer": "./models/tiny-llama"}
+    assert "kv_events" not in router_config(_plan(["--cpu-replicas", "1", "--backend", "sim"]), "h", None)
+
+
+def test_kv_events_base_port_and_explicit_endpoints_are_not_mixed() -> None:
+    with pytest.raises(ValueError, match="kv-events-base-port"):
+        _plan(["--cpu-replicas", "1", "--backend", "sim", "--kv-events-base-port", "26100"],
+              ["--kv-events-endpoint", "tcp://*:1"])
 
 
 @pytest.mark.slow

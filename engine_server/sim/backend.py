@@ -27,7 +27,7 @@ from engine_server.backend import (
     LoadReport,
     StreamDropped,
 )
-from engine_server.kv_events import KVEventBatch, KVEventPublisher, KVEventsSettings
+from engine_server.kv_events import KVEventBatch, KVEventPublisher, KVEventsSettings, with_kv_events
 from engine_server.sim.faults import FaultConfig, plan_faults
 from engine_server.sim.scheduler import RequestOutput, Scheduler, SchedulerConfig, SimRequest
 from engine_server.sim.timing import TimingProfile, get_profile
@@ -275,14 +275,12 @@ class SimBackend:
 
     def load_report(self) -> LoadReport:
         s, kv = self.scheduler, self.scheduler.kv
-        cls = LoadReport if self.config.kv_events is None else _KVEventsLoadReport
-        extra = {} if self.config.kv_events is None else {"kv_events": self.config.kv_events}
-        return cls(
+        return with_kv_events(LoadReport(
             model=self.model_name, running=s.num_running, waiting=s.num_waiting,
             kv_blocks_used=kv.num_used_blocks, kv_blocks_total=kv.num_blocks, block_size=kv.block_size,
             prefix_cache_queries=kv.stats.queries, prefix_cache_hits=kv.stats.hits, ready=self._ready,
-            backend="sim", max_num_seqs=s.config.max_num_seqs, **extra,
-        )
+            backend="sim", max_num_seqs=s.config.max_num_seqs,
+        ), self.config.kv_events)
 
     def stats(self) -> dict[str, float | int]:
         """Flat counters for debugging endpoints and benchmark reports."""
@@ -303,19 +301,6 @@ class SimBackend:
             "kv_events_published": self.kv_events.published if self.kv_events is not None else 0,
             **{f"sim_{k}": v for k, v in vars(self.counters).items()},
         }
-
-
-@dataclass(frozen=True, slots=True)
-class _KVEventsLoadReport(LoadReport):
-    """`/load` plus where this engine publishes its KV events (the block size is already in it)."""
-
-    kv_events: KVEventsSettings | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out = LoadReport.to_json(self)
-        if self.kv_events is not None:
-            out["kv_events"] = self.kv_events.advertised()
-        return out
 
 
 def _delta(out: RequestOutput) -> GenerationDelta:

@@ -97,8 +97,12 @@ def block_hashes(text: str, block_chars: int, seed_model: str) -> tuple[int, ...
     return _chain(text.encode("utf-32-le"), 4 * block_chars, model_seed(seed_model))
 
 
-def token_block_hashes(token_ids: Sequence[int], block_tokens: int, seed_model: str) -> tuple[int, ...]:
-    """Chained hashes of the full ``block_tokens``-id blocks of ``token_ids`` (ids must fit in int64)."""
+def token_block_hashes(token_ids: Sequence[int], block_tokens: int, seed_model: str, *,
+                       parent: int | None = None) -> tuple[int, ...]:
+    """Chained hashes of the full ``block_tokens``-id blocks of ``token_ids`` (ids must fit in int64).
+
+    ``parent``: continue a chain (the last hash of the blocks before ``token_ids``) instead of starting one.
+    """
     if block_tokens < 1:
         raise ValueError("block_tokens must be >= 1")
     if len(token_ids) < block_tokens:
@@ -106,4 +110,5 @@ def token_block_hashes(token_ids: Sequence[int], block_tokens: int, seed_model: 
     packed = array("q", token_ids)
     if sys.byteorder != "little":
         packed.byteswap()
-    return _chain(packed.tobytes(), 8 * block_tokens, model_seed(seed_model, tokens=True))
+    seed = model_seed(seed_model, tokens=True) if parent is None else parent
+    return _chain(packed.tobytes(), 8 * block_tokens, seed)

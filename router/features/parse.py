@@ -25,9 +25,12 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from router.features.hashing import HashingConfig, block_hashes, token_block_hashes
+
+if TYPE_CHECKING:
+    from router.kv_events.prefix_source import RequestMatch
 
 Kind = Literal["chat", "completion"]
 _MAX_TOKEN_ID = 2**63 - 1
@@ -64,6 +67,7 @@ class RequestFeatures:
     affinity_key: str | None = None
     stream: bool = False
     block_tokens: float = 16.0
+    kv_match: RequestMatch | None = None  # exact per-replica matches from KV events (lazy); None when off
 
 
 def features_from_body(

@@ -69,6 +69,7 @@ class EventSync:
         self._held: tuple[int, KVEventBatch] | None = None  # live message waiting for a replay
         self._probing = False  # the replay under way is an idle probe (its failure loses nothing)
         self._after_replay: Status = "synced"  # status once the replay under way has covered its gap
+        self.highest_seen: int | None = None  # highest live sequence received (None before the first)
         self.stats = SyncStats()
 
     @property
@@ -113,6 +114,7 @@ class EventSync:
         """A message from the PUB socket. Returns a replay start if a replay must run before more input."""
         if self.replaying_from is not None:
             raise RuntimeError("live input while a replay is under way (the I/O layer must wait)")
+        self.highest_seen = seq  # the publisher's latest number as far as we know (lag = this + 1 - next)
         if seq < self.next_seq:
             if self._recent.get(seq) == batch.ts:
                 self.stats.duplicates += 1

@@ -1,0 +1,286 @@
+"""Request body -> the token ids the engine will prefill, so the router can key a request's blocks exactly
+as the engines' KV events key theirs (`router.kv_events`). Pure: no I/O after the tokenizer is loaded.
+
+Two tokenizers, one interface (`RequestTokenizer.prompt_ids(body, kind)`):
+
+- `SimTokens`: the `sim` backend's documented rule (docs/sim_engine.md, `engine_server/sim/tokenizer.py`),
+  re-implemented here: token i is ``xxh64(text[i*c:(i+1)*c], seed) % vocab`` and chats are rendered with
+  its ChatML-like template. Re-implemented rather than imported or moved because the router must not import
+  `engine_server`, and the rule is ten lines; `tests/router/test_request_tokens.py` checks the two agree.
+- `HFTokens`: a Hugging Face tokenizer and chat template (`transformers`, the optional `tokenize` extra),
+  loaded once from the model path or hub id, with vLLM's rules as our `vllm` backend applies them: the chat
+  template with ``add_generation_prompt=True``, BOS added unless the text already starts with it.
+
+Caching, because chat turns re-send their history:
+
+- `SimTokens` keeps the ids of recent prompts and reuses the longest one the new prompt extends (a chunk
+  depends on its own characters only, so every whole chunk of a prefix stays valid);
+- `HFTokens` cuts the text at special tokens (``<|im_start|>``, ``<|im_end|>``...), which a HF tokenizer
+  never merges across, and caches each piece's ids, so old turns cost a dict lookup. Whether pieces
+  concatenate to the full encoding is checked on a sample when the tokenizer loads; if not, pieces are off
+  and only whole prompts are cached.
+
+A body the router cannot reproduce (shapes the engine would reject) gives None: the caller then has no
+exact blocks for that request and falls back to its approximate index.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol
+
+import xxhash
+
+Kind = Literal["chat", "completion"]
+SIM_VOCAB_SIZE = 32_000
+
+
+class RequestTokenizer(Protocol):
+    def prompt_ids(self, body: Mapping[str, Any], kind: Kind) -> list[int] | None:
+        """The ids the engine prefills for this body (the FIRST prompt of a batch), or None."""
+        ...
+
+
+class _LRU(OrderedDict[Any, Any]):
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def get_fresh(self, key: Any) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+def trie_pattern(words: list[str]) -> str:
+    """A regex matching any of ``words``, longest first, with shared prefixes factored out: Python's `re`
+    tries alternatives one by one at every position, so 600 special tokens (reserved ones included) as a
+    flat alternation cost ~0.2 ms per 16k characters; as a trie the first character decides at once."""
+    trie: dict[str, Any] = {}
+    for w in words:
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def walk(node: dict[str, Any]) -> str:
+        ends = "" in node
+        alts = [re.escape(ch) + walk(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if ends else body  # greedy: the longer token wins, as the tokenizer's split
+
+    return walk(trie)
+
+
+def plain_messages(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """Chat messages as the engine server hands them to a template (`ChatMessage.plain`): content as one
+    string (text parts joined), plus name / tool_calls / tool_call_id when set. None for a bad shape."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if not isinstance(m, Mapping):
+            return None
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, Mapping) and isinstance(p.get("text"), str) for p in content):
+                return None  # non-text parts: the engine server refuses them
+            content = "".join(p["text"] for p in content)
+        elif content is not None and not isinstance(content, str):
+            return None
+        msg: dict[str, Any] = {"role": m.get("role", "user"), "content": content or ""}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if m.get(key):
+                msg[key] = m[key]
+        out.append(msg)
+    return out
+
+
+def first_prompt(body: Mapping[str, Any]) -> str | list[int] | None:
+    """A completion body's first prompt: text, or token ids as given. None for a bad shape."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        head = prompt[0]
+        if isinstance(head, str):
+            return head
+        if isinstance(head, int) and not isinstance(head, bool):
+            return prompt if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt) else None
+        if isinstance(head, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in head):
+            return head
+    return None
+
+
+class _Base:
+    def prompt_ids(self, body: Mapping[str, Any], kind: Kind) -> list[int] | None:
+        if kind == "chat":
+            messages = plain_messages(body)
+            if messages is None:
+                return None
+            tools = body.get("tools")
+            text = self.render_chat(messages, tools if isinstance(tools, list) else None)
+            return None if text is None else self.encode(text)
+        prompt = first_prompt(body)
+        if prompt is None or isinstance(prompt, list):
+            return prompt
+        return self.encode(prompt)
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str | None:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+
+class SimTokens(_Base):
+    """The sim engine's tokenizer and template (see the module docstring), with prefix reuse.
+
+    Recent prompts are found by their first ``probe_chars`` characters (chats of one session share them,
+    and so do sessions sharing a system prompt: up to ``per_probe`` of those are kept); of those, the
+    longest one the new prompt starts with lends its whole chunks.
+    """
+
+    def __init__(self, chars_per_token: int = 4, vocab_size: int = SIM_VOCAB_SIZE, seed: int = 0, *,
+                 cache_prompts: int = 1024, probe_chars: int = 256, per_probe: int = 32) -> None:
+        if chars_per_token < 1:
+            raise ValueError("chars_per_token must be >= 1")
+        self.c, self.vocab, self.seed = chars_per_token, vocab_size, seed
+        self.probe_chars, self.per_probe = probe_chars, per_probe
+        self._recent: _LRU = _LRU(cache_prompts)  # probe -> [(text, ids)], newest last
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
+        parts: list[str] = []
+        if tools:
+            specs = "\n".join(json.dumps(t, sort_keys=True, separators=(",", ":")) for t in tools)
+            parts.append(f"<|im_start|>system\n# Tools\n{specs}<|im_end|>\n")
+        for m in messages:
+            content = m.get("content") or ""
+            for call in m.get("tool_calls") or ():
+                content += f"\n<tool_call>{json.dumps(call, sort_keys=True, separators=(',', ':'))}</tool_call>"
+            parts.append(f"<|im_start|>{m.get('role', 'user')}\n{content}<|im_end|>\n")
+        parts.append("<|im_start|>assistant\n")
+        return "".join(parts)
+
+    def _chunks(self, text: str, start: int) -> list[int]:
+        c, v, s, h = self.c, self.vocab, self.seed, xxhash.xxh64_intdigest
+        return [h(text[i : i + c].encode("utf-8", "surrogatepass"), s) % v for i in range(start, len(text), c)]
+
+    def encode(self, text: str) -> list[int]:
+        probe = text[: self.probe_chars]
+        entries: list[tuple[str, list[int]]] | None = self._recent.get_fresh(probe)
+        best_text, best_ids = "", []
+        for old, ids in entries or ():
+            if len(old) > len(best_text) and text.startswith(old):
+                best_text, best_ids = old, ids
+        whole = len(best_text) // self.c
+        ids = best_ids[:whole] + self._chunks(text, whole * self.c)
+        if entries is None:
+            self._recent.put(probe, [(text, ids)])
+        elif best_text != text:
+            entries.append((text, ids))
+            del entries[: -self.per_probe]
+        return ids
+
+
+class HFTokens(_Base):
+    """A Hugging Face tokenizer and chat template (see the module docstring), with per-piece caching."""
+
+    def __init__(self, tokenizer: Any, *, cache_pieces: int = 16_384) -> None:
+        self.tok = tokenizer
+        self.bos: str | None = getattr(tokenizer, "bos_token", None)
+        self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None)
+        special = sorted(getattr(tokenizer, "all_special_tokens", []) or [], key=len, reverse=True)
+        added = getattr(tokenizer, "get_added_vocab", lambda: {})() or {}
+        names = sorted(set(special) | set(added), key=len, reverse=True)
+        self._vocab = {t: tokenizer.convert_tokens_to_ids(t) for t in names}
+        self._split = re.compile("(" + trie_pattern(names) + ")") if names else None
+        self._pieces: _LRU = _LRU(cache_pieces)
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer under a fast one
+        if backend is not None:  # ~10x less overhead per call than transformers' encode (checked below)
+            self._encode_piece = lambda piece: backend.encode(piece, add_special_tokens=False).ids
+        else:
+            self._encode_piece = lambda piece: list(tokenizer.encode(piece, add_special_tokens=False))
+        self._adds_bos = bool(self.bos_id is not None and tokenizer.encode("a", add_special_tokens=True)[:1]
+                              == [self.bos_id])
+        self.pieces_exact = self._split is not None and self._check_pieces()
+
+    @classmethod
+    def load(cls, model: str, **kwargs: Any) -> HFTokens:
+        """From a local model directory or a hub id (needs `transformers`)."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as exc:
+            raise ImportError(f"tokenizer {model!r} needs transformers: install the `tokenize` extra "
+                              "(or use `sim` for sim engines)") from exc
+        return cls(AutoTokenizer.from_pretrained(model), **kwargs)
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str | None:
+        try:
+            return str(self.tok.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                                    add_generation_prompt=True))
+        except Exception:  # noqa: BLE001 - no template, or it rejects the chat: the engine answers 400
+            return None
+
+    def _full(self, text: str) -> list[int]:
+        bos = self.bos
+        return list(self.tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))))
+
+    def _by_pieces(self, text: str) -> list[int]:
+        assert self._split is not None
+        ids: list[int] = []
+        if self._adds_bos and not (self.bos and text.startswith(self.bos)):
+            ids.append(self.bos_id)  # type: ignore[arg-type]
+        vocab, cache = self._vocab, self._pieces
+        for piece in self._split.split(text):
+            if not piece:
+                continue
+            special = vocab.get(piece)
+            if special is not None:
+                ids.append(special)
+                continue
+            got = cache.get_fresh(piece)
+            if got is None:
+                got = self._encode_piece(piece)
+                cache.put(piece, got)
+            ids.extend(got)
+        return ids
+
+    def _check_pieces(self) -> bool:
+        sample = [{"role": "system", "content": "You are terse."},
+                  {"role": "user", "content": "Hello there, how are you?  Fine.\n\nA list: 1, 2"},
+                  {"role": "assistant", "content": " leading space and trailing "},
+                  {"role": "user", "content": "ünïcode → ok"}]
+        text = self.render_chat(sample, None)
+        texts = [t for t in (text, "plain prompt, no template", "  two leading spaces") if t]
+        return all(self._by_pieces(t) == self._full(t) for t in texts)
+
+    def encode(self, text: str) -> list[int]:
+        if self.pieces_exact:
+            return self._by_pieces(text)
+        got = self._pieces.get_fresh(text)
+        if got is None:
+            got = self._full(text)
+            self._pieces.put(text, got)
+        return list(got)
+
+
+def load_tokenizer(spec: str, *, chars_per_token: int = 4, seed: int = 0) -> RequestTokenizer:
+    """``sim`` -> `SimTokens`; anything else is a model path or hub id for `HFTokens`."""
+    if spec == "sim":
+        return SimTokens(chars_per_token=chars_per_token, seed=seed)
+    return HFTokens.load(spec)
+

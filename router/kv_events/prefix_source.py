@@ -1,0 +1,129 @@
+"""What the engines' KV events say about one request: the "prefix source" a policy consumes. Pure (no I/O).
+
+`PrefixSource.for_request(body, kind)` returns a `RequestMatch` that does nothing until asked: a policy
+that never looks costs nothing, and the first ``match()`` tokenizes the body (`router.features.tokenize`),
+keys its blocks with the router's own chained hash once per (block size, model) among the replicas, and
+asks the `PreciseIndex` how many leading blocks each replica holds, with that replica's sync status
+(``synced`` exact, ``partial`` a lower bound, ``stale``/``unsynced`` unknown; see `precise`). The answer
+is kept, so every policy and retry of the request sees the same numbers.
+
+The cost policy's ``index: precise | approximate | auto`` option reads ``RequestFeatures.kv_match`` (one of
+these, or None when KV events are off or the body cannot be tokenized exactly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from router.features.hashing import token_block_hashes
+from router.features.tokenize import _LRU, Kind, RequestTokenizer
+from router.kv_events.precise import Match, PreciseIndex
+
+
+class RequestMatch:
+    """One request's exact prefix matches, computed on first use."""
+
+    __slots__ = ("_source", "_body", "_kind", "_ids", "_done", "_matches")
+
+    def __init__(self, source: PrefixSource, body: Mapping[str, Any], kind: Kind) -> None:
+        self._source, self._body, self._kind = source, body, kind
+        self._ids: list[int] | None = None
+        self._done = False
+        self._matches: dict[str, Match] = {}
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        """The prompt as the engine will see it (None: the router cannot reproduce it)."""
+        self._compute()
+        return self._ids
+
+    def match(self) -> dict[str, Match]:
+        """Replica -> `Match(blocks, status)` for every replica whose events are followed."""
+        self._compute()
+        return self._matches
+
+    def cached_tokens(self, replica: str) -> int | None:
+        """Prompt tokens ``replica`` holds per its index, None if it is not followed or not trusted
+        (``stale``/``unsynced``); for ``partial`` a lower bound. Capped at ``len - 1`` as engines always
+        compute the last token."""
+        m = self.match().get(replica)
+        if m is None or m.status not in ("synced", "partial") or self._ids is None:
+            return None
+        block = self._source.block_size(replica)
+        return min(m.blocks * block, max(len(self._ids) - 1, 0) // block * block)
+
+    def _compute(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._ids = self._source.tokenizer.prompt_ids(self._body, self._kind)
+        if self._ids is not None:
+            self._matches = self._source.match_ids(self._ids)
+
+
+class PrefixSource:
+    """`PreciseIndex` + the engines' tokenizer: per-request exact matches (see the module docstring)."""
+
+    def __init__(self, index: PreciseIndex, tokenizer: RequestTokenizer, *, cache_prompts: int = 4096,
+                 per_probe: int = 8) -> None:
+        self.index = index
+        self.tokenizer = tokenizer
+        self.per_probe = per_probe
+        self._keys: dict[tuple[int, str], _LRU] = {}  # (block size, model) -> first block -> [(ids, keys)]
+        self._cache_prompts = cache_prompts
+
+    def for_request(self, body: Mapping[str, Any], kind: Kind) -> RequestMatch:
+        return RequestMatch(self, body, kind)
+
+    def block_size(self, replica: str) -> int:
+        sync = self.index.replica(replica)
+        return sync.index.block_size if sync is not None else 1
+
+    def match_ids(self, ids: list[int]) -> dict[str, Match]:
+        """Every followed replica's match for these ids; keys computed once per (block size, model)."""
+        groups: dict[tuple[int, str], list[str]] = {}
+        for name in self.index.names():
+            sync = self.index.replica(name)
+            assert sync is not None
+            groups.setdefault((sync.index.block_size, sync.index.model), []).append(name)
+        out: dict[str, Match] = {}
+        for (block_size, model), names in groups.items():
+            out.update(self.index.match(self.keys(ids, block_size, model), names))
+        return out
+
+    def keys(self, ids: list[int], block_size: int, model: str) -> tuple[int, ...]:
+        """`token_block_hashes(ids, block_size, model)`, hashing only the blocks past those shared with a
+        recent prompt of the same first block (a chat's previous turn): the chain makes their keys valid.
+        Shared blocks are found by comparing whole blocks of ids, which costs far less than hashing."""
+        cache = self._keys.get((block_size, model))
+        if cache is None:
+            cache = self._keys[(block_size, model)] = _LRU(self._cache_prompts)
+        probe = tuple(ids[:block_size])
+        entries: list[tuple[list[int], tuple[int, ...]]] | None = cache.get_fresh(probe)
+        shared, best = 0, ()
+        for old_ids, old_keys in reversed(entries or ()):
+            n = _shared_blocks(ids, old_ids, block_size, len(old_keys))
+            if n > shared:
+                shared, best = n, old_keys
+        keys = best[:shared] + token_block_hashes(ids[shared * block_size:], block_size, model,
+                                                  parent=best[shared - 1] if shared else None)
+        if len(ids) >= block_size:
+            if entries is None:
+                cache.put(probe, [(ids, keys)])
+            else:
+                entries.append((ids, keys))
+                del entries[: -self.per_probe]
+        return keys
+
+
+def _shared_blocks(a: list[int], b: list[int], block_size: int, limit: int) -> int:
+    """Leading whole blocks ``a`` and ``b`` have in common (at most ``limit``)."""
+    n = min(len(a) // block_size, len(b) // block_size, limit)
+    i = 0
+    while i < n:
+        lo = i * block_size
+        if a[lo : lo + block_size] != b[lo : lo + block_size]:
+            break
+        i += 1
+    return i

@@ -1,0 +1,152 @@
+"""`python -m router --workers N`: N router processes sharing one port (SO_REUSEPORT), supervised.
+
+Why processes and not threads: one router process is one event loop on one core; N processes use N
+cores and survive one another. The kernel spreads new connections over the N listening sockets. Each
+worker is an ordinary ``python -m router ... --reuse-port`` with the same arguments, so it reads the same
+config file, polls the replicas' load and follows their KV events itself (its own `KVEventHub`): the
+workers share the truth (the engines' load reports and cache events) without sharing memory, and two
+workers given the same events and load decide alike (`tests/test_router_workers.py`). Several router pods
+behind a Kubernetes Service work the same way.
+
+The parent only supervises: a worker that exits unexpectedly is restarted (backoff 1 s doubling to 30 s,
+reset after a minute of good health), but one that fails within seconds of starting three times in a row
+(a port taken by a process without SO_REUSEPORT, a config it cannot load) stops them all with exit 1; SIGTERM/SIGINT are forwarded so every worker drains its in-flight
+requests (``shutdown_grace_s``), and anything still running after the grace is killed; SIGHUP is
+forwarded (each worker reloads its config file).
+
+Per-process state stays per process: ``/metrics`` and ``/admin`` answer for whichever worker the
+connection landed on, and ``POST /admin/reload`` or admin edits reach one worker only (use the config
+file and SIGHUP to change all of them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger("router.workers")
+
+RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, cap
+HEALTHY_AFTER_S = 60.0  # a worker that ran this long restarts without backoff
+QUICK_EXIT_S = 10.0  # a worker exiting this soon after its start failed to start (bad port, bad config)
+MAX_QUICK_EXITS = 3  # in a row: give up on all of them, exit 1 (a crash loop helps nobody)
+
+
+def worker_argv(argv: Sequence[str]) -> list[str]:
+    """The arguments of one worker: the parent's, minus ``--workers N``, plus ``--reuse-port``."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--workers":
+            skip = True
+            continue
+        if a.startswith("--workers="):
+            continue
+        out.append(a)
+    if "--reuse-port" not in out:
+        out.append("--reuse-port")
+    return out
+
+
+class Workers:
+    """Starts, restarts and stops the worker processes."""
+
+    def __init__(self, n: int, argv: Sequence[str], grace_s: float) -> None:
+        self.n = n
+        self.argv = [sys.executable, "-m", "router", *worker_argv(argv)]
+        self.grace_s = grace_s
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.restarts = [0] * n
+        self.stopping = False
+        self.failed = asyncio.Event()  # a worker cannot start: the parent stops everything
+
+    async def start(self, i: int) -> None:
+        env = {**os.environ, "ROUTER_WORKER": str(i)}
+        self.procs[i] = await asyncio.create_subprocess_exec(*self.argv, env=env)
+        log.info("worker %d started (pid %d)", i, self.procs[i].pid)
+
+    async def watch(self, i: int) -> None:
+        backoff = RESTART_BACKOFF_S[0]
+        quick = 0
+        while not self.stopping:
+            started = time.monotonic()
+            code = await self.procs[i].wait()
+            if self.stopping:
+                return
+            ran = time.monotonic() - started
+            quick = quick + 1 if ran < QUICK_EXIT_S and code != 0 else 0
+            if quick >= MAX_QUICK_EXITS:
+                log.error("worker %d exited with %s within %.0fs of starting, %d times in a row: giving up",
+                          i, code, QUICK_EXIT_S, quick)
+                self.failed.set()
+                return
+            if ran > HEALTHY_AFTER_S:
+                backoff = RESTART_BACKOFF_S[0]
+            self.restarts[i] += 1
+            log.warning("worker %d (pid %d) exited with %s; restart %d in %.0fs", i, self.procs[i].pid, code,
+                        self.restarts[i], backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
+            if not self.stopping:
+                await self.start(i)
+
+    def signal_all(self, sig: int) -> None:
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+
+    async def stop(self) -> int:
+        """SIGTERM every worker, wait for their drain (grace + 5 s), then kill what is left."""
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s + 5.0
+        worst = 0
+        for i, proc in self.procs.items():
+            try:
+                code = await asyncio.wait_for(proc.wait(), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                log.warning("worker %d did not stop in time: killing it", i)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                code = await proc.wait()
+            worst = worst or (code if code not in (0, -signal.SIGTERM) else 0)
+        return worst
+
+
+async def supervise(n: int, argv: Sequence[str], grace_s: float) -> int:
+    workers = Workers(n, argv, grace_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, workers.signal_all, signal.SIGHUP)
+    for i in range(n):
+        await workers.start(i)
+    watchers = [asyncio.create_task(workers.watch(i), name=f"worker-{i}") for i in range(n)]
+    log.info("%d router workers on one port (SO_REUSEPORT); SIGTERM drains them all", n)
+    stopped, failed = asyncio.create_task(stop.wait()), asyncio.create_task(workers.failed.wait())
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    failed.cancel()
+    code = await workers.stop()
+    if workers.failed.is_set():
+        code = code or 1
+    for w in watchers:
+        w.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
+    return code
+
+
+def run_workers(n: int, argv: Sequence[str], grace_s: float) -> int:
+    """Blocking entry point for `router.cli.main`."""
+    return asyncio.run(supervise(n, argv, grace_s))

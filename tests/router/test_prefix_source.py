@@ -1,0 +1,70 @@
+"""`PrefixSource`: a request's exact per-replica matches, computed lazily, with block keys reused from a
+previous prompt that shares blocks, never different from hashing from scratch."""
+
+from __future__ import annotations
+
+import random
+
+from router.features.hashing import token_block_hashes
+from router.features.tokenize import SimTokens
+from router.kv_events.precise import PreciseIndex
+from router.kv_events.prefix_source import PrefixSource
+from router.kv_events.wire import BlockStored, KVEventBatch
+
+
+def test_reused_keys_equal_keys_hashed_from_scratch_for_growing_and_branching_prompts():
+    source = PrefixSource(PreciseIndex(), SimTokens())
+    rng = random.Random(0)
+    for block_size in (1, 4, 16):
+        prompts: list[list[int]] = [[rng.randrange(50) for _ in range(rng.randrange(0, 40))] for _ in range(3)]
+        for _ in range(300):
+            base = rng.choice(prompts)
+            cut = rng.randrange(len(base) + 1)  # a prefix (a branch), then new tokens (a next turn)
+            ids = base[:cut] + [rng.randrange(50) for _ in range(rng.randrange(0, 30))]
+            prompts.append(ids)
+            model = rng.choice(["m", "other"])
+            assert source.keys(ids, block_size, model) == token_block_hashes(ids, block_size, model)
+
+
+def synced_index(block_size: int) -> PreciseIndex:
+    index = PreciseIndex()
+    for name in ("a", "b"):
+        sync = index.add_replica(name, block_size, "m")
+        sync.full_resync()
+        sync.on_replay_end(ok=True)
+    return index
+
+
+def test_a_request_match_counts_the_blocks_each_replica_holds_and_caps_cached_tokens():
+    index = synced_index(4)
+    tokens = SimTokens(chars_per_token=1)
+    body = {"prompt": "abcdefghijklmnop"}  # 16 tokens: 4 blocks
+    ids = tokens.prompt_ids(body, "completion")
+    ev = BlockStored(block_hashes=[1, 2, 3, 4], parent_block_hash=None, token_ids=ids, block_size=4,
+                     lora_id=None, medium="GPU", lora_name=None)
+    index.replica("a").on_live(0, KVEventBatch(ts=1.0, events=[ev]))
+    index.replica("b").on_live(0, KVEventBatch(ts=1.0, events=[BlockStored(
+        block_hashes=[9], parent_block_hash=None, token_ids=ids[:4], block_size=4, lora_id=None, medium="GPU",
+        lora_name=None)]))
+    match = PrefixSource(index, tokens).for_request(body, "completion")
+    assert {n: m.blocks for n, m in match.match().items()} == {"a": 4, "b": 1}
+    assert match.cached_tokens("a") == 12  # the engine always computes the last token: 15 // 4 * 4
+    assert match.cached_tokens("b") == 4
+    assert match.cached_tokens("nobody") is None
+
+
+def test_nothing_is_tokenized_until_asked_and_stale_replicas_are_not_trusted():
+    index = synced_index(4)
+    calls = []
+
+    class Counting(SimTokens):
+        def encode(self, text: str) -> list[int]:
+            calls.append(text)
+            return super().encode(text)
+
+    match = PrefixSource(index, Counting(chars_per_token=1)).for_request({"prompt": "abcdefgh"}, "completion")
+    assert calls == []
+    index.replica("b").on_disconnected()
+    assert match.cached_tokens("a") == 0 and match.cached_tokens("b") is None
+    match.match()
+    assert calls == ["abcdefgh"]  # computed once, kept

@@ -1,0 +1,121 @@
+"""The router tokenizes a request exactly as the engine will (sim rule and a HF tokenizer + chat template),
+and its prefix caches never change the answer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine_server.sim.backend import SimBackend, SimConfig
+from router.features.tokenize import HFTokens, SimTokens, first_prompt, plain_messages
+
+WORDS = ["alpha", "beta", "gamma", "delta", " ", "\n", "ünï", "→", "<|im_start|>", "tool", "42", "  "]
+
+
+def random_text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(WORDS) for _ in range(n))
+
+
+def random_chat(rng: random.Random, turns: int) -> list[dict]:
+    msgs = [{"role": "system", "content": random_text(rng, 20)}]
+    for t in range(turns):
+        role = "user" if t % 2 == 0 else "assistant"
+        content = random_text(rng, rng.randrange(1, 40))
+        msgs.append({"role": role, "content": content if rng.random() < 0.7 else [{"type": "text", "text": content}]})
+    return msgs
+
+
+def engine_plain(msgs: list[dict]) -> list[dict]:
+    """What the engine server hands its template (content parts joined)."""
+    return [{**m, "content": m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])}
+            for m in msgs]
+
+
+@pytest.mark.parametrize("chars_per_token", [1, 4, 7])
+def test_sim_rule_matches_the_sim_engine_for_growing_chats(chars_per_token):
+    sim = SimBackend(SimConfig(model_name="m", chars_per_token=chars_per_token))
+    tokens = SimTokens(chars_per_token=chars_per_token)
+    rng = random.Random(chars_per_token)
+    for session in range(5):
+        msgs = random_chat(rng, 1)
+        for _ in range(6):  # each turn re-sends the history plus one message (the prefix cache's case)
+            tools = [{"type": "function", "function": {"name": "f"}}] if session % 2 else None
+            body = {"messages": msgs, **({"tools": tools} if tools else {})}
+            expected = sim.encode(sim.render_chat(engine_plain(msgs), tools))
+            assert tokens.prompt_ids(body, "chat") == expected
+            msgs = msgs + random_chat(rng, 1)[1:]
+
+
+def test_sim_completion_prompts_text_batches_and_ids():
+    sim = SimBackend(SimConfig(model_name="m"))
+    tokens = SimTokens()
+    assert tokens.prompt_ids({"prompt": "hello world, again"}, "completion") == sim.encode("hello world, again")
+    assert tokens.prompt_ids({"prompt": ["first one", "second"]}, "completion") == sim.encode("first one")
+    assert tokens.prompt_ids({"prompt": [5, 6, 7]}, "completion") == [5, 6, 7]
+    assert tokens.prompt_ids({"prompt": [[5, 6], [7]]}, "completion") == [5, 6]
+
+
+def test_shapes_the_engine_rejects_give_none():
+    tokens = SimTokens()
+    assert tokens.prompt_ids({"prompt": 3}, "completion") is None
+    assert tokens.prompt_ids({"prompt": [1, "a"]}, "completion") is None
+    assert tokens.prompt_ids({"messages": []}, "chat") is None
+    assert tokens.prompt_ids({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "chat") is None
+    assert plain_messages({"messages": "x"}) is None and first_prompt({}) is None
+
+
+@pytest.fixture(scope="module")
+def hf() -> HFTokens:
+    pytest.importorskip("transformers")
+    from engine_server.tiny_model import build_tokenizer
+
+    return HFTokens(build_tokenizer())
+
+
+def vllm_backend_ids(tok, text: str) -> list[int]:
+    """`VllmBackend.encode`'s rule: BOS unless the text starts with it."""
+    return list(tok.encode(text, add_special_tokens=not text.startswith(tok.bos_token)))
+
+
+def test_hf_pieces_are_exact_for_the_tiny_models_tokenizer(hf):
+    assert hf.pieces_exact  # special tokens split the text, so old turns are a cache lookup
+
+
+def test_hf_chat_ids_equal_the_engines_for_growing_chats(hf):
+    rng = random.Random(0)
+    for _ in range(5):
+        msgs = random_chat(rng, 1)
+        for _ in range(6):
+            text = hf.tok.apply_chat_template(engine_plain(msgs), tokenize=False, add_generation_prompt=True)
+            assert hf.prompt_ids({"messages": msgs}, "chat") == vllm_backend_ids(hf.tok, text)
+            msgs = msgs + random_chat(rng, 1)[1:]
+
+
+def test_hf_completion_ids_equal_the_engines(hf):
+    rng = random.Random(1)
+    for _ in range(20):
+        text = random_text(rng, rng.randrange(1, 60))
+        assert hf.prompt_ids({"prompt": text}, "completion") == vllm_backend_ids(hf.tok, text)
+
+
+def test_hf_without_exact_pieces_still_answers_exactly(hf):
+    plain = HFTokens(hf.tok)
+    plain.pieces_exact = False  # as for a tokenizer whose pieces do not concatenate
+    text = "<|im_start|>user\nhi there<|im_end|>\n"
+    assert plain.encode(text) == plain.encode(text) == vllm_backend_ids(hf.tok, text)
+
+
+def test_the_special_token_trie_splits_as_a_longest_first_alternation():
+    import re
+
+    from router.features.tokenize import trie_pattern
+
+    words = ["<|a|>", "<|ab|>", "<s>", "</s>", "<|reserved_1|>", "<|reserved_10|>", "x"]
+    trie = re.compile("(" + trie_pattern(words) + ")")
+    flat = re.compile("(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + ")")
+    rng = random.Random(0)
+    pieces = ["<|a|>", "<|ab|>", "<|a", "<s>", "</s", "x", "y", "<|reserved_1|>", "<|reserved_10|>", "|>", "<"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(10))
+        assert trie.split(text) == flat.split(text), text

@@ -1,0 +1,212 @@
+"""`python -m router --workers N`: N processes share one port and are supervised; and two router processes
+given the same KV events and load decide alike (the property that makes N processes route as one)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+import psutil
+import pytest
+from aiohttp.test_utils import TestServer
+
+from engine_server.app import create_app as create_engine_app
+from engine_server.sim.backend import SimBackend, SimConfig
+from router.features.hashing import HashingConfig
+from router.features.parse import features_from_body
+from router.features.tokenize import SimTokens
+from router.kv_events.precise import PreciseIndex
+from router.kv_events.prefix_source import PrefixSource
+from router.kv_events.wire import BlockRemoved, BlockStored, KVEventBatch
+from router.policies.registry import create_policy
+from router.replica_view import ReplicaView
+from router.workers import worker_argv
+from tests.conftest import free_port
+
+HANG_GUARD_S = 60.0
+
+
+def test_a_worker_gets_the_parents_arguments_without_workers_and_with_reuse_port():
+    assert worker_argv(["--port", "8000", "--workers", "4", "--config", "c.yaml"]) == [
+        "--port", "8000", "--config", "c.yaml", "--reuse-port"]
+    assert worker_argv(["--workers=2", "--reuse-port"]) == ["--reuse-port"]
+
+
+def test_workers_must_be_positive(capsys):
+    from router.cli import main
+
+    assert main(["--workers", "0", "--replica", "http://127.0.0.1:9"]) == 2
+    assert "--workers" in capsys.readouterr().err
+
+
+def listening_children(parent: psutil.Process, port: int) -> dict[int, int]:
+    """pid -> established connections on ``port``, for the parent's children listening on it."""
+    out: dict[int, int] = {}
+    for child in parent.children():
+        try:
+            conns = child.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+            out[child.pid] = sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in conns)
+    return out
+
+
+async def until(cond, what: str) -> None:
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_two_workers_share_the_port_are_restarted_and_drain_on_sigterm():
+    engine = TestServer(create_engine_app(SimBackend(SimConfig(model_name="sim-model", profile="instant"))),
+                        host="127.0.0.1")
+    await engine.start_server()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "router", "--workers", "2", "--port", str(port), "--replica",
+                             str(engine.make_url("")).rstrip("/"), "--model", "sim-model"],
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    parent = psutil.Process(proc.pid)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await until(lambda: len(listening_children(parent, port)) == 2, "two workers listening")
+        # Open many connections: the kernel spreads them over both listening sockets (the chance that
+        # 64 connections all land on one of two is 2^-63).
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]
+        try:
+            await until(lambda: sum(listening_children(parent, port).values()) == 64, "connections accepted")
+            assert all(n > 0 for n in listening_children(parent, port).values())
+        finally:
+            for s in socks:
+                s.close()
+
+        async with aiohttp.ClientSession() as http:
+            async def served() -> int:
+                body = {"model": "sim-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+                async with http.post(url + "/v1/chat/completions", json=body) as r:
+                    return r.status
+
+            for _ in range(20):  # both workers learn the replica's health independently
+                status = await served()
+                if status == 200:
+                    break
+                await asyncio.sleep(0.2)
+            assert status == 200
+
+            victim = next(iter(listening_children(parent, port)))
+            os.kill(victim, signal.SIGKILL)
+            await until(lambda: len(listening_children(parent, port)) == 2
+                        and victim not in listening_children(parent, port), "the dead worker restarted")
+            children = [c.pid for c in parent.children()]
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(HANG_GUARD_S) == 0
+        assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                       for pid in children)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await engine.close()
+
+
+# ------------------------------------------------------------------------------ same decisions (pure)
+
+BS = 4
+REPLICAS = ["a", "b", "c", "d"]
+
+
+def chat(prompt: str) -> dict:
+    return {"model": "sim-model", "messages": [{"role": "user", "content": prompt}]}
+
+
+def event_stream(seed: int, tokens: SimTokens, prompts: list[str]) -> list[tuple[str, int, KVEventBatch]]:
+    """Per replica, batches storing some chats' blocks and evicting some (engine hashes are arbitrary)."""
+    rng = random.Random(seed)
+    seqs = dict.fromkeys(REPLICAS, 0)
+    stored: dict[str, list[list[int]]] = {r: [] for r in REPLICAS}
+    out = []
+    for _ in range(60):
+        r = rng.choice(REPLICAS)
+        if stored[r] and rng.random() < 0.25:
+            victim = stored[r].pop(rng.randrange(len(stored[r])))
+            events = [BlockRemoved(block_hashes=victim[-1:], medium="GPU")]  # a chain's tail is evicted
+            if len(victim) > 1:
+                stored[r].append(victim[:-1])
+        else:
+            ids = tokens.prompt_ids(chat(rng.choice(prompts)), "chat") or []
+            n = len(ids) // BS
+            hashes = [rng.getrandbits(63) for _ in range(n)]
+            events = [BlockStored(block_hashes=hashes, parent_block_hash=None, token_ids=ids[: n * BS],
+                                  block_size=BS, lora_id=None, medium="GPU", lora_name=None)]
+            stored[r].append(hashes)
+        out.append((r, seqs[r], KVEventBatch(ts=float(len(out)), events=events)))
+        seqs[r] += 1
+    return out
+
+
+class RouterProcess:
+    """What one router process holds: its own event-fed index, tokenizer and policy."""
+
+    def __init__(self) -> None:
+        self.index = PreciseIndex()
+        for r in REPLICAS:
+            sync = self.index.add_replica(r, BS, "sim-model")
+            sync.full_resync()
+            sync.on_replay_end(ok=True)
+        self.source = PrefixSource(self.index, SimTokens(chars_per_token=1))
+        self.policy = create_policy("cost", seed=0)
+        for r in REPLICAS:
+            self.policy.on_replica_added(r)
+
+    def decide(self, body: dict, views: list[ReplicaView]):
+        f = dataclasses.replace(features_from_body(body, "chat", "rid", HashingConfig()),
+                                kv_match=self.source.for_request(body, "chat"))
+        decision = self.policy.choose(f, views)
+        self.policy.on_dispatch(f, decision)
+        return decision.replica, f.kv_match.match()
+
+
+def test_two_router_processes_given_the_same_events_and_load_decide_alike():
+    rng = random.Random(7)
+    bases = ["".join(rng.choice("abcdefgh") for _ in range(rng.randrange(8, 40))) for _ in range(6)]
+    prompts = [b + str(k) for b in bases for k in range(3)]
+    tokens = SimTokens(chars_per_token=1)
+    one, two = RouterProcess(), RouterProcess()
+    for r, seq, batch in event_stream(3, tokens, prompts):
+        one.index.replica(r).on_live(seq, batch)
+        two.index.replica(r).on_live(seq, batch)
+    exact_hits = 0
+    for i in range(40):
+        views = [ReplicaView(name=r, url=f"http://{r}", running=rng.randrange(4), waiting=rng.randrange(3),
+                             kv_blocks_total=64, block_size=BS, load_age_s=0.1) for r in REPLICAS]
+        body = chat(rng.choice(prompts) + ("" if i % 2 else " and more"))
+        first, second = one.decide(body, views), two.decide(body, views)
+        assert first == second, i  # same replica, same exact match per replica
+        assert set(first[1]) == set(REPLICAS)
+        exact_hits += any(m.blocks > 0 for m in first[1].values())
+    assert exact_hits >= 10  # the processes agreed on non-trivial matches, not only on empty ones
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_start_stop_the_parent_with_an_error():
+    """A port held by a socket without SO_REUSEPORT: every worker fails at once; no endless crash loop."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "router", "--workers", "2", "--port", str(port), "--replica",
+                               "http://127.0.0.1:9", "--model", "m"], capture_output=True, text=True,
+                              timeout=HANG_GUARD_S * 2, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 1
+    assert "giving up" in proc.stderr
