@@ -21,7 +21,8 @@ from config.router import ConfigError, parse_config
 from engine_server.app import create_app as create_engine_app
 from engine_server.kv_events import KVEventsSettings
 from engine_server.sim.backend import SimBackend, SimConfig
-from router.app import ROUTER, Router, create_app
+from router.app import create_app
+from router.runtime import ROUTER, Router
 from router.reload import apply_config
 
 HANG_GUARD_S = 30.0
