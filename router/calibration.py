@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 MIN_FOR_ROBUST = 20  # observations before outliers are down-weighted
@@ -234,6 +234,13 @@ class ReplicaCalibration:
         return CostConstants(*(self.prior[i] * phi[i] for i in range(4)))
 
 
+def _scaled(sample: TtftSample | DecodeSample, factor: float) -> TtftSample | DecodeSample:
+    """The same observation with its measured time times ``factor``."""
+    if isinstance(sample, TtftSample):
+        return replace(sample, ttft_s=sample.ttft_s * factor)
+    return replace(sample, decode_s=sample.decode_s * factor)
+
+
 def _solve_linear(a: list[list[float]], b: list[float]) -> list[float] | None:
     """Gaussian elimination with partial pivoting; None when singular."""
     n = len(b)
@@ -260,7 +267,7 @@ class Calibrator:
         self.prior = prior
         self.settings = settings or CalibrationSettings()
         self._replicas: dict[str, ReplicaCalibration] = {}
-        self._median: float | None = None  # fleet median of the replicas' slowness (relative mode)
+        self._reference: float | None = None  # fleet median of the replicas' slowness (relative mode)
         # relative mode: one fit over the whole fleet, and per replica its observed / predicted times
         self._pooled = ReplicaCalibration(prior, self.settings)
         self._slowness: dict[str, list[float]] = {}
@@ -282,12 +289,15 @@ class Calibrator:
             y = sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s
             fleet = self._pooled.constants().as_tuple()
             predicted = sum(x * c for x, c in zip(sample.row(), fleet, strict=True))
-            self._pooled.observe(sample)
+            # The fleet fit learns the shape of one unit-speed engine: each replica's observation enters
+            # it divided by that replica's slowness, so a slow replica's times are not explained away by
+            # what differs in its regressors (it runs more sequences because it is slow).
+            self._pooled.observe(_scaled(sample, 1.0 / self._ratio(name)))
             if predicted > 0:
                 sums = self._slowness.setdefault(name, [0.0, 0.0])
                 lam = self.settings.forgetting
                 sums[0], sums[1] = lam * sums[0] + y, lam * sums[1] + predicted
-        self._median = None
+        self._reference = None
         return True
 
     def _slow(self, name: str) -> float | None:
@@ -308,20 +318,23 @@ class Calibrator:
         """How many times slower than the fleet's median replica ``name`` is: its observed times over
         what one fit of the whole fleet predicts for the same requests, over the median of that ratio
         (1.0 when unknown or within the deadband)."""
+        ratio = self._ratio(name)
+        s = self.settings
+        if 1.0 / s.deadband < ratio < s.deadband:
+            return 1.0
+        return min(s.bound_factor, max(1.0 / s.bound_factor, ratio))
+
+    def _ratio(self, name: str) -> float:
+        """``name``'s observed / fleet-predicted times over the median replica's (1.0 when unknown)."""
         cal = self._replicas.get(name)
         s = self.settings
         own = self._slow(name)
         if cal is None or cal.observations < s.min_observations or own is None:
             return 1.0
-        if self._median is None:
-            known = sorted(v for n, c in self._replicas.items()
-                           if c.observations >= s.min_observations and (v := self._slow(n)) is not None)
-            mid = len(known) // 2
-            self._median = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
-        ratio = own / self._median if self._median > 0 else 1.0
-        if 1.0 / s.deadband < ratio < s.deadband:
-            return 1.0
-        return min(s.bound_factor, max(1.0 / s.bound_factor, ratio))
+        if self._reference is None:
+            self._reference = min(v for n, c in self._replicas.items()
+                               if c.observations >= s.min_observations and (v := self._slow(n)) is not None)
+        return own / self._reference if self._reference > 0 else 1.0
 
     def observations(self, name: str) -> int:
         cal = self._replicas.get(name)
@@ -330,7 +343,7 @@ class Calibrator:
     def remove(self, name: str) -> None:
         self._replicas.pop(name, None)
         self._slowness.pop(name, None)
-        self._median = None
+        self._reference = None
 
     def snapshot(self, name: str) -> dict[str, Any]:
         """What the admin API and metrics show for one replica."""
