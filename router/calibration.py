@@ -314,6 +314,20 @@ class Calibrator:
         speed = self.speed(name)
         return self.prior if speed == 1.0 else CostConstants(*(c * speed for c in self.prior.as_tuple()))
 
+    def shared_step(self, name: str) -> tuple[float, float]:
+        """(decode_step_s, decode_s_per_seq) of the decode step a new prefill shares on a busy replica,
+        in the units `constants` prices ``name`` in. ``relative`` prices in the configured constants'
+        units, whose ratios may be far from the engine's (a running sequence 0.5 prefill tokens on an
+        H100, 75 on a slow-decode engine), so it takes the fleet fit's step times per prefill token,
+        times the prefill time it prices ``name`` with; the others take their own constants."""
+        priced = self.constants(name)
+        if self.settings.mode == "relative" and self._pooled.observations >= self.settings.min_observations:
+            _, per_token, per_seq, step = self._pooled.constants().as_tuple()
+            if per_token > 0:
+                unit = priced.prefill_s_per_token / per_token
+                return step * unit, per_seq * unit
+        return priced.decode_step_s, priced.decode_s_per_seq
+
     def speed(self, name: str) -> float:
         """How many times slower than the fleet's median replica ``name`` is: its observed times over
         what one fit of the whole fleet predicts for the same requests, over the median of that ratio

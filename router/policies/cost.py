@@ -171,6 +171,7 @@ class Cost(PolicyBase):
         prior = CostConstants(request_overhead_s, prefill_s_per_token, decode_s_per_seq, decode_step_s)
         self.calibrator = Calibrator(prior, CalibrationSettings.of(calibration))  # type: ignore[arg-type]
         self._constants: dict[str, tuple[float, float, float, float]] = {}
+        self._shared: dict[str, tuple[float, float]] = {}  # cache of _shared_step
         self._views: dict[str, ReplicaView] = {}
         self._sent: dict[tuple[str, str], _Sent] = {}
         self.tie_tolerance = tie_tolerance
@@ -247,7 +248,8 @@ class Cost(PolicyBase):
             seconds = max(seconds, slot_wait)
         own = overhead + per_token * uncached
         if running > 0:
-            own += per_seq * running * decode_steps
+            busy_step, busy_per_seq = self._shared_step(view.name)
+            own += per_seq * running * decode_steps + busy_step + busy_per_seq * running
         seconds += (1.0 + self.work_weight) * own
         if self.eviction_weight and uncached > 0:
             new_blocks = uncached / block_tokens
@@ -339,6 +341,7 @@ class Cost(PolicyBase):
         self._last_sent.pop(name, None)
         self.calibrator.remove(name)
         self._constants.pop(name, None)
+        self._shared.pop(name, None)
         self._views.pop(name, None)
 
     def calibration(self, name: str) -> dict[str, object]:
@@ -357,6 +360,15 @@ class Cost(PolicyBase):
         if self.prefill_s_per_token > 0:
             per_seq = max(per_seq, per_token * self.decode_s_per_seq / self.prefill_s_per_token)
         return overhead, per_token, per_seq, step
+
+    def _shared_step(self, name: str) -> tuple[float, float]:
+        """(decode step, per running sequence) of the step a prefill waits for and shares on a replica
+        that is decoding: the TTFT a busy replica adds over an idle one (the calibration's TTFT model
+        fits the same term), at the learned timing, in the units the other constants are priced in."""
+        shared = self._shared.get(name)
+        if shared is None:
+            shared = self._shared[name] = self.calibrator.shared_step(name)
+        return shared
 
     def _see(self, view: ReplicaView) -> None:
         """Keep the latest view of each replica (on_dispatch and on_complete read it)."""
@@ -402,10 +414,12 @@ class Cost(PolicyBase):
             observed |= self.calibrator.observe(name, DecodeSample(
                 decode_s, steps, max(1.0, (sent.running + 1.0 + now_running) / 2.0)))
         if observed:
-            if self.calibrator.settings.mode == "relative":  # the fleet median may have moved
+            if self.calibrator.settings.mode == "relative":  # the fleet's fit and reference may have moved
                 self._constants.clear()
+                self._shared.clear()
             else:
                 self._constants.pop(name, None)
+                self._shared.pop(name, None)
 
     def index_size(self, name: str) -> int:
         """Blocks the index believes ``name`` holds (read by the admin API; not part of `Policy`)."""
