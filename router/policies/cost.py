@@ -9,6 +9,7 @@ For every eligible replica ``r`` the policy estimates, in seconds::
               ] / weight(r)
     prefill(r) = request_overhead_s + prefill_s_per_token * uncached_tokens(r)
     decode(r)  = decode_s_per_seq * running(r) * (1 + expected_output_tokens)
+               + [running(r) > 0] * (shared_step + shared_per_seq * running(r))
 
 with the time constants configured, scaled or learned per replica (``calibration``, below), and
 ``queue(r)`` raised to the wait for a free slot when ``r`` is at its concurrency limit.
@@ -30,7 +31,11 @@ random draw.
 - ``decode(r)``: every sequence running there slows each step of this request (its prefill step and its
   expected output: the average ``completion_tokens`` reported so far, at most ``max_tokens``, 128 until
   something is reported). ``running(r)`` is the engine's ``running`` when fresh, else the router's
-  in-flight requests that are past prefill.
+  in-flight requests that are past prefill. And on a replica that is decoding, the prefill waits for and
+  shares a decode step, which an idle replica does not charge (the calibration's TTFT model fits the
+  same term); it is priced at the learned timing (`Calibrator.shared_step`): without it a busy replica
+  holding a prefix looked as fast as an idle one, and on an engine whose steps grow with every running
+  sequence the policy piled conversations onto two replicas.
 - ``work_weight``: a request's prefill delays everything queued behind it, and its decode slows every
   sequence it shares steps with. Without this term a replica holding a prefix looks worse than an idle
   one the moment it has any queue, prefixes get recomputed everywhere, and a busy fleet loses throughput.
@@ -68,7 +73,7 @@ prefill work that was ahead of it and its own uncached tokens per the engine's `
 decode time against the running sequences and the prefills dispatched meanwhile). `router.calibration`
 fits the four time constants per replica from them, starting from the configured values, and the next
 decision uses the result: all four fitted constants (``calibration="online"``), or (the default,
-``"relative"``) the configured ones scaled by the replica's slowness relative to the fleet's median
+``"relative"``) the configured ones scaled by the replica's slowness relative to the fleet's fastest
 replica, which only moves a replica that differs by more than the deadband. ``"pinned"`` learns nothing.
 
 Parameters (the prior of the time constants; the defaults follow a BLIS fit of Llama-3-8B on one H100:
@@ -80,7 +85,7 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     decode_step_s (6e-3): time of a decode step (prices the wait for a free slot).
     calibration ("relative"): "relative", "online", "pinned", or `CalibrationSettings` fields as a
         mapping. "relative" (the default) keeps the configured ratios and learns how much slower each
-        replica is than the fleet's median one; "online" uses every fitted constant, which routed worse
+        replica is than the fleet's fastest one; "online" uses every fitted constant, which routed worse
         in the matrix (benchmarks/README.md, issue 15); "pinned" learns nothing.
     work_weight (1.0): how much a request's own work counts again for the requests it delays.
     eviction_weight (1.0): expected recompute of evicted blocks (0 disables the term).
