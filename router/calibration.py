@@ -38,15 +38,16 @@ beside a 6 ms step) is not identifiable and not needed: it stays wherever it fit
 Modes (what `Calibrator.constants` returns):
 
 - ``"relative"`` (the default): the prior scaled by the replica's *slowness*: its observed times over
-  what one fit of the whole fleet predicts for the same requests, relative to the fastest replica's,
+  what one fit of the whole fleet predicts for the same requests, relative to a reference replica's,
   counted as 1 within ``deadband`` and before ``min_observations``. The fleet fit takes each
   observation divided by its replica's slowness, so it learns the shape of one engine; fitted on the
   raw times it explained part of a slow replica's times by what differs in its regressors (it runs
   more sequences *because* it is slow) and read a 2x slower replica as 1.3x. The reference is the
-  fastest replica, not the median: at low load a fleet may use two replicas, and a median of two
-  splits their difference (each within the deadband of it). Replicas never observed are priced as
-  the fastest. The shared decode step (`Calibrator.shared_step`) is priced at the fleet fit's step
-  times per prefill token. In a fleet of equal replicas only
+  lower median (the faster of the middle two): at low load a fleet may use two replicas, and the mean
+  of two splits their difference (each within the deadband of it); the fastest of four would be
+  biased by its luck (equal replicas read up to 1.33x of the fastest). Replicas never observed are
+  priced as the reference. The shared decode step (`Calibrator.shared_step`) is priced at the fleet
+  fit's step times per prefill token. In a fleet of equal replicas only
   the ratios between the constants matter to the cost policy, and there the configured ratios routed
   better than fitted ones (benchmarks/README.md, "Calibration matrix"); what calibration adds is
   telling a slower replica apart.
@@ -90,7 +91,7 @@ class CalibrationSettings:
     bound_factor: learned constants (and slowness) stay within prior / f .. prior * f.
     clip: relative residual above which an observation is down-weighted (after MIN_FOR_ROBUST).
     prior_spread: prior standard deviation, in units of the prior value.
-    deadband: relative: a slowness within 1/deadband .. deadband of the fastest replica's counts as 1.
+    deadband: relative: a slowness within 1/deadband .. deadband of the reference's counts as 1.
     min_observations: relative: observations of a replica before its slowness is used.
     """
 
@@ -274,7 +275,7 @@ class Calibrator:
         self.prior = prior
         self.settings = settings or CalibrationSettings()
         self._replicas: dict[str, ReplicaCalibration] = {}
-        self._reference: float | None = None  # the fastest replica's slowness (relative mode)
+        self._reference: float | None = None  # the replicas' lower-median slowness (relative mode)
         # relative mode: one fit over the whole fleet, and per replica its observed / predicted times
         self._pooled = ReplicaCalibration(prior, self.settings)
         self._slowness: dict[str, list[float]] = {}
@@ -336,9 +337,9 @@ class Calibrator:
         return priced.decode_step_s, priced.decode_s_per_seq
 
     def speed(self, name: str) -> float:
-        """How many times slower than the fleet's fastest replica ``name`` is: its observed times over
-        what one fit of the whole fleet predicts for the same requests, over the lowest of that ratio
-        among the replicas with ``min_observations`` (1.0 when unknown or within the deadband)."""
+        """How many times slower than the fleet's reference replica ``name`` is: its observed times over
+        what one fit of the whole fleet predicts for the same requests, over the lower median of that
+        ratio among the replicas with ``min_observations`` (1.0 when unknown or within the deadband)."""
         ratio = self._ratio(name)
         s = self.settings
         if 1.0 / s.deadband < ratio < s.deadband:
@@ -346,15 +347,16 @@ class Calibrator:
         return min(s.bound_factor, max(1.0 / s.bound_factor, ratio))
 
     def _ratio(self, name: str) -> float:
-        """``name``'s observed / fleet-predicted times over the fastest replica's (1.0 when unknown)."""
+        """``name``'s observed / fleet-predicted times over the reference's (1.0 when unknown)."""
         cal = self._replicas.get(name)
         s = self.settings
         own = self._slow(name)
         if cal is None or cal.observations < s.min_observations or own is None:
             return 1.0
         if self._reference is None:
-            self._reference = min(v for n, c in self._replicas.items()
-                               if c.observations >= s.min_observations and (v := self._slow(n)) is not None)
+            known = sorted(v for n, c in self._replicas.items()
+                           if c.observations >= s.min_observations and (v := self._slow(n)) is not None)
+            self._reference = known[(len(known) - 1) // 2]  # the lower median
         return own / self._reference if self._reference > 0 else 1.0
 
     def observations(self, name: str) -> int:

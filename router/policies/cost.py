@@ -73,7 +73,7 @@ prefill work that was ahead of it and its own uncached tokens per the engine's `
 decode time against the running sequences and the prefills dispatched meanwhile). `router.calibration`
 fits the four time constants per replica from them, starting from the configured values, and the next
 decision uses the result: all four fitted constants (``calibration="online"``), or (the default,
-``"relative"``) the configured ones scaled by the replica's slowness relative to the fleet's fastest
+``"relative"``) the configured ones scaled by the replica's slowness relative to the fleet's lower-median
 replica, which only moves a replica that differs by more than the deadband. ``"pinned"`` learns nothing.
 
 Parameters (the prior of the time constants; the defaults follow a BLIS fit of Llama-3-8B on one H100:
@@ -85,7 +85,7 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     decode_step_s (6e-3): time of a decode step (prices the wait for a free slot).
     calibration ("relative"): "relative", "online", "pinned", or `CalibrationSettings` fields as a
         mapping. "relative" (the default) keeps the configured ratios and learns how much slower each
-        replica is than the fleet's fastest one; "online" uses every fitted constant, which routed worse
+        replica is than the fleet's typical (lower-median) one; "online" uses every fitted constant, which routed worse
         in the matrix (benchmarks/README.md, issue 15); "pinned" learns nothing.
     work_weight (1.0): how much a request's own work counts again for the requests it delays.
     eviction_weight (1.0): expected recompute of evicted blocks (0 disables the term).

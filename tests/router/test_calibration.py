@@ -98,7 +98,7 @@ def test_relative_mode_keeps_the_configured_ratios_and_scales_only_a_clearly_slo
 
 def test_relative_mode_tells_a_slow_replica_from_a_busy_one_with_only_two_replicas_seen():
     # At low load a fleet may use only two replicas, and the slow one runs more sequences because it
-    # is slow. Its slowness is measured against the fastest replica seen (a median of two would split
+    # is slow. Its slowness is measured against the faster one (the lower median; a mean of two would split
     # the difference) and against a fleet fit that is not allowed to explain it by its crowding.
     calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative"))
     engine = ENGINES["llmd-like"]
