@@ -47,7 +47,9 @@ random draw.
   reach it (its own count: the engine's lags a poll), the queue term
   is at least the time until this request's slot frees: with ``w`` requests waiting for a slot ahead of
   it (also at least the engine's fresh ``waiting``) and ``R = limit`` running, each with a remaining
-  decode uniform over its ``L = expected_output * (decode_step_s + decode_s_per_seq * R)``, the
+  decode uniform over its ``L = expected_output * (shared_step + shared_per_seq * R)`` (decode steps
+  at the learned timing, as in ``decode(r)``: with the configured H100 ratios a step is worth 300 prefill
+  tokens where an llmd-8b engine's is worth 48, and the wait looked 6x dearer than recomputing), the
   ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
 - ``evicted_tokens(r)``: prompt blocks that must leave ``r``'s (full) cache to make room for this
   request's uncached blocks; they will likely have to be recomputed later.
@@ -249,7 +251,8 @@ class Cost(PolicyBase):
             if fresh:
                 ahead = max(ahead, float(view.waiting))
             busy = float(limit)
-            slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (step + per_seq * busy) / (busy + 1.0)
+            busy_step, busy_per_seq = self._shared_step(view.name)  # decode steps at the learned timing
+            slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (busy_step + busy_per_seq * busy) / (busy + 1.0)
             seconds = max(seconds, slot_wait)
         own = overhead + per_token * uncached
         if running > 0:
