@@ -38,8 +38,16 @@ beside a 6 ms step) is not identifiable and not needed: it stays wherever it fit
 Modes (what `Calibrator.constants` returns):
 
 - ``"relative"`` (the default): the prior scaled by the replica's *slowness*: its observed times over
-  what one fit of the whole fleet predicts for the same requests, relative to the median replica's,
-  counted as 1 within ``deadband`` and before ``min_observations``. In a fleet of equal replicas only
+  what one fit of the whole fleet predicts for the same requests, relative to a reference replica's,
+  counted as 1 within ``deadband`` and before ``min_observations``. The fleet fit takes each
+  observation divided by its replica's slowness, so it learns the shape of one engine; fitted on the
+  raw times it explained part of a slow replica's times by what differs in its regressors (it runs
+  more sequences *because* it is slow) and read a 2x slower replica as 1.3x. The reference is the
+  lower median (the faster of the middle two): at low load a fleet may use two replicas, and the mean
+  of two splits their difference (each within the deadband of it); the fastest of four would be
+  biased by its luck (equal replicas read up to 1.33x of the fastest). Replicas never observed are
+  priced as the reference. The shared decode step (`Calibrator.shared_step`) is priced at the fleet
+  fit's step times per prefill token. In a fleet of equal replicas only
   the ratios between the constants matter to the cost policy, and there the configured ratios routed
   better than fitted ones (benchmarks/README.md, "Calibration matrix"); what calibration adds is
   telling a slower replica apart.
@@ -51,7 +59,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 MIN_FOR_ROBUST = 20  # observations before outliers are down-weighted
@@ -83,7 +91,7 @@ class CalibrationSettings:
     bound_factor: learned constants (and slowness) stay within prior / f .. prior * f.
     clip: relative residual above which an observation is down-weighted (after MIN_FOR_ROBUST).
     prior_spread: prior standard deviation, in units of the prior value.
-    deadband: relative: a slowness within 1/deadband .. deadband of the median replica's counts as 1.
+    deadband: relative: a slowness within 1/deadband .. deadband of the reference's counts as 1.
     min_observations: relative: observations of a replica before its slowness is used.
     """
 
@@ -234,6 +242,13 @@ class ReplicaCalibration:
         return CostConstants(*(self.prior[i] * phi[i] for i in range(4)))
 
 
+def _scaled(sample: TtftSample | DecodeSample, factor: float) -> TtftSample | DecodeSample:
+    """The same observation with its measured time times ``factor``."""
+    if isinstance(sample, TtftSample):
+        return replace(sample, ttft_s=sample.ttft_s * factor)
+    return replace(sample, decode_s=sample.decode_s * factor)
+
+
 def _solve_linear(a: list[list[float]], b: list[float]) -> list[float] | None:
     """Gaussian elimination with partial pivoting; None when singular."""
     n = len(b)
@@ -260,7 +275,7 @@ class Calibrator:
         self.prior = prior
         self.settings = settings or CalibrationSettings()
         self._replicas: dict[str, ReplicaCalibration] = {}
-        self._median: float | None = None  # fleet median of the replicas' slowness (relative mode)
+        self._reference: float | None = None  # the replicas' lower-median slowness (relative mode)
         # relative mode: one fit over the whole fleet, and per replica its observed / predicted times
         self._pooled = ReplicaCalibration(prior, self.settings)
         self._slowness: dict[str, list[float]] = {}
@@ -282,12 +297,15 @@ class Calibrator:
             y = sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s
             fleet = self._pooled.constants().as_tuple()
             predicted = sum(x * c for x, c in zip(sample.row(), fleet, strict=True))
-            self._pooled.observe(sample)
+            # The fleet fit learns the shape of one unit-speed engine: each replica's observation enters
+            # it divided by that replica's slowness, so a slow replica's times are not explained away by
+            # what differs in its regressors (it runs more sequences because it is slow).
+            self._pooled.observe(_scaled(sample, 1.0 / self._ratio(name)))
             if predicted > 0:
                 sums = self._slowness.setdefault(name, [0.0, 0.0])
                 lam = self.settings.forgetting
                 sums[0], sums[1] = lam * sums[0] + y, lam * sums[1] + predicted
-        self._median = None
+        self._reference = None
         return True
 
     def _slow(self, name: str) -> float | None:
@@ -304,24 +322,42 @@ class Calibrator:
         speed = self.speed(name)
         return self.prior if speed == 1.0 else CostConstants(*(c * speed for c in self.prior.as_tuple()))
 
+    def shared_step(self, name: str) -> tuple[float, float]:
+        """(decode_step_s, decode_s_per_seq) of the decode step a new prefill shares on a busy replica,
+        in the units `constants` prices ``name`` in. ``relative`` prices in the configured constants'
+        units, whose ratios may be far from the engine's (a running sequence 0.5 prefill tokens on an
+        H100, 75 on a slow-decode engine), so it takes the fleet fit's step times per prefill token,
+        times the prefill time it prices ``name`` with; the others take their own constants."""
+        priced = self.constants(name)
+        if self.settings.mode == "relative" and self._pooled.observations >= self.settings.min_observations:
+            _, per_token, per_seq, step = self._pooled.constants().as_tuple()
+            if per_token > 0:
+                unit = priced.prefill_s_per_token / per_token
+                return step * unit, per_seq * unit
+        return priced.decode_step_s, priced.decode_s_per_seq
+
     def speed(self, name: str) -> float:
-        """How many times slower than the fleet's median replica ``name`` is: its observed times over
-        what one fit of the whole fleet predicts for the same requests, over the median of that ratio
-        (1.0 when unknown or within the deadband)."""
+        """How many times slower than the fleet's reference replica ``name`` is: its observed times over
+        what one fit of the whole fleet predicts for the same requests, over the lower median of that
+        ratio among the replicas with ``min_observations`` (1.0 when unknown or within the deadband)."""
+        ratio = self._ratio(name)
+        s = self.settings
+        if 1.0 / s.deadband < ratio < s.deadband:
+            return 1.0
+        return min(s.bound_factor, max(1.0 / s.bound_factor, ratio))
+
+    def _ratio(self, name: str) -> float:
+        """``name``'s observed / fleet-predicted times over the reference's (1.0 when unknown)."""
         cal = self._replicas.get(name)
         s = self.settings
         own = self._slow(name)
         if cal is None or cal.observations < s.min_observations or own is None:
             return 1.0
-        if self._median is None:
+        if self._reference is None:
             known = sorted(v for n, c in self._replicas.items()
                            if c.observations >= s.min_observations and (v := self._slow(n)) is not None)
-            mid = len(known) // 2
-            self._median = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
-        ratio = own / self._median if self._median > 0 else 1.0
-        if 1.0 / s.deadband < ratio < s.deadband:
-            return 1.0
-        return min(s.bound_factor, max(1.0 / s.bound_factor, ratio))
+            self._reference = known[(len(known) - 1) // 2]  # the lower median
+        return own / self._reference if self._reference > 0 else 1.0
 
     def observations(self, name: str) -> int:
         cal = self._replicas.get(name)
@@ -330,7 +366,7 @@ class Calibrator:
     def remove(self, name: str) -> None:
         self._replicas.pop(name, None)
         self._slowness.pop(name, None)
-        self._median = None
+        self._reference = None
 
     def snapshot(self, name: str) -> dict[str, Any]:
         """What the admin API and metrics show for one replica."""

@@ -9,6 +9,7 @@ For every eligible replica ``r`` the policy estimates, in seconds::
               ] / weight(r)
     prefill(r) = request_overhead_s + prefill_s_per_token * uncached_tokens(r)
     decode(r)  = decode_s_per_seq * running(r) * (1 + expected_output_tokens)
+               + [running(r) > 0] * (shared_step + shared_per_seq * running(r))
 
 with the time constants configured, scaled or learned per replica (``calibration``, below), and
 ``queue(r)`` raised to the wait for a free slot when ``r`` is at its concurrency limit.
@@ -30,7 +31,11 @@ random draw.
 - ``decode(r)``: every sequence running there slows each step of this request (its prefill step and its
   expected output: the average ``completion_tokens`` reported so far, at most ``max_tokens``, 128 until
   something is reported). ``running(r)`` is the engine's ``running`` when fresh, else the router's
-  in-flight requests that are past prefill.
+  in-flight requests that are past prefill. And on a replica that is decoding, the prefill waits for and
+  shares a decode step, which an idle replica does not charge (the calibration's TTFT model fits the
+  same term); it is priced at the learned timing (`Calibrator.shared_step`): without it a busy replica
+  holding a prefix looked as fast as an idle one, and on an engine whose steps grow with every running
+  sequence the policy piled conversations onto two replicas.
 - ``work_weight``: a request's prefill delays everything queued behind it, and its decode slows every
   sequence it shares steps with. Without this term a replica holding a prefix looks worse than an idle
   one the moment it has any queue, prefixes get recomputed everywhere, and a busy fleet loses throughput.
@@ -42,7 +47,9 @@ random draw.
   reach it (its own count: the engine's lags a poll), the queue term
   is at least the time until this request's slot frees: with ``w`` requests waiting for a slot ahead of
   it (also at least the engine's fresh ``waiting``) and ``R = limit`` running, each with a remaining
-  decode uniform over its ``L = expected_output * (decode_step_s + decode_s_per_seq * R)``, the
+  decode uniform over its ``L = expected_output * (shared_step + shared_per_seq * R)`` (decode steps
+  at the learned timing, as in ``decode(r)``: with the configured H100 ratios a step is worth 300 prefill
+  tokens where an llmd-8b engine's is worth 48, and the wait looked 6x dearer than recomputing), the
   ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
 - ``evicted_tokens(r)``: prompt blocks that must leave ``r``'s (full) cache to make room for this
   request's uncached blocks; they will likely have to be recomputed later.
@@ -68,7 +75,7 @@ prefill work that was ahead of it and its own uncached tokens per the engine's `
 decode time against the running sequences and the prefills dispatched meanwhile). `router.calibration`
 fits the four time constants per replica from them, starting from the configured values, and the next
 decision uses the result: all four fitted constants (``calibration="online"``), or (the default,
-``"relative"``) the configured ones scaled by the replica's slowness relative to the fleet's median
+``"relative"``) the configured ones scaled by the replica's slowness relative to the fleet's lower-median
 replica, which only moves a replica that differs by more than the deadband. ``"pinned"`` learns nothing.
 
 Parameters (the prior of the time constants; the defaults follow a BLIS fit of Llama-3-8B on one H100:
@@ -80,7 +87,7 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     decode_step_s (6e-3): time of a decode step (prices the wait for a free slot).
     calibration ("relative"): "relative", "online", "pinned", or `CalibrationSettings` fields as a
         mapping. "relative" (the default) keeps the configured ratios and learns how much slower each
-        replica is than the fleet's median one; "online" uses every fitted constant, which routed worse
+        replica is than the fleet's typical (lower-median) one; "online" uses every fitted constant, which routed worse
         in the matrix (benchmarks/README.md, issue 15); "pinned" learns nothing.
     work_weight (1.0): how much a request's own work counts again for the requests it delays.
     eviction_weight (1.0): expected recompute of evicted blocks (0 disables the term).
@@ -169,6 +176,7 @@ class Cost(PolicyBase):
         prior = CostConstants(request_overhead_s, prefill_s_per_token, decode_s_per_seq, decode_step_s)
         self.calibrator = Calibrator(prior, CalibrationSettings.of(calibration))  # type: ignore[arg-type]
         self._constants: dict[str, tuple[float, float, float, float]] = {}
+        self._shared: dict[str, tuple[float, float]] = {}  # cache of _shared_step
         self._views: dict[str, ReplicaView] = {}
         self._sent: dict[tuple[str, str], _Sent] = {}
         self.tie_tolerance = tie_tolerance
@@ -240,11 +248,13 @@ class Cost(PolicyBase):
             if fresh:
                 ahead = max(ahead, float(view.waiting))
             busy = float(limit)
-            slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (step + per_seq * busy) / (busy + 1.0)
+            busy_step, busy_per_seq = self._shared_step(view.name)  # decode steps at the learned timing
+            slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (busy_step + busy_per_seq * busy) / (busy + 1.0)
             seconds = max(seconds, slot_wait)
         own = overhead + per_token * uncached
         if running > 0:
-            own += per_seq * running * decode_steps
+            busy_step, busy_per_seq = self._shared_step(view.name)
+            own += per_seq * running * decode_steps + busy_step + busy_per_seq * running
         seconds += (1.0 + self.work_weight) * own
         if self.eviction_weight and uncached > 0:
             new_blocks = uncached / block_tokens
@@ -336,6 +346,7 @@ class Cost(PolicyBase):
         self._last_sent.pop(name, None)
         self.calibrator.remove(name)
         self._constants.pop(name, None)
+        self._shared.pop(name, None)
         self._views.pop(name, None)
 
     def calibration(self, name: str) -> dict[str, object]:
@@ -354,6 +365,15 @@ class Cost(PolicyBase):
         if self.prefill_s_per_token > 0:
             per_seq = max(per_seq, per_token * self.decode_s_per_seq / self.prefill_s_per_token)
         return overhead, per_token, per_seq, step
+
+    def _shared_step(self, name: str) -> tuple[float, float]:
+        """(decode step, per running sequence) of the step a prefill waits for and shares on a replica
+        that is decoding: the TTFT a busy replica adds over an idle one (the calibration's TTFT model
+        fits the same term), at the learned timing, in the units the other constants are priced in."""
+        shared = self._shared.get(name)
+        if shared is None:
+            shared = self._shared[name] = self.calibrator.shared_step(name)
+        return shared
 
     def _see(self, view: ReplicaView) -> None:
         """Keep the latest view of each replica (on_dispatch and on_complete read it)."""
@@ -399,10 +419,12 @@ class Cost(PolicyBase):
             observed |= self.calibrator.observe(name, DecodeSample(
                 decode_s, steps, max(1.0, (sent.running + 1.0 + now_running) / 2.0)))
         if observed:
-            if self.calibrator.settings.mode == "relative":  # the fleet median may have moved
+            if self.calibrator.settings.mode == "relative":  # the fleet's fit and reference may have moved
                 self._constants.clear()
+                self._shared.clear()
             else:
                 self._constants.pop(name, None)
+                self._shared.pop(name, None)
 
     def index_size(self, name: str) -> int:
         """Blocks the index believes ``name`` holds (read by the admin API; not part of `Policy`)."""

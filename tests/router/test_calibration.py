@@ -22,7 +22,7 @@ ENGINES = {
 }
 
 
-def observations(true: CostConstants, n: int, seed: int, noise: float = 0.1):
+def observations(true: CostConstants, n: int, seed: int, noise: float = 0.1, max_running: int = 40):
     """``n`` requests' TTFT and decode samples from the estimator's own model, with lognormal noise."""
     rng = random.Random(seed)
     a, p, d, g = true.as_tuple()
@@ -30,10 +30,10 @@ def observations(true: CostConstants, n: int, seed: int, noise: float = 0.1):
         uncached = rng.choice([0.0, rng.uniform(16, 3000)])
         queued_requests = rng.choice([0, 0, 1, 2, 3])
         queued_tokens = queued_requests * rng.uniform(0, 1500)
-        running = rng.choice([0, rng.randint(1, 40)])
+        running = rng.choice([0, rng.randint(1, max_running)])
         ttft = a * (1 + queued_requests) + p * (uncached + queued_tokens) + (g + d * running) * (running > 0)
         yield TtftSample(ttft * rng.lognormvariate(0, noise), uncached, queued_tokens, queued_requests, running)
-        steps, mean_running = rng.randint(16, 256), rng.uniform(1, 40)
+        steps, mean_running = rng.randint(16, 256), rng.uniform(1, max_running)
         yield DecodeSample(steps * (g + d * mean_running) * rng.lognormvariate(0, noise), steps, mean_running)
 
 
@@ -94,6 +94,37 @@ def test_relative_mode_keeps_the_configured_ratios_and_scales_only_a_clearly_slo
         [calibrator.speed("slow")] * 4)
     shown = calibrator.snapshot("slow")
     assert shown["speed"] == calibrator.speed("slow") and shown["fitted"]["prefill_s_per_token"] > 0
+
+
+def test_relative_mode_tells_a_slow_replica_from_a_busy_one_with_only_two_replicas_seen():
+    # At low load a fleet may use only two replicas, and the slow one runs more sequences because it
+    # is slow. Its slowness is measured against the faster one (the lower median; a mean of two would split
+    # the difference) and against a fleet fit that is not allowed to explain it by its crowding.
+    calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative"))
+    engine = ENGINES["llmd-like"]
+    slow = CostConstants(*(2 * c for c in engine.as_tuple()))
+    pairs = zip(observations(engine, 80, seed=1, max_running=8), observations(slow, 80, seed=2, max_running=24),
+                strict=True)
+    for fast_sample, slow_sample in pairs:
+        calibrator.observe("fast", fast_sample)
+        calibrator.observe("slow", slow_sample)
+    assert calibrator.speed("fast") == 1.0
+    assert calibrator.speed("slow") == pytest.approx(2.0, rel=0.2)
+
+
+def test_relative_mode_prices_the_shared_decode_step_at_the_fleets_timing_in_prefill_tokens():
+    # The configured (H100) ratios say a decode step is worth 300 prefill tokens and a running sequence
+    # 0.5; this fleet's are 48 and 2. What a busy replica adds to a TTFT is priced at the fleet's.
+    calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative"))
+    a, p, d, g = ENGINES["llmd-like"].as_tuple()
+    for i, name in enumerate("abcd"):
+        for sample in observations(ENGINES["llmd-like"], 60, seed=30 + i):
+            calibrator.observe(name, sample)
+    step, per_seq = calibrator.shared_step("a")
+    assert step == pytest.approx(g / p * H100_PRIOR.prefill_s_per_token, rel=0.2)
+    assert per_seq == pytest.approx(d / p * H100_PRIOR.prefill_s_per_token, rel=0.2)
+    pinned = Calibrator(H100_PRIOR, CalibrationSettings(mode="pinned"))
+    assert pinned.shared_step("a") == (H100_PRIOR.decode_step_s, H100_PRIOR.decode_s_per_seq)
 
 
 def test_pinned_constants_never_move():
@@ -173,11 +204,23 @@ def test_a_replica_at_its_slot_limit_charges_the_wait_for_a_free_slot():
     probe = features_with(4, "q", max_tokens=100)
     at_limit = policy.estimate_cost(view("a", **full), 64, probe)
     # 2 waiting + this one: the 3rd of 4 running requests to finish, each with a 100-step decode
-    # of 6 ms + 4 x 10 us: 3 x 100 x 6.04 ms / 5 = 362 ms, far above the per-sequence slowdown.
-    assert at_limit == pytest.approx(0.3624 + 2 * (2e-3 + 2e-5 * 64 + 1e-5 * 4 * 101), rel=0.01)
+    # of 6 ms + 4 x 10 us: 3 x 100 x 6.04 ms / 5 = 362 ms, far above the per-sequence slowdown and
+    # the decode step its prefill shares (6 ms + 4 x 10 us).
+    own = 2e-3 + 2e-5 * 64 + 1e-5 * 4 * 101 + 6e-3 + 1e-5 * 4
+    assert at_limit == pytest.approx(0.3624 + 2 * own, rel=0.01)
     assert policy.calibration("a")["slot_limit"] == 4
     below = policy.estimate_cost(view("a", **{**full, "max_num_seqs": 16}), 64, probe)
     assert below < 0.05
+
+
+def test_a_busy_replica_charges_the_decode_step_its_prefill_shares():
+    # On an idle replica a prefill starts at once; on one decoding 4 sequences it waits for and shares
+    # a decode step (6 ms + 4 x 10 us), besides the slowdown of its own decode (4 x 10 us x 101 steps).
+    policy = Cost(seed=0, calibration="pinned")
+    probe = features_with(4, "q", max_tokens=100)
+    idle = policy.estimate_cost(view("a", running=0, load_age_s=0.1), 64, probe)
+    busy = policy.estimate_cost(view("a", running=4, load_age_s=0.1), 64, probe)
+    assert busy - idle == pytest.approx(2 * (1e-5 * 4 * 101 + 6e-3 + 1e-5 * 4), rel=1e-6)
 
 
 def test_without_a_reported_limit_a_queue_is_not_taken_for_one():
