@@ -233,8 +233,8 @@ def run_decisions(args: argparse.Namespace) -> dict[str, Any]:
           f"({time.perf_counter() - t0:.1f}s to build)", flush=True)
     rows = []
     watch = CpuWatch().start()
-    for replicas in (4, 8):
-        for name in POLICIES:
+    for replicas in args.replicas:
+        for name in args.policies:
             rows.append(bench_policy(name, corpus, replicas, args.max_case_s))
             print(f"    {name} x{replicas} done", flush=True)
     parsing = bench_parsing(corpus, args.max_case_s)
@@ -389,6 +389,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefixes", type=int, default=100_000, help="prompts indexed before timing (a)")
     p.add_argument("--iterations", type=int, default=20_000, help="timed calls per policy and case (a)")
     p.add_argument("--max-case-s", type=float, default=10.0, help="time cap per timed case (a)")
+    p.add_argument("--replicas", type=int, nargs="+", default=[4, 8],
+                   help="fleet sizes for (a); e.g. 16 1000 --policies cost for cost's candidate pre-filter")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="policies for (a)")
     p.add_argument("--engines", type=int, default=2, help="sim engine subprocesses (b, c)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 100], help="concurrent streams (b)")
     p.add_argument("--requests", type=int, default=2000, help="measured requests per level and mode (b)")
