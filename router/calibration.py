@@ -49,6 +49,7 @@ Modes (what `Calibrator.constants` returns):
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -261,6 +262,10 @@ class Calibrator:
         self.settings = settings or CalibrationSettings()
         self._replicas: dict[str, ReplicaCalibration] = {}
         self._median: float | None = None  # fleet median of the replicas' slowness (relative mode)
+        # the slowness of replicas past min_observations, kept sorted as each changes, so the median
+        # after an observation costs O(log n), not a sort of the fleet on the next decision
+        self._counted: dict[str, float] = {}
+        self._sorted: list[float] = []
         # relative mode: one fit over the whole fleet, and per replica its observed / predicted times
         self._pooled = ReplicaCalibration(prior, self.settings)
         self._slowness: dict[str, list[float]] = {}
@@ -287,8 +292,20 @@ class Calibrator:
                 sums = self._slowness.setdefault(name, [0.0, 0.0])
                 lam = self.settings.forgetting
                 sums[0], sums[1] = lam * sums[0] + y, lam * sums[1] + predicted
+        self._count(name)
         self._median = None
         return True
+
+    def _count(self, name: str) -> None:
+        """Move ``name``'s slowness in the sorted list the fleet median is read from."""
+        old = self._counted.pop(name, None)
+        if old is not None:
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        cal = self._replicas.get(name)
+        value = self._slow(name)
+        if cal is not None and cal.observations >= self.settings.min_observations and value is not None:
+            self._counted[name] = value
+            bisect.insort(self._sorted, value)
 
     def _slow(self, name: str) -> float | None:
         sums = self._slowness.get(name)
@@ -314,8 +331,7 @@ class Calibrator:
         if cal is None or cal.observations < s.min_observations or own is None:
             return 1.0
         if self._median is None:
-            known = sorted(v for n, c in self._replicas.items()
-                           if c.observations >= s.min_observations and (v := self._slow(n)) is not None)
+            known = self._sorted
             mid = len(known) // 2
             self._median = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
         ratio = own / self._median if self._median > 0 else 1.0
@@ -330,6 +346,7 @@ class Calibrator:
     def remove(self, name: str) -> None:
         self._replicas.pop(name, None)
         self._slowness.pop(name, None)
+        self._count(name)
         self._median = None
 
     def snapshot(self, name: str) -> dict[str, Any]:
