@@ -67,10 +67,9 @@ class Dispatcher:
 
     def model_label(self, model: str) -> str:
         """`model` as a metric label: only names a replica serves, so clients cannot mint series."""
-        if len(model) <= 256 and model.isprintable():  # lone surrogates are not printable
-            for r in self.registry.all():
-                if model in r.served_models:
-                    return model
+        # lone surrogates are not printable
+        if len(model) <= 256 and model.isprintable() and self.registry.any_serves(model):
+            return model
         return UNKNOWN_MODEL
 
     def choose(self, features: RequestFeatures, candidates: list[ReplicaState]) -> tuple[Decision, ReplicaState]:
