@@ -30,6 +30,7 @@ from router.replica_view import ReplicaView
 
 DEFAULT_K = 8
 Key = tuple[float, int]  # (request load / weight, number of the dispatch that last went there; -1 never)
+_NEVER: Key = (0.0, -1)  # a replica not in the order yet sorts first: it gets priced
 
 
 class CandidateFilter:
@@ -68,16 +69,17 @@ class CandidateFilter:
         k, key_of = self.k, self._key
         picked: dict[str, ReplicaView] = {}
         if matched:
-            groups: dict[int, list[str]] = {}
-            for name, depth in matched.items():
-                groups.setdefault(depth, []).append(name)
-            for names in groups.values():
-                if len(names) > k:
-                    names = heapq.nsmallest(k, names, key=lambda n: key_of.get(n, (0.0, -1)))
-                for name in names:
-                    view = self._lookup(replicas, positions, name)
-                    if view is not None:
-                        picked[name] = view
+            holders: list[str] = list(matched)
+            if len(holders) > k:  # per match depth, the k least loaded holders
+                groups: dict[int, list[tuple[Key, str]]] = {}
+                for name, depth in matched.items():
+                    groups.setdefault(depth, []).append((key_of.get(name, _NEVER), name))
+                holders = [name for group in groups.values()
+                           for _, name in (heapq.nsmallest(k, group) if len(group) > k else group)]
+            for name in holders:
+                view = self._lookup(replicas, positions, name)
+                if view is not None:
+                    picked[name] = view
         least = self._least(k, replicas, positions, picked)
         if least is None:
             return None
