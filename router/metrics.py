@@ -6,8 +6,12 @@ One registry per router instance (tests run several in one process). Names start
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
@@ -61,6 +65,9 @@ class RouterMetrics:
                                 "the engine's reports (0: not known)", ["replica"], registry=r)
         self.config_generation = Gauge("router_config_generation", "Generation of the running config "
                                        "(1 at start, +1 per applied change)", registry=r)
+        # Mirrors state kept elsewhere (the policy's calibration) into gauges when scraped: once per
+        # scrape instead of once per request.
+        self.before_render: Callable[[], None] | None = None
 
     def forget_replica(self, name: str) -> None:
         """Drop every series labelled with replica `name` (it left the fleet: series must not pile up
@@ -77,4 +84,10 @@ class RouterMetrics:
                 self.cost_constant.remove(*labels)
 
     def render(self) -> bytes:
+        hook = self.before_render
+        if hook is not None:
+            try:
+                hook()
+            except Exception:  # a scrape shows what it can
+                log.exception("metrics before_render hook failed")
         return generate_latest(self.registry)
