@@ -64,6 +64,7 @@ class Dispatcher:
         self._unreported: set[Lease] = set()  # leases whose attempt has not reported its outcome yet
         self.tracing = tracing
         self._spans: dict[Lease, tuple[Any, bool]] = {}  # attempt in flight -> (upstream span, streamed)
+        metrics.before_render = self.export_calibration  # at scrape time, not per request
 
     def model_label(self, model: str) -> str:
         """`model` as a metric label: only names a replica serves, so clients cannot mint series."""
@@ -321,7 +322,6 @@ class Dispatcher:
             self.metrics.cached_tokens.labels(replica.name).inc(outcome.cached_tokens)
         try:
             self.policy.on_complete(features, decision, outcome)
-            self._export_calibration(replica.name)
         except Exception:  # feedback must never break the response path
             log.exception("policy %s on_complete failed", self.policy.name)
 
@@ -340,16 +340,18 @@ class Dispatcher:
         if not outcome.ok:
             self.tracing.error(span, attrs["router.outcome"])
 
-    def _export_calibration(self, name: str) -> None:
-        """Mirror the policy's learned timing of ``name`` (if it learns any) into the metrics."""
+    def export_calibration(self) -> None:
+        """Mirror the policy's learned timing of every replica (if it learns any) into the metrics.
+        Called when the metrics are scraped: a snapshot refits the constants, too dear per request."""
         hook = getattr(self.policy, "calibration", None)
         if not callable(hook):
             return
-        shown = hook(name)
-        for constant in CONSTANTS:
-            self.metrics.cost_constant.labels(name, constant).set(shown[constant])
-        self.metrics.calibration_observations.labels(name).set(shown["observations"])
-        self.metrics.slot_limit.labels(name).set(shown["slot_limit"] or 0)
+        for name in self.registry.names():
+            shown = hook(name)
+            for constant in CONSTANTS:
+                self.metrics.cost_constant.labels(name, constant).set(shown[constant])
+            self.metrics.calibration_observations.labels(name).set(shown["observations"])
+            self.metrics.slot_limit.labels(name).set(shown["slot_limit"] or 0)
 
 
 def _outcome(status: int, ttft_s: float | None, usage: dict[str, Any] | None, e2e_s: float | None = None
