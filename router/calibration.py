@@ -221,6 +221,9 @@ class ReplicaCalibration:
                     continue
                 for i, v in zip(free, sol, strict=True):
                     phi[i] = v
+            if mask == 15:  # the unconstrained minimum is feasible: the objective is convex (A is a sum
+                best = phi  # of outer products plus a ridge), so no subset can do better; skip the 15
+                break       # other solves (this runs once per observation, on the request path)
             obj = sum(phi[i] * A[i][j] * phi[j] for i in range(4) for j in range(4)) - 2 * sum(
                 b[i] * phi[i] for i in range(4))
             if obj < best_obj:
