@@ -159,7 +159,7 @@ class ReplicaCalibration:
     read; that is a 4x4 problem, so the exact constrained optimum costs microseconds.
     """
 
-    __slots__ = ("prior", "settings", "A", "b", "observations", "_phi", "_ridge")
+    __slots__ = ("prior", "settings", "A", "b", "observations", "_phi", "_ridge", "_mask")
 
     def __init__(self, prior: CostConstants, settings: CalibrationSettings) -> None:
         self.prior = prior.as_tuple()
@@ -169,6 +169,7 @@ class ReplicaCalibration:
         self.observations = 0
         self._phi: list[float] | None = [1.0, 1.0, 1.0, 1.0]
         self._ridge = 1.0 / settings.prior_spread ** 2
+        self._mask = 15  # free parameters of the last fit (warm start of the next)
 
     def observe(self, sample: TtftSample | DecodeSample) -> bool:
         """Fold one observation in; False (and nothing changes) if it carries no usable information."""
@@ -201,34 +202,38 @@ class ReplicaCalibration:
         return True
 
     def _solve(self) -> list[float]:
-        """argmin sum w (1 - x.phi)^2 + ridge |phi - 1|^2 with lo <= phi: every subset of free
-        parameters (the rest at the lower bound) is tried, the best feasible one kept; then clamp to hi."""
+        """argmin sum w (1 - x.phi)^2 + ridge |phi - 1|^2 with lo <= phi, then clamped to hi.
+
+        The objective is strictly convex (outer products plus a ridge), so the bound-constrained minimum
+        is the one point meeting the KKT conditions. The last fit's set of free parameters (the rest at
+        the lower bound) is tried first, then all free: either is the answer when it passes the check,
+        which it almost always does (this runs once or twice per observation, on the request path).
+        Otherwise every subset is tried and the best feasible one kept."""
         if self._phi is not None:
             return self._phi
         lo, hi = 1.0 / self.settings.bound_factor, self.settings.bound_factor
         r = self._ridge
         A = [[self.A[i][j] + (r if i == j else 0.0) for j in range(4)] for i in range(4)]
         b = [self.b[i] + r for i in range(4)]
-        best, best_obj = [1.0] * 4, math.inf
-        for mask in range(15, -1, -1):
-            free = [i for i in range(4) if mask >> i & 1]
-            phi = [lo] * 4
-            if free:
-                sub = [[A[i][j] for j in free] for i in free]
-                rhs = [b[i] - sum(A[i][j] * lo for j in range(4) if j not in free) for i in free]
-                sol = _solve_linear(sub, rhs)
-                if sol is None or any(v < lo for v in sol):
+        best: list[float] | None = None
+        for mask in (self._mask, 15) if self._mask != 15 else (15,):
+            phi = _subset_fit(A, b, mask, lo)
+            if phi is not None and all(sum(A[i][j] * phi[j] for j in range(4)) >= b[i]
+                                       for i in range(4) if not mask >> i & 1):
+                best = phi  # KKT: no parameter at the bound would lower the objective by leaving it
+                break
+        else:
+            best_obj = math.inf
+            for candidate in range(15, -1, -1):
+                phi = _subset_fit(A, b, candidate, lo)
+                if phi is None:
                     continue
-                for i, v in zip(free, sol, strict=True):
-                    phi[i] = v
-            if mask == 15:  # the unconstrained minimum is feasible: the objective is convex (A is a sum
-                best = phi  # of outer products plus a ridge), so no subset can do better; skip the 15
-                break       # other solves (this runs once per observation, on the request path)
-            obj = sum(phi[i] * A[i][j] * phi[j] for i in range(4) for j in range(4)) - 2 * sum(
-                b[i] * phi[i] for i in range(4))
-            if obj < best_obj:
-                best, best_obj = phi, obj
-        self._phi = [min(hi, v) for v in best]
+                obj = sum(phi[i] * A[i][j] * phi[j] for i in range(4) for j in range(4)) - 2 * sum(
+                    b[i] * phi[i] for i in range(4))
+                if obj < best_obj:
+                    best, best_obj, mask = phi, obj, candidate
+        self._mask = mask
+        self._phi = [min(hi, v) for v in (best or [1.0] * 4)]
         return self._phi
 
     def constants(self) -> CostConstants:
@@ -236,6 +241,22 @@ class ReplicaCalibration:
             return CostConstants(*self.prior)
         phi = self._solve()
         return CostConstants(*(self.prior[i] * phi[i] for i in range(4)))
+
+
+def _subset_fit(A: list[list[float]], b: list[float], mask: int, lo: float) -> list[float] | None:
+    """The stationary point with the parameters in ``mask`` free and the others at ``lo``; None if
+    singular or a free one falls below ``lo``."""
+    free = [i for i in range(4) if mask >> i & 1]
+    phi = [lo] * 4
+    if free:
+        sub = [[A[i][j] for j in free] for i in free]
+        rhs = [b[i] - sum(A[i][j] * lo for j in range(4) if j not in free) for i in free]
+        sol = _solve_linear(sub, rhs)
+        if sol is None or any(v < lo for v in sol):
+            return None
+        for i, v in zip(free, sol, strict=True):
+            phi[i] = v
+    return phi
 
 
 def _solve_linear(a: list[list[float]], b: list[float]) -> list[float] | None:
