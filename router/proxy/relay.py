@@ -101,10 +101,12 @@ async def relay_sse(upstream: aiohttp.ClientResponse, client: web.StreamResponse
 
 
 def _take_usage(events: bytes, result: RelayResult, strip_usage_event: bool) -> bytes:
-    """``events`` (complete ones) with the usage read into ``result`` and, if asked, the usage-only
-    event taken out."""
-    out = bytearray()
-    start = 0
+    """``events`` (complete ones, at least one with a usage object) with the usage read into ``result``
+    and, if asked, the usage-only event taken out."""
+    first = min(i for i in (events.find(b'"usage":{'), events.find(b'"usage": {')) if i >= 0)
+    cut = events.rfind(b"\n\n", 0, first)
+    start = cut + 2 if cut >= 0 else 0
+    out = bytearray(events[:start])  # the events before the first usage object pass whole
     while (end := events.find(b"\n\n", start)) >= 0:
         event = events[start: end + 2]
         start = end + 2

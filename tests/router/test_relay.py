@@ -79,3 +79,10 @@ async def test_an_upstream_that_stalls_past_idle_s_ends_the_stream_with_an_error
     body, result = await relay([first, tail] if tail else [first], stall_s=3.0)
     assert result.error == "replica sent nothing for 0.3s"
     assert body.startswith(first + tail) and b'"type": "server_error"' in body and body.endswith(b"\n\n")
+
+
+async def test_token_events_read_together_with_the_usage_event_are_all_forwarded() -> None:
+    tokens = [event({"choices": [{"delta": {"content": c}}], "usage": None}) for c in "abc"]
+    usage_only = event({"choices": [], "usage": USAGE})
+    body, result = await relay([b"".join(tokens) + usage_only + b"data: [DONE]\n\n"])
+    assert body == b"".join(tokens) + b"data: [DONE]\n\n" and result.usage == USAGE
