@@ -26,7 +26,6 @@ from router.policies.base import Decision
 from router.policies.cost import Cost
 from router.replica_view import ReplicaView
 
-
 SCALE = {"gsp": lambda s: {"groups": 16 * s}, "multiturn": lambda s: {"conversations": 16 * s},
          "agentic": lambda s: {"sessions": 24 * s}}
 
