@@ -71,11 +71,15 @@ class CandidateFilter:
         if matched:
             holders: list[str] = list(matched)
             if len(holders) > k:  # per match depth, the k least loaded holders
-                groups: dict[int, list[tuple[Key, str]]] = {}
-                for name, depth in matched.items():
-                    groups.setdefault(depth, []).append((key_of.get(name, _NEVER), name))
-                holders = [name for group in groups.values()
-                           for _, name in (heapq.nsmallest(k, group) if len(group) > k else group)]
+                if len(set(matched.values())) == 1:  # the common case: one depth
+                    ranked = [(key_of.get(name, _NEVER), name) for name in holders]
+                    holders = [name for _, name in heapq.nsmallest(k, ranked)]
+                else:
+                    groups: dict[int, list[tuple[Key, str]]] = {}
+                    for name, depth in matched.items():
+                        groups.setdefault(depth, []).append((key_of.get(name, _NEVER), name))
+                    holders = [name for group in groups.values()
+                               for _, name in (heapq.nsmallest(k, group) if len(group) > k else group)]
             for name in holders:
                 view = self._lookup(replicas, positions, name)
                 if view is not None:
