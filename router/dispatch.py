@@ -31,12 +31,14 @@ from router.policies.base import Decision, Outcome, Policy
 from router.proxy.relay import RelayResult, cached_tokens, relay_sse, usage_from_json
 from router.proxy.retry_budget import RetryBudget
 from router.proxy.upstream import Timeouts, UpstreamFailure, forward_headers, open_upstream
+from router.replica_view import LazyViews
 from router.replicas.state import Lease, ReplicaRegistry, ReplicaState
 from router.tracing import Tracing
 
 log = logging.getLogger("router.dispatch")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+LAZY_VIEWS_ABOVE = 64  # replicas; below, one list comprehension is cheaper than on-demand views
 UNKNOWN_MODEL = "unknown"  # metric label for model names no replica serves (labels stay bounded)
 
 
@@ -75,7 +77,10 @@ class Dispatcher:
 
     def choose(self, features: RequestFeatures, candidates: list[ReplicaState]) -> tuple[Decision, ReplicaState]:
         now = time.monotonic()
-        views = [r.view(now, self.settings.stale_after_s) for r in candidates]
+        stale = self.settings.stale_after_s
+        # A large fleet's views are built as the policy reads them (cost reads only its candidates').
+        views = (LazyViews(candidates, now, stale) if len(candidates) > LAZY_VIEWS_ABOVE
+                 else [r.view(now, stale) for r in candidates])
         t0 = time.perf_counter()
         decision = self.policy.choose(features, views)
         self.metrics.decision.labels(self.policy.name).observe(time.perf_counter() - t0)
