@@ -93,11 +93,13 @@ class CandidateFilter:
         """Re-read every key from ``replicas`` (forgetting replicas not among them) and rebuild the heap."""
         self._key.clear()
         self._load.clear()
-        for view in replicas:
+        positions: dict[str, int] = {}
+        for i, view in enumerate(replicas):
             self._store(view, last_sent.get(view.name, -1))
+            positions[view.name] = i
         self._heap = [(load, last, name) for name, (load, last) in self._key.items()]
         heapq.heapify(self._heap)
-        self._positions.clear()
+        self._positions = {(len(replicas), replicas[0].name, replicas[-1].name): positions}
         self._until_refresh = len(replicas)
 
     # -- bookkeeping -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from policy_fixtures import features_with, view
 
 from router.policies.base import Outcome
 from router.policies.cost import Cost
+from router.replica_view import LazyViews
 
 OK = Outcome(ok=True, status=200, ttft_s=0.1)
 
@@ -68,3 +69,22 @@ def test_zero_candidates_prices_every_replica():
     policy, replicas = Cost(seed=0, candidates=0), fleet(200)
     for _ in range(3):
         assert len(policy.choose(features_with(4, "x"), replicas).scores) == 200
+
+
+def test_between_full_passes_only_the_candidates_views_are_built():
+    built: list[str] = []
+
+    class Source:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def view(self, now: float, stale_after_s: float = 5.0):
+            built.append(self.name)
+            return view(self.name, load_age_s=0.1)
+
+    sources = [Source(f"r{i}") for i in range(200)]
+    policy = Cost(seed=0, candidates=4)
+    policy.choose(features_with(4, "warm-up"), LazyViews(sources, now=0.0))  # a full pass
+    built.clear()
+    decision = policy.choose(features_with(4, "x"), LazyViews(sources, now=0.0))
+    assert decision.replica in built and len(built) <= 2 * 4 + 2
