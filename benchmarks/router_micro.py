@@ -3,11 +3,14 @@
     python -m benchmarks.router_micro                 # full run (~3 min), writes results/router_micro.json
     python -m benchmarks.router_micro --quick         # a smaller run
     python -m benchmarks.router_micro --skip-proxy    # decision times only
+    python -m benchmarks.router_micro --skip-proxy --replicas 16 1000 --policies cost --cpu-clock
 
 (a) Decision time. Each policy's index is filled with `--prefixes` distinct prompts (1,000 system
     prompts of 1,920 chars x 100 questions, plus 10 documents of 100k chars) dispatched over 4 and 8
-    replicas, then ``choose()`` and ``choose() + on_dispatch()`` are timed one call at a time with
-    ``perf_counter_ns`` and the garbage collector off, for a hit (known system prompt, new question), a
+    replicas (``--replicas``; ``--replicas 16 1000 --policies cost`` times cost's candidate pre-filter),
+    then ``choose()`` and ``choose() + on_dispatch()`` are timed one call at a time with
+    ``perf_counter_ns`` (``--cpu-clock``: the thread's CPU clock, for a shared host) and the garbage
+    collector off, for a hit (known system prompt, new question), a
     miss (unknown prompt) and a long hit (known 100k-char document, new question). Prompt parsing and
     hashing is timed separately. Goal: p99 <= 50 us.
 (b) Proxy overhead. Sim engines (profile `instant`) and the router (policy `cost`) run as subprocesses;
