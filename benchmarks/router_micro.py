@@ -3,11 +3,14 @@
     python -m benchmarks.router_micro                 # full run (~2 min), writes results/router_micro.json
     python -m benchmarks.router_micro --quick         # a smaller run
     python -m benchmarks.router_micro --skip-proxy    # decision times only
+    python -m benchmarks.router_micro --skip-proxy --replicas 16 1000 --policies cost --cpu-clock
 
 (a) Decision time. Each policy's index is filled with `--prefixes` distinct prompts (1,000 system
     prompts of 1,920 chars x 100 questions, plus 10 documents of 100k chars) dispatched over 4 and 8
-    replicas, then ``choose()`` and ``choose() + on_dispatch()`` are timed one call at a time with
-    ``perf_counter_ns`` and the garbage collector off, for a hit (known system prompt, new question), a
+    replicas (``--replicas``; ``--replicas 16 1000 --policies cost`` times cost's candidate pre-filter),
+    then ``choose()`` and ``choose() + on_dispatch()`` are timed one call at a time with
+    ``perf_counter_ns`` (``--cpu-clock``: the thread's CPU clock, for a shared host) and the garbage
+    collector off, for a hit (known system prompt, new question), a
     miss (unknown prompt) and a long hit (known 100k-char document, new question). Prompt parsing and
     hashing is timed separately. Goal: p99 <= 50 us.
 (b) Proxy overhead moved to `python -m benchmarks.overhead` (one overhead benchmark: ours beside the
@@ -130,12 +133,13 @@ def fill_policy(policy: Policy, corpus: Corpus, names: Sequence[str]) -> float:
 
 
 def time_decisions(policy: Policy, probes: Sequence[RequestFeatures], views: Sequence[ReplicaView],
-                   dispatch: bool, max_s: float) -> list[int]:
+                   dispatch: bool, max_s: float, cpu_clock: bool = False) -> list[int]:
     """Nanoseconds of each ``choose()`` (plus ``on_dispatch()`` when asked), one probe per call.
 
-    The completion that keeps the policy's in-flight bookkeeping steady is not timed.
+    The completion that keeps the policy's in-flight bookkeeping steady is not timed. ``cpu_clock``
+    times with this thread's CPU clock: on a shared host, wall time also counts other jobs' slices.
     """
-    clock = time.perf_counter_ns
+    clock = time.thread_time_ns if cpu_clock else time.perf_counter_ns
     deadline = time.monotonic() + max_s
     samples: list[int] = []
     gc.collect()
@@ -161,7 +165,8 @@ def _us(samples_ns: Sequence[int]) -> dict[str, float]:
             "mean": round(statistics.fmean(samples_ns) / 1e3, 2), "n": len(samples_ns)}
 
 
-def bench_policy(name: str, corpus: Corpus, replicas: int, max_s: float) -> dict[str, Any]:
+def bench_policy(name: str, corpus: Corpus, replicas: int, max_s: float, cpu_clock: bool = False
+                 ) -> dict[str, Any]:
     views = views_for(replicas)
     policy = create_policy(name, seed=0)
     for v in views:
@@ -172,8 +177,8 @@ def bench_policy(name: str, corpus: Corpus, replicas: int, max_s: float) -> dict
     row: dict[str, Any] = {"policy": name, "replicas": replicas, "fill_s": round(fill_s, 2),
                            "index_blocks": index.size() if index is not None else None, "cases": {}}
     for case, probes in corpus.probes.items():
-        choose = time_decisions(policy, probes, views, dispatch=False, max_s=max_s)
-        both = time_decisions(policy, probes, views, dispatch=True, max_s=max_s)
+        choose = time_decisions(policy, probes, views, dispatch=False, max_s=max_s, cpu_clock=cpu_clock)
+        both = time_decisions(policy, probes, views, dispatch=True, max_s=max_s, cpu_clock=cpu_clock)
         row["cases"][case] = {"choose_us": _us(choose), "choose_dispatch_us": _us(both)}
     return row
 
@@ -217,9 +222,9 @@ def run_decisions(args: argparse.Namespace) -> dict[str, Any]:
           f"({time.perf_counter() - t0:.1f}s to build)", flush=True)
     rows = []
     watch = CpuWatch().start()
-    for replicas in (4, 8):
-        for name in POLICIES:
-            rows.append(bench_policy(name, corpus, replicas, args.max_case_s))
+    for replicas in args.replicas:
+        for name in args.policies:
+            rows.append(bench_policy(name, corpus, replicas, args.max_case_s, args.cpu_clock))
             print(f"    {name} x{replicas} done", flush=True)
     parsing = bench_parsing(corpus, args.max_case_s)
     watch.stop()
@@ -314,6 +319,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefixes", type=int, default=100_000, help="prompts indexed before timing (a)")
     p.add_argument("--iterations", type=int, default=20_000, help="timed calls per policy and case (a)")
     p.add_argument("--max-case-s", type=float, default=10.0, help="time cap per timed case (a)")
+    p.add_argument("--replicas", type=int, nargs="+", default=[4, 8],
+                   help="fleet sizes for (a); e.g. 16 1000 --policies cost for cost's candidate pre-filter")
+    p.add_argument("--cpu-clock", action="store_true",
+                   help="(a) timed with the thread's CPU clock, not wall time (a host shared with other jobs)")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="policies for (a)")
     p.add_argument("--engines", type=int, default=2, help="sim engine subprocesses (c)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 100],
                    help="(b) now in benchmarks.overhead: only printed as its equivalent command")

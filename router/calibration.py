@@ -57,6 +57,7 @@ Modes (what `Calibrator.constants` returns):
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -166,7 +167,7 @@ class ReplicaCalibration:
     read; that is a 4x4 problem, so the exact constrained optimum costs microseconds.
     """
 
-    __slots__ = ("prior", "settings", "A", "b", "observations", "_phi", "_ridge")
+    __slots__ = ("prior", "settings", "A", "b", "observations", "_phi", "_ridge", "_mask")
 
     def __init__(self, prior: CostConstants, settings: CalibrationSettings) -> None:
         self.prior = prior.as_tuple()
@@ -176,6 +177,7 @@ class ReplicaCalibration:
         self.observations = 0
         self._phi: list[float] | None = [1.0, 1.0, 1.0, 1.0]
         self._ridge = 1.0 / settings.prior_spread ** 2
+        self._mask = 15  # free parameters of the last fit (warm start of the next)
 
     def observe(self, sample: TtftSample | DecodeSample) -> bool:
         """Fold one observation in; False (and nothing changes) if it carries no usable information."""
@@ -208,31 +210,38 @@ class ReplicaCalibration:
         return True
 
     def _solve(self) -> list[float]:
-        """argmin sum w (1 - x.phi)^2 + ridge |phi - 1|^2 with lo <= phi: every subset of free
-        parameters (the rest at the lower bound) is tried, the best feasible one kept; then clamp to hi."""
+        """argmin sum w (1 - x.phi)^2 + ridge |phi - 1|^2 with lo <= phi, then clamped to hi.
+
+        The objective is strictly convex (outer products plus a ridge), so the bound-constrained minimum
+        is the one point meeting the KKT conditions. The last fit's set of free parameters (the rest at
+        the lower bound) is tried first, then all free: either is the answer when it passes the check,
+        which it almost always does (this runs once or twice per observation, on the request path).
+        Otherwise every subset is tried and the best feasible one kept."""
         if self._phi is not None:
             return self._phi
         lo, hi = 1.0 / self.settings.bound_factor, self.settings.bound_factor
         r = self._ridge
         A = [[self.A[i][j] + (r if i == j else 0.0) for j in range(4)] for i in range(4)]
         b = [self.b[i] + r for i in range(4)]
-        best, best_obj = [1.0] * 4, math.inf
-        for mask in range(15, -1, -1):
-            free = [i for i in range(4) if mask >> i & 1]
-            phi = [lo] * 4
-            if free:
-                sub = [[A[i][j] for j in free] for i in free]
-                rhs = [b[i] - sum(A[i][j] * lo for j in range(4) if j not in free) for i in free]
-                sol = _solve_linear(sub, rhs)
-                if sol is None or any(v < lo for v in sol):
+        best: list[float] | None = None
+        for mask in (self._mask, 15) if self._mask != 15 else (15,):
+            phi = _subset_fit(A, b, mask, lo)
+            if phi is not None and all(sum(A[i][j] * phi[j] for j in range(4)) >= b[i]
+                                       for i in range(4) if not mask >> i & 1):
+                best = phi  # KKT: no parameter at the bound would lower the objective by leaving it
+                break
+        else:
+            best_obj = math.inf
+            for candidate in range(15, -1, -1):
+                phi = _subset_fit(A, b, candidate, lo)
+                if phi is None:
                     continue
-                for i, v in zip(free, sol, strict=True):
-                    phi[i] = v
-            obj = sum(phi[i] * A[i][j] * phi[j] for i in range(4) for j in range(4)) - 2 * sum(
-                b[i] * phi[i] for i in range(4))
-            if obj < best_obj:
-                best, best_obj = phi, obj
-        self._phi = [min(hi, v) for v in best]
+                obj = sum(phi[i] * A[i][j] * phi[j] for i in range(4) for j in range(4)) - 2 * sum(
+                    b[i] * phi[i] for i in range(4))
+                if obj < best_obj:
+                    best, best_obj, mask = phi, obj, candidate
+        self._mask = mask
+        self._phi = [min(hi, v) for v in (best or [1.0] * 4)]
         return self._phi
 
     def constants(self) -> CostConstants:
@@ -247,6 +256,22 @@ def _scaled(sample: TtftSample | DecodeSample, factor: float) -> TtftSample | De
     if isinstance(sample, TtftSample):
         return replace(sample, ttft_s=sample.ttft_s * factor)
     return replace(sample, decode_s=sample.decode_s * factor)
+
+
+def _subset_fit(A: list[list[float]], b: list[float], mask: int, lo: float) -> list[float] | None:
+    """The stationary point with the parameters in ``mask`` free and the others at ``lo``; None if
+    singular or a free one falls below ``lo``."""
+    free = [i for i in range(4) if mask >> i & 1]
+    phi = [lo] * 4
+    if free:
+        sub = [[A[i][j] for j in free] for i in free]
+        rhs = [b[i] - sum(A[i][j] * lo for j in range(4) if j not in free) for i in free]
+        sol = _solve_linear(sub, rhs)
+        if sol is None or any(v < lo for v in sol):
+            return None
+        for i, v in zip(free, sol, strict=True):
+            phi[i] = v
+    return phi
 
 
 def _solve_linear(a: list[list[float]], b: list[float]) -> list[float] | None:
@@ -276,6 +301,10 @@ class Calibrator:
         self.settings = settings or CalibrationSettings()
         self._replicas: dict[str, ReplicaCalibration] = {}
         self._reference: float | None = None  # the replicas' lower-median slowness (relative mode)
+        # the slowness of replicas past min_observations, kept sorted as each changes, so the reference
+        # after an observation costs O(log n), not a sort of the fleet on the next decision
+        self._counted: dict[str, float] = {}
+        self._sorted: list[float] = []
         # relative mode: one fit over the whole fleet, and per replica its observed / predicted times
         self._pooled = ReplicaCalibration(prior, self.settings)
         self._slowness: dict[str, list[float]] = {}
@@ -294,6 +323,8 @@ class Calibrator:
         if self.pinned or not self.replica(name).observe(sample):
             return False
         if self.settings.mode == "relative":
+            self._count(name)  # a replica reaching min_observations counts in the reference it is judged by
+            self._reference = None
             y = sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s
             fleet = self._pooled.constants().as_tuple()
             predicted = sum(x * c for x, c in zip(sample.row(), fleet, strict=True))
@@ -305,8 +336,20 @@ class Calibrator:
                 sums = self._slowness.setdefault(name, [0.0, 0.0])
                 lam = self.settings.forgetting
                 sums[0], sums[1] = lam * sums[0] + y, lam * sums[1] + predicted
+        self._count(name)
         self._reference = None
         return True
+
+    def _count(self, name: str) -> None:
+        """Move ``name``'s slowness in the sorted list the fleet median is read from."""
+        old = self._counted.pop(name, None)
+        if old is not None:
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        cal = self._replicas.get(name)
+        value = self._slow(name)
+        if cal is not None and cal.observations >= self.settings.min_observations and value is not None:
+            self._counted[name] = value
+            bisect.insort(self._sorted, value)
 
     def _slow(self, name: str) -> float | None:
         sums = self._slowness.get(name)
@@ -354,8 +397,7 @@ class Calibrator:
         if cal is None or cal.observations < s.min_observations or own is None:
             return 1.0
         if self._reference is None:
-            known = sorted(v for n, c in self._replicas.items()
-                           if c.observations >= s.min_observations and (v := self._slow(n)) is not None)
+            known = self._sorted
             self._reference = known[(len(known) - 1) // 2]  # the lower median
         return own / self._reference if self._reference > 0 else 1.0
 
@@ -366,6 +408,7 @@ class Calibrator:
     def remove(self, name: str) -> None:
         self._replicas.pop(name, None)
         self._slowness.pop(name, None)
+        self._count(name)
         self._reference = None
 
     def snapshot(self, name: str) -> dict[str, Any]:

@@ -32,11 +32,13 @@ from router.policies.base import Decision, Outcome, Policy
 from router.proxy.relay import RelayResult, cached_tokens, relay_sse, usage_from_json
 from router.proxy.retry_budget import RetryBudget
 from router.proxy.upstream import Timeouts, UpstreamFailure, forward_headers, open_upstream
+from router.replica_view import LazyViews
 from router.replicas.state import Lease, ReplicaRegistry, ReplicaState
 from router.tracing import Tracing
 
 log = logging.getLogger("router.dispatch")
 
+LAZY_VIEWS_ABOVE = 64  # replicas; below, one list comprehension is cheaper than on-demand views
 UNKNOWN_MODEL = "unknown"  # metric label for model names no replica serves (labels stay bounded)
 
 
@@ -64,18 +66,21 @@ class Dispatcher:
         self._unreported: set[Lease] = set()  # leases whose attempt has not reported its outcome yet
         self.tracing = tracing
         self._spans: dict[Lease, tuple[Any, bool]] = {}  # attempt in flight -> (upstream span, streamed)
+        metrics.before_render = self.export_calibration  # at scrape time, not per request
 
     def model_label(self, model: str) -> str:
         """`model` as a metric label: only names a replica serves, so clients cannot mint series."""
-        if len(model) <= 256 and model.isprintable():  # lone surrogates are not printable
-            for r in self.registry.all():
-                if model in r.served_models:
-                    return model
+        # lone surrogates are not printable
+        if len(model) <= 256 and model.isprintable() and self.registry.any_serves(model):
+            return model
         return UNKNOWN_MODEL
 
     def choose(self, features: RequestFeatures, candidates: list[ReplicaState]) -> tuple[Decision, ReplicaState]:
         now = time.monotonic()
-        views = [r.view(now, self.settings.stale_after_s) for r in candidates]
+        stale = self.settings.stale_after_s
+        # A large fleet's views are built as the policy reads them (cost reads only its candidates').
+        views = (LazyViews(candidates, now, stale) if len(candidates) > LAZY_VIEWS_ABOVE
+                 else [r.view(now, stale) for r in candidates])
         t0 = time.perf_counter()
         decision = self.policy.choose(features, views)
         self.metrics.decision.labels(self.policy.name).observe(time.perf_counter() - t0)
@@ -322,7 +327,6 @@ class Dispatcher:
             self.metrics.cached_tokens.labels(replica.name).inc(outcome.cached_tokens)
         try:
             self.policy.on_complete(features, decision, outcome)
-            self._export_calibration(replica.name)
         except Exception:  # feedback must never break the response path
             log.exception("policy %s on_complete failed", self.policy.name)
 
@@ -341,16 +345,18 @@ class Dispatcher:
         if not outcome.ok:
             self.tracing.error(span, attrs["router.outcome"])
 
-    def _export_calibration(self, name: str) -> None:
-        """Mirror the policy's learned timing of ``name`` (if it learns any) into the metrics."""
+    def export_calibration(self) -> None:
+        """Mirror the policy's learned timing of every replica (if it learns any) into the metrics.
+        Called when the metrics are scraped: a snapshot refits the constants, too dear per request."""
         hook = getattr(self.policy, "calibration", None)
         if not callable(hook):
             return
-        shown = hook(name)
-        for constant in CONSTANTS:
-            self.metrics.cost_constant.labels(name, constant).set(shown[constant])
-        self.metrics.calibration_observations.labels(name).set(shown["observations"])
-        self.metrics.slot_limit.labels(name).set(shown["slot_limit"] or 0)
+        for name in self.registry.names():
+            shown = hook(name)
+            for constant in CONSTANTS:
+                self.metrics.cost_constant.labels(name, constant).set(shown[constant])
+            self.metrics.calibration_observations.labels(name).set(shown["observations"])
+            self.metrics.slot_limit.labels(name).set(shown["slot_limit"] or 0)
 
 
 def _outcome(status: int, ttft_s: float | None, usage: dict[str, Any] | None, e2e_s: float | None = None

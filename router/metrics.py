@@ -6,11 +6,54 @@ One registry per router instance (tests run several in one process). Names start
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Counter as _Counter
+from prometheus_client import Gauge as _Gauge
+from prometheus_client import Histogram as _Histogram
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
+
+
+class _CachedChildren:
+    """`labels(*values)` remembers each child: prometheus_client converts every value to str and takes
+    a lock on each call, and the request path makes ~9 of them per request. Any `remove` or `clear`
+    forgets the cache, so a removed series is never written to through a stale child."""
+
+    def labels(self, *values: object, **named: object) -> Any:
+        if named or not values:
+            return super().labels(*values, **named)  # type: ignore[misc]
+        cache: dict[tuple[object, ...], Any] = self.__dict__.setdefault("_children", {})
+        child = cache.get(values)
+        if child is None:
+            child = cache[values] = super().labels(*values)  # type: ignore[misc]
+        return child
+
+    def remove(self, *values: object) -> None:
+        self.__dict__.pop("_children", None)
+        super().remove(*values)  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self.__dict__.pop("_children", None)
+        super().clear()  # type: ignore[misc]
+
+
+class Counter(_CachedChildren, _Counter):
+    pass
+
+
+class Gauge(_CachedChildren, _Gauge):
+    pass
+
+
+class Histogram(_CachedChildren, _Histogram):
+    pass
 
 
 class RouterMetrics:
@@ -61,6 +104,9 @@ class RouterMetrics:
                                 "the engine's reports (0: not known)", ["replica"], registry=r)
         self.config_generation = Gauge("router_config_generation", "Generation of the running config "
                                        "(1 at start, +1 per applied change)", registry=r)
+        # Mirrors state kept elsewhere (the policy's calibration) into gauges when scraped: once per
+        # scrape instead of once per request.
+        self.before_render: Callable[[], None] | None = None
 
     def forget_replica(self, name: str) -> None:
         """Drop every series labelled with replica `name` (it left the fleet: series must not pile up
@@ -77,4 +123,10 @@ class RouterMetrics:
                 self.cost_constant.remove(*labels)
 
     def render(self) -> bytes:
+        hook = self.before_render
+        if hook is not None:
+            try:
+                hook()
+            except Exception:  # a scrape shows what it can
+                log.exception("metrics before_render hook failed")
         return generate_latest(self.registry)

@@ -13,7 +13,9 @@ The dispatcher (or the simulator) builds one per eligible replica for each decis
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, overload
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +63,42 @@ class ReplicaView:
         if self.kv_blocks_total > 0 and self.block_size > 0:
             return self.kv_blocks_total * self.block_size
         return None
+
+
+class HasView(Protocol):
+    def view(self, now: float, stale_after_s: float) -> ReplicaView: ...
+
+
+class LazyViews(Sequence[ReplicaView]):
+    """The views of ``sources`` as of ``now``, each built on first access.
+
+    For large fleets: `cost` reads only its candidates' views (plus one full pass every ``len`` decisions),
+    so building all of them per request would cost more than the decision. Reads within one synchronous
+    ``choose()`` see the same state an eager list would have captured."""
+
+    __slots__ = ("_sources", "_now", "_stale", "_built")
+
+    def __init__(self, sources: Sequence[HasView], now: float, stale_after_s: float) -> None:
+        self._sources = sources
+        self._now = now
+        self._stale = stale_after_s
+        self._built: list[ReplicaView | None] = [None] * len(sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    @overload
+    def __getitem__(self, i: int) -> ReplicaView: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[ReplicaView]: ...
+    def __getitem__(self, i: int | slice) -> ReplicaView | list[ReplicaView]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        view = self._built[i]
+        if view is None:
+            view = self._built[i] = self._sources[i].view(self._now, self._stale)
+        return view
+
+    def __iter__(self) -> Iterator[ReplicaView]:
+        for i in range(len(self._sources)):
+            yield self[i]

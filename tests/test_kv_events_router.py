@@ -22,8 +22,8 @@ from engine_server.app import create_app as create_engine_app
 from engine_server.kv_events import KVEventsSettings
 from engine_server.sim.backend import SimBackend, SimConfig
 from router.app import create_app
-from router.runtime import ROUTER, Router
 from router.reload import apply_config
+from router.runtime import ROUTER, Router
 
 HANG_GUARD_S = 30.0
 SYSTEM = "You are a careful assistant who answers in plain words. " * 8

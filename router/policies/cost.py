@@ -96,6 +96,9 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     default_capacity_blocks (2**20): index bound per replica before its KV geometry is known.
     correction_slack (0.05): fraction of predicted blocks a cached_tokens report may fall short by
         (token-count rounding) before entries are dropped.
+    candidates (8): in fleets of more than 4x this many replicas only the holders of the prompt and the
+        least loaded replicas are priced, this many per match depth and of the least loaded
+        (`router.policies.candidates`); 0 prices every replica.
     seed / rng: tie-break random source.
 Reason labels: ``"prefix"`` (went to a best-matching replica), ``"replicate"`` (a replica with a longer
 match was passed over because of its load), ``"load"`` (nobody holds any of the prompt).
@@ -111,6 +114,8 @@ from dataclasses import dataclass
 from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
 from router.features.parse import RequestFeatures
 from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, require_replicas
+from router.policies.candidates import DEFAULT_K as DEFAULT_CANDIDATES
+from router.policies.candidates import CandidateFilter
 from router.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.replica_view import ReplicaView
 
@@ -156,6 +161,7 @@ class Cost(PolicyBase):
         kv_capacity_factor: float = 1.0,
         default_capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
         correction_slack: float = 0.05,
+        candidates: int = DEFAULT_CANDIDATES,
         seed: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -191,6 +197,7 @@ class Cost(PolicyBase):
         self._avg_output: float | None = None  # EWMA of reported completion tokens
         self._dispatches = 0
         self._last_sent: dict[str, int] = {}  # replica -> number of the dispatch that last went there
+        self.candidates = CandidateFilter(candidates)  # large fleets: what choose() prices
 
     # -- decide ------------------------------------------------------------------------------------
 
@@ -200,17 +207,23 @@ class Cost(PolicyBase):
         tokens = float(features.token_estimate)
         decode_steps = 1.0 + self._expected_output(features)
         matched = self.index.match(features.block_hashes)
+        best = max(matched.values(), default=0)
+        filt, last = self.candidates, self._last_sent
+        priced = replicas
+        if filt.active(len(replicas)):  # a large fleet: price only the holders and the least loaded
+            priced = filt.select(replicas, matched, last) or replicas
         costs: dict[str, float] = {}
-        best = 0
-        for view in replicas:
+        for view in priced:
             self._sync_capacity(view, block_tokens)
             self._see(view)
             blocks = matched.get(view.name, 0)
-            best = max(best, blocks)
             uncached = tokens - min(blocks * block_tokens, tokens)
             costs[view.name] = self._cost(view, uncached, block_tokens, decode_steps)
+        if priced is not replicas:
+            for view in priced:
+                filt.seen(view, last.get(view.name, -1))
         cutoff = min(costs.values()) * (1.0 + self.tie_tolerance)
-        near = [r for r in replicas if costs[r.name] <= cutoff]
+        near = [r for r in priced if costs[r.name] <= cutoff]
         if len(near) == 1:
             pick = near[0]
         else:  # near-equal costs: less loaded, then cheaper, then least recently sent to, then a draw
@@ -299,6 +312,7 @@ class Cost(PolicyBase):
     def on_dispatch(self, features: RequestFeatures, decision: Decision) -> None:
         self._dispatches += 1
         self._last_sent[decision.replica] = self._dispatches
+        self.candidates.dispatched(decision.replica, self._dispatches)
         self.index.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)
         own = self._inflight.setdefault(decision.replica, _InFlight())
@@ -321,6 +335,7 @@ class Cost(PolicyBase):
 
     def on_complete(self, features: RequestFeatures, decision: Decision, outcome: Outcome) -> None:
         self._release(features, decision)
+        self.candidates.completed(decision.replica)
         sent = self._sent.pop((features.request_id, decision.replica), None)
         if sent is not None and outcome.ok:
             self._learn(features, decision, outcome, sent)
@@ -348,6 +363,7 @@ class Cost(PolicyBase):
         self._constants.pop(name, None)
         self._shared.pop(name, None)
         self._views.pop(name, None)
+        self.candidates.forget(name)
 
     def calibration(self, name: str) -> dict[str, object]:
         """The learned time constants and slot limit of ``name`` (admin API, metrics; not `Policy`)."""

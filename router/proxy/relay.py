@@ -8,7 +8,6 @@ the router asked for usage on the client's behalf, that extra usage-only event i
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -58,14 +57,19 @@ def sse_error_event(message: str, code: int = 502) -> bytes:
 
 async def relay_sse(upstream: aiohttp.ClientResponse, client: web.StreamResponse, idle_s: float,
                     strip_usage_event: bool) -> RelayResult:
-    """Forward the event stream; a stalled or broken upstream ends the stream with an SSE error event."""
+    """Forward the event stream; a stalled or broken upstream ends the stream with an SSE error event.
+
+    The stall bound is the upstream's ``sock_read`` timeout, which `open_upstream` sets to ``idle_s`` for
+    streams and aiohttp re-arms on every packet anyway (a second timer per read here cost as much again).
+    Each read's complete events go out in one write; events are split one by one only when the read
+    carries a usage object (once per stream), so a token costs no Python loop over its events."""
     result = RelayResult()
     buf = b""
+    read = upstream.content.readany
     while True:
         try:
-            async with asyncio.timeout(idle_s):
-                chunk = await upstream.content.readany()
-        except TimeoutError:
+            chunk = await read()
+        except TimeoutError:  # aiohttp.ServerTimeoutError: nothing within sock_read
             result.error = f"replica sent nothing for {idle_s:g}s"
         except (aiohttp.ClientError, ConnectionError) as exc:
             result.error = f"replica connection broke mid-stream: {exc.__class__.__name__}"
@@ -74,28 +78,45 @@ async def relay_sse(upstream: aiohttp.ClientResponse, client: web.StreamResponse
             return result
         if not chunk:
             break
-        buf += chunk
-        out = bytearray()
-        while (end := buf.find(b"\n\n")) >= 0:
-            event, buf = buf[: end + 2], buf[end + 2:]
-            usage, usage_only = _usage_of(event)
-            if usage is not None:
-                result.usage = usage
-                if usage_only and strip_usage_event:
-                    continue
-            out += event
+        buf = buf + chunk if buf else chunk
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            out = b""
+        else:
+            out, buf = buf[: end + 2], buf[end + 2:]
+            if b'"usage":{' in out or b'"usage": {' in out:
+                out = _take_usage(out, result, strip_usage_event)
         if len(buf) > MAX_UNTERMINATED:
             out += buf
             buf = b""
         if out:
             if result.first_byte_at is None:
                 result.first_byte_at = time.monotonic()
-            await client.write(bytes(out))
+            await client.write(out)
             result.bytes_out += len(out)
     if buf:
         await client.write(buf)
         result.bytes_out += len(buf)
     return result
+
+
+def _take_usage(events: bytes, result: RelayResult, strip_usage_event: bool) -> bytes:
+    """``events`` (complete ones, at least one with a usage object) with the usage read into ``result``
+    and, if asked, the usage-only event taken out."""
+    first = min(i for i in (events.find(b'"usage":{'), events.find(b'"usage": {')) if i >= 0)
+    cut = events.rfind(b"\n\n", 0, first)
+    start = cut + 2 if cut >= 0 else 0
+    out = bytearray(events[:start])  # the events before the first usage object pass whole
+    while (end := events.find(b"\n\n", start)) >= 0:
+        event = events[start: end + 2]
+        start = end + 2
+        usage, usage_only = _usage_of(event)
+        if usage is not None:
+            result.usage = usage
+            if usage_only and strip_usage_event:
+                continue
+        out += event
+    return bytes(out)
 
 
 def usage_from_json(body: bytes) -> dict[str, Any] | None:

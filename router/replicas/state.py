@@ -68,6 +68,9 @@ def validate_url(url: str) -> str:
     return url.rstrip("/")
 
 
+_MODEL_FIELDS = frozenset({"models", "discovered_models"})
+
+
 @dataclass(eq=False)
 class ReplicaState:
     """Everything the router knows about one replica. Mutable; owned by the router's event loop.
@@ -90,6 +93,13 @@ class ReplicaState:
     load: LoadSnapshot | None = None
     prompt_tokens_total: int = 0
     cached_tokens_total: int = 0
+    on_models_change: Callable[[], None] | None = field(default=None, repr=False)  # set by the registry
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Tell the registry when the served models change (it keeps their union for metric labels)."""
+        object.__setattr__(self, name, value)
+        if name in _MODEL_FIELDS and (hook := self.__dict__.get("on_models_change")) is not None:
+            hook()
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():
@@ -223,6 +233,7 @@ class ReplicaRegistry:
     def __init__(self, replicas: Iterable[ReplicaState] = (), *,
                  on_transition: TransitionHook | None = None) -> None:
         self._replicas: dict[str, ReplicaState] = {}
+        self._served: frozenset[str] | None = None  # union of served models; None = recompute
         self._on_transition: TransitionHook | None = None
         self.on_transition = on_transition
         for replica in replicas:
@@ -251,7 +262,9 @@ class ReplicaRegistry:
             raise ValueError(f"duplicate replica name {replica.name!r}")
         replica.url = validate_url(replica.url)
         replica.health.on_change = partial(self._dispatch, replica)
+        replica.on_models_change = self._models_changed
         self._replicas[replica.name] = replica
+        self._served = None
         return replica
 
     def remove(self, name: str) -> ReplicaState:
@@ -259,6 +272,8 @@ class ReplicaRegistry:
         Raises KeyError for an unknown name."""
         replica = self._replicas.pop(name)
         replica.health.on_change = None
+        replica.on_models_change = None
+        self._served = None
         return replica
 
     def get(self, name: str) -> ReplicaState | None:
@@ -287,6 +302,17 @@ class ReplicaRegistry:
               stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[ReplicaView]:
         """`eligible` as the views a policy takes."""
         return [r.view(now, stale_after_s) for r in self.eligible(model, now)]
+
+    def any_serves(self, model: str) -> bool:
+        """Whether some member names ``model`` among its served models (any health), in O(1): the
+        union is kept, recomputed only after a member's models or the membership changed."""
+        served = self._served
+        if served is None:
+            served = self._served = frozenset().union(*(r.served_models for r in self._replicas.values()))
+        return model in served
+
+    def _models_changed(self) -> None:
+        self._served = None
 
     def models(self, now: float | None = None) -> list[str]:
         """Sorted union of the models of replicas in the fleet right now (not ejected, not draining)."""

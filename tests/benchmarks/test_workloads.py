@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import workloads as w
+from benchmarks.lib import workloads as w
 
 
 @pytest.mark.parametrize("name", w.NAMES)

@@ -1,6 +1,7 @@
 """ReplicaView: stale or missing engine reports never read as zero load."""
 
-from router.replica_view import ReplicaView
+from router.replica_view import LazyViews, ReplicaView
+from router.replicas.state import ReplicaState
 
 
 def v(**kw):
@@ -25,3 +26,18 @@ def test_a_missing_report_falls_back_to_the_router_count():
 def test_kv_capacity_is_known_only_when_the_engine_reported_its_geometry():
     assert v(kv_blocks_total=100, block_size=16).kv_capacity_tokens() == 1600
     assert v().kv_capacity_tokens() is None
+
+
+def test_lazy_views_build_each_view_once_and_only_when_read():
+    built = []
+
+    class Counting(ReplicaState):
+        def view(self, now, stale_after_s=5.0):
+            built.append(self.name)
+            return super().view(now, stale_after_s)
+
+    lazy = LazyViews([Counting(f"r{i}", f"http://r{i}") for i in range(100)], now=0.0, stale_after_s=3.0)
+    assert len(lazy) == 100 and built == []
+    assert lazy[7].name == "r7" and lazy[-1].name == "r99" and lazy[7] is lazy[7]
+    assert built == ["r7", "r99"]
+    assert [v.name for v in lazy] == [f"r{i}" for i in range(100)] and len(built) == 100

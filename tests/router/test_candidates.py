@@ -1,0 +1,90 @@
+"""cost's candidate pre-filter: in a large fleet only the prompt's holders and the least loaded are priced."""
+
+from policy_fixtures import features_with, view
+
+from router.policies.base import Outcome
+from router.policies.cost import Cost
+from router.replica_view import LazyViews
+
+OK = Outcome(ok=True, status=200, ttft_s=0.1)
+
+
+def fleet(n: int, **loads: int) -> list:
+    """``n`` replicas ``r0..``; ``loads`` gives some of them requests in flight."""
+    return [view(f"r{i}", in_flight_requests=loads.get(f"r{i}", 0), load_age_s=0.1) for i in range(n)]
+
+
+def test_a_small_fleet_is_priced_in_full():
+    policy = Cost(seed=0, candidates=8)
+    for _ in range(3):
+        assert len(policy.choose(features_with(4, "x"), fleet(32)).scores) == 32
+
+
+def test_a_large_fleet_prices_only_the_holders_and_the_least_loaded_between_full_passes():
+    policy, replicas = Cost(seed=0, candidates=4), fleet(200)
+    first = policy.choose(features_with(10, "x"), replicas)  # the first decision is a full pass
+    assert len(first.scores) == 200
+    policy.on_dispatch(features_with(10, "x"), first)
+    again = policy.choose(features_with(12, "x"), replicas)
+    assert len(again.scores) <= 2 * 4 + 1 and first.replica in again.scores
+    assert (again.replica, again.reason) == (first.replica, "prefix")
+
+
+def test_the_least_loaded_replica_far_down_the_list_is_found():
+    loads = {f"r{i}": 5 for i in range(200) if i != 150}
+    policy, replicas = Cost(seed=0, candidates=4), fleet(200, **loads)
+    policy.choose(features_with(4, "warm-up"), replicas)
+    assert policy.choose(features_with(4, "x"), replicas).replica == "r150"
+
+
+def test_an_idle_large_fleet_still_goes_round_every_replica():
+    policy, replicas = Cost(seed=0, candidates=4), fleet(100)
+    chosen = set()
+    for i in range(100):
+        features = features_with(4, f"cold{i}", rid=f"q{i}")
+        decision = policy.choose(features, replicas)
+        policy.on_dispatch(features, decision)
+        policy.on_complete(features, decision, OK)
+        chosen.add(decision.replica)
+    assert len(chosen) == 100
+
+
+def test_a_replica_joining_a_large_fleet_is_priced_at_once():
+    policy, replicas = Cost(seed=0, candidates=4), fleet(100, **{f"r{i}": 3 for i in range(100)})
+    policy.choose(features_with(4, "warm-up"), replicas)
+    joined = [*replicas, view("new", load_age_s=0.1)]
+    assert policy.choose(features_with(4, "x"), joined).replica == "new"
+
+
+def test_a_holder_missing_from_the_views_is_not_chosen():
+    policy, replicas = Cost(seed=0, candidates=4), fleet(100)
+    first = policy.choose(features_with(10, "x"), replicas)
+    policy.on_dispatch(features_with(10, "x"), first)
+    without = [v for v in replicas if v.name != first.replica]  # ejected, or tried already (a retry)
+    decision = policy.choose(features_with(12, "x"), without)
+    assert decision.replica != first.replica and decision.replica in {v.name for v in without}
+
+
+def test_zero_candidates_prices_every_replica():
+    policy, replicas = Cost(seed=0, candidates=0), fleet(200)
+    for _ in range(3):
+        assert len(policy.choose(features_with(4, "x"), replicas).scores) == 200
+
+
+def test_between_full_passes_only_the_candidates_views_are_built():
+    built: list[str] = []
+
+    class Source:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def view(self, now: float, stale_after_s: float = 5.0):
+            built.append(self.name)
+            return view(self.name, load_age_s=0.1)
+
+    sources = [Source(f"r{i}") for i in range(200)]
+    policy = Cost(seed=0, candidates=4)
+    policy.choose(features_with(4, "warm-up"), LazyViews(sources, now=0.0, stale_after_s=3.0))  # a full pass
+    built.clear()
+    decision = policy.choose(features_with(4, "x"), LazyViews(sources, now=0.0, stale_after_s=3.0))
+    assert decision.replica in built and len(built) <= 2 * 4 + 2

@@ -1,0 +1,88 @@
+"""The SSE relay: events pass through whole, usage is read on the way, a stalled upstream ends clearly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from router.proxy.relay import RelayResult, relay_sse
+from router.proxy.upstream import Timeouts, open_upstream
+
+USAGE = {"prompt_tokens": 7, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}}
+
+
+def event(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True) -> tuple[bytes, RelayResult]:
+    """Serve ``parts`` as separate writes (then stall ``stall_s``), relay them, return what the client got."""
+    async def engine(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for part in parts:
+            await resp.write(part)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(stall_s)
+        return resp
+
+    results: list[RelayResult] = []
+
+    async def router(request: web.Request) -> web.StreamResponse:
+        timeouts = Timeouts(connect_s=2.0, first_byte_s=5.0, idle_s=0.3, total_s=30.0)
+        async with aiohttp.ClientSession() as session:
+            up = await open_upstream(session, str(upstream.make_url("/e")), b"{}", {}, timeouts, frozenset())
+            resp = web.StreamResponse()
+            await resp.prepare(request)
+            results.append(await relay_sse(up, resp, timeouts.idle_s, strip))
+            up.close()
+            return resp
+
+    engine_app, router_app = web.Application(), web.Application()
+    engine_app.router.add_post("/e", engine)
+    router_app.router.add_get("/", router)
+    async with (TestServer(engine_app) as upstream, TestServer(router_app) as front,
+                aiohttp.ClientSession() as client, client.get(front.make_url("/")) as r):
+        body = await r.read()
+    return body, results[0]
+
+
+async def test_events_split_across_reads_arrive_whole_and_in_order() -> None:
+    a, b = event({"choices": [{"delta": {"content": "a"}}]}), event({"choices": [{"delta": {"content": "b"}}]})
+    body, result = await relay([a[:5], a[5:] + b[:9], b[9:], b"data: [DONE]\n\n"])
+    assert body == a + b + b"data: [DONE]\n\n"
+    assert result.error is None and result.bytes_out == len(body) and result.first_byte_at is not None
+
+
+async def test_the_usage_is_read_and_the_usage_only_event_the_router_asked_for_is_not_forwarded() -> None:
+    token = event({"choices": [{"delta": {"content": "a"}}], "usage": None})
+    usage_only = event({"choices": [], "usage": USAGE})
+    body, result = await relay([token, usage_only + b"data: [DONE]\n\n"])
+    assert body == token + b"data: [DONE]\n\n"
+    assert result.usage == USAGE
+
+
+async def test_the_usage_only_event_is_forwarded_when_the_client_asked_for_usage() -> None:
+    usage_only = event({"choices": [], "usage": USAGE})
+    body, result = await relay([usage_only, b"data: [DONE]\n\n"], strip=False)
+    assert body == usage_only + b"data: [DONE]\n\n" and result.usage == USAGE
+
+
+@pytest.mark.parametrize("tail", [b"", b"data: {\"partial"], ids=["between-events", "mid-event"])
+async def test_an_upstream_that_stalls_past_idle_s_ends_the_stream_with_an_error_event(tail: bytes) -> None:
+    first = event({"choices": [{"delta": {"content": "a"}}]})
+    body, result = await relay([first, tail] if tail else [first], stall_s=3.0)
+    assert result.error == "replica sent nothing for 0.3s"
+    assert body.startswith(first + tail) and b'"type": "server_error"' in body and body.endswith(b"\n\n")
+
+
+async def test_token_events_read_together_with_the_usage_event_are_all_forwarded() -> None:
+    tokens = [event({"choices": [{"delta": {"content": c}}], "usage": None}) for c in "abc"]
+    usage_only = event({"choices": [], "usage": USAGE})
+    body, result = await relay([b"".join(tokens) + usage_only + b"data: [DONE]\n\n"])
+    assert body == b"".join(tokens) + b"data: [DONE]\n\n" and result.usage == USAGE
