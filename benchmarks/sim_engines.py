@@ -89,20 +89,23 @@ class ChainEncoder:
     Why: the engine's block ``i`` holds tokens ``[16 i, 16 i + 16)``, i.e. characters ``[64 i, 64 i + 64)``
     of the rendered prompt, so two prompts share block ``i`` exactly when they share those characters and
     everything before (a hash chain). Chains of message prefixes are cached (LRU), so a shared system
-    prompt or conversation history is hashed once; the last message's result is cached too, so the same
-    workload run under several policies is hashed once.
+    prompt or conversation history is hashed once; whole prompts are cached in a second, smaller LRU, so
+    the same workload run under several policies is hashed once, while a million unique questions cannot
+    push the shared prefixes out.
     """
 
-    def __init__(self, chars_per_token: int = 4, block_size: int = 16, max_prefixes: int = 8192) -> None:
+    def __init__(self, chars_per_token: int = 4, block_size: int = 16, max_prefixes: int = 1 << 16,
+                 max_prompts: int = 8192) -> None:
         self.render = SimBackend(SimConfig(profile="instant", num_blocks=16,
                                            chars_per_token=chars_per_token)).render_chat
         self.tail = self.render([])
         self.c = chars_per_token
         self.block_size = block_size
         self.span = chars_per_token * block_size
-        self.max_prefixes = max_prefixes
-        self._prefixes: OrderedDict[tuple[Any, ...], tuple[list[int], str, int]] = OrderedDict()
-
+        self.limits = (max_prefixes, max_prompts)
+        # message prefixes that more messages followed / whole prompts: (chain, rest, characters)
+        self._lrus: tuple[OrderedDict[tuple[Any, ...], tuple[list[int], str, int]], ...] = (
+            OrderedDict(), OrderedDict())
 
     def encode(self, messages: Sequence[dict[str, Any]]) -> tuple[int, list[int]]:
         """Prompt token count and the hashes of its full blocks (a list the caller may keep)."""
@@ -111,12 +114,14 @@ class ChainEncoder:
         chars = 0
         key: tuple[Any, ...] = ()
         tail_len = len(self.tail)
-        for m in messages:
+        last = len(messages) - 1
+        for k, m in enumerate(messages):
             calls = m.get("tool_calls")
             key = (*key, (m.get("role"), m.get("content"), repr(calls) if calls else None))
-            cached = self._prefixes.get(key)
+            lru = self._lrus[k == last]
+            cached = lru.get(key)
             if cached is not None:
-                self._prefixes.move_to_end(key)
+                lru.move_to_end(key)
                 chain, rest, chars = cached[0].copy(), cached[1], cached[2]
                 continue
             part = self.render([m])
@@ -126,9 +131,9 @@ class ChainEncoder:
             full = len(s) - len(s) % self.span
             extend_chain(chain, s, full, self.span)
             rest = s[full:]
-            self._prefixes[key] = (chain.copy(), rest, chars)
-            if len(self._prefixes) > self.max_prefixes:
-                self._prefixes.popitem(last=False)
+            lru[key] = (chain.copy(), rest, chars)
+            if len(lru) > self.limits[k == last]:
+                lru.popitem(last=False)
         s = rest + self.tail
         tokens = -(-(chars + tail_len) // self.c)
         missing = tokens // self.block_size - len(chain)  # the last block may end in a short chunk

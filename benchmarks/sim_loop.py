@@ -159,6 +159,7 @@ class _Sim:
         self.encoder = PromptEncoder() if not self.fast else None
         self.chains = shared_chain_encoder() if self.fast else None
         self.sessions = workload.sessions
+        self.num_requests = workload.num_requests  # once: a lazily built workload builds sessions to count
         self.records: list[RequestRecord] = []
         self.reasons: Counter[str] = Counter()
         self.inflight: dict[str, _Req] = {}
@@ -318,7 +319,7 @@ class _Sim:
                     break
                 self.push(at, _SESSION, s_idx)
         deadline = t_real + max_real_s
-        max_events = 64 * (min(load.max_requests, self.workload.num_requests) + 16) * (1 + 64) + 10_000_000
+        max_events = 64 * (min(load.max_requests, self.num_requests) + 16) * (1 + 64) + 10_000_000
         events = 0
         last_t = 0.0
         # The run allocates millions of small objects (records, heap entries) and keeps them; the cyclic
@@ -361,7 +362,7 @@ class _Sim:
             if gc_was_enabled:
                 gc.enable()
         records = self.records
-        if self.left <= 0 and self.stopped_by == "done" and len(records) < self.workload.num_requests:
+        if self.left <= 0 and self.stopped_by == "done" and len(records) < self.num_requests:
             self.stopped_by = "count"
         records.sort(key=lambda r: r.start_s)
         wall = max((r.start_s + r.e2e_s for r in records), default=last_t)

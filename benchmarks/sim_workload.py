@@ -45,12 +45,20 @@ class _LazySessions(Sequence[wl.Session]):
         return (self[i] for i in range(self.n))
 
 
+class _ScaleWorkload(wl.Workload):
+    """One request per session, so counting requests need not build every session."""
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.sessions)
+
+
 def scale_workload(requests: int, replicas: int, *, seed: int = 0, system_tokens: int = 512,
                    question_tokens: int = 64, output_tokens: int = 32,
                    groups_per_replica: int = 16) -> wl.Workload:
     """gsp at fleet scale: ``groups_per_replica x replicas`` groups, one request per session, lazily built."""
     groups = max(1, min(requests, groups_per_replica * replicas))
     sessions = _LazySessions(requests, groups, system_tokens, question_tokens, output_tokens, seed)
-    return wl.Workload("gsp-scale", sessions, {  # type: ignore[arg-type]
+    return _ScaleWorkload("gsp-scale", sessions, {  # type: ignore[arg-type]
         "requests": requests, "groups": groups, "system_tokens": system_tokens,
         "question_tokens": question_tokens, "output_tokens": output_tokens, "seed": seed})
