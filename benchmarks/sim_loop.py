@@ -144,7 +144,6 @@ class _Sim:
         self.poll_interval_s, self.stale_after_s = poll_interval_s, stale_after_s
         self.keep_itl, self.exact_tokens = keep_itl, exact_tokens
         self.fast = engine == "fast"
-        self.policy = policy
         self.core = RoutingCore(policy, stale_after_s)
         cfgs = [SchedulerConfig.from_profile(p, num_blocks=num_blocks) for p in profs]
         self.engines = [make_engine(engine, c, p, keep_itl) for c, p in zip(cfgs, profs, strict=True)]
