@@ -168,18 +168,19 @@ class FastEngine:
         n -= take
         self._queued -= n
         lru, ref, runs = self.lru, self.ref, self._runs
+        pop = lru.popitem
         while n > 0:
-            k = next(iter(lru))
+            k = pop(last=False)[0]
             if k >= 0:
-                lru.popitem(last=False)
                 del ref[k]
                 n -= 1
                 continue
             c = runs[k]
-            if c > n:
+            if c > n:  # part of a run: the rest stays at the head of the queue
                 runs[k] = c - n
+                lru[k] = None
+                lru.move_to_end(k, last=False)
                 return
-            lru.popitem(last=False)
             del runs[k]
             n -= c
 
@@ -319,7 +320,8 @@ class FastEngine:
             if need > 0:
                 self._pop(need)
                 s.held += need
-            self._publish(s, s.computed + n)
+            if len(s.keys) < len(s.chain):  # a decode has published its whole prompt already
+                self._publish(s, s.computed + n)
             scheduled.append((s, n))
             budget -= n
             i += 1
