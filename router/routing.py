@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from router.features.parse import RequestFeatures
 from router.policies.base import Decision, Outcome, Policy
-from router.replica_view import DEFAULT_STALE_AFTER_S, ReplicaView
-from router.replicas.state import Lease, ReplicaState
+from router.replica_view import ReplicaView
+from router.replicas.state import DEFAULT_STALE_AFTER_S, Lease, ReplicaState
 
 log = logging.getLogger("router.routing")
 
