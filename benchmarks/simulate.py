@@ -6,599 +6,51 @@
     python -m benchmarks.simulate --scale --engine fast --replicas 1000 --requests 1000000 --policies round_robin
 
 Why: the live benchmark runs the real router and real sim engine servers, so it is faithful but bound to
-what two cores can serve (a handful of replicas, a few hundred requests). This drives the SAME objects
-without HTTP or asyncio: every replica is an `engine_server.sim.scheduler.Scheduler` (the very
-continuous-batching scheduler and paged prefix cache the sim engine server steps), every decision is a
-`router.policies` policy's ``choose -> on_dispatch -> on_complete`` on `ReplicaView`s built the way the
-router builds them, and one event heap orders everything in virtual time:
+what two cores can serve (a handful of replicas, a few hundred requests). The simulator drives the SAME
+objects without HTTP or asyncio: the router's routing step (`router.routing`) over real `ReplicaState`s,
+and the sim engine's `Scheduler` (or its fast model, `engine_server.sim.fast`) per replica.
 
-- a replica's step: when it starts, ``Scheduler.step()`` runs (blocks allocated and published then, as in
-  the engine loop); its outputs are delivered ``duration`` later, and the next step starts at once if
-  work remains. Requests that arrive meanwhile wait for that next step, as in the live engine.
-- a request: the client's send; the policy decides at once on the current views and the request enters
-  the chosen replica's waiting queue (no network, no router CPU time).
-- a load poll every ``poll_interval_s``: every replica's report (running, waiting, KV blocks) is copied
-  into its view with its age, as the router's poller does; in-flight counters are always current.
+This module is the command line (and ``--against-live``); the pieces are:
 
-``--engine fast`` swaps each replica's stepped `Scheduler` for `benchmarks.sim_fast.FastEngine` (same
-batching and prefix-cache rules, decode windows advanced in one event), several times faster.
+- `benchmarks.sim_loop`: the event loop, `simulate()` and `SimRun`;
+- `benchmarks.sim_engines`: prompts as the engine sees them and the two engine models;
+- `benchmarks.sim_workload`: the lazily built fleet-scale workload of ``--scale``.
 
-Load follows `benchmarks.loadgen` exactly (closed-loop clients pulling sessions, Poisson session starts,
-or trace timestamps; turns of a session in order; ``max_requests`` and ``max_s`` bounds, here in virtual
-seconds), and every request yields a `RequestRecord`, so `benchmarks.metrics.summarize_run` reads
-simulated and live runs alike. See docs/simulator.md for what is and is not modelled and how well it
-agrees with the live benchmark.
+Load follows `benchmarks.lib.loadgen` exactly, and every request yields a `RequestRecord`, so
+`benchmarks.lib.metrics.summarize_run` reads simulated and live runs alike. See docs/simulator.md for what is
+and is not modelled and how well it agrees with the live benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import heapq
 import math
-import random
 import sys
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.lib import workloads as wl
 from benchmarks.lib.cli_help import DefaultsHelpFormatter
-from benchmarks.lib.defaults import MODEL, PROFILE_COST_PARAMS, RESULTS_DIR
-from benchmarks.lib.loadgen import LoadSpec, RequestRecord, arrival_times
+from benchmarks.lib.defaults import PROFILE_COST_PARAMS, RESULTS_DIR
+from benchmarks.lib.loadgen import LoadSpec
 from benchmarks.lib.metrics import summarize_run
 from benchmarks.lib.report import format_table, machine_info, write_json
-from benchmarks.sim_fast import ChainEncoder, Emit, FastEngine
-from engine_server.backend import BackendError
-from engine_server.sim.backend import SimBackend, SimConfig
-from engine_server.sim.scheduler import RequestOutput, Scheduler, SchedulerConfig, SimRequest
-from engine_server.sim.timing import PROFILES, TimingProfile, get_profile
-from engine_server.sim.tokenizer import DEFAULT_VOCAB_SIZE, SimTokenizer, output_seed
-from router.features import HashingConfig, RequestFeatures, features_from_body
+from benchmarks.sim_engines import ENGINES, PromptEncoder
+from benchmarks.sim_loop import DEFAULT_POLL_S, DEFAULT_STALE_S, SimRun, simulate
+from benchmarks.sim_workload import scale_workload
+from engine_server.sim.timing import PROFILES, get_profile
 from router.policies import POLICY_NAMES, create_policy
-from router.policies.base import Decision, Outcome, Policy
-from router.replica_view import ReplicaView
 
-DEFAULT_POLL_S = 0.5  # config.router LoadConfig.poll_interval_s default
-DEFAULT_STALE_S = 3.0  # config.router LoadConfig.stale_after_s default
+__all__ = ["PROFILE_COST_PARAMS", "PromptEncoder", "SimRun", "main", "scale_workload", "simulate"]
+
 # Agreement tolerance of --against-live (docs/simulator.md explains the choice).
 TOL_HIT_ABS = 0.05
 TOL_TTFT_REL = 0.25
 TOL_THROUGHPUT_REL = 0.15
-
-# event kinds, ordered so that simultaneous events are handled deterministically by push order
-_STEP_DONE, _SEND, _SESSION, _POLL = 0, 1, 2, 3
-
-
-# -- the engine side: prompts as the sim engine tokenizes them ------------------------------------------
-
-
-class PromptEncoder:
-    """Render a chat with the sim engine's template and tokenize it, reusing work for shared prefixes.
-
-    Why: tokenizing is the sim engine's per-request cost (one hash per 4 characters), and workloads
-    re-send long shared prefixes (group system prompts, conversation histories). The tokenizer cuts
-    fixed 4-character chunks from the start, so the tokens of a message prefix cut at a multiple of 4
-    characters never change when more text follows; those are cached (LRU, bounded) per message prefix.
-    The result is exactly ``SimTokenizer.encode(SimBackend.render_chat(messages))`` (a test checks it).
-    """
-
-    def __init__(self, chars_per_token: int = 4, max_prefixes: int = 4096) -> None:
-        self.tokenizer = SimTokenizer(chars_per_token)
-        self.render = SimBackend(SimConfig(profile="instant", num_blocks=16,
-                                           chars_per_token=chars_per_token)).render_chat
-        self.tail = self.render([])  # what the template appends after the last message
-        self.c = chars_per_token
-        self.max_prefixes = max_prefixes
-        self._prefixes: OrderedDict[tuple[tuple[str, str], ...], tuple[list[int], str]] = OrderedDict()
-        self._chunks: dict[str, int] = {}
-
-    def _encode(self, text: str) -> list[int]:
-        chunks, encode, c = self._chunks, self.tokenizer.encode, self.c
-        out = []
-        for i in range(0, len(text), c):
-            piece = text[i:i + c]
-            t = chunks.get(piece)
-            if t is None:
-                t = chunks[piece] = encode(piece)[0]
-                if len(chunks) > 1 << 20:  # bounded: pseudo-word text has few distinct chunks anyway
-                    chunks.clear()
-            out.append(t)
-        return out
-
-    def encode(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], str]:
-        """(prompt token ids, rendered prompt text) as the engine would see them."""
-        ids: list[int] = []
-        rest = ""
-        key: tuple[tuple[str, str], ...] = ()
-        texts: list[str] = []
-        for k, m in enumerate(messages):
-            key = (*key, (str(m.get("role")), str(m.get("content"))))
-            cached = self._prefixes.get(key) if k < len(messages) - 1 else None
-            part = self.render([m])[: -len(self.tail)] if self.tail else self.render([m])
-            texts.append(part)
-            if cached is not None:
-                self._prefixes.move_to_end(key)
-                ids, rest = cached[0].copy(), cached[1]
-                continue
-            s = rest + part
-            cut = len(s) - len(s) % self.c
-            ids.extend(self._encode(s[:cut]))
-            rest = s[cut:]
-            if k < len(messages) - 1:
-                self._prefixes[key] = (ids.copy(), rest)
-                if len(self._prefixes) > self.max_prefixes:
-                    self._prefixes.popitem(last=False)
-        ids.extend(self._encode(rest + self.tail))
-        return ids, "".join(texts) + self.tail
-
-
-class FastOutput:
-    """A cheap stand-in for the engine's `OutputStream`: deterministic ids from the same greedy seed.
-
-    Why: generated text never reaches a metric here (workloads re-send canned answers, not the engine's),
-    only its KV blocks do, and those are hashed from token ids that are unique per prompt either way.
-    Use ``exact_tokens=True`` to run the engine's own stream instead (about 2 us per token more).
-    """
-
-    __slots__ = ("_x",)
-
-    def __init__(self, seed: int) -> None:
-        self._x = seed & 0xFFFFFFFFFFFFFFFF
-
-    def next_token(self) -> tuple[int, str]:
-        self._x = (self._x * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
-        return (self._x >> 33) % DEFAULT_VOCAB_SIZE, ""
-
-
-class ExactEngine:
-    """The real `Scheduler` behind the interface `FastEngine` offers: one segment is one `step()`.
-
-    Why: one event loop drives either engine model; this one steps per token (faithful by construction),
-    the fast one jumps decode windows (`benchmarks.sim_fast`).
-    """
-
-    def __init__(self, config: SchedulerConfig, timing: TimingProfile) -> None:
-        self.sched = Scheduler(config, timing)
-        self.num_blocks = config.num_blocks
-        self.block_size = config.block_size
-        self.max_num_seqs = config.max_num_seqs
-        self.epoch = 0
-        self._outputs: list[RequestOutput] = []
-
-    @property
-    def has_work(self) -> bool:
-        return self.sched.has_work
-
-    @property
-    def steps(self) -> int:
-        return self.sched.stats.steps
-
-    @property
-    def preemptions(self) -> int:
-        return self.sched.stats.preemptions
-
-    def load(self) -> tuple[int, int, int]:
-        s = self.sched
-        return s.num_running, s.num_waiting, s.kv.num_used_blocks
-
-    def start(self, now: float) -> float:
-        """Run the step now (blocks allocated and published as in the engine loop); return its end."""
-        self.epoch += 1
-        result = self.sched.step()
-        self._outputs = result.outputs
-        return now + result.duration_s
-
-    def finish(self, now: float) -> list[RequestOutput]:
-        return self._outputs
-
-    def arrive(self, now: float) -> float | None:
-        return None  # a request arriving mid-step waits for the next step
-
-
-ENGINES = ("exact", "fast")
-
-
-# -- the simulated fleet -----------------------------------------------------------------------------
-
-
-@dataclass(eq=False, slots=True)
-class _Req:
-    """One dispatched request's bookkeeping on the router and client side."""
-
-    session: int
-    turn: int
-    sess: wl.Session  # kept: a lazily built workload's sessions cost something to index
-    features: RequestFeatures
-    decision: Decision
-    replica: int
-    start_s: float
-    prompt_tokens: int
-    ttft_s: float | None = None
-    last_s: float = 0.0
-    itl: list[float] | None = None
-    tokens_held: bool = True
-    gap_sum: float = 0.0
-    gaps: int = 0
-
-
-@dataclass(eq=False, slots=True)
-class _Replica:
-    name: str
-    engine: ExactEngine | FastEngine
-    in_flight: int = 0
-    in_flight_tokens: int = 0
-    stepping: bool = False  # a step is under way (its _STEP_DONE event is in the heap)
-    load: tuple[int, int, int] | None = None  # running, waiting, kv blocks used at the last poll
-    load_at: float = 0.0
-    served: int = 0
-
-
-@dataclass
-class SimRun:
-    """One simulated run: the same records a live run yields, plus what the simulator itself saw."""
-
-    policy: str
-    records: list[RequestRecord]
-    wall_s: float  # virtual seconds from the first send to the last completion
-    per_replica: dict[str, int]
-    reasons: Counter[str]
-    real_s: float  # real seconds the simulation took
-    cpu_s: float  # CPU seconds of this process meanwhile (real_s minus what other jobs took from it)
-    stopped_by: str
-    steps: int
-    events: int
-    preemptions: int
-
-    def summary(self) -> dict[str, Any]:
-        s = summarize_run(self.records, self.wall_s, per_replica=self.per_replica)
-        s["decisions"] = dict(self.reasons)
-        s["sim"] = {"real_s": round(self.real_s, 3), "cpu_s": round(self.cpu_s, 3), "steps": self.steps,
-                    "events": self.events,
-                    "preemptions": self.preemptions,
-                    "requests_per_real_s": round(len(self.records) / self.real_s, 1) if self.real_s else math.nan,
-                    "requests_per_cpu_s": round(len(self.records) / self.cpu_s, 1) if self.cpu_s else math.nan}
-        return s
-
-
-def simulate(workload: wl.Workload, replicas: int, policy_name: str, policy_params: dict[str, Any] | None = None,
-             *, profile: str | TimingProfile | Sequence[str | TimingProfile] = "llmd-8b",
-             num_blocks: int | None = None, load: LoadSpec,
-             poll_interval_s: float = DEFAULT_POLL_S, stale_after_s: float = DEFAULT_STALE_S, seed: int = 1,
-             hashing: HashingConfig | None = None, keep_itl: bool = True, exact_tokens: bool = False,
-             max_real_s: float = 3600.0, policy: Policy | None = None, engine: str = "exact") -> SimRun:
-    """Run ``workload`` on ``replicas`` simulated engines behind policy ``policy_name``, in virtual time.
-
-    ``profile`` is one timing profile (name or object) for every replica, or one per replica.
-    ``load`` has `benchmarks.loadgen` semantics; its ``max_s`` bounds virtual time (no request starts
-    later) and ``max_real_s`` bounds the real time spent (then it stops like a deadline). ``seed`` seeds
-    the policy's tie-breaks; Poisson arrivals use ``load.seed`` as the load generator does.
-    ``keep_itl=False`` keeps only each request's mean gap (memory for million-request runs).
-    ``engine="fast"`` replaces the stepped `Scheduler` with `benchmarks.sim_fast.FastEngine` (decode
-    windows in one event; docs/simulator.md has how well the two agree).
-    """
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    fast = engine == "fast"
-    t_real, t_cpu = time.perf_counter(), time.process_time()
-    if isinstance(profile, (str, TimingProfile)):
-        profile = [profile] * replicas
-    if len(profile) != replicas:
-        raise ValueError(f"{len(profile)} profiles for {replicas} replicas")
-    profs = [get_profile(p) if isinstance(p, str) else p for p in profile]
-    hashing = hashing or HashingConfig()
-    if policy is None:
-        policy = create_policy(policy_name, seed=seed, **(policy_params or {}))
-    cfgs = [SchedulerConfig.from_profile(p, num_blocks=num_blocks) for p in profs]
-    reps = [_Replica(f"r{i}", FastEngine(c, p, keep_itl) if fast else ExactEngine(c, p))
-            for i, (c, p) in enumerate(zip(cfgs, profs, strict=True))]
-    for r in reps:
-        policy.on_replica_added(r.name)
-    by_name = {r.name: i for i, r in enumerate(reps)}
-    url = "http://sim"
-    views: list[ReplicaView] = [_view(r, url, 0.0, stale_after_s) for r in reps]
-    encoder = PromptEncoder() if not fast else None
-    chains = _chain_encoder() if fast else None
-    sessions = workload.sessions
-    records: list[RequestRecord] = []
-    reasons: Counter[str] = Counter()
-    inflight: dict[str, _Req] = {}
-    # (time, when the stepped engine would have pushed it, push counter, kind, payload): simultaneous
-    # events go in push order; a fast engine's window end counts as pushed when its last step starts.
-    heap: list[tuple[float, float, int, int, Any]] = []
-    now_s = 0.0
-    counter = 0
-    left = load.max_requests
-    stopped_by = "done"
-    last_t = 0.0
-    events = 0
-
-    def push(t: float, kind: int, payload: Any, pushed_at: float | None = None) -> None:
-        nonlocal counter
-        counter += 1
-        heapq.heappush(heap, (t, now_s if pushed_at is None else pushed_at, counter, kind, payload))
-
-    def take(now: float) -> bool:
-        """loadgen's budget: no request starts past the count or the (virtual) deadline."""
-        nonlocal left, stopped_by
-        if left <= 0:
-            stopped_by = "count"
-            return False
-        if now > load.max_s:
-            stopped_by = "time"
-            return False
-        left -= 1
-        return True
-
-    def refresh(i: int, now: float) -> None:
-        views[i] = _view(reps[i], url, now, stale_after_s)
-
-    def send(s_idx: int, turn: int, now: float, session: wl.Session | None = None) -> None:
-        session = session or sessions[s_idx]
-        if not take(now):
-            return
-        req = session.turns[turn]
-        rid = f"{session.id}-{turn}"
-        features = features_from_body(req.body(MODEL), "chat", rid, hashing)
-        decision = policy.choose(features, views)
-        i = by_name[decision.replica]
-        rep = reps[i]
-        policy.on_dispatch(features, decision)
-        reasons[decision.reason] += 1
-        eng = rep.engine
-        rep.in_flight += 1
-        rep.in_flight_tokens += features.token_estimate
-        try:
-            if chains is not None:
-                num_prompt, chain = chains.encode(req.messages)
-                eng.add(rid, num_prompt, chain, req.max_tokens)  # type: ignore[union-attr]
-            else:
-                assert encoder is not None
-                prompt_ids, text = encoder.encode(req.messages)
-                num_prompt = len(prompt_ids)
-                out_seed = output_seed(0, rid, text, None, 0.0)
-                stream = SimTokenizer().output_stream(out_seed) if exact_tokens else FastOutput(out_seed)
-                eng.sched.add(SimRequest(rid, prompt_ids, req.max_tokens, stream))  # type: ignore
-        except BackendError as exc:  # e.g. context length exceeded: the engine answers before any output
-            rep.in_flight -= 1
-            rep.in_flight_tokens -= features.token_estimate
-            policy.on_complete(features, decision, Outcome(ok=False, status=exc.status, error_kind="status"))
-            records.append(RequestRecord(session.id, turn, exc.status, now, 0.0, prompt_tokens=0,
-                                         replica=rep.name, error=str(exc)))
-            refresh(i, now)
-            push(now, _SEND, (s_idx, turn + 1))  # loadgen goes on with the next turn
-            return
-        st = _Req(s_idx, turn, session, features, decision, i, now, num_prompt, last_s=now,
-                  itl=[] if keep_itl and not fast else None)
-        inflight[rid] = st
-        rep.served += 1
-        refresh(i, now)
-        if not rep.stepping:
-            start_step(i, now)
-        elif (end := eng.arrive(now)) is not None:  # a fast engine's decode window ends early
-            push(end, _STEP_DONE, (i, eng.epoch), getattr(eng, "last_start", now))
-
-    def start_step(i: int, now: float) -> None:
-        eng = reps[i].engine
-        end = eng.start(now)
-        reps[i].stepping = True
-        push(end, _STEP_DONE, (i, eng.epoch), getattr(eng, "last_start", now))
-
-    def deliver(i: int, outputs: Sequence[RequestOutput | Emit], now: float,
-                follow: list[tuple[int, int, wl.Session]]) -> None:
-        rep = reps[i]
-        changed = False
-        for out in outputs:
-            st = inflight.get(out.request_id)
-            if st is None:
-                continue
-            if out.first:
-                st.ttft_s = now - st.start_s
-                if st.tokens_held:  # the router drops the prompt from in-flight tokens at the first byte
-                    st.tokens_held = False
-                    rep.in_flight_tokens -= st.features.token_estimate
-                    changed = True
-            elif st.itl is not None:
-                st.itl.append(now - st.last_s)
-            elif not fast:
-                st.gap_sum += now - st.last_s
-                st.gaps += 1
-            st.last_s = now
-            if out.finish_reason is None:
-                continue
-            del inflight[out.request_id]
-            rep.in_flight -= 1
-            changed = True
-            session = st.sess
-            if fast:
-                itl = out.itl  # type: ignore[union-attr]
-            else:
-                itl = st.itl if st.itl is not None else [st.gap_sum / st.gaps] if st.gaps else []
-            rec = RequestRecord(session.id, st.turn, 200, st.start_s, now - st.start_s, st.ttft_s, itl,
-                                out.prompt_tokens,
-                                out.completion_tokens, out.cached_tokens, rep.name)
-            records.append(rec)
-            policy.on_complete(st.features, st.decision, Outcome(
-                ok=True, status=200, ttft_s=st.ttft_s, prompt_tokens=out.prompt_tokens,
-                cached_tokens=out.cached_tokens, completion_tokens=out.completion_tokens, e2e_s=now - st.start_s))
-            follow.append((st.session, st.turn + 1, session))
-        if changed:
-            refresh(i, now)
-
-    def poll(now: float) -> None:
-        for i, rep in enumerate(reps):
-            rep.load = rep.engine.load()
-            rep.load_at = now
-            refresh(i, now)
-
-    def start_session(s_idx: int, now: float) -> None:
-        push(now, _SEND, (s_idx, 0))
-
-    def proceed(s_idx: int, turn: int, now: float, session: wl.Session | None = None) -> None:
-        """A session's next turn, or (closed loop) the client's next session, as loadgen's clients do."""
-        session = session or sessions[s_idx]
-        if turn < len(session.turns):
-            send(s_idx, turn, now, session)
-        elif closed:
-            if left <= 0 or now > load.max_s:
-                take(now)  # records why the client stopped
-                return
-            nxt = next(next_session, None)
-            if nxt is not None:
-                send(nxt, 0, now)
-
-    # -- load: loadgen's three modes -----------------------------------------------------------------
-    next_session: Iterator[int] = iter(range(len(sessions)))
-    closed = load.mode == "concurrency"
-    poll(0.0)
-    push(poll_interval_s, _POLL, None)
-    if closed:
-        for _ in range(max(1, load.concurrency or 1)):
-            s_idx = next(next_session, None)
-            if s_idx is None:
-                break
-            start_session(s_idx, 0.0)
-    else:
-        for s_idx, at in enumerate(arrival_times(workload, load)):
-            if at > load.max_s:
-                stopped_by = "time"
-                break
-            push(at, _SESSION, s_idx)
-
-    pending_work = 0  # sessions still to be sent or running, so polls stop when nothing is left
-    deadline = t_real + max_real_s
-    max_events = 64 * (min(load.max_requests, workload.num_requests) + 16) * (1 + 64) + 10_000_000
-    # The run allocates millions of small objects (records, heap entries) and keeps them; the cyclic
-    # collector would rescan them again and again for nothing, so it is paused for the loop.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        while heap and events < max_events:
-            t, _, _, kind, payload = heapq.heappop(heap)
-            now_s = t
-            events += 1
-            if kind == _STEP_DONE:
-                i, epoch = payload
-                rep = reps[i]
-                if epoch != rep.engine.epoch:
-                    continue  # a decode window that an arrival cut short
-                follow: list[tuple[int, int, wl.Session]] = []
-                deliver(i, rep.engine.finish(t), t, follow)
-                rep.stepping = False
-                if rep.engine.has_work:
-                    start_step(i, t)
-                last_t = t
-                for s_idx, turn, session in follow:
-                    proceed(s_idx, turn, t, session)
-            elif kind == _SEND:
-                proceed(*payload, t)
-            elif kind == _SESSION:
-                if left > 0:
-                    send(payload, 0, t)
-                else:
-                    stopped_by = "count"
-            else:  # _POLL: keep polling while anything can still happen
-                poll(t)
-                pending_work = len(heap)
-                if pending_work or inflight:
-                    push(t + poll_interval_s, _POLL, None)
-            if events & 0x3FF == 1 and time.perf_counter() > deadline:
-                stopped_by = "time"
-                break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    if left <= 0 and stopped_by == "done" and len(records) < workload.num_requests:
-        stopped_by = "count"
-    records.sort(key=lambda r: r.start_s)
-    wall = max((r.start_s + r.e2e_s for r in records), default=last_t)
-    return SimRun(
-        policy=policy_name, records=records, wall_s=wall,
-        per_replica={r.name: r.served for r in reps},
-        reasons=reasons, real_s=time.perf_counter() - t_real, cpu_s=time.process_time() - t_cpu,
-        stopped_by=stopped_by,
-        steps=sum(r.engine.steps for r in reps), events=events,
-        preemptions=sum(r.engine.preemptions for r in reps))
-
-
-def _view(rep: _Replica, url: str, now: float, stale_after_s: float) -> ReplicaView:
-    """The view `ReplicaState.view` would build: router counters always, the engine report while fresh.
-
-    Views are rebuilt only when their replica changes (dispatch, first token, completion, poll); the
-    age is the one at rebuild time. With polls more often than ``stale_after_s`` (the default) a report
-    is never stale, so reading the age a little early never changes a fresh/stale verdict.
-    """
-    kv = rep.engine
-    load = rep.load
-    age = now - rep.load_at if load is not None else None
-    if load is None or age is None or age > stale_after_s:
-        return ReplicaView(rep.name, url, 1.0, rep.in_flight, rep.in_flight_tokens, 0, 0, 0, kv.num_blocks,
-                           kv.block_size, None, max_num_seqs=kv.max_num_seqs)
-    return ReplicaView(rep.name, url, 1.0, rep.in_flight, rep.in_flight_tokens, load[0], load[1], load[2],
-                       kv.num_blocks, kv.block_size, max(0.0, age), max_num_seqs=kv.max_num_seqs)
-
-
-_CHAINS: dict[int, ChainEncoder] = {}
-
-
-def _chain_encoder() -> ChainEncoder:
-    """One `ChainEncoder` per process, so runs of several policies over one workload hash it once."""
-    return _CHAINS.setdefault(0, ChainEncoder())
-
-
-# -- a workload for fleets of a thousand replicas ----------------------------------------------------------
-
-
-class _LazySessions(Sequence[wl.Session]):
-    """gsp-shaped sessions built on demand, so a million-request workload costs no memory up front.
-
-    Text comes from slices of one seeded pseudo-word pool instead of per-request generation: the same
-    shape as `workloads.gsp` (a group system prompt, then a unique question), built in microseconds.
-    """
-
-    def __init__(self, requests: int, groups: int, system_tokens: int, question_tokens: int,
-                 output_tokens: int, seed: int) -> None:
-        rng = random.Random(seed)
-        self.n, self.output_tokens = requests, output_tokens
-        self.pool = wl.text_of(rng, 1 << 18)  # 1 MiB of pseudo-words
-        span = len(self.pool) - (system_tokens + question_tokens) * wl.CHARS_PER_TOKEN
-        self.systems = [f"Group {g}. " + self._slice(rng.randrange(span), system_tokens) for g in range(groups)]
-        self.group_of = [rng.randrange(groups) for _ in range(requests)]
-        self.offset = [rng.randrange(span) for _ in range(requests)]
-        self.question_tokens = question_tokens
-
-    def _slice(self, start: int, tokens: int) -> str:
-        return self.pool[start:start + tokens * wl.CHARS_PER_TOKEN]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> wl.Session:  # type: ignore[override]
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        g = self.group_of[i]
-        question = f"Question {i}: " + self._slice(self.offset[i], self.question_tokens)
-        req = wl.Request(({"role": "system", "content": self.systems[g]},
-                          {"role": "user", "content": question}), self.output_tokens)
-        return wl.Session(id=f"s{i}", turns=(req,), group=f"g{g}")
-
-    def __iter__(self) -> Iterator[wl.Session]:
-        return (self[i] for i in range(self.n))
-
-
-def scale_workload(requests: int, replicas: int, *, seed: int = 0, system_tokens: int = 512,
-                   question_tokens: int = 64, output_tokens: int = 32,
-                   groups_per_replica: int = 16) -> wl.Workload:
-    """gsp at fleet scale: ``groups_per_replica x replicas`` groups, one request per session, lazily built."""
-    groups = max(1, min(requests, groups_per_replica * replicas))
-    sessions = _LazySessions(requests, groups, system_tokens, question_tokens, output_tokens, seed)
-    return wl.Workload("gsp-scale", sessions, {  # type: ignore[arg-type]
-        "requests": requests, "groups": groups, "system_tokens": system_tokens,
-        "question_tokens": question_tokens, "output_tokens": output_tokens, "seed": seed})
 
 
 # -- the command line ---------------------------------------------------------------------------------
@@ -683,7 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "writes benchmarks/results/simulate-<workload>.json.",
         formatter_class=DefaultsHelpFormatter)
     p.add_argument("--workload", choices=wl.NAMES, default="gsp",
-                   help="workload generator from benchmarks.workloads (ignored with --scale)")
+                   help="workload generator from benchmarks.lib.workloads (ignored with --scale)")
     p.add_argument("--trace", type=Path, default=None, help="JSONL trace for --workload trace (default: sample)")
     p.add_argument("--ratio", type=float, default=0.5, help="shared-prefix ratio for --workload prefix-sweep")
     p.add_argument("--full", action="store_true", help="the workload's literature-sized variant")
@@ -713,7 +165,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stale-after-s", type=float, default=DEFAULT_STALE_S,
                    help="load reports older than this read as missing, as in the router")
     p.add_argument("--engine", choices=ENGINES, default="exact",
-                   help="exact: step the sim engine's Scheduler per token; fast: benchmarks.sim_fast's "
+                   help="exact: step the sim engine's Scheduler per token; fast: engine_server.sim.fast's "
                         "model (same batching and prefix cache, decode windows in one event; ~10x+ faster)")
     p.add_argument("--exact-tokens", action="store_true",
                    help="generate output tokens with the engine's own stream (slower; same metrics)")

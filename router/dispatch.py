@@ -32,13 +32,12 @@ from router.policies.base import Decision, Outcome, Policy
 from router.proxy.relay import RelayResult, cached_tokens, relay_sse, usage_from_json
 from router.proxy.retry_budget import RetryBudget
 from router.proxy.upstream import Timeouts, UpstreamFailure, forward_headers, open_upstream
-from router.replica_view import LazyViews
 from router.replicas.state import Lease, ReplicaRegistry, ReplicaState
+from router.routing import Route, RoutingCore, failure
 from router.tracing import Tracing
 
 log = logging.getLogger("router.dispatch")
 
-LAZY_VIEWS_ABOVE = 64  # replicas; below, one list comprehension is cheaper than on-demand views
 UNKNOWN_MODEL = "unknown"  # metric label for model names no replica serves (labels stay bounded)
 
 
@@ -59,6 +58,7 @@ class Dispatcher:
                  metrics: RouterMetrics, settings: DispatchSettings, tracing: Tracing | None = None) -> None:
         self.registry = registry
         self.policy = policy
+        self.core = RoutingCore(policy, settings.stale_after_s, self._observe_decision)
         self.session = session
         self.metrics = metrics
         self.settings = settings
@@ -76,21 +76,12 @@ class Dispatcher:
         return UNKNOWN_MODEL
 
     def choose(self, features: RequestFeatures, candidates: list[ReplicaState]) -> tuple[Decision, ReplicaState]:
-        now = time.monotonic()
-        stale = self.settings.stale_after_s
-        # A large fleet's views are built as the policy reads them (cost reads only its candidates').
-        views = (LazyViews(candidates, now, stale) if len(candidates) > LAZY_VIEWS_ABOVE
-                 else [r.view(now, stale) for r in candidates])
-        t0 = time.perf_counter()
-        decision = self.policy.choose(features, views)
-        self.metrics.decision.labels(self.policy.name).observe(time.perf_counter() - t0)
+        route = self.core.choose(features, candidates, now=time.monotonic())
+        return route.decision, route.replica
+
+    def _observe_decision(self, decision: Decision, seconds: float) -> None:
+        self.metrics.decision.labels(self.policy.name).observe(seconds)
         self.metrics.decisions.labels(self.policy.name, decision.reason).inc()
-        chosen = next((r for r in candidates if r.name == decision.replica), None)
-        if chosen is None:  # a policy bug must not take the request down: fall back to the first candidate
-            log.error("policy %s chose unknown replica %r", self.policy.name, decision.replica)
-            chosen = candidates[0]
-            decision = Decision(replica=chosen.name, reason="fallback")
-        return decision, chosen
 
     async def handle(self, request: web.Request, path: str, body: dict[str, Any],
                      features: RequestFeatures) -> web.StreamResponse:
@@ -187,9 +178,8 @@ class Dispatcher:
                        features: RequestFeatures, decision: Decision, replica: ReplicaState, stream: bool,
                        strip_usage: bool, started: float, parent: Any = None, attempt: int = 0
                        ) -> web.StreamResponse:
-        with replica.lease(features.token_estimate) as lease:
+        with self.core.dispatch(Route(decision, replica), features) as lease:
             self.metrics.in_flight.labels(replica.name).set(replica.in_flight_requests)
-            self.policy.on_dispatch(features, decision)
             self._unreported.add(lease)
             if parent is not None and self.tracing is not None:
                 span = self.tracing.start_child(parent, "upstream", {
@@ -206,10 +196,9 @@ class Dispatcher:
                     cancelled = isinstance(exc, asyncio.CancelledError)
                     if cancelled:
                         self.metrics.client_disconnects.inc()
-                    self._finish(features, decision, lease, Outcome(
-                        ok=False, status=499 if cancelled else 500, ttft_s=None, prompt_tokens=None,
-                        cached_tokens=None, completion_tokens=None,
-                        error_kind="client_disconnect" if cancelled else "router_error"), health_failure=False)
+                    self._finish(features, decision, lease, failure(
+                        499 if cancelled else 500, "client_disconnect" if cancelled else "router_error"),
+                        health_failure=False)
                 raise
             finally:
                 self._unreported.discard(lease)
@@ -225,10 +214,9 @@ class Dispatcher:
         try:
             upstream = await open_upstream(self.session, replica.url + path, payload, headers, s.timeouts,
                                            s.retry_statuses, stream=stream)
-        except UpstreamFailure as failure:
-            self._finish(features, decision, lease, Outcome(
-                ok=False, status=failure.status or 0, ttft_s=None, prompt_tokens=None, cached_tokens=None,
-                completion_tokens=None, error_kind=failure.kind), health_failure=failure.health_failure)
+        except UpstreamFailure as exc:
+            self._finish(features, decision, lease, failure(exc.status or 0, exc.kind),
+                         health_failure=exc.health_failure)
             raise
         if stream:
             lease.first_token()  # engine servers send headers with the first token: prefill is done
@@ -239,7 +227,8 @@ class Dispatcher:
             return await self._relay_unary(upstream, features, decision, lease, started)
         finally:
             upstream.close()  # no-op after a full read; on disconnect/cancel it tells the engine at once
-            self.metrics.in_flight.labels(replica.name).set(replica.in_flight_requests - 1)
+            # the lease is released by then if the outcome was reported, else at the caller's block exit
+            self.metrics.in_flight.labels(replica.name).set(replica.in_flight_requests - (not lease.released))
 
     def _response_headers(self, upstream: aiohttp.ClientResponse, replica: ReplicaState,
                           features: RequestFeatures) -> dict[str, str]:
@@ -256,12 +245,10 @@ class Dispatcher:
             async with asyncio.timeout(max(0.0, started + self.settings.timeouts.total_s - time.monotonic())):
                 data = await upstream.read()
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
-            failure = UpstreamFailure("deadline" if isinstance(exc, TimeoutError) else "protocol",
-                                      f"reading the response failed: {exc.__class__.__name__}")
-            self._finish(features, decision, lease, Outcome(
-                ok=False, status=0, ttft_s=None, prompt_tokens=None, cached_tokens=None,
-                completion_tokens=None, error_kind=failure.kind), health_failure=failure.health_failure)
-            raise failure from exc
+            broken = UpstreamFailure("deadline" if isinstance(exc, TimeoutError) else "protocol",
+                                     f"reading the response failed: {exc.__class__.__name__}")
+            self._finish(features, decision, lease, failure(0, broken.kind), health_failure=broken.health_failure)
+            raise broken from exc
         usage = usage_from_json(data) if upstream.status == 200 else None
         elapsed = time.monotonic() - started
         self._finish(features, decision, lease, _outcome(upstream.status, elapsed, usage, elapsed),
@@ -284,9 +271,7 @@ class Dispatcher:
             # The client left: closing the upstream (in the caller's finally) aborts the engine request.
             self.metrics.client_disconnects.inc()
             log.info("rid=%s client disconnected from stream (replica %s)", features.request_id, replica.name)
-            self._finish(features, decision, lease, Outcome(
-                ok=False, status=499, ttft_s=None, prompt_tokens=None, cached_tokens=None,
-                completion_tokens=None, error_kind="client_disconnect"), health_failure=False)
+            self._finish(features, decision, lease, failure(499, "client_disconnect"), health_failure=False)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return resp
@@ -300,9 +285,7 @@ class Dispatcher:
             self.metrics.ttft.labels(self.model_label(features.model)).observe(ttft)
         self.metrics.e2e.labels(self.model_label(features.model)).observe(elapsed)
         if result.error is not None:
-            self._finish(features, decision, lease, Outcome(
-                ok=False, status=502, ttft_s=ttft, prompt_tokens=None, cached_tokens=None, completion_tokens=None,
-                error_kind="mid_stream"), health_failure=True)
+            self._finish(features, decision, lease, failure(502, "mid_stream", ttft), health_failure=True)
         else:
             outcome = _outcome(200, ttft, result.usage, elapsed)
             self._finish(features, decision, lease, outcome, health_failure=False)
@@ -314,21 +297,13 @@ class Dispatcher:
         if self._spans and (traced := self._spans.get(lease)) is not None:
             self._trace_outcome(*traced, outcome)
         replica = lease.replica
-        if health_failure:
-            lease.record_failure(outcome.error_kind or "error")
-        elif outcome.ok:
-            lease.record_success()
-        replica.record_usage(outcome.prompt_tokens, outcome.cached_tokens)
+        self.core.complete(Route(decision, replica), lease, features, outcome, health_failure=health_failure)
         status = str(outcome.status)
         self.metrics.requests.labels(self.model_label(features.model), replica.name, status).inc()
         if outcome.prompt_tokens:
             self.metrics.prompt_tokens.labels(replica.name).inc(outcome.prompt_tokens)
         if outcome.cached_tokens:
             self.metrics.cached_tokens.labels(replica.name).inc(outcome.cached_tokens)
-        try:
-            self.policy.on_complete(features, decision, outcome)
-        except Exception:  # feedback must never break the response path
-            log.exception("policy %s on_complete failed", self.policy.name)
 
     def _trace_outcome(self, span: Any, stream: bool, outcome: Outcome) -> None:
         assert self.tracing is not None

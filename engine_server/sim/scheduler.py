@@ -120,6 +120,32 @@ class _Seq:
     running: bool = False
 
 
+def check_request(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """The engine's refusal of a request that can never run (shared by `Scheduler` and the fast model)."""
+    if num_prompt_tokens < 1:
+        raise BackendError("prompt must not be empty", status=400, err_type="invalid_request_error")
+    if max_tokens < 1:
+        raise BackendError("max_tokens must be at least 1", status=400, err_type="invalid_request_error")
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise PromptTooLong(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
+            "in the completion)."
+        )
+
+
+def is_decode(n: int, num_output: int, num_computed: int, num_tokens: int) -> bool:
+    """A scheduled chunk of ``n`` tokens is a decode (not prefill/recompute) step: one new token after
+    the first, for a sequence whose every earlier token is computed. Step cost counts it as a decode."""
+    return n == 1 and num_output > 0 and num_computed == num_tokens - 1
+
+
+def may_admit(preempted: bool, num_waiting: int, budget: int, num_running: int, max_num_seqs: int) -> bool:
+    """Whether a step admits (another) waiting request: only when memory was not short this step (nobody
+    preempted), tokens remain in the budget and the batch has room."""
+    return not preempted and num_waiting > 0 and budget > 0 and num_running < max_num_seqs
+
+
 class Scheduler:
     """Continuous-batching scheduler + KV cache. Deterministic: same calls, same results."""
 
@@ -153,17 +179,7 @@ class Scheduler:
 
     def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise the error a request of this size would get, before anything is queued."""
-        if num_prompt_tokens < 1:
-            raise BackendError("prompt must not be empty", status=400, err_type="invalid_request_error")
-        if max_tokens < 1:
-            raise BackendError("max_tokens must be at least 1", status=400, err_type="invalid_request_error")
-        limit = self.config.effective_max_model_len
-        if num_prompt_tokens + max_tokens > limit:
-            raise PromptTooLong(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
-                "in the completion)."
-            )
+        check_request(num_prompt_tokens, max_tokens, self.config.effective_max_model_len)
 
     def add(self, request: SimRequest) -> None:
         self.check(len(request.prompt_token_ids), request.max_tokens)
@@ -218,7 +234,7 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests, FCFS, only if memory was not short this step.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        while may_admit(bool(preempted), len(self.waiting), budget, len(self.running), cfg.max_num_seqs):
             seq = self.waiting[0]
             extend_block_hashes(seq.hashes, seq.token_ids, cfg.block_size, cfg.hash_seed)
             hit = kv.lookup(seq.hashes, len(seq.token_ids))
@@ -239,7 +255,7 @@ class Scheduler:
         # 3. Cost of the batch, then its results.
         prefill = decode = 0
         for seq, n in scheduled:
-            if n == 1 and seq.num_output > 0 and seq.num_computed == len(seq.token_ids) - 1:
+            if is_decode(n, seq.num_output, seq.num_computed, len(seq.token_ids)):
                 decode += 1
             else:
                 prefill += n

@@ -7,7 +7,7 @@ import pytest
 from benchmarks.lib import workloads as wl
 from benchmarks.lib.loadgen import LoadSpec, arrival_times
 from benchmarks.lib.metrics import summarize_run
-from benchmarks.sim_fast import ChainEncoder
+from benchmarks.sim_engines import ChainEncoder
 from benchmarks.simulate import PROFILE_COST_PARAMS, PromptEncoder, main, scale_workload, simulate
 from engine_server.sim.tokenizer import SimTokenizer
 
@@ -128,7 +128,7 @@ def test_cli_writes_json(tmp_path) -> None:
     assert out.exists() and "cost" in out.read_text()
 
 
-# -- the fast engine model (benchmarks.sim_fast) ------------------------------------------------------
+# -- the fast engine model (engine_server.sim.fast) ------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["gsp", "multiturn"])

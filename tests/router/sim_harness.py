@@ -4,8 +4,13 @@ Fake replicas keep a bounded LRU prefix cache of block hashes (a hit needs the w
 first block, as in vLLM) and serve prefills one at a time, FIFO, taking
 ``overhead_s + per_token_s * uncached tokens``; decoding then takes ``max_tokens * decode_s_per_token``
 (optionally slowed by each co-running sequence) without holding the prefill server. Closed-loop clients send their next request when the previous one
-completes. The router side keeps in-flight counters and builds `ReplicaView`s like the proxy will, and
-drives ``choose -> on_dispatch -> on_complete`` with engine-reported cached tokens.
+completes. The router side is the router's own: `router.routing.RoutingCore` over `ReplicaState`s (in-flight
+counters kept by leases, views built by ``ReplicaState.view``), fed a fresh load report before every
+decision (as if polled continuously), with engine-reported cached tokens as feedback.
+
+Why a fake engine next to `benchmarks.sim_loop` (which runs the same routing core over the sim engine's
+real scheduler): its one-prefill-at-a-time engine has analytic answers (the best hit rate of a pinned
+workload is a formula), so these tests judge policies against numbers, not against another model.
 
 Everything is seeded; a run of a few hundred requests takes milliseconds.
 """
@@ -22,6 +27,8 @@ from dataclasses import dataclass, field
 from router.features import HashingConfig, RequestFeatures, features_from_body, features_from_text
 from router.policies.base import Decision, Outcome, Policy, PolicyBase
 from router.replica_view import ReplicaView
+from router.replicas.state import Lease, LoadSnapshot, ReplicaState
+from router.routing import Route, RoutingCore
 
 MODEL = "sim-model"
 HASHING = HashingConfig()
@@ -54,26 +61,22 @@ class FakeReplica:
             self.cache.popitem(last=False)
         return hit
 
-    def view(self, in_flight_requests: int, in_flight_tokens: int) -> ReplicaView:
-        return ReplicaView(
-            name=self.name,
-            url=f"http://{self.name}",
-            in_flight_requests=in_flight_requests,
-            in_flight_tokens=in_flight_tokens,
-            running=self.running - len(self.queue),
-            waiting=len(self.queue),
-            kv_blocks_used=min(len(self.cache), self.capacity_blocks),
-            kv_blocks_total=self.capacity_blocks,
-            block_size=ENGINE_BLOCK_TOKENS,
-            load_age_s=0.0 if self.report_load else None,
-        )
+    def report(self, now: float) -> LoadSnapshot | None:
+        """The load report the router would hold at ``now``; None if this replica never reports."""
+        if not self.report_load:
+            return None
+        return LoadSnapshot(running=self.running - len(self.queue), waiting=len(self.queue),
+                            kv_blocks_used=min(len(self.cache), self.capacity_blocks),
+                            kv_blocks_total=self.capacity_blocks, block_size=ENGINE_BLOCK_TOKENS,
+                            prefix_cache_queries=0, prefix_cache_hits=0, received_at=now)
 
 
 @dataclass
 class _Job:
     client: int
     features: RequestFeatures
-    decision: Decision
+    route: Route
+    lease: Lease
     sent_at: float
 
 
@@ -141,7 +144,8 @@ def simulate(policy: Policy, workload: Workload, fleet: Fleet) -> SimResult:
     }
     for name in replicas:
         policy.on_replica_added(name)
-    in_flight = {name: [0, 0] for name in replicas}  # requests, prompt tokens not yet prefilled
+    states = [ReplicaState.create(name, f"http://{name}") for name in replicas]
+    core = RoutingCore(policy)
     events: list[tuple[float, int, Callable[[float], None]]] = []
     seq = itertools.count()
     result = SimResult(Counter(), 0, 0, [], Counter(), {}, 0.0)
@@ -153,14 +157,14 @@ def simulate(policy: Policy, workload: Workload, fleet: Fleet) -> SimResult:
         features = next(clients[client], None)
         if features is None:
             return
-        views = [r.view(*in_flight[n]) for n, r in replicas.items()]
-        decision = policy.choose(features, views)
-        policy.on_dispatch(features, decision)
+        for state in states:
+            state.load = replicas[state.name].report(now)
+        route = core.choose(features, states, now=now)
+        decision = route.decision
+        lease = core.dispatch(route, features, now)
         replica = replicas[decision.replica]
-        in_flight[replica.name][0] += 1
-        in_flight[replica.name][1] += features.token_estimate
         replica.running += 1
-        replica.queue.append(_Job(client, features, decision, now))
+        replica.queue.append(_Job(client, features, route, lease, now))
         result.requests[replica.name] += 1
         result.reasons[decision.reason] += 1
         if features.affinity_key is not None:
@@ -178,7 +182,7 @@ def simulate(policy: Policy, workload: Workload, fleet: Fleet) -> SimResult:
         at(done, lambda t: prefilled(replica, job, cached, t))
 
     def prefilled(replica: FakeReplica, job: _Job, cached: int, now: float) -> None:
-        in_flight[replica.name][1] -= job.features.token_estimate
+        job.lease.first_token()
         replica.busy = False
         ttft = now - job.sent_at
         result.ttfts.append(ttft)
@@ -191,11 +195,10 @@ def simulate(policy: Policy, workload: Workload, fleet: Fleet) -> SimResult:
             start(replica, now)
 
     def completed(replica: FakeReplica, job: _Job, cached: int, ttft: float, now: float) -> None:
-        in_flight[replica.name][0] -= 1
         replica.running -= 1
         f = job.features
         outcome = Outcome(True, 200, ttft, f.token_estimate, cached, f.max_tokens or 16, None)
-        policy.on_complete(f, job.decision, outcome)
+        core.complete(job.route, job.lease, f, outcome, now=now)
         result.makespan_s = now
         send(job.client, now)
 

@@ -1,10 +1,12 @@
-"""A fast engine model for the fleet simulator: continuous batching whose decode phases jump, not step.
+"""A fast engine model beside `Scheduler`: continuous batching whose decode phases jump, not step.
 
 Why: driving `engine_server.sim.scheduler.Scheduler` costs Python bookkeeping per output token per
 sequence (~25 us), which caps `benchmarks.simulate` at ~800 requests per CPU second. This model keeps
 the engine's semantics where routing is judged and changes only how time advances:
 
-- **Same scheduling.** Running sequences first in admission order (decode token or next prefill chunk
+- **Same scheduling, shared rules.** The refusal of impossible requests (`check_request`), when a step may
+  admit (`may_admit`) and what counts as a decode (`is_decode`) are the scheduler's own functions.
+  Running sequences first in admission order (decode token or next prefill chunk
   within ``max_num_batched_tokens``; preempt the last admitted when blocks run out), then waiting ones
   FCFS while ``max_num_seqs`` and the budget allow. A step costs ``TimingProfile.step_time_s``; the first
   token is emitted at the end of the step that completes the prefill.
@@ -18,9 +20,13 @@ the engine's semantics where routing is judged and changes only how time advance
   prompt, and blocks are published when scheduled — `engine_server.sim.kv_cache.KVCache`'s rules. Only
   prompt blocks carry a hash (generated ids are unique per request, so decode blocks are never hit in
   these workloads; they take space like any block).
-- **Hash chains from text.** The sim tokenizer cuts fixed 4-character chunks from the rendered prompt, so
-  token block ``i`` is exactly characters ``[64 i, 64 i + 64)``: `ChainEncoder` hashes those slices once
-  per shared message prefix instead of tokenizing.
+- **Requests as hash chains.** A request is its prompt length and the hash chain of its full prompt
+  blocks (the simulator's `benchmarks.sim_engines.ChainEncoder` builds them from text without tokenizing);
+  any chain works as long as equal prefixes give equal hashes.
+- **Why not the scheduler's own classes:** the pool is kept as counts plus an LRU of hashes (not one
+  object per block) so that a decode window of ``k`` steps costs O(sequences), not O(k x sequences).
+  `tests/test_sim_fast.py` runs both on the same requests and compares every request's
+  first-token and finish step exactly.
 
 Approximations (docs/simulator.md): a profile's KV-usage slowdown is read at a window's start; load
 reports show the blocks in use at the last batch change; a preempted sequence's decode blocks are not
@@ -31,70 +37,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from benchmarks.lib.workloads import extend_chain
-from engine_server.backend import BackendError, PromptTooLong
-from engine_server.sim.backend import SimBackend, SimConfig
-from engine_server.sim.scheduler import SchedulerConfig
+from engine_server.sim.scheduler import SchedulerConfig, check_request, is_decode, may_admit
 from engine_server.sim.timing import TimingProfile
 
 _EPS = 1e-9
-
-
-class ChainEncoder:
-    """(prompt tokens, prompt block-hash chain) of a chat as the sim engine would see it, without tokenizing.
-
-    Why: the engine's block ``i`` holds tokens ``[16 i, 16 i + 16)``, i.e. characters ``[64 i, 64 i + 64)``
-    of the rendered prompt, so two prompts share block ``i`` exactly when they share those characters and
-    everything before (a hash chain). Chains of message prefixes are cached (LRU), so a shared system
-    prompt or conversation history is hashed once; the last message's result is cached too, so the same
-    workload run under several policies is hashed once.
-    """
-
-    def __init__(self, chars_per_token: int = 4, block_size: int = 16, max_prefixes: int = 8192) -> None:
-        self.render = SimBackend(SimConfig(profile="instant", num_blocks=16,
-                                           chars_per_token=chars_per_token)).render_chat
-        self.tail = self.render([])
-        self.c = chars_per_token
-        self.block_size = block_size
-        self.span = chars_per_token * block_size
-        self.max_prefixes = max_prefixes
-        self._prefixes: OrderedDict[tuple[Any, ...], tuple[list[int], str, int]] = OrderedDict()
-
-
-    def encode(self, messages: Sequence[dict[str, Any]]) -> tuple[int, list[int]]:
-        """Prompt token count and the hashes of its full blocks (a list the caller may keep)."""
-        chain: list[int] = []
-        rest = ""
-        chars = 0
-        key: tuple[Any, ...] = ()
-        tail_len = len(self.tail)
-        for m in messages:
-            calls = m.get("tool_calls")
-            key = (*key, (m.get("role"), m.get("content"), repr(calls) if calls else None))
-            cached = self._prefixes.get(key)
-            if cached is not None:
-                self._prefixes.move_to_end(key)
-                chain, rest, chars = cached[0].copy(), cached[1], cached[2]
-                continue
-            part = self.render([m])
-            part = part[:-tail_len] if tail_len else part
-            chars += len(part)
-            s = rest + part
-            full = len(s) - len(s) % self.span
-            extend_chain(chain, s, full, self.span)
-            rest = s[full:]
-            self._prefixes[key] = (chain.copy(), rest, chars)
-            if len(self._prefixes) > self.max_prefixes:
-                self._prefixes.popitem(last=False)
-        s = rest + self.tail
-        tokens = -(-(chars + tail_len) // self.c)
-        missing = tokens // self.block_size - len(chain)  # the last block may end in a short chunk
-        extend_chain(chain, s, missing * self.span, self.span)
-        return tokens, chain
 
 
 @dataclass(eq=False, slots=True)
@@ -188,15 +136,7 @@ class FastEngine:
 
     def add(self, rid: str, prompt_tokens: int, chain: list[int], max_tokens: int) -> None:
         """Queue a request; raises the errors `Scheduler.check` raises, before anything is queued."""
-        if prompt_tokens < 1:
-            raise BackendError("prompt must not be empty", status=400, err_type="invalid_request_error")
-        if max_tokens < 1:
-            raise BackendError("max_tokens must be at least 1", status=400, err_type="invalid_request_error")
-        if prompt_tokens + max_tokens > self.max_len:
-            raise PromptTooLong(
-                f"This model's maximum context length is {self.max_len} tokens. However, you requested "
-                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
-                "in the completion).")
+        check_request(prompt_tokens, max_tokens, self.max_len)
         self.waiting.append(_Seq(rid, prompt_tokens, max_tokens, chain, itl=[] if self.keep_itl else None))
 
     def arrive(self, now: float) -> float | None:
@@ -228,18 +168,19 @@ class FastEngine:
         n -= take
         self._queued -= n
         lru, ref, runs = self.lru, self.ref, self._runs
+        pop = lru.popitem
         while n > 0:
-            k = next(iter(lru))
+            k = pop(last=False)[0]
             if k >= 0:
-                lru.popitem(last=False)
                 del ref[k]
                 n -= 1
                 continue
             c = runs[k]
-            if c > n:
+            if c > n:  # part of a run: the rest stays at the head of the queue
                 runs[k] = c - n
+                lru[k] = None
+                lru.move_to_end(k, last=False)
                 return
-            lru.popitem(last=False)
             del runs[k]
             n -= c
 
@@ -379,12 +320,13 @@ class FastEngine:
             if need > 0:
                 self._pop(need)
                 s.held += need
-            self._publish(s, s.computed + n)
+            if len(s.keys) < len(s.chain):  # a decode has published its whole prompt already
+                self._publish(s, s.computed + n)
             scheduled.append((s, n))
             budget -= n
             i += 1
         waiting = self.waiting
-        while not preempted and waiting and budget > 0 and len(running) < self.max_seqs:
+        while may_admit(preempted, len(waiting), budget, len(running), self.max_seqs):
             s = waiting[0]
             hits, rest = self._lookup(s)
             num_hit = hits * bs
@@ -416,7 +358,7 @@ class FastEngine:
             budget -= n
         prefill = decode = 0
         for s, n in scheduled:
-            if n == 1 and s.output > 0 and s.computed == s.prompt + s.output - 1:
+            if is_decode(n, s.output, s.computed, s.prompt + s.output):
                 decode += 1
             else:
                 prefill += n
