@@ -64,6 +64,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 MIN_FOR_ROBUST = 20  # observations before outliers are down-weighted
+# the parameters free (FREE) and at the lower bound (FIXED) in each of the 16 subsets `_solve` may try
+_FREE = tuple(tuple(i for i in range(4) if mask >> i & 1) for mask in range(16))
+_FIXED = tuple(tuple(i for i in range(4) if not mask >> i & 1) for mask in range(16))
 NAMES = ("request_overhead_s", "prefill_s_per_token", "decode_s_per_seq", "decode_step_s")
 
 
@@ -231,22 +234,15 @@ class ReplicaCalibration:
             return self._phi
         lo, hi = 1.0 / self.settings.bound_factor, self.settings.bound_factor
         r = self._ridge
-        if self._mask == 15:  # the usual case, all four free: the unrolled solve of the same system
-            m = [[row[0] + 0.0, row[1] + 0.0, row[2] + 0.0, row[3] + 0.0, bi + r]
-                 for row, bi in zip(self.A, self.b, strict=True)]
-            for i in range(4):
-                m[i][i] = self.A[i][i] + r
-            phi = _solve4(m)
-            if phi is not None and min(phi) >= lo:
-                self._phi = [min(hi, v) for v in phi]
-                return self._phi
-        A = [[self.A[i][j] + (r if i == j else 0.0) for j in range(4)] for i in range(4)]
-        b = [self.b[i] + r for i in range(4)]
+        A = [[row[0] + 0.0, row[1] + 0.0, row[2] + 0.0, row[3] + 0.0] for row in self.A]
+        for i in range(4):
+            A[i][i] = self.A[i][i] + r
+        b = [v + r for v in self.b]
         best: list[float] | None = None
         for mask in (self._mask, 15) if self._mask != 15 else (15,):
             phi = _subset_fit(A, b, mask, lo)
-            if phi is not None and all(sum(A[i][j] * phi[j] for j in range(4)) >= b[i]
-                                       for i in range(4) if not mask >> i & 1):
+            if phi is not None and all(0.0 + A[i][0] * phi[0] + A[i][1] * phi[1] + A[i][2] * phi[2]
+                                       + A[i][3] * phi[3] >= b[i] for i in _FIXED[mask]):
                 best = phi  # KKT: no parameter at the bound would lower the objective by leaving it
                 break
         else:
@@ -273,14 +269,26 @@ class ReplicaCalibration:
 def _subset_fit(A: list[list[float]], b: list[float], mask: int, lo: float) -> list[float] | None:
     """The stationary point with the parameters in ``mask`` free and the others at ``lo``; None if
     singular or a free one falls below ``lo``."""
-    free = [i for i in range(4) if mask >> i & 1]
+    if mask == 15:  # all free (b[i] - 0, as below, is b[i])
+        sol = _solve4([row + [bi] for row, bi in zip(A, b, strict=True)])
+        return None if sol is None or sol[0] < lo or sol[1] < lo or sol[2] < lo or sol[3] < lo else sol
+    free = _FREE[mask]
     phi = [lo] * 4
     if free:
-        sub = [[A[i][j] for j in free] for i in free]
-        rhs = [b[i] - sum(A[i][j] * lo for j in range(4) if j not in free) for i in free]
-        sol = _solve_linear(sub, rhs)
-        if sol is None or any(v < lo for v in sol):
+        fixed = _FIXED[mask]
+        m = []  # the free rows of the system, augmented with their right-hand side
+        for i in free:
+            row = A[i]
+            at_bound = 0  # sum()'s start: the same additions in the same order
+            for j in fixed:
+                at_bound += row[j] * lo
+            m.append([row[j] for j in free] + [b[i] - at_bound])
+        sol = _solve4(m) if len(free) == 4 else _eliminate(m)
+        if sol is None:
             return None
+        for v in sol:
+            if v < lo:
+                return None
         for i, v in zip(free, sol, strict=True):
             phi[i] = v
     return phi
@@ -342,8 +350,12 @@ def _solve4(m: list[list[float]]) -> list[float] | None:
 
 def _solve_linear(a: list[list[float]], b: list[float]) -> list[float] | None:
     """Gaussian elimination with partial pivoting (the first largest pivot); None when singular."""
-    n = len(b)
-    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    return _eliminate([row[:] + [b[i]] for i, row in enumerate(a)])
+
+
+def _eliminate(m: list[list[float]]) -> list[float] | None:
+    """`_solve_linear` of a system given as its augmented rows (changed in place)."""
+    n = len(m)
     for c in range(n):
         p, top = c, abs(m[c][c])
         for r in range(c + 1, n):
