@@ -357,15 +357,9 @@ def _eliminate(m: list[list[float]]) -> list[float] | None:
     """`_solve_linear` of a system given as its augmented rows (changed in place)."""
     n = len(m)
     for c in range(n):
-        p, top = c, abs(m[c][c])
-        for r in range(c + 1, n):
-            v = abs(m[r][c])
-            if v > top:
-                p, top = r, v
-        if top < 1e-12:
+        pivot = _pivot(m, c)
+        if pivot is None:
             return None
-        m[c], m[p] = m[p], m[c]
-        pivot = m[c]
         d = pivot[c]
         for r in range(c + 1, n):
             row = m[r]
