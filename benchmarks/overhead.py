@@ -14,6 +14,9 @@ and errors. Client, engines and router share the machine's cores, so at high con
 CPU contention as much as the router. A peer that is not installed or fails to start gets a row with its error.
 The client keeps connections alive (as SDK clients do); `--fresh-connections` opens one per request, which
 shows stalls that only reused connections have (sglang-router: ~40 ms per streamed request at 1 stream).
+`--profile-router DIR` runs our router under cProfile on the process CPU clock (a shared host's waits do
+not count) and writes `<contender>.pstats` there when it stops; the profiler inflates Python-heavy code, so
+the CPU figures of that run are not comparable with an unprofiled one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +46,28 @@ from benchmarks.lib.routers import (
     peer_contender,
     peer_version,
     run_router,
+    slug,
 )
 from benchmarks.lib.stats import summarize
 
 MAX_TOKENS = 16
+# `python -c` bootstrap: our router's CLI under cProfile (process CPU clock), stats to argv[1] at exit
+PROFILED_ROUTER = ("import atexit, cProfile, sys, time; out = sys.argv.pop(1); "
+                   "prof = cProfile.Profile(time.process_time); "
+                   "atexit.register(lambda: (prof.disable(), prof.dump_stats(out))); "
+                   "from router.cli import main; prof.enable(); sys.exit(main())")
+
+
+@dataclass(frozen=True)
+class ProfiledContender(Contender):
+    """Our router started under cProfile, its stats written to ``stats_path`` when it stops."""
+
+    stats_path: str = ""
+
+    def argv(self, port: int, engine_urls: Sequence[str], workdir: Path, **kw: Any) -> list[str]:
+        python, flag, module, *rest = super().argv(port, engine_urls, workdir, **kw)
+        assert (flag, module) == ("-m", "router"), "only our router can be profiled"
+        return [python, "-c", PROFILED_ROUTER, self.stats_path, *rest]
 
 
 def overhead_chat_body(i: int, max_tokens: int) -> dict[str, Any]:
@@ -87,6 +109,11 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
     out: list[Contender] = []
     if "ours" in args.contenders:
         out += our_contenders([args.our_policy])
+        if args.profile_router:
+            Path(args.profile_router).mkdir(parents=True, exist_ok=True)
+            out = [ProfiledContender(**{f.name: getattr(c, f.name) for f in fields(c)},
+                                     stats_path=str(Path(args.profile_router).resolve() / f"{slug(c.name)}.pstats"))
+                   for c in out]
     out += [peer_contender(kind, args.peer_policy) for kind in ("sglang-router", "vllm-router")
             if kind in args.contenders]
     return out
@@ -208,6 +235,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh-connections", action="store_true",
                    help="a new TCP connection per request instead of keep-alive (shows stalls on reused ones)")
     p.add_argument("--start-timeout-s", type=float, default=60.0, help="how long a router may take to route")
+    p.add_argument("--profile-router", default=None, metavar="DIR",
+                   help="run our router under cProfile (process CPU clock); <contender>.pstats written to DIR")
     p.add_argument("--log-dir", default=None, help="keep router and engine logs here (default: a temp dir)")
     p.add_argument("--out", default=str(RESULTS_DIR / "overhead.json"), help="JSON output path")
     args = p.parse_args(argv)

@@ -60,10 +60,13 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 MIN_FOR_ROBUST = 20  # observations before outliers are down-weighted
+# the parameters free (FREE) and at the lower bound (FIXED) in each of the 16 subsets `_solve` may try
+_FREE = tuple(tuple(i for i in range(4) if mask >> i & 1) for mask in range(16))
+_FIXED = tuple(tuple(i for i in range(4) if not mask >> i & 1) for mask in range(16))
 NAMES = ("request_overhead_s", "prefill_s_per_token", "decode_s_per_seq", "decode_step_s")
 
 
@@ -183,28 +186,38 @@ class ReplicaCalibration:
         """Fold one observation in; False (and nothing changes) if it carries no usable information."""
         if self.settings.mode == "pinned":
             return False
-        y = sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s
+        return self._observe(sample.row(), sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s)
+
+    def _observe(self, raw: tuple[float, float, float, float], y: float) -> bool:
+        """`observe` of a regressor row and its measured time. Runs once or twice per finished request, so
+        it is written out element by element; every float operation is the one the loops it replaced did,
+        in the same order, so the fit is bit-for-bit what it was."""
         if not (y > 0 and math.isfinite(y)):
             return False
-        raw = sample.row()
-        if not all(math.isfinite(v) and v >= 0 for v in raw):
+        r0, r1, r2, r3 = raw
+        isfinite = math.isfinite
+        if not (isfinite(r0) and r0 >= 0 and isfinite(r1) and r1 >= 0 and isfinite(r2) and r2 >= 0
+                and isfinite(r3) and r3 >= 0):
             return False
         # Relative errors: divide the row by its target; fit phi where theta = prior * phi.
-        x = [raw[i] * self.prior[i] / y for i in range(4)]
-        if not any(x):
+        p0, p1, p2, p3 = self.prior
+        x0, x1, x2, x3 = r0 * p0 / y, r1 * p1 / y, r2 * p2 / y, r3 * p3 / y
+        if not (x0 or x1 or x2 or x3):
             return False
         weight = 1.0
         if self.observations >= MIN_FOR_ROBUST:  # down-weight outliers once the estimate means something
-            phi = self._solve()
-            resid = abs(1.0 - sum(x[i] * phi[i] for i in range(4)))
+            f0, f1, f2, f3 = self._solve()
+            resid = abs(1.0 - (0.0 + x0 * f0 + x1 * f1 + x2 * f2 + x3 * f3))
             if resid > self.settings.clip:
                 weight = self.settings.clip / resid
-        lam, A, b = self.settings.forgetting, self.A, self.b
-        for i in range(4):
-            b[i] = lam * b[i] + weight * x[i]
-            row = A[i]
-            for j in range(4):
-                row[j] = lam * row[j] + weight * x[i] * x[j]
+        lam, b = self.settings.forgetting, self.b
+        for i, (row, xi) in enumerate(zip(self.A, (x0, x1, x2, x3), strict=True)):
+            wx = weight * xi
+            b[i] = lam * b[i] + wx
+            row[0] = lam * row[0] + wx * x0
+            row[1] = lam * row[1] + wx * x1
+            row[2] = lam * row[2] + wx * x2
+            row[3] = lam * row[3] + wx * x3
         self.observations += 1
         self._phi = None
         return True
@@ -221,13 +234,15 @@ class ReplicaCalibration:
             return self._phi
         lo, hi = 1.0 / self.settings.bound_factor, self.settings.bound_factor
         r = self._ridge
-        A = [[self.A[i][j] + (r if i == j else 0.0) for j in range(4)] for i in range(4)]
-        b = [self.b[i] + r for i in range(4)]
+        A = [[row[0] + 0.0, row[1] + 0.0, row[2] + 0.0, row[3] + 0.0] for row in self.A]
+        for i in range(4):
+            A[i][i] = self.A[i][i] + r
+        b = [v + r for v in self.b]
         best: list[float] | None = None
         for mask in (self._mask, 15) if self._mask != 15 else (15,):
             phi = _subset_fit(A, b, mask, lo)
-            if phi is not None and all(sum(A[i][j] * phi[j] for j in range(4)) >= b[i]
-                                       for i in range(4) if not mask >> i & 1):
+            if phi is not None and all(0.0 + A[i][0] * phi[0] + A[i][1] * phi[1] + A[i][2] * phi[2]
+                                       + A[i][3] * phi[3] >= b[i] for i in _FIXED[mask]):
                 best = phi  # KKT: no parameter at the bound would lower the objective by leaving it
                 break
         else:
@@ -251,45 +266,113 @@ class ReplicaCalibration:
         return CostConstants(*(self.prior[i] * phi[i] for i in range(4)))
 
 
-def _scaled(sample: TtftSample | DecodeSample, factor: float) -> TtftSample | DecodeSample:
-    """The same observation with its measured time times ``factor``."""
-    if isinstance(sample, TtftSample):
-        return replace(sample, ttft_s=sample.ttft_s * factor)
-    return replace(sample, decode_s=sample.decode_s * factor)
-
-
 def _subset_fit(A: list[list[float]], b: list[float], mask: int, lo: float) -> list[float] | None:
     """The stationary point with the parameters in ``mask`` free and the others at ``lo``; None if
     singular or a free one falls below ``lo``."""
-    free = [i for i in range(4) if mask >> i & 1]
+    if mask == 15:  # all free (b[i] - 0, as below, is b[i])
+        sol = _solve4([row + [bi] for row, bi in zip(A, b, strict=True)])
+        return None if sol is None or sol[0] < lo or sol[1] < lo or sol[2] < lo or sol[3] < lo else sol
+    free = _FREE[mask]
     phi = [lo] * 4
     if free:
-        sub = [[A[i][j] for j in free] for i in free]
-        rhs = [b[i] - sum(A[i][j] * lo for j in range(4) if j not in free) for i in free]
-        sol = _solve_linear(sub, rhs)
-        if sol is None or any(v < lo for v in sol):
+        fixed = _FIXED[mask]
+        m = []  # the free rows of the system, augmented with their right-hand side
+        for i in free:
+            row = A[i]
+            at_bound = 0  # sum()'s start: the same additions in the same order
+            for j in fixed:
+                at_bound += row[j] * lo
+            m.append([row[j] for j in free] + [b[i] - at_bound])
+        sol = _solve4(m) if len(free) == 4 else _eliminate(m)
+        if sol is None:
             return None
+        for v in sol:
+            if v < lo:
+                return None
         for i, v in zip(free, sol, strict=True):
             phi[i] = v
     return phi
 
 
+def _pivot(m: list[list[float]], c: int) -> list[float] | None:
+    """Swap the first row (from ``c`` down) with the largest entry in column ``c`` into row ``c``; that
+    row, or None when the largest is below 1e-12 (singular)."""
+    p, top = c, abs(m[c][c])
+    for r in range(c + 1, len(m)):
+        v = abs(m[r][c])
+        if v > top:
+            p, top = r, v
+    if top < 1e-12:
+        return None
+    m[c], m[p] = m[p], m[c]
+    return m[c]
+
+
+def _solve4(m: list[list[float]]) -> list[float] | None:
+    """`_solve_linear` of a 4x4 system given as its augmented rows (changed in place), written out: the
+    same pivots and the same float operations in the same order, so the same bits. Entries below the
+    diagonal, which nothing reads after their column is eliminated, are not updated."""
+    pv = _pivot(m, 0)
+    if pv is None:
+        return None
+    d, q1, q2, q3, q4 = pv
+    for row in (m[1], m[2], m[3]):
+        f = row[0] / d
+        row[1] -= f * q1
+        row[2] -= f * q2
+        row[3] -= f * q3
+        row[4] -= f * q4
+    pv = _pivot(m, 1)
+    if pv is None:
+        return None
+    d, q2, q3, q4 = pv[1], pv[2], pv[3], pv[4]
+    for row in (m[2], m[3]):
+        f = row[1] / d
+        row[2] -= f * q2
+        row[3] -= f * q3
+        row[4] -= f * q4
+    pv = _pivot(m, 2)
+    if pv is None:
+        return None
+    row = m[3]
+    f = row[2] / pv[2]
+    row[3] -= f * pv[3]
+    row[4] -= f * pv[4]
+    if abs(row[3]) < 1e-12:
+        return None
+    m0, m1, m2, m3 = m
+    x3 = (m3[4] - 0) / m3[3]
+    x2 = (m2[4] - (0.0 + m2[3] * x3)) / m2[2]
+    x1 = (m1[4] - (0.0 + m1[2] * x2 + m1[3] * x3)) / m1[1]
+    x0 = (m0[4] - (0.0 + m0[1] * x1 + m0[2] * x2 + m0[3] * x3)) / m0[0]
+    return [x0, x1, x2, x3]
+
+
 def _solve_linear(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """Gaussian elimination with partial pivoting; None when singular."""
-    n = len(b)
-    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    """Gaussian elimination with partial pivoting (the first largest pivot); None when singular."""
+    return _eliminate([row[:] + [b[i]] for i, row in enumerate(a)])
+
+
+def _eliminate(m: list[list[float]]) -> list[float] | None:
+    """`_solve_linear` of a system given as its augmented rows (changed in place)."""
+    n = len(m)
     for c in range(n):
-        p = max(range(c, n), key=lambda r: abs(m[r][c]))
-        if abs(m[p][c]) < 1e-12:
+        pivot = _pivot(m, c)
+        if pivot is None:
             return None
-        m[c], m[p] = m[p], m[c]
+        d = pivot[c]
         for r in range(c + 1, n):
-            f = m[r][c] / m[c][c]
+            row = m[r]
+            f = row[c] / d
             for k in range(c, n + 1):
-                m[r][k] -= f * m[c][k]
+                row[k] -= f * pivot[k]
     out = [0.0] * n
     for r in range(n - 1, -1, -1):
-        out[r] = (m[r][n] - sum(m[r][k] * out[k] for k in range(r + 1, n))) / m[r][r]
+        row = m[r]
+        acc = 0  # sum()'s start: the same additions in the same order
+        for k in range(r + 1, n):
+            acc += row[k] * out[k]
+        out[r] = (row[n] - acc) / row[r]
     return out
 
 
@@ -320,18 +403,28 @@ class Calibrator:
         return cal
 
     def observe(self, name: str, sample: TtftSample | DecodeSample) -> bool:
-        if self.pinned or not self.replica(name).observe(sample):
+        if self.pinned:
+            return False
+        cal = self.replica(name)
+        raw = sample.row()
+        y = sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s
+        if not cal._observe(raw, y):
             return False
         if self.settings.mode == "relative":
-            self._count(name)  # a replica reaching min_observations counts in the reference it is judged by
+            if cal.observations == self.settings.min_observations:
+                # reaching min_observations, the replica counts in the reference it is judged by (any
+                # other time its slowness is unchanged since its last `_count`, which would be a no-op)
+                self._count(name)
             self._reference = None
-            y = sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s
-            fleet = self._pooled.constants().as_tuple()
-            predicted = sum(x * c for x, c in zip(sample.row(), fleet, strict=True))
+            pooled = self._pooled
+            f0, f1, f2, f3 = pooled._solve()
+            c0, c1, c2, c3 = pooled.prior
+            r0, r1, r2, r3 = raw
+            predicted = 0.0 + r0 * (c0 * f0) + r1 * (c1 * f1) + r2 * (c2 * f2) + r3 * (c3 * f3)
             # The fleet fit learns the shape of one unit-speed engine: each replica's observation enters
             # it divided by that replica's slowness, so a slow replica's times are not explained away by
             # what differs in its regressors (it runs more sequences because it is slow).
-            self._pooled.observe(_scaled(sample, 1.0 / self._ratio(name)))
+            pooled._observe(raw, y * (1.0 / self._ratio(name)))
             if predicted > 0:
                 sums = self._slowness.setdefault(name, [0.0, 0.0])
                 lam = self.settings.forgetting

@@ -5,7 +5,15 @@ import random
 import pytest
 from policy_fixtures import features_with, view, views
 
-from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
+from router.calibration import (
+    CalibrationSettings,
+    Calibrator,
+    CostConstants,
+    DecodeSample,
+    TtftSample,
+    _solve4,
+    _solve_linear,
+)
 from router.policies.base import Outcome
 from router.policies.cost import Cost
 
@@ -125,6 +133,14 @@ def test_relative_mode_prices_the_shared_decode_step_at_the_fleets_timing_in_pre
     assert per_seq == pytest.approx(d / p * H100_PRIOR.prefill_s_per_token, rel=0.2)
     pinned = Calibrator(H100_PRIOR, CalibrationSettings(mode="pinned"))
     assert pinned.shared_step("a") == (H100_PRIOR.decode_step_s, H100_PRIOR.decode_s_per_seq)
+
+
+def test_the_written_out_4x4_solve_gives_the_general_eliminations_bits():
+    rng = random.Random(7)
+    for _ in range(500):
+        a = [[rng.choice([0.0, rng.uniform(-1, 1) * 10 ** rng.randint(-8, 8)]) for _ in range(4)] for _ in range(4)]
+        b = [rng.uniform(-1, 1) * 10 ** rng.randint(-4, 4) for _ in range(4)]
+        assert _solve4([row + [b[i]] for i, row in enumerate(a)]) == _solve_linear(a, b)
 
 
 def test_pinned_constants_never_move():

@@ -188,6 +188,30 @@ def test_eligible_filters_by_model_and_unknown_serves_any() -> None:
     assert [r.name for r in reg.eligible(None, 0.0)] == ["configured", "discovered", "bare"]
 
 
+def test_eligible_follows_models_discovered_and_members_added_after_it_was_asked() -> None:
+    a, b = replica("a", models=("llama",)), replica("b", models=("qwen",))
+    reg = ReplicaRegistry([a, b])
+    assert [r.name for r in reg.eligible("llama", 0.0)] == ["a"]
+    b.discovered_models = frozenset({"llama"})
+    assert [r.name for r in reg.eligible("llama", 0.0)] == ["a", "b"]
+    reg.add(replica("c", models=("llama",)))
+    reg.remove("a")
+    assert [r.name for r in reg.eligible("llama", 0.0)] == ["b", "c"]
+    a.discovered_models = frozenset({"qwen"})  # a member no more: its changes reach nobody
+    assert [r.name for r in reg.eligible("qwen", 0.0)] == ["b"]
+
+
+def test_eligible_rechecks_health_on_every_call() -> None:
+    a, b = replica("a"), replica("b")
+    reg = ReplicaRegistry([a, b])
+    assert [r.name for r in reg.eligible(None, 1.0)] == ["a", "b"]
+    a.health.set_draining(True)
+    assert [r.name for r in reg.eligible(None, 1.0)] == ["b"]
+    a.health.set_draining(False)
+    eject(b)
+    assert [r.name for r in reg.eligible(None, 1.0)] == ["a"]
+
+
 def test_eligible_excludes_ejected_and_draining_replicas() -> None:
     ejected, draining, ok = replica("ejected"), replica("draining"), replica("ok")
     eject(ejected)
