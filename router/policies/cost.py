@@ -100,6 +100,8 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
         ``"precise"`` (the engines' KV events for synced replicas) or ``"auto"`` (events where synced,
         the larger of both where partial, else the approximate index); see `router.policies.kv_match`.
         Without KV events (``RequestFeatures.kv_match`` None) all three decide alike.
+    kv_hold_s (2.0): exact modes count a request's blocks as held on its replica while in flight and this
+        long after, until the router has read the engine's events for them.
     candidates (8): in fleets of more than 4x this many replicas only the holders of the prompt and the
         least loaded replicas are priced, this many per match depth and of the least loaded
         (`router.policies.candidates`); 0 prices every replica.
@@ -168,6 +170,7 @@ class Cost(PolicyBase):
         correction_slack: float = 0.05,
         candidates: int = DEFAULT_CANDIDATES,
         index: str = "auto",
+        kv_hold_s: float = 2.0,
         seed: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -181,6 +184,8 @@ class Cost(PolicyBase):
             raise ValueError("prefill_s_per_token and request_overhead_s cannot both be 0")
         if kv_capacity_factor <= 0:
             raise ValueError("kv_capacity_factor must be > 0")
+        if kv_hold_s < 0:
+            raise ValueError("kv_hold_s must be >= 0")
         if index not in INDEX_MODES:
             raise ValueError(f"index must be one of {', '.join(INDEX_MODES)}, not {index!r}")
         self.prefill_s_per_token = prefill_s_per_token
@@ -200,7 +205,7 @@ class Cost(PolicyBase):
         self.correction_slack = correction_slack
         self.index = PrefixIndex(default_capacity=default_capacity_blocks)
         self.index_mode = index
-        self._in_flight_blocks = InFlightBlocks()  # exact modes: sent, maybe not announced by events yet
+        self._in_flight_blocks = InFlightBlocks(kv_hold_s)  # exact modes: sent, maybe not announced by events yet
         self._inflight: dict[str, _InFlight] = {}
         self._geometry: dict[str, tuple[int, int, float]] = {}
         self._avg_uncached: float | None = None  # EWMA over dispatched requests

@@ -13,10 +13,11 @@ partial       events (+ in flight)       max(events, guess)                  gue
 stale/...     guess                      guess                               guess
 ============  =========================  ==================================  ========================
 
-"+ in flight": the blocks of this policy's requests still in flight on the replica, which the engine may
-not have announced yet (the speculative insert: without it a burst sharing a new prefix would scatter
-before the first request's ``BlockStored`` arrives). They are held until the request completes, by when
-its prefill's events have been published; the approximate index keeps its own copy as before.
+"+ in flight": the blocks of this policy's requests in flight on the replica, and for ``hold_s`` (2 s) after
+they complete, which the router may not have read in the events yet (the speculative insert, a TTL as
+vllm-router's: without it a burst sharing a new prefix scatters before the first request's
+``BlockStored`` arrives, and a chat's next turn, sent the moment the answer ends, misses its own history).
+The approximate index keeps its own copy as before.
 With no ``kv_match`` (events off, or a body the router cannot tokenize exactly) every mode is today's
 approximate index, decision for decision.
 
@@ -31,7 +32,9 @@ machinery (no ZMQ), and the candidate pre-filter is handed the blended matches, 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Protocol
 
 from router.features.parse import RequestFeatures
@@ -52,28 +55,42 @@ class KVMatch(Protocol):
 
 
 class InFlightBlocks:
-    """Per replica, the block chains of requests sent there and not completed (refcounted)."""
+    """Per replica, the block chains of requests sent there: held while in flight and ``hold_s`` after.
 
-    def __init__(self) -> None:
-        self._held: dict[str, dict[int, int]] = {}
+    The hold after completion covers the events' lag: a chat's next turn is sent the moment the previous
+    answer ends, often before the router has read that answer's ``BlockStored`` (measured: without it a
+    sequential multiturn run lost the first turn of a conversation). ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, hold_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.hold_s = hold_s
+        self.clock = clock
+        self._held: dict[str, dict[int, list[float]]] = {}  # replica -> hash -> [in flight, held until]
+        self._expiring: deque[tuple[float, str, Sequence[int]]] = deque()
 
     def add(self, replica: str, hashes: Sequence[int]) -> None:
         held = self._held.setdefault(replica, {})
         for h in hashes:
-            held[h] = held.get(h, 0) + 1
+            entry = held.get(h)
+            if entry is None:
+                held[h] = [1, 0.0]
+            else:
+                entry[0] += 1
 
     def remove(self, replica: str, hashes: Sequence[int]) -> None:
+        """The request completed (or failed): its blocks are held ``hold_s`` longer, then dropped."""
+        now = self.clock()
+        self._expire(now)
         held = self._held.get(replica)
         if held is None:
             return
+        until = now + self.hold_s
         for h in hashes:
-            n = held.get(h, 0)
-            if n <= 1:
-                held.pop(h, None)
-            else:
-                held[h] = n - 1
-        if not held:
-            del self._held[replica]
+            entry = held.get(h)
+            if entry is not None:
+                entry[0] = max(0, entry[0] - 1)
+                entry[1] = max(entry[1], until)
+        self._expiring.append((until, replica, hashes))
 
     def forget(self, replica: str) -> None:
         self._held.pop(replica, None)
@@ -82,12 +99,28 @@ class InFlightBlocks:
         held = self._held.get(replica)
         if not held:
             return 0
+        now = self.clock()
         n = 0
         for h in hashes:
-            if h not in held:
+            entry = held.get(h)
+            if entry is None or (entry[0] == 0 and entry[1] <= now):
                 break
             n += 1
         return n
+
+    def _expire(self, now: float) -> None:
+        expiring = self._expiring
+        while expiring and expiring[0][0] <= now:
+            _, replica, hashes = expiring.popleft()
+            held = self._held.get(replica)
+            if held is None:
+                continue
+            for h in hashes:
+                entry = held.get(h)
+                if entry is not None and entry[0] == 0 and entry[1] <= now:
+                    del held[h]
+            if not held:
+                del self._held[replica]
 
 
 def blend(mode: str, approx: Mapping[str, int], features: RequestFeatures,

@@ -82,9 +82,12 @@ def test_precise_takes_a_partial_replicas_events_as_they_are():
     assert policy.choose(with_events(features_with(41, "x"), a=(10, "partial")), views("a")).matched_blocks == 10
 
 
-def test_a_request_in_flight_counts_as_held_until_it_completes():
-    # Its BlockStored may not have arrived: a burst sharing a new prefix must not scatter meanwhile.
-    policy = Cost(seed=0, index="precise")
+def test_a_sent_request_counts_as_held_while_in_flight_and_kv_hold_s_after():
+    # Its BlockStored may not have been read yet: a burst sharing a new prefix must not scatter meanwhile,
+    # nor a chat's next turn, sent the moment the answer ends, miss its own history.
+    now = [100.0]
+    policy = Cost(seed=0, index="precise", kv_hold_s=2.0)
+    policy._in_flight_blocks.clock = lambda: now[0]
     first = with_events(features_with(40, "x"), a=(0, "synced"), b=(0, "synced"))
     decision = policy.choose(first, views("a", "b"))
     policy.on_dispatch(first, decision)
@@ -93,6 +96,9 @@ def test_a_request_in_flight_counts_as_held_until_it_completes():
     held = policy.choose(follow, [view(decision.replica, in_flight_requests=1), view(other)])
     assert (held.replica, held.matched_blocks) == (decision.replica, 40)
     policy.on_complete(first, decision, Outcome(ok=True, status=200, ttft_s=0.1))
+    now[0] += 1.9
+    assert policy.choose(follow, views(decision.replica)).matched_blocks == 40
+    now[0] += 0.2
     assert policy.choose(follow, views(decision.replica)).matched_blocks == 0  # the events say evicted
 
 
