@@ -273,30 +273,27 @@ async def run_router(contender: Contender, engine_urls: Sequence[str], log_dir: 
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://{HOST}:{port}"
-    relay = contextlib.ExitStack()
-    kv_sources = None
-    if contender.kind == "vllm-router" and contender.needs_kv_events:
-        from benchmarks.lib.kv_relay import KVEventRelay
+    with contextlib.ExitStack() as relay:  # vllm-router kv_aware: the engines' events on loopback TCP
+        kv_sources = None
+        if contender.kind == "vllm-router" and contender.needs_kv_events:
+            from benchmarks.lib.kv_relay import KVEventRelay
 
-        kv_sources = relay.enter_context(KVEventRelay(engine_urls)).sources
-    argv = contender.argv(port, engine_urls, log_dir, model=model, kv_sources=kv_sources)
-    log_path = log_dir / f"{slug(contender.name)}.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_COLOR": "1"}
-    with log_path.open("wb") as log:
-        # own session: a Ctrl-C in the terminal reaches us, not the router; leftovers are killed by group
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
-    try:
-        await _wait_routing(proc, url, argv, log_path, contender, start_timeout_s, model)
-        if contender.kind == "ours":  # let it read every engine's /load, as Fleet does
-            await asyncio.sleep(2 * contender.router_spec.load_poll_s + 0.1)
-        yield RunningRouter(url=url, pid=proc.pid, argv=argv, version=peer_version(contender.kind),
-                            log_path=log_path)
-    finally:
+            kv_sources = relay.enter_context(KVEventRelay(engine_urls)).sources
+        argv = contender.argv(port, engine_urls, log_dir, model=model, kv_sources=kv_sources)
+        log_path = log_dir / f"{slug(contender.name)}.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_COLOR": "1"}
+        with log_path.open("wb") as log:
+            # own session: a Ctrl-C in the terminal reaches us, not the router; leftovers are killed by group
+            proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
         try:
-            await _stop(proc)
+            await _wait_routing(proc, url, argv, log_path, contender, start_timeout_s, model)
+            if contender.kind == "ours":  # let it read every engine's /load, as Fleet does
+                await asyncio.sleep(2 * contender.router_spec.load_poll_s + 0.1)
+            yield RunningRouter(url=url, pid=proc.pid, argv=argv, version=peer_version(contender.kind),
+                                log_path=log_path)
         finally:
-            relay.close()
+            await _stop(proc)
 
 
 async def _wait_routing(proc: subprocess.Popen[bytes], url: str, argv: list[str], log_path: Path,
