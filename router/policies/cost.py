@@ -100,8 +100,9 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
         ``"precise"`` (the engines' KV events for synced replicas) or ``"auto"`` (events where synced,
         the larger of both where partial, else the approximate index); see `router.policies.kv_match`.
         Without KV events (``RequestFeatures.kv_match`` None) all three decide alike.
-    kv_hold_s (2.0): exact modes count a request's blocks as held on its replica while in flight and this
-        long after, until the router has read the engine's events for them.
+    kv_hold_s (0.0): exact modes count a request's blocks as held on its replica while in flight and this
+        long after (for the events' lag). 0 by default: in the benchmarks a 0.25-2 s hold cost multiturn
+        hit rate where the cache evicts (docs/kv_events.md, "Routing on the events").
     candidates (8): in fleets of more than 4x this many replicas only the holders of the prompt and the
         least loaded replicas are priced, this many per match depth and of the least loaded
         (`router.policies.candidates`); 0 prices every replica.
@@ -170,7 +171,7 @@ class Cost(PolicyBase):
         correction_slack: float = 0.05,
         candidates: int = DEFAULT_CANDIDATES,
         index: str = "auto",
-        kv_hold_s: float = 2.0,
+        kv_hold_s: float = 0.0,
         seed: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
