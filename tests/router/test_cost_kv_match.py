@@ -136,3 +136,12 @@ def test_the_candidate_pre_filter_prices_a_replica_only_the_events_say_holds_the
 def test_an_unknown_index_mode_is_rejected():
     with pytest.raises(ValueError, match="index must be one of"):
         Cost(index="exact")
+
+
+def test_by_default_a_completed_requests_blocks_are_whatever_the_events_say():
+    policy = Cost(seed=0, index="precise")
+    first = with_events(features_with(40, "x"), a=(0, "synced"))
+    decision = policy.choose(first, views("a"))
+    policy.on_dispatch(first, decision)
+    policy.on_complete(first, decision, Outcome(ok=True, status=200, ttft_s=0.1))
+    assert policy.choose(with_events(features_with(41, "x"), a=(0, "synced")), views("a")).matched_blocks == 0
