@@ -5,6 +5,8 @@
     python -m benchmarks.compare --quick               # a small run (minutes)
     python -m benchmarks.compare --matrix              # issue 15's engine x workload matrix, offline (~1 min)
     python -m benchmarks.compare --profile unbatched --workloads agentic --quick   # one matrix cell, live
+    python -m benchmarks.compare --quick --policies cost,precise --kv-fraction 0.4,0.6,1.0   # KV events (issue 14)
+    python -m benchmarks.compare --quick --policies cost,precise --router-processes 1,4 --no-peers
 
 For each workload and each contender (and each load point) it starts a fresh fleet of N sim engines
 (cold caches, the same KV capacity for everyone), starts the contender's router in front of it by its
@@ -23,6 +25,13 @@ Each workload ends with PASS/FAIL acceptance lines per load point (`lib/acceptan
 issue's (`cost`'s TTFT p90 vs the best other router, its hit rate vs the oracle) and, on gsp and
 multiturn, the routing-quality lines that `benchmarks.quality` used to check (hit rate vs the oracle and
 round robin, max/mean, multiturn hit rate vs `pinned`: consistent_hash keyed by the session header).
+
+KV events (issue 14): when a contender prices them (`precise`, i.e. `cost` with ``index: precise``) or
+follows them (``vllm-router:kv_aware``), every run's engines publish them (`fleet.kv_event_endpoints`), so
+all contenders of a run face the same engines. ``--router-processes 1,4`` runs each of our contenders also
+as K processes behind one port (``python -m router --workers K``; named ``<contender>@Kp``).
+``--kv-fraction 0.4,0.6,1.0`` repeats every workload at those fleet KV capacities (times its prompt
+footprint; overrides ``--capacity-factor``), to show where a cache that evicts separates the indexes.
 
 Per-replica shares come from the engines' own counters (``vllm:request_success_total``), so routers
 that do not say where they sent a request are measured the same way as ours. Output: a table, a JSON
@@ -77,6 +86,9 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
         if unknown:
             raise SystemExit(f"--policies: unknown {sorted(unknown)}; choose from {[c.name for c in ours]}")
         ours = [c for c in ours if c.name in keep]
+    counts = router_processes(args)
+    ours = [dataclasses.replace(c, name=c.name if k == 1 else f"{c.name}@{k}p", workers=k)
+            for k in counts for c in ours]
     peers = [] if args.no_peers else peer_contenders()
     if args.peers:
         keep = [p.strip() for p in args.peers.split(",")]
@@ -85,6 +97,17 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
             raise SystemExit(f"--peers: unknown {sorted(unknown)}; choose from {[p.name for p in peers]} or a kind")
         peers = [p for p in peers if p.name in keep or p.kind in keep]
     return ours + peers
+
+
+def router_processes(args: argparse.Namespace) -> list[int]:
+    """``--router-processes 1,4`` -> [1, 4] (each our contender runs once per count)."""
+    try:
+        counts = [int(k) for k in str(args.router_processes).split(",")]
+    except ValueError:
+        raise SystemExit("--router-processes: a comma list of process counts, e.g. 1,4") from None
+    if not counts or min(counts) < 1:
+        raise SystemExit("--router-processes: counts must be >= 1")
+    return counts
 
 
 # -- one run ------------------------------------------------------------------------------------------
@@ -96,7 +119,8 @@ async def engines(args: argparse.Namespace, kv_blocks: int, log_dir: Path) -> As
     if args.engine_urls:
         yield args.engine_urls
         return
-    engine = EngineSpec(profile=args.profile, time_scale=args.time_scale, num_blocks=kv_blocks, seed=args.seed)
+    engine = EngineSpec(profile=args.profile, time_scale=args.time_scale, num_blocks=kv_blocks, seed=args.seed,
+                        kv_events=getattr(args, "kv_events", False))
     async with Fleet(args.engines, engine, router=None, log_dir=log_dir) as fleet:
         yield fleet.engine_urls
 
@@ -116,7 +140,8 @@ async def run_one(contender: Contender, workload: Workload, spec: LoadSpec, args
                 warm_errors = await warm_up(router.url, args.warmup, args.model)
                 async with client_session() as s:
                     before = await engine_counters(s, urls)
-                    watch = CpuWatch([router.pid]).start()
+                    pids = [router.pid, *_children(router.pid)]  # --workers K: the K workers do the work
+                    watch = CpuWatch(pids).start()
                     run = await run_workload(router.url, workload, spec, model=args.model, progress=args.progress,
                                              description=f"{workload.name} {contender.name} {spec.label()}")
                     watch.stop()
@@ -133,13 +158,22 @@ async def run_one(contender: Contender, workload: Workload, spec: LoadSpec, args
     summary["engine_hit_rate"] = round(hits / queries, 4) if queries else math.nan
     ok = max(1, summary["ok"])
     row.update(summary=summary, stopped_by=run.stopped_by, warmup_errors=warm_errors[:3],
-               router_cpu_s_per_1k=round(watch.used[0] / ok * 1000, 3) if watch.used else math.nan,
+               router_cpu_s_per_1k=round(sum(watch.used[:-1]) / ok * 1000, 3) if watch.used else math.nan,
                other_cpu_share=round(watch.other_share, 3), run_s=round(time.monotonic() - t0, 1))
     s = summary
     print(f"  {contender.name:28s} {spec.label():7s} TTFT p90 {s['ttft_ms']['p90']:8.1f} ms  hit {s['hit_rate']:.3f}"
           f"  max/mean {s['max_over_mean']:.2f}  {s['req_per_s']:.2f} req/s  failed {s['failed']}"
           f"  ({row['run_s']:.0f}s)", flush=True)
     return row
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except (ImportError, OSError):
+        return []
 
 
 def load_specs(args: argparse.Namespace, workload: Workload) -> list[LoadSpec]:
@@ -179,7 +213,7 @@ async def bench_workload(workload: Workload, args: argparse.Namespace, cands: Se
             o = r["oracle_hit_rate"]
             r["hit_vs_oracle"] = round(r["summary"]["hit_rate"] / o, 3) if o else math.nan
     return {"workload": workload.name, "params": workload.params, "requests": workload.num_requests,
-            "kv_blocks_per_replica": kv, "engines": args.engines,
+            "kv_blocks_per_replica": kv, "capacity_factor": args.capacity_factor, "engines": args.engines,
             "oracle": {"hit_rate": round(bound.hit_rate, 4), "capacity_blocks": bound.capacity_blocks,
                        "footprint_blocks": bound.unique_blocks,
                        "definition": "one LRU prefix cache with the fleet's total KV blocks, requests in order"},
@@ -211,7 +245,8 @@ def table_rows(res: dict[str, Any]) -> list[list[Any]]:
 
 def print_result(res: dict[str, Any]) -> None:
     title = (f"{res['workload']}: {res['requests']} requests, {res['engines']} engines x "
-             f"{res['kv_blocks_per_replica']} KV blocks (ms; hit = cached / prompt tokens)")
+             f"{res['kv_blocks_per_replica']} KV blocks (fleet = {res.get('capacity_factor', math.nan):g} x "
+             f"footprint; ms; hit = cached / prompt tokens)")
     try:
         from rich.console import Console
         from rich.table import Table
@@ -256,6 +291,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-blocks", type=int, help="KV blocks per engine (default: capacity-factor x footprint / N)")
     p.add_argument("--capacity-factor", type=float, default=1.3,
                    help="fleet KV capacity as a multiple of the workload's prompt footprint")
+    p.add_argument("--kv-fraction", help="comma list of fleet KV capacities as multiples of the footprint: "
+                                         "every workload runs at each (a cache-size sweep; overrides "
+                                         "--capacity-factor)")
+    p.add_argument("--router-processes", default="1",
+                   help="comma list: our contenders also run as K router processes on one port (--workers K)")
     p.add_argument("--concurrency", default="16", help="comma ladder of client counts (closed loop)")
     p.add_argument("--rates", help="comma ladder of Poisson session rates per second (open loop; overrides "
                                    "--concurrency)")
@@ -345,6 +385,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                   "give --kv-blocks for a true bound")
     args.model = args.model or MODEL
     cands = contenders(args)
+    args.kv_events = any(c.needs_kv_events for c in cands)  # the same engines for every contender of a run
     unavailable = {k: why for k in ("sglang-router", "vllm-router") if (why := peer_available(k))}
     for kind, why in unavailable.items():
         print(f"note: {kind} unavailable: {why}")
@@ -357,18 +398,23 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
         log_root = args.log_dir or Path(tmp)
+        fractions = [float(f) for f in args.kv_fraction.split(",")] if args.kv_fraction else [None]
         for wl in workloads_for(args):
-            res = await bench_workload(wl, args, cands, log_root)
-            out["results"].append(res)
-            print_result(res)
-            if not args.no_plots:
-                try:
-                    from benchmarks.lib.plots import plot_compare
+            for fraction in fractions:
+                if fraction is not None:
+                    args.capacity_factor = fraction
+                suffix = "" if fraction is None else f"-kv{fraction:g}"
+                res = await bench_workload(wl, args, cands, log_root / f"kv{fraction:g}" if suffix else log_root)
+                out["results"].append(res)
+                print_result(res)
+                if not args.no_plots:
+                    try:
+                        from benchmarks.lib.plots import plot_compare
 
-                    res["plot"] = str(plot_compare(res, args.out_dir / f"{args.name}-{wl.name}.png"))
-                    print(f"  plot: {res['plot']}")
-                except ImportError as exc:
-                    print(f"  no plot ({exc}); install the bench extra")
+                        res["plot"] = str(plot_compare(res, args.out_dir / f"{args.name}-{wl.name}{suffix}.png"))
+                        print(f"  plot: {res['plot']}")
+                    except ImportError as exc:
+                        print(f"  no plot ({exc}); install the bench extra")
     return out
 
 

@@ -36,6 +36,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def kv_event_endpoints(engine_url: str) -> tuple[str, str]:
+    """(PUB, replay) endpoints of the sim engine serving ``engine_url`` when it publishes KV events.
+
+    ``ipc://`` sockets named after the engine's HTTP port: bound by the engine (a ``tcp://`` endpoint is only
+    bound with the ``*`` wildcard, i.e. on every interface; benchmarks stay on loopback), local, and
+    derivable from the URL alone, so a peer router's command line can name them too."""
+    port = engine_url.rstrip("/").rsplit(":", 1)[1]
+    base = f"ipc://{tempfile.gettempdir()}/bench-kv-{port}"
+    return f"{base}-pub", f"{base}-replay"
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """How every sim engine of a fleet is configured (flags of ``python -m engine_server --backend sim``)."""
@@ -45,6 +56,7 @@ class EngineSpec:
     num_blocks: int | None = None
     max_num_seqs: int | None = None
     seed: int = 0
+    kv_events: bool = False  # publish KV cache events (`kv_event_endpoints`) for routers that follow them
 
     def argv(self, port: int) -> list[str]:
         argv = [sys.executable, "-m", "engine_server", "--backend", "sim", "--model", MODEL, "--host", HOST,
@@ -54,6 +66,9 @@ class EngineSpec:
             argv += ["--num-blocks", str(self.num_blocks)]
         if self.max_num_seqs is not None:
             argv += ["--max-num-seqs", str(self.max_num_seqs)]
+        if self.kv_events:
+            pub, replay = kv_event_endpoints(f"http://{HOST}:{port}")
+            argv += ["--kv-events-endpoint", pub, "--kv-events-replay-endpoint", replay]
         return argv
 
     def sim_config(self) -> Any:
@@ -71,8 +86,21 @@ class RouterSpec:
     params: dict[str, Any] = field(default_factory=dict)
     load_poll_s: float = 0.5
     health_interval_s: float = 2.0
+    kv_events: bool = False  # follow the engines' KV events (endpoints from their /load; sim tokenizer)
+
+    @property
+    def needs_kv_events(self) -> bool:
+        """The policy prices the engines' KV events: `precise`, or `cost` with ``index`` other than approximate."""
+        return self.kv_events or self.policy == "precise" or (
+            self.policy == "cost" and self.params.get("index", "approximate") != "approximate")
 
     def config(self, port: int, engine_urls: Sequence[str], model: str = MODEL) -> dict[str, Any]:
+        cfg = self._config(port, engine_urls, model)
+        if self.needs_kv_events:
+            cfg["kv_events"] = {"enabled": True, "tokenizer": "sim"}
+        return cfg
+
+    def _config(self, port: int, engine_urls: Sequence[str], model: str) -> dict[str, Any]:
         return {
             "host": HOST, "port": port,
             "replicas": [{"name": f"r{i}", "url": u, "models": [model]} for i, u in enumerate(engine_urls)],

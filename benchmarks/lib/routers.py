@@ -36,7 +36,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,7 @@ import yaml
 
 from benchmarks.lib.client import stream_chat
 from benchmarks.lib.defaults import HOST, MODEL, ROOT
-from benchmarks.lib.fleet import RouterSpec, free_port
+from benchmarks.lib.fleet import RouterSpec, free_port, kv_event_endpoints
 
 KINDS = ("ours", "sglang-router", "vllm-router")
 _PEER_IMPORT = {"sglang-router": "sglang_router", "vllm-router": "vllm_router"}
@@ -82,6 +82,10 @@ _POLICY_NOTES = {
                                        "load, only its own view of the workers (or random)",
     ("vllm-router", "cache_aware"): "per request and replica: POST .../render (404; 403 on stock vLLM) then "
                                     "POST /tokenize: 2 x replicas extra calls per request",
+    ("vllm-router", "kv_aware"): "follows the sim engines' KV events (same wire format as vLLM's ZMQ publisher): "
+                                 "--kv-event-source URL=PUB and --kv-event-replay-source URL=REPLAY per worker, "
+                                 "--kv-event-block-size 16 --kv-event-model <served model>; the engines run "
+                                 "with --kv-events-endpoint/--kv-events-replay-endpoint (ipc sockets)",
     ("vllm-router", "power_of_two"): "polls sglang-style GET /get_load every 5 s (404 on vLLM): no engine load, "
                                      "only its own view of the workers (or random)",
 }
@@ -98,6 +102,7 @@ class Contender:
     params: dict[str, Any] = field(default_factory=dict, hash=False)
     notes: str = ""  # what degrades in front of vLLM-shaped engines, defaults kept
     session_header: str | None = None  # the load generator sends each session's id in this header
+    workers: int = 1  # ours: router processes behind one port (``python -m router --workers K``)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -108,19 +113,38 @@ class Contender:
         """Ours only: the config `benchmarks.lib.fleet.Fleet` would use (policy, 0.5 s load polling)."""
         return RouterSpec(policy=self.policy, params=dict(self.params))
 
+    @property
+    def needs_kv_events(self) -> bool:
+        """The engines must publish KV events for this contender (ours pricing them, vllm-router kv_aware)."""
+        if self.kind == "ours":
+            return self.router_spec.needs_kv_events
+        return self.kind == "vllm-router" and self.policy == "kv_aware"
+
     def argv(self, port: int, engine_urls: Sequence[str], workdir: Path, *,
-             metrics_port: int | None = None, model: str = MODEL) -> list[str]:
+             metrics_port: int | None = None, model: str = MODEL,
+             kv_sources: Mapping[str, str] | None = None) -> list[str]:
         """The exact command line. Ours writes its config YAML into ``workdir``; peers get a Prometheus
-        listener on ``metrics_port`` (a free loopback port if not given, so two runs never collide)."""
+        listener on ``metrics_port`` (a free loopback port if not given, so two runs never collide).
+        ``kv_sources``: engine URL -> a ``tcp://`` PUB endpoint of its KV events (vllm-router kv_aware takes
+        no other kind; `benchmarks.lib.kv_relay`), else the engines' own endpoints are named."""
         if self.kind == "ours":
             workdir.mkdir(parents=True, exist_ok=True)
             path = workdir / f"{slug(self.name)}.yaml"
             path.write_text(yaml.safe_dump(self.router_spec.config(port, engine_urls, model)))
-            return [sys.executable, "-m", "router", "--config", str(path)]
+            argv = [sys.executable, "-m", "router", "--config", str(path)]
+            return argv + ["--workers", str(self.workers)] if self.workers > 1 else argv
         argv = [sys.executable, "-m", _PEER_MODULE[self.kind], "--host", HOST, "--port", str(port),
                 "--worker-urls", *engine_urls, "--policy", self.policy,
                 "--prometheus-host", HOST, "--prometheus-port", str(metrics_port or free_port()),
                 "--log-level", _PEER_LOG_LEVEL[self.kind]]
+        if self.needs_kv_events:  # vllm-router kv_aware: each worker's event streams, as for a stock vLLM
+            for url in engine_urls:
+                if kv_sources is not None:
+                    argv += ["--kv-event-source", f"{url}={kv_sources[url]}"]
+                else:
+                    pub, replay = kv_event_endpoints(url)
+                    argv += ["--kv-event-source", f"{url}={pub}", "--kv-event-replay-source", f"{url}={replay}"]
+            argv += ["--kv-event-block-size", "16", "--kv-event-model", model]
         for key, value in self.params.items():
             flag = "--" + key.replace("_", "-")
             if value is True:
@@ -159,7 +183,7 @@ def peer_contenders() -> list[Contender]:
     """sglang-router: cache_aware, round_robin, power_of_two; vllm-router: cache_aware, consistent_hash,
     power_of_two. All with the peers' default parameters."""
     return [peer_contender("sglang-router", p) for p in ("cache_aware", "round_robin", "power_of_two")] + \
-        [peer_contender("vllm-router", p) for p in ("cache_aware", "consistent_hash", "power_of_two")]
+        [peer_contender("vllm-router", p) for p in ("cache_aware", "consistent_hash", "power_of_two", "kv_aware")]
 
 
 def peer_available(kind: str) -> str | None:
@@ -249,21 +273,27 @@ async def run_router(contender: Contender, engine_urls: Sequence[str], log_dir: 
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://{HOST}:{port}"
-    argv = contender.argv(port, engine_urls, log_dir, model=model)
-    log_path = log_dir / f"{slug(contender.name)}.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_COLOR": "1"}
-    with log_path.open("wb") as log:
-        # own session: a Ctrl-C in the terminal reaches us, not the router; leftovers are killed by group
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
-    try:
-        await _wait_routing(proc, url, argv, log_path, contender, start_timeout_s, model)
-        if contender.kind == "ours":  # let it read every engine's /load, as Fleet does
-            await asyncio.sleep(2 * contender.router_spec.load_poll_s + 0.1)
-        yield RunningRouter(url=url, pid=proc.pid, argv=argv, version=peer_version(contender.kind),
-                            log_path=log_path)
-    finally:
-        await _stop(proc)
+    with contextlib.ExitStack() as relay:  # vllm-router kv_aware: the engines' events on loopback TCP
+        kv_sources = None
+        if contender.kind == "vllm-router" and contender.needs_kv_events:
+            from benchmarks.lib.kv_relay import KVEventRelay
+
+            kv_sources = relay.enter_context(KVEventRelay(engine_urls)).sources
+        argv = contender.argv(port, engine_urls, log_dir, model=model, kv_sources=kv_sources)
+        log_path = log_dir / f"{slug(contender.name)}.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_COLOR": "1"}
+        with log_path.open("wb") as log:
+            # own session: a Ctrl-C in the terminal reaches us, not the router; leftovers are killed by group
+            proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+        try:
+            await _wait_routing(proc, url, argv, log_path, contender, start_timeout_s, model)
+            if contender.kind == "ours":  # let it read every engine's /load, as Fleet does
+                await asyncio.sleep(2 * contender.router_spec.load_poll_s + 0.1)
+            yield RunningRouter(url=url, pid=proc.pid, argv=argv, version=peer_version(contender.kind),
+                                log_path=log_path)
+        finally:
+            await _stop(proc)
 
 
 async def _wait_routing(proc: subprocess.Popen[bytes], url: str, argv: list[str], log_path: Path,

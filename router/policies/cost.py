@@ -96,6 +96,13 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     default_capacity_blocks (2**20): index bound per replica before its KV geometry is known.
     correction_slack (0.05): fraction of predicted blocks a cached_tokens report may fall short by
         (token-count rounding) before entries are dropped.
+    index ("auto"): which prefix matches are priced: ``"approximate"`` (the policy's own index),
+        ``"precise"`` (the engines' KV events for synced replicas) or ``"auto"`` (events where synced,
+        the larger of both where partial, else the approximate index); see `router.policies.kv_match`.
+        Without KV events (``RequestFeatures.kv_match`` None) all three decide alike.
+    kv_hold_s (0.0): exact modes count a request's blocks as held on its replica while in flight and this
+        long after (for the events' lag). 0 by default: in the benchmarks a 0.25-2 s hold cost multiturn
+        hit rate where the cache evicts (docs/kv_events.md, "Routing on the events").
     candidates (8): in fleets of more than 4x this many replicas only the holders of the prompt and the
         least loaded replicas are priced, this many per match depth and of the least loaded
         (`router.policies.candidates`); 0 prices every replica.
@@ -116,6 +123,7 @@ from router.features.parse import RequestFeatures
 from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, require_replicas
 from router.policies.candidates import DEFAULT_K as DEFAULT_CANDIDATES
 from router.policies.candidates import CandidateFilter
+from router.policies.kv_match import INDEX_MODES, InFlightBlocks, blend
 from router.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.replica_view import ReplicaView
 
@@ -162,6 +170,8 @@ class Cost(PolicyBase):
         default_capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
         correction_slack: float = 0.05,
         candidates: int = DEFAULT_CANDIDATES,
+        index: str = "auto",
+        kv_hold_s: float = 0.0,
         seed: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -175,6 +185,10 @@ class Cost(PolicyBase):
             raise ValueError("prefill_s_per_token and request_overhead_s cannot both be 0")
         if kv_capacity_factor <= 0:
             raise ValueError("kv_capacity_factor must be > 0")
+        if kv_hold_s < 0:
+            raise ValueError("kv_hold_s must be >= 0")
+        if index not in INDEX_MODES:
+            raise ValueError(f"index must be one of {', '.join(INDEX_MODES)}, not {index!r}")
         self.prefill_s_per_token = prefill_s_per_token
         self.request_overhead_s = request_overhead_s
         self.decode_s_per_seq = decode_s_per_seq
@@ -191,6 +205,8 @@ class Cost(PolicyBase):
         self.kv_capacity_factor = kv_capacity_factor
         self.correction_slack = correction_slack
         self.index = PrefixIndex(default_capacity=default_capacity_blocks)
+        self.index_mode = index
+        self._in_flight_blocks = InFlightBlocks(kv_hold_s)  # exact modes: sent, maybe not announced by events yet
         self._inflight: dict[str, _InFlight] = {}
         self._geometry: dict[str, tuple[int, int, float]] = {}
         self._avg_uncached: float | None = None  # EWMA over dispatched requests
@@ -207,6 +223,8 @@ class Cost(PolicyBase):
         tokens = float(features.token_estimate)
         decode_steps = 1.0 + self._expected_output(features)
         matched = self.index.match(features.block_hashes)
+        if features.kv_match is not None and self.index_mode != "approximate":
+            matched = blend(self.index_mode, matched, features, self._in_flight_blocks)
         best = max(matched.values(), default=0)
         filt, last = self.candidates, self._last_sent
         priced = replicas
@@ -314,6 +332,8 @@ class Cost(PolicyBase):
         self._last_sent[decision.replica] = self._dispatches
         self.candidates.dispatched(decision.replica, self._dispatches)
         self.index.add(decision.replica, features.block_hashes)
+        if features.kv_match is not None and self.index_mode != "approximate":
+            self._in_flight_blocks.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)
         own = self._inflight.setdefault(decision.replica, _InFlight())
         if not self.calibrator.pinned:
@@ -336,6 +356,8 @@ class Cost(PolicyBase):
     def on_complete(self, features: RequestFeatures, decision: Decision, outcome: Outcome) -> None:
         self._release(features, decision)
         self.candidates.completed(decision.replica)
+        if features.kv_match is not None and self.index_mode != "approximate":
+            self._in_flight_blocks.remove(decision.replica, features.block_hashes)
         sent = self._sent.pop((features.request_id, decision.replica), None)
         if sent is not None and outcome.ok:
             self._learn(features, decision, outcome, sent)
@@ -356,6 +378,7 @@ class Cost(PolicyBase):
 
     def on_replica_removed(self, name: str) -> None:
         self.index.remove_replica(name)
+        self._in_flight_blocks.forget(name)
         self._inflight.pop(name, None)
         self._geometry.pop(name, None)
         self._last_sent.pop(name, None)

@@ -15,12 +15,13 @@ from router.policies.consistent_hash import ConsistentHash
 from router.policies.cost import Cost
 from router.policies.least_load import LeastLoad
 from router.policies.power_of_two import PowerOfTwo
+from router.policies.precise import Precise
 from router.policies.random_choice import RandomChoice
 from router.policies.round_robin import RoundRobin
 
 _POLICIES: dict[str, type[PolicyBase]] = {
     cls.name: cls
-    for cls in (RoundRobin, RandomChoice, LeastLoad, PowerOfTwo, ConsistentHash, CacheAware, Cost)
+    for cls in (RoundRobin, RandomChoice, LeastLoad, PowerOfTwo, ConsistentHash, CacheAware, Cost, Precise)
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)

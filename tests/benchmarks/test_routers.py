@@ -82,10 +82,11 @@ def test_peer_argv_binds_loopback_with_workers_policy_and_a_free_metrics_port(ki
     assert tuned.argv(1, URLS, tmp_path)[-3:] == ["--cache-threshold", "0.5", "--disable-retries"]
 
 
-def test_peer_contenders_are_the_named_six() -> None:
+def test_peer_contenders_are_the_named_seven() -> None:
     names = [c.name for c in peer_contenders()]
     assert names == ["sglang:cache_aware", "sglang:round_robin", "sglang:power_of_two",
-                     "vllm-router:cache_aware", "vllm-router:consistent_hash", "vllm-router:power_of_two"]
+                     "vllm-router:cache_aware", "vllm-router:consistent_hash", "vllm-router:power_of_two",
+                     "vllm-router:kv_aware"]
     assert "get_load" in next(c for c in peer_contenders() if c.name == "sglang:power_of_two").notes
     assert "/tokenize" in next(c for c in peer_contenders() if c.name == "vllm-router:cache_aware").notes
     assert peer_available("ours") is None

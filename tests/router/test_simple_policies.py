@@ -86,6 +86,7 @@ def test_the_registry_names_every_policy_and_defaults_to_cost():
         "consistent_hash",
         "cache_aware",
         "cost",
+        "precise",
     }
     assert DEFAULT_POLICY == "cost"
     assert policy_parameters("cache_aware")["cache_threshold"] == 0.3
