@@ -199,6 +199,10 @@ def _message_text(message: Any, where: str) -> str:
     role = message.get("role")
     if not isinstance(role, str) or not role:
         raise FeatureError("message 'role' must be a non-empty string", f"{where}.role")
+    content = message.get("content")
+    if type(content) is str and not (message.get("name") or message.get("tool_calls")
+                                     or message.get("tool_call_id")):
+        return f"<{role}>{content}\n"  # the common message, as the general path below renders it
     out = [f"<{role}>"]
     name = message.get("name")
     if isinstance(name, str) and name:
