@@ -13,8 +13,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from xxhash import xxh64_intdigest
-
 from benchmarks.lib.workloads import extend_chain
 from engine_server.sim.backend import SimBackend, SimConfig
 from engine_server.sim.fast import FastEngine
@@ -131,7 +129,7 @@ class ChainEncoder:
             chars += len(part)
             s = rest + part
             full = len(s) - len(s) % self.span
-            extend_chain_fast(chain, s, full, self.span)
+            extend_chain(chain, s, full, self.span)
             rest = s[full:]
             lru[key] = (chain.copy(), rest, chars)
             if len(lru) > self.limits[k == last]:
@@ -139,22 +137,8 @@ class ChainEncoder:
         s = rest + self.tail
         tokens = -(-(chars + tail_len) // self.c)
         missing = tokens // self.block_size - len(chain)  # the last block may end in a short chunk
-        extend_chain_fast(chain, s, missing * self.span, self.span)
+        extend_chain(chain, s, missing * self.span, self.span)
         return tokens, chain
-
-
-def extend_chain_fast(chain: list[int], text: str, stop: int, span: int) -> None:
-    """`workloads.extend_chain`, encoding ASCII text once and hashing slices of it (the same bytes as
-    encoding each block: one byte per character), about a third faster; other text takes the original."""
-    if not text.isascii():
-        extend_chain(chain, text, stop, span)
-        return
-    data = memoryview(text.encode())
-    parent = chain[-1] if chain else 0
-    append = chain.append
-    for j in range(0, stop, span):
-        parent = xxh64_intdigest(data[j:j + span], parent)
-        append(parent)
 
 
 class FastOutput:
