@@ -129,10 +129,12 @@ class PrefixChains:
             return block_hashes(text, block_chars, seed_model)
         key = (seed_model, block_chars, text[:full])
         head = self._cache.get(key)
-        if head is None:
+        if head is None:  # first sight: hash the whole text once, keep the prefix's part
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()
-            head = self._cache[key] = block_hashes(key[2], block_chars, seed_model)
+            chain = block_hashes(text, block_chars, seed_model)
+            self._cache[key] = chain[: full // block_chars]
+            return chain
         if len(text) - full < block_chars:
             return head
         return head + _chain(text[full:].encode("utf-32-le"), 4 * block_chars, head[-1])
