@@ -40,7 +40,7 @@ from engine_server.backend import BackendError
 from engine_server.sim.scheduler import SchedulerConfig, SimRequest
 from engine_server.sim.timing import TimingProfile, get_profile
 from engine_server.sim.tokenizer import SimTokenizer, output_seed
-from router.features import HashingConfig, RequestFeatures, features_from_body
+from router.features import HashingConfig, PrefixChains, RequestFeatures, features_from_body
 from router.policies import create_policy
 from router.policies.base import Outcome, Policy
 from router.replica_view import ReplicaView
@@ -157,6 +157,7 @@ class _Sim:
         self.served = [0] * len(profs)
         self.encoder = PromptEncoder() if not self.fast else None
         self.chains = shared_chain_encoder() if self.fast else None
+        self.prefix_chains = PrefixChains()  # the router's chains of shared prefixes, hashed once
         self.sessions = workload.sessions
         self.num_requests = workload.num_requests  # once: a lazily built workload builds sessions to count
         self.records: list[RequestRecord] = []
@@ -198,7 +199,7 @@ class _Sim:
             return
         req = session.turns[turn]
         rid = f"{session.id}-{turn}"
-        features = features_from_body(req.body(MODEL), "chat", rid, self.hashing)
+        features = features_from_body(req.body(MODEL), "chat", rid, self.hashing, prefix_chains=self.prefix_chains)
         route = self.core.choose(features, self.states, views=self.views, lookup=self.lookup)
         self.reasons[route.decision.reason] += 1
         lease = self.core.dispatch(route, features, now)

@@ -201,30 +201,35 @@ class FastEngine:
         keys = s.keys
         if s.held > len(keys):
             self._queue_unhashed(s.held - len(keys))
+        queued = 0  # blocks queued here; only their count and order matter, not when the count moves
         for k in reversed(keys):
             if k is None:
                 self._queue_unhashed(1)
-            else:
-                r = ref[k] - 1
-                ref[k] = r
-                if r == 0:
-                    lru[k] = None
-                    self._queued += 1
-                    self._tail_run = 0
+                continue
+            r = ref[k] - 1
+            ref[k] = r
+            if r == 0:
+                lru[k] = None
+                queued += 1
+                self._tail_run = 0
+        self._queued += queued
         s.held = 0
         s.keys = []
 
     def _publish(self, s: _Seq, tokens: int) -> None:
         """The sequence's prompt blocks fully covered by ``tokens`` become hits (first copy wins)."""
-        end = min(tokens // self.block_size, len(s.chain))
-        keys, ref, chain = s.keys, self.ref, s.chain
-        for i in range(len(keys), end):
-            h = chain[i]
+        chain = s.chain
+        keys = s.keys
+        start, end = len(keys), min(tokens // self.block_size, len(chain))
+        if start >= end:
+            return
+        ref, append = self.ref, keys.append
+        for h in chain[start:end]:
             if h in ref:
-                keys.append(None)
+                append(None)
             else:
                 ref[h] = 1
-                keys.append(h)
+                append(h)
 
     def _lookup(self, s: _Seq) -> tuple[int, int]:
         """(hit blocks, tokens left to compute) for admitting ``s``: never the last token."""

@@ -4,6 +4,7 @@ from router.features.hashing import (
     DEFAULT_BLOCK_CHARS,
     DEFAULT_CHARS_PER_TOKEN,
     HashingConfig,
+    PrefixChains,
     block_hashes,
     token_block_hashes,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "DEFAULT_CHARS_PER_TOKEN",
     "FeatureError",
     "HashingConfig",
+    "PrefixChains",
     "RequestFeatures",
     "block_hashes",
     "chat_prompt_text",

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from router.features.hashing import HashingConfig, block_hashes, token_block_hashes
+from router.features.hashing import HashingConfig, PrefixChains, block_hashes, token_block_hashes
 
 if TYPE_CHECKING:
     from router.kv_events.prefix_source import RequestMatch
@@ -76,18 +76,23 @@ def features_from_body(
     request_id: str,
     hashing: HashingConfig,
     affinity_key: str | None = None,
+    prefix_chains: PrefixChains | None = None,
 ) -> RequestFeatures:
     """Build the features of an OpenAI ``/v1/chat/completions`` (``chat``) or ``/v1/completions`` body.
 
     ``affinity_key`` (e.g. a session header) wins over the body's ``user`` field. Raises `FeatureError`.
+    ``prefix_chains`` (the simulator's) caches the chain of a chat's earlier messages; same result.
     """
     if not isinstance(body, dict):
         raise FeatureError("request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise FeatureError("'model' must be a non-empty string", "model")
+    prefix_chars = 0
     if kind == "chat":
-        text = chat_prompt_text(body.get("messages"), body.get("tools"))
+        parts = _chat_parts(body.get("messages"), body.get("tools"))
+        text = "".join(parts)
+        prefix_chars = len(text) - len(parts[-1])
         prompts: list[str] | list[list[int]] = [text]
         max_tokens = _max_tokens(body, "max_completion_tokens")
         if max_tokens is None:
@@ -105,7 +110,8 @@ def features_from_body(
     if affinity_key is None:
         user = body.get("user")
         affinity_key = user if isinstance(user, str) and user else None
-    return _features(prompts, model, kind, request_id, hashing, max_tokens, affinity_key, stream)
+    return _features(prompts, model, kind, request_id, hashing, max_tokens, affinity_key, stream,
+                     prefix_chains, prefix_chars)
 
 
 def features_from_text(
@@ -132,12 +138,17 @@ def _features(
     max_tokens: int | None,
     affinity_key: str | None,
     stream: bool,
+    prefix_chains: PrefixChains | None = None,
+    prefix_chars: int = 0,
 ) -> RequestFeatures:
     first = prompts[0]
     if isinstance(first, str):
         chars = sum(len(p) for p in prompts)  # type: ignore[arg-type]
         if hashing.tokenizer is None:
-            hashes = block_hashes(first, hashing.block_chars, model)
+            if prefix_chains is None or prefix_chars <= 0:
+                hashes = block_hashes(first, hashing.block_chars, model)
+            else:
+                hashes = prefix_chains.block_hashes(first, prefix_chars, hashing.block_chars, model)
             tokens = math.ceil(chars / hashing.chars_per_token)
             block_tokens = hashing.block_tokens
         else:
@@ -167,6 +178,11 @@ def _features(
 
 def chat_prompt_text(messages: Any, tools: Any = None) -> str:
     """Canonical, prefix-stable text of a chat request (see the module docstring)."""
+    return "".join(_chat_parts(messages, tools))
+
+
+def _chat_parts(messages: Any, tools: Any = None) -> list[str]:
+    """The canonical text in pieces: the tools' (if any), then one per message."""
     if not isinstance(messages, list) or not messages:
         raise FeatureError("'messages' must be a non-empty array", "messages")
     parts: list[str] = []
@@ -174,7 +190,7 @@ def chat_prompt_text(messages: Any, tools: Any = None) -> str:
         parts.append("<tools>" + _canonical_json(tools) + "\n")
     for i, message in enumerate(messages):
         parts.append(_message_text(message, f"messages[{i}]"))
-    return "".join(parts)
+    return parts
 
 
 def _message_text(message: Any, where: str) -> str:
@@ -183,6 +199,10 @@ def _message_text(message: Any, where: str) -> str:
     role = message.get("role")
     if not isinstance(role, str) or not role:
         raise FeatureError("message 'role' must be a non-empty string", f"{where}.role")
+    content = message.get("content")
+    if type(content) is str and not (message.get("name") or message.get("tool_calls")
+                                     or message.get("tool_call_id")):
+        return f"<{role}>{content}\n"  # the common message, as the general path below renders it
     out = [f"<{role}>"]
     name = message.get("name")
     if isinstance(name, str) and name:

@@ -1,8 +1,11 @@
 """Block hashing: a chain of per-block hashes that identifies prompt prefixes."""
 
+import random
+
 import pytest
 
-from router.features.hashing import HashingConfig, block_hashes, token_block_hashes
+from router.features import features_from_body
+from router.features.hashing import HashingConfig, PrefixChains, block_hashes, token_block_hashes
 
 TEXT = "".join(chr(ord("a") + i % 26) for i in range(1000))
 
@@ -65,3 +68,25 @@ def test_hashing_config_validates_and_derives_token_blocks():
         HashingConfig(block_chars=0)
     with pytest.raises(ValueError):
         HashingConfig(chars_per_token=0)
+
+
+def test_prefix_chains_give_exactly_the_chain_of_the_whole_text():
+    """The simulator's cached-prefix hashing is `block_hashes`, for every prefix cut and text length."""
+    rng = random.Random(7)
+    chains = PrefixChains(max_entries=4)  # small: the cache is dropped and refilled along the way
+    for _ in range(300):
+        shared = "".join(rng.choice("abcé✓ \n") for _ in range(rng.randrange(0, 300)))
+        text = shared + "".join(rng.choice("xyz") for _ in range(rng.randrange(0, 200)))
+        block = rng.choice([1, 7, 64])
+        expected = block_hashes(text, block, "m")
+        assert chains.block_hashes(text, len(shared), block, "m") == expected
+        assert chains.block_hashes(text, len(shared), block, "m") == expected  # from the cache
+
+
+def test_chat_features_with_prefix_chains_match_the_plain_path():
+    body = {"model": "m", "messages": [{"role": "system", "content": "s" * 500},
+                                       {"role": "user", "content": "q" * 130}]}
+    chains = PrefixChains()
+    plain = features_from_body(body, "chat", "r", HashingConfig())
+    for _ in range(2):
+        assert features_from_body(body, "chat", "r", HashingConfig(), prefix_chains=chains) == plain
