@@ -398,6 +398,7 @@ class Calibrator:
         self.fleet_version = 0  # bumped when the fleet fit takes an observation
         self._median: float | None = None  # the reference value reference_version stands for
         self._fleet_steps: tuple[float, float, float] | None = None  # fleet fit's (per_token, per_seq, step)
+        self._priced: dict[str, CostConstants] = {}  # relative: constants() until its inputs move
 
     @property
     def pinned(self) -> bool:
@@ -440,6 +441,7 @@ class Calibrator:
                 sums[0], sums[1] = lam * sums[0] + y, lam * sums[1] + predicted
         self._count(name)
         self._reference = None
+        self._priced.pop(name, None)
         self._note_reference()
         return True
 
@@ -450,6 +452,7 @@ class Calibrator:
         if median != self._median:
             self._median = median
             self.reference_version += 1
+            self._priced.clear()
 
     def _count(self, name: str) -> None:
         """Move ``name``'s slowness in the sorted list the fleet median is read from."""
@@ -473,8 +476,12 @@ class Calibrator:
             return self.prior
         if self.settings.mode == "online":
             return cal.constants()
-        speed = self.speed(name)
-        return self.prior if speed == 1.0 else CostConstants(*(c * speed for c in self.prior.as_tuple()))
+        priced = self._priced.get(name)
+        if priced is None:  # a replica's own slowness and the reference; both drop this when they move
+            speed = self.speed(name)
+            priced = self.prior if speed == 1.0 else CostConstants(*(c * speed for c in self.prior.as_tuple()))
+            self._priced[name] = priced
+        return priced
 
     def shared_step(self, name: str) -> tuple[float, float]:
         """(decode_step_s, decode_s_per_seq) of the decode step a new prefill shares on a busy replica,
@@ -525,6 +532,7 @@ class Calibrator:
         self._slowness.pop(name, None)
         self._count(name)
         self._reference = None
+        self._priced.pop(name, None)
         self._note_reference()
 
     def snapshot(self, name: str) -> dict[str, Any]:

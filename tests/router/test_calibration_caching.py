@@ -37,19 +37,26 @@ def test_relative_mode_keeps_only_cached_constants_a_fresh_computation_would_giv
 
 
 def test_relative_mode_reads_between_observations_do_not_change_what_is_read_later():
-    # The calibrator caches the fleet fit's step times between observations: one read after every
-    # observation must end where a single read at the end does, bit for bit.
-    often, once = (Calibrator(H100_PRIOR, CalibrationSettings(mode="relative")) for _ in range(2))
+    # The calibrator caches each replica's constants and the fleet fit's step times between observations:
+    # reading after every observation must give, bit for bit, what a calibrator read only then gives.
+    often, at_mid, at_end = (Calibrator(H100_PRIOR, CalibrationSettings(mode="relative")) for _ in range(3))
     engine = ENGINES["llmd-like"]
-    names = ("a", "b", "slow")
-    streams = [observations(CostConstants(*(k * c for c in engine.as_tuple())), 50, seed=40 + k)
-               for k in (1, 1, 3)]
+    names = ("slow", "a", "b")  # the last observations are equal replicas', which move the reference
+
+    def read(calibrator):
+        return [(calibrator.shared_step(n), calibrator.constants(n)) for n in names]
+
+    streams = [observations(CostConstants(*(k * c for c in engine.as_tuple())), 50, seed=40 + i)
+               for i, k in enumerate((3, 1, 1))]
     for samples in zip(*streams, strict=True):
         for name, sample in zip(names, samples, strict=True):
-            often.observe(name, sample)
-            once.observe(name, sample)
-            for n in names:
-                often.shared_step(n), often.constants(n)
-    assert [(often.shared_step(n), often.constants(n)) for n in names] == [
-        (once.shared_step(n), once.constants(n)) for n in names]
-    assert once.speed("slow") > 1.5
+            for calibrator in (often, at_mid, at_end):
+                calibrator.observe(name, sample)
+            read(often)
+    assert read(often) == read(at_mid)
+    for sample in observations(CostConstants(*(6 * c for c in engine.as_tuple())), 20, seed=49):
+        for calibrator in (often, at_mid, at_end):  # the slowest stays slowest: the reference stays put
+            calibrator.observe("slow", sample)
+        read(often)
+    assert read(often) == read(at_end)
+    assert at_end.speed("slow") > 3.5
