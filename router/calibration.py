@@ -391,6 +391,14 @@ class Calibrator:
         # relative mode: one fit over the whole fleet, and per replica its observed / predicted times
         self._pooled = ReplicaCalibration(prior, self.settings)
         self._slowness: dict[str, list[float]] = {}
+        # Versions a caller's caches of `constants` / `shared_step` can be keyed by (relative mode): other
+        # replicas' constants change only when the reference does, the shared step whenever the fleet fit
+        # does; so a cache invalidates the observed replica's entry, and all only when these moved.
+        self.reference_version = 0  # bumped when the reference (lower median) changes value
+        self.fleet_version = 0  # bumped when the fleet fit takes an observation
+        self._median: float | None = None  # the reference value reference_version stands for
+        self._fleet_steps: tuple[float, float, float] | None = None  # fleet fit's (per_token, per_seq, step)
+        self._priced: dict[str, CostConstants] = {}  # relative: constants() until its inputs move
 
     @property
     def pinned(self) -> bool:
@@ -425,13 +433,26 @@ class Calibrator:
             # it divided by that replica's slowness, so a slow replica's times are not explained away by
             # what differs in its regressors (it runs more sequences because it is slow).
             pooled._observe(raw, y * (1.0 / self._ratio(name)))
+            self.fleet_version += 1
+            self._fleet_steps = None
             if predicted > 0:
                 sums = self._slowness.setdefault(name, [0.0, 0.0])
                 lam = self.settings.forgetting
                 sums[0], sums[1] = lam * sums[0] + y, lam * sums[1] + predicted
         self._count(name)
         self._reference = None
+        self._priced.pop(name, None)
+        self._note_reference()
         return True
+
+    def _note_reference(self) -> None:
+        """Bump `reference_version` if the lower median moved (the value `_ratio` reads next)."""
+        known = self._sorted
+        median = known[(len(known) - 1) // 2] if known else None
+        if median != self._median:
+            self._median = median
+            self.reference_version += 1
+            self._priced.clear()
 
     def _count(self, name: str) -> None:
         """Move ``name``'s slowness in the sorted list the fleet median is read from."""
@@ -455,8 +476,12 @@ class Calibrator:
             return self.prior
         if self.settings.mode == "online":
             return cal.constants()
-        speed = self.speed(name)
-        return self.prior if speed == 1.0 else CostConstants(*(c * speed for c in self.prior.as_tuple()))
+        priced = self._priced.get(name)
+        if priced is None:  # a replica's own slowness and the reference; both drop this when they move
+            speed = self.speed(name)
+            priced = self.prior if speed == 1.0 else CostConstants(*(c * speed for c in self.prior.as_tuple()))
+            self._priced[name] = priced
+        return priced
 
     def shared_step(self, name: str) -> tuple[float, float]:
         """(decode_step_s, decode_s_per_seq) of the decode step a new prefill shares on a busy replica,
@@ -466,7 +491,11 @@ class Calibrator:
         times the prefill time it prices ``name`` with; the others take their own constants."""
         priced = self.constants(name)
         if self.settings.mode == "relative" and self._pooled.observations >= self.settings.min_observations:
-            _, per_token, per_seq, step = self._pooled.constants().as_tuple()
+            fleet = self._fleet_steps
+            if fleet is None:  # once per fleet observation, not per replica per decision
+                _, per_token, per_seq, step = self._pooled.constants().as_tuple()
+                fleet = self._fleet_steps = (per_token, per_seq, step)
+            per_token, per_seq, step = fleet
             if per_token > 0:
                 unit = priced.prefill_s_per_token / per_token
                 return step * unit, per_seq * unit
@@ -503,6 +532,8 @@ class Calibrator:
         self._slowness.pop(name, None)
         self._count(name)
         self._reference = None
+        self._priced.pop(name, None)
+        self._note_reference()
 
     def snapshot(self, name: str) -> dict[str, Any]:
         """What the admin API and metrics show for one replica."""

@@ -197,6 +197,8 @@ class Cost(PolicyBase):
         self.calibrator = Calibrator(prior, CalibrationSettings.of(calibration))  # type: ignore[arg-type]
         self._constants: dict[str, tuple[float, float, float, float]] = {}
         self._shared: dict[str, tuple[float, float]] = {}  # cache of _shared_step
+        # the calibrator's (reference_version, fleet_version) when the caches above were last checked
+        self._cached_at = (0, 0)
         self._views: dict[str, ReplicaView] = {}
         self._sent: dict[tuple[str, str], _Sent] = {}
         self.tie_tolerance = tie_tolerance
@@ -458,9 +460,21 @@ class Cost(PolicyBase):
             observed |= self.calibrator.observe(name, DecodeSample(
                 decode_s, steps, max(1.0, (sent.running + 1.0 + now_running) / 2.0)))
         if observed:
-            if self.calibrator.settings.mode == "relative":  # the fleet's fit and reference may have moved
-                self._constants.clear()
-                self._shared.clear()
+            cal = self.calibrator
+            if cal.settings.mode == "relative":  # the fleet's fit and reference may have moved
+                # Another replica's constants depend only on its own slowness and the reference, its
+                # shared step on those and the fleet fit: drop everything only when these moved.
+                at = (cal.reference_version, cal.fleet_version)
+                reference_moved, fleet_moved = at[0] != self._cached_at[0], at[1] != self._cached_at[1]
+                self._cached_at = at
+                if reference_moved:
+                    self._constants.clear()
+                else:
+                    self._constants.pop(name, None)
+                if reference_moved or fleet_moved:
+                    self._shared.clear()
+                else:
+                    self._shared.pop(name, None)
             else:
                 self._constants.pop(name, None)
                 self._shared.pop(name, None)
