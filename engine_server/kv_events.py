@@ -6,9 +6,9 @@ against a stock ``vllm serve`` and against our ``sim`` backend:
 
 * **Messages** are msgpack ``KVEventBatch`` structs, encoded as an array ``[ts, events, data_parallel_rank]``;
   each event is a map tagged ``{"type": "BlockStored" | "BlockRemoved" | "AllBlocksCleared", ...}`` with
-  default-valued fields omitted. The struct definitions below mirror vLLM's field for field (names, order,
-  defaults, ``array_like``/``omit_defaults``/``tag`` options), so the bytes are identical; a test decodes
-  our messages with vLLM's own classes and compares the encodings.
+  default-valued fields omitted. The structs (in ``kv_wire``, shared with the router) mirror vLLM's field
+  for field, so the bytes are identical; a test decodes our messages with vLLM's own classes and compares
+  the encodings.
 * **PUB socket** (``endpoint``): every batch is one multipart message ``[topic, seq, payload]`` where
   ``seq`` is an 8-byte big-endian counter starting at 0 when the publisher starts (so a restarted engine
   shows up as a sequence that goes back).
@@ -38,61 +38,16 @@ from typing import Any
 import msgspec
 
 from engine_server.backend import LoadReport
+from kv_wire import (
+    END_SEQ,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+)
 
 log = logging.getLogger("engine_server.kv_events")
 
-END_SEQ = (-1).to_bytes(8, "big", signed=True)
 MEDIUM_GPU = "GPU"
-
-ExternalBlockHash = bytes | int
-
-
-# ------------------------------------------------------------------------------------- wire structs
-# Field order, defaults and struct options must stay identical to vllm.distributed.kv_events
-# (tests/test_kv_events_wire.py checks the bytes against vLLM's own classes).
-
-
-class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    ts: float
-    events: list[Any]
-    data_parallel_rank: int | None = None
-
-
-class KVCacheEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
-    """Base class for all KV cache-related events."""
-
-
-class BlockStored(KVCacheEvent):
-    block_hashes: list[ExternalBlockHash]
-    parent_block_hash: ExternalBlockHash | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-    extra_keys: list[tuple[Any, ...] | None] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-    session_id: str | None = None
-
-
-class BlockRemoved(KVCacheEvent):
-    block_hashes: list[ExternalBlockHash]
-    medium: str | None
-    group_idx: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-
-
-class AllBlocksCleared(KVCacheEvent):
-    pass
-
-
-class KVEventBatch(EventBatch):
-    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
 
 
 def block_stored(block_hashes: list[int], parent: int | None, token_ids: list[int], block_size: int,
@@ -105,18 +60,6 @@ def block_stored(block_hashes: list[int], parent: int | None, token_ids: list[in
 
 def block_removed(block_hashes: list[int], group_idx: int = 0) -> BlockRemoved:
     return BlockRemoved(block_hashes=block_hashes, medium=MEDIUM_GPU, group_idx=group_idx)
-
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
-
-
-def encode_batch(batch: KVEventBatch) -> bytes:
-    return _encoder.encode(batch)
-
-
-def decode_batch(payload: bytes) -> KVEventBatch:
-    return _decoder.decode(payload)
 
 
 # ---------------------------------------------------------------------------------------- config

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("router", "engine_server", "config", "openai_http", "benchmarks")
+PACKAGES = ("router", "engine_server", "config", "openai_http", "kv_wire", "benchmarks")
 
 # The pure routing core: policies, request features and the prefix index decide on plain data, so they run
 # unchanged in the live router and in the offline simulator.
@@ -35,9 +35,11 @@ RULES: tuple[tuple[tuple[str, ...], tuple[str, ...], bool, str], ...] = (
     (("openai_http",), ("router", "engine_server", "config"), True,
      "the shared HTTP layer (OpenAI errors, request ids, hostile-input body reading) is a leaf both "
      "servers import"),
+    (("kv_wire",), ("router", "engine_server", "config", "openai_http"), True,
+     "vLLM's KV event wire format is a leaf: engines publish it, the router decodes it, one definition"),
     (PURE_CORE, SERVING_SHELL, True,
      "the routing core is pure and synchronous: no aiohttp, no proxy, no app, so the simulator runs it"),
-    (("router", "engine_server", "config", "openai_http"), ("benchmarks", "tests"), False,
+    (("router", "engine_server", "config", "openai_http", "kv_wire"), ("benchmarks", "tests"), False,
      "shipped code never depends on the benchmarks or the tests"),
 )
 

@@ -58,7 +58,8 @@ def test_the_watch_tool_reports_status_and_matches(tmp_path):
     import sys
     import tempfile
 
-    from engine_server.kv_events import KVEventBatch, KVEventPublisher, block_stored
+    from engine_server.kv_events import KVEventPublisher, block_stored
+    from kv_wire import KVEventBatch
 
     d = tempfile.mkdtemp(prefix="kvw", dir="/tmp")
     s = KVEventsSettings(endpoint=f"ipc://{d}/pub", replay_endpoint=f"ipc://{d}/replay")

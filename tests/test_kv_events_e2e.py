@@ -20,9 +20,10 @@ import pytest
 import engine_server.sim.backend as sim_backend_module
 from engine_server.app import STATE
 from engine_server.backend import GenerationRequest, SamplingOptions
-from engine_server.kv_events import KVEventBatch, KVEventPublisher, KVEventsSettings
+from engine_server.kv_events import KVEventPublisher, KVEventsSettings
 from engine_server.sim.backend import SimBackend, SimConfig
 from engine_server.sim.kv_cache import block_hashes as sim_block_hashes
+from kv_wire import KVEventBatch
 from router.features.hashing import token_block_hashes
 from router.kv_events.subscriber import EventSource, KVEventHub
 

@@ -9,8 +9,8 @@ import msgspec
 import pytest
 import zmq
 
+import kv_wire as wire
 from engine_server import kv_events as ours
-from router.kv_events import wire
 
 vllm_kv = pytest.importorskip("vllm.distributed.kv_events")
 
@@ -18,7 +18,7 @@ HANG_GUARD_MS = 10_000
 
 
 def sample_batch(mod) -> object:
-    """The same logical batch built from either module's classes."""
+    """The same logical batch built from our classes (`kv_wire`) or vLLM's."""
     return mod.KVEventBatch(ts=1700000000.25, events=[
         mod.BlockStored(block_hashes=[11, 2**64 - 1], parent_block_hash=None, token_ids=list(range(32)),
                         block_size=16, lora_id=None, medium="GPU", lora_name=None, group_idx=0),
@@ -32,11 +32,11 @@ def sample_batch(mod) -> object:
 
 def test_our_encoding_equals_vllms_byte_for_byte():
     enc = msgspec.msgpack.Encoder()
-    assert ours.encode_batch(sample_batch(ours)) == enc.encode(sample_batch(vllm_kv))
+    assert wire.encode_batch(sample_batch(wire)) == enc.encode(sample_batch(vllm_kv))
 
 
 def test_vllms_decoder_reads_our_messages_and_ours_reads_vllms():
-    payload = ours.encode_batch(sample_batch(ours))
+    payload = wire.encode_batch(sample_batch(wire))
     theirs = msgspec.msgpack.Decoder(type=vllm_kv.KVEventBatch).decode(payload)
     assert theirs == sample_batch(vllm_kv)
     back = wire.decode_batch(msgspec.msgpack.Encoder().encode(sample_batch(vllm_kv)))
@@ -47,14 +47,13 @@ def test_vllms_decoder_reads_our_messages_and_ours_reads_vllms():
 def test_struct_fields_match_vllm():
     for name in ("BlockStored", "BlockRemoved", "AllBlocksCleared", "KVEventBatch"):
         theirs = getattr(vllm_kv, name)
-        for mod in (ours, wire):
-            mine = getattr(mod, name)
-            assert mine.__struct_fields__ == theirs.__struct_fields__, (mod.__name__, name)
-            assert mine.__struct_defaults__ == theirs.__struct_defaults__, (mod.__name__, name)
-            assert mine.__struct_config__.tag == theirs.__struct_config__.tag
-            assert mine.__struct_config__.array_like == theirs.__struct_config__.array_like
-            assert mine.__struct_config__.omit_defaults == theirs.__struct_config__.omit_defaults
-    assert ours.END_SEQ == wire.END_SEQ == vllm_kv.ZmqEventPublisher.END_SEQ
+        mine = getattr(wire, name)
+        assert mine.__struct_fields__ == theirs.__struct_fields__, name
+        assert mine.__struct_defaults__ == theirs.__struct_defaults__, name
+        assert mine.__struct_config__.tag == theirs.__struct_config__.tag
+        assert mine.__struct_config__.array_like == theirs.__struct_config__.array_like
+        assert mine.__struct_config__.omit_defaults == theirs.__struct_config__.omit_defaults
+    assert wire.END_SEQ == vllm_kv.ZmqEventPublisher.END_SEQ
 
 
 @pytest.fixture
@@ -84,7 +83,7 @@ def _frames(pub_cls, d: str, label: str, make_batch, **kwargs):
         while True:
             frames = dealer.recv_multipart()
             replayed.append(frames)
-            if frames[2] == ours.END_SEQ:
+            if frames[2] == wire.END_SEQ:
                 break
             if len(replayed) > 3:  # the second batch may not be published yet: ask again
                 break
@@ -129,14 +128,14 @@ class _VllmAdapter:
 
 def test_framing_equals_vllms_publisher(ipc_dir):
     """Live [topic, seq, payload] and replay [b"", topic, seq, payload] ... end marker, as vLLM sends."""
-    live_ours, replay_ours = _frames(_OursAdapter, ipc_dir, "ours", lambda: sample_batch(ours))
+    live_ours, replay_ours = _frames(_OursAdapter, ipc_dir, "ours", lambda: sample_batch(wire))
     live_vllm, replay_vllm = _frames(_VllmAdapter, ipc_dir, "vllm", lambda: sample_batch(vllm_kv))
     assert live_ours[0] == live_vllm[0] == b"kv"
     assert live_ours[2] == live_vllm[2]  # same payload bytes
     assert len(live_ours[1]) == len(live_vllm[1]) == 8
     assert replay_ours == replay_vllm
     assert replay_ours[0] == [b"", b"kv", (0).to_bytes(8, "big"), live_ours[2]]
-    assert replay_ours[-1] == [b"", b"", ours.END_SEQ, b""]
+    assert replay_ours[-1] == [b"", b"", wire.END_SEQ, b""]
 
 
 async def test_the_router_hub_follows_vllms_own_publisher_and_its_restart(ipc_dir):

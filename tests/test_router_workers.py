@@ -20,12 +20,12 @@ from aiohttp.test_utils import TestServer
 
 from engine_server.app import create_app as create_engine_app
 from engine_server.sim.backend import SimBackend, SimConfig
+from kv_wire import BlockRemoved, BlockStored, KVEventBatch
 from router.features.hashing import HashingConfig
 from router.features.parse import features_from_body
 from router.features.tokenize import SimTokens
 from router.kv_events.precise import PreciseIndex
 from router.kv_events.prefix_source import PrefixSource
-from router.kv_events.wire import BlockRemoved, BlockStored, KVEventBatch
 from router.policies.registry import create_policy
 from router.replica_view import ReplicaView
 from router.workers import worker_argv

@@ -18,6 +18,7 @@ COPY router ./router
 COPY engine_server ./engine_server
 COPY config ./config
 COPY openai_http ./openai_http
+COPY kv_wire ./kv_wire
 COPY benchmarks ./benchmarks
 RUN python3 -m pip install --no-compile --no-deps /opt/prefix-router \
     && groupadd --system --gid 10001 engine \

@@ -15,6 +15,7 @@ COPY router ./router
 COPY engine_server ./engine_server
 COPY config ./config
 COPY openai_http ./openai_http
+COPY kv_wire ./kv_wire
 COPY benchmarks ./benchmarks
 RUN /opt/venv/bin/pip install --no-compile --no-deps /src
 

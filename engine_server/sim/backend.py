@@ -27,11 +27,12 @@ from engine_server.backend import (
     LoadReport,
     StreamDropped,
 )
-from engine_server.kv_events import KVEventBatch, KVEventPublisher, KVEventsSettings, with_kv_events
+from engine_server.kv_events import KVEventPublisher, KVEventsSettings, with_kv_events
 from engine_server.sim.faults import FaultConfig, plan_faults
 from engine_server.sim.scheduler import RequestOutput, Scheduler, SchedulerConfig, SimRequest
 from engine_server.sim.timing import TimingProfile, get_profile
 from engine_server.sim.tokenizer import SimTokenizer, output_seed
+from kv_wire import KVEventBatch
 
 log = logging.getLogger("engine_server.sim")
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import xxhash
 
-from engine_server.kv_events import AllBlocksCleared, block_removed, block_stored
+from engine_server.kv_events import block_removed, block_stored
+from kv_wire import AllBlocksCleared
 
 ROOT_HASH = 0  # parent "hash" of a sequence's first block
 

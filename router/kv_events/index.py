@@ -30,7 +30,7 @@ Rules, each following what the engine does:
 
 Worked example (mirrored by ``tests/router/test_kv_event_index.py``)::
 
-    >>> from router.kv_events.wire import BlockStored, BlockRemoved
+    >>> from kv_wire import BlockStored, BlockRemoved
     >>> from router.features.hashing import token_block_hashes
     >>> idx = EngineBlockIndex(block_size=2, model="m")
     >>> def stored(hashes, parent, tokens):
@@ -56,8 +56,8 @@ from dataclasses import dataclass
 import msgspec
 from xxhash import xxh3_64_intdigest
 
+from kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEvent
 from router.features.hashing import model_seed
-from router.kv_events.wire import AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEvent
 
 DEFAULT_MEMORY = 1 << 16  # removed blocks whose engine hash -> key mapping is remembered (~6 MB)
 _UNRESOLVED = -1  # key of a present block whose chain we could not rebuild (never a valid match)

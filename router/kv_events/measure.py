@@ -16,11 +16,11 @@ import random
 import time
 from collections.abc import Sequence
 
+from kv_wire import BlockStored, KVEventBatch
 from router.features.hashing import token_block_hashes
 from router.features.tokenize import load_tokenizer
 from router.kv_events.precise import PreciseIndex
 from router.kv_events.prefix_source import PrefixSource
-from router.kv_events.wire import BlockStored, KVEventBatch
 
 WORDS = ("cache", "block", "router", "engine", "prefix", "token", "the", "of", "and", "model", "batch",
          "queue", "stream", "latency", "replica", "memory", "request", "system", "value", "result")

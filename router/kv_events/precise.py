@@ -9,7 +9,7 @@ to trust (phase 2: ``index: precise | approximate | auto`` in the cost policy):
 - ``partial``: a lower bound (the index is a subset of the engine's cache);
 - ``stale`` / ``unsynced``: unknown; fall back to the approximate index.
 
-    >>> from router.kv_events.wire import BlockStored, KVEventBatch
+    >>> from kv_wire import BlockStored, KVEventBatch
     >>> from router.features.hashing import token_block_hashes
     >>> idx = PreciseIndex()
     >>> a = idx.add_replica("a", block_size=2, model="m")

@@ -31,9 +31,9 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from kv_wire import END_SEQ, decode_batch, decode_seq
 from router.kv_events.precise import PreciseIndex
 from router.kv_events.sync import EventSync
-from router.kv_events.wire import END_SEQ, decode_batch, decode_seq
 
 log = logging.getLogger("router.kv_events")
 

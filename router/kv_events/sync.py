@@ -37,8 +37,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
+from kv_wire import AllBlocksCleared, KVEventBatch
 from router.kv_events.index import EngineBlockIndex
-from router.kv_events.wire import AllBlocksCleared, KVEventBatch
 
 Status = Literal["unsynced", "synced", "stale", "partial"]
 

@@ -9,14 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_server import kv_events as engine_kv_events
 from engine_server.sim.kv_cache import block_hashes as sim_block_hashes
 from engine_server.sim.scheduler import Scheduler, SchedulerConfig, SimRequest
 from engine_server.sim.timing import get_profile
 from engine_server.sim.tokenizer import SimTokenizer
+from kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, decode_batch, encode_batch
 from router.features.hashing import token_block_hashes
 from router.kv_events.index import EngineBlockIndex, chain_key
-from router.kv_events.wire import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
 
 MODEL = "m"
 
@@ -171,8 +170,8 @@ def sim_workload(seed: int, n_requests: int, num_blocks: int, aborts: bool, rese
 
 def over_the_wire(events) -> list:
     """The engine's events as the router decodes them (encoded by the engine's publisher code)."""
-    batch = engine_kv_events.KVEventBatch(ts=0.0, events=events, data_parallel_rank=0)
-    return decode_batch(engine_kv_events.encode_batch(batch)).events
+    batch = KVEventBatch(ts=0.0, events=events, data_parallel_rank=0)
+    return decode_batch(encode_batch(batch)).events
 
 
 def assert_index_equals_cache(idx: EngineBlockIndex, sched: Scheduler, probes) -> None:

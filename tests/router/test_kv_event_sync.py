@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from router.features.hashing import token_block_hashes
 from router.kv_events.index import EngineBlockIndex
 from router.kv_events.sync import EventSync
-from router.kv_events.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 
 BS = 2
 

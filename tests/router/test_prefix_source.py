@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import random
 
+from kv_wire import BlockStored, KVEventBatch
 from router.features.hashing import token_block_hashes
 from router.features.tokenize import SimTokens
 from router.kv_events.precise import PreciseIndex
 from router.kv_events.prefix_source import PrefixSource
-from router.kv_events.wire import BlockStored, KVEventBatch
 
 
 def test_reused_keys_equal_keys_hashed_from_scratch_for_growing_and_branching_prompts():

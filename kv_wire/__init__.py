@@ -1,4 +1,5 @@
-"""vLLM's KV event wire format, as the router decodes it (``vllm/distributed/kv_events.py``).
+"""vLLM's KV cache event wire format (``vllm/distributed/kv_events.py``), shared by the engine servers
+that publish it and the router that decodes it.
 
 A message on the PUB socket is ``[topic, seq, payload]``: ``seq`` an 8-byte big-endian counter that starts
 at 0 when the engine's publisher starts, ``payload`` a msgpack ``KVEventBatch`` (an array
@@ -6,9 +7,10 @@ at 0 when the engine's publisher starts, ``payload`` a msgpack ``KVEventBatch`` 
 engine's ROUTER socket is ``[b"", start_seq]`` from a DEALER; the answer is one ``[b"", topic, seq, payload]``
 per buffered batch with ``seq >= start_seq``, then ``[b"", b"", END_SEQ, b""]``.
 
-These structs mirror vLLM's field for field (``tests/test_kv_events_wire.py`` checks them against vLLM's
-own classes), so the router does not need vLLM installed. They are defined here rather than imported
-from ``engine_server`` so the router stays deployable on its own.
+These structs mirror vLLM's field for field: names, order, defaults and the ``array_like``/
+``omit_defaults``/``tag`` options (``tests/test_kv_events_wire.py`` checks the bytes against vLLM's own
+classes), so neither side needs vLLM installed. Like ``openai_http``, this is a leaf both ``engine_server``
+and ``router`` import (msgspec only), so the format is defined once.
 """
 
 from __future__ import annotations
@@ -67,7 +69,12 @@ class KVEventBatch(EventBatch):
 
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
+_encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+
+
+def encode_batch(batch: KVEventBatch) -> bytes:
+    return _encoder.encode(batch)
 
 
 def decode_batch(payload: bytes) -> KVEventBatch:
