@@ -23,6 +23,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports nothing listens on, for servers numbered from a
+    base port (the launcher's replicas). Taken below the kernel's ephemeral range: `free_port` and every
+    outgoing connection draw from that range, so one of them could land on ``base + 1`` in the meantime."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    for base in range(ephemeral_low - count, 1024, -count):
+        if all(_bindable(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports below {ephemeral_low}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 @pytest.fixture
 async def sim_server() -> AsyncIterator[SimServerFactory]:
     """Start sim engine servers on 127.0.0.1 (random ports); all are stopped at teardown.

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def demo(tmp_path: Path, **env: str) -> subprocess.Popen[str]:
     if not (ROOT / ".venv/bin/python").exists():
         pytest.skip("scripts/demo.sh runs ./.venv/bin/python: this checkout has no ./.venv")
-    base = free_port()
+    base = free_ports(int(env.get("REPLICAS", "2")))
     return subprocess.Popen(
         ["bash", "scripts/demo.sh"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "SKIP_INSTALL": "1", "BACKEND": "sim", "MODEL_DIR": "sim-model", "REPLICAS": "2",
