@@ -37,6 +37,7 @@ from typing import Protocol
 from router.replica_view import ReplicaView
 
 DEFAULT_K = 8
+REKEY_PER_DECISION = 2  # keys re-read from the views per decision, in turn round the fleet
 Key = tuple[float, int]  # (request load / weight, number of the dispatch that last went there; -1 never)
 _NEVER: Key = (0.0, -1)  # a replica not in the order yet sorts first: it gets priced
 Groups = Sequence[tuple[int, int]]  # (match depth, bitmask of the replicas holding it), deepest first
@@ -76,7 +77,7 @@ class CandidateFilter:
         self._load: dict[str, tuple[int, int, float]] = {}  # name -> (in flight, engine load, weight)
         self._heap: list[tuple[float, int, str]] = []
         self._positions: dict[tuple[int, str, str], dict[str, int]] = {}
-        self._until_refresh = 0
+        self._cursor = 0  # the next replica to re-key (a few per decision: every key re-read in turn)
         # The same order as bitmasks, for picking holders out of `match_masks` without naming them all:
         # load -> bits of the replicas at that load; the loads in order; every replica's bit (invariant:
         # a name is in _bit iff its bit is in _levels[its load] and in _tracked).
@@ -99,11 +100,15 @@ class CandidateFilter:
         At most ``k`` holders are taken, deepest first, the least loaded within a depth (then the least
         recently sent to), found through the per-load masks: a prompt held by hundreds of replicas costs
         a few integer ANDs, not a walk over its holders."""
-        self._until_refresh -= 1
-        if self._until_refresh < 0:
+        if not self._key:  # nothing keyed yet: one full pass keys every replica
             self.refresh(replicas, last_sent)
             return None
         positions = self._position_map(replicas)
+        n = len(replicas)
+        for _ in range(REKEY_PER_DECISION if n > REKEY_PER_DECISION else n):
+            self._cursor = cursor = (self._cursor + 1) % n
+            view = replicas[cursor]
+            self.seen(view, last_sent.get(view.name, -1))
         picked: dict[str, ReplicaView] = {}
         if groups:
             self._holders(replicas, positions, groups, picked)
@@ -151,16 +156,24 @@ class CandidateFilter:
         self._heap = [(load, last, name) for name, (load, last) in self._key.items()]
         heapq.heapify(self._heap)
         self._positions = {(len(replicas), replicas[0].name, replicas[-1].name): positions}
-        self._until_refresh = len(replicas)
+        self._cursor = 0
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
     def seen(self, view: ReplicaView, last_sent: int) -> None:
-        """``view`` was priced: its key is what the view says now."""
-        old = self._key.get(view.name)
-        self._store(view, last_sent)
-        if self._key[view.name] != old:
-            self._push(view.name)
+        """``view`` was priced (or re-read in turn): its key is what the view says now."""
+        name, flight = view.name, view.in_flight_requests
+        engine = view.running + view.waiting if view.load_age_s is not None else 0
+        weight = view.weight if view.weight > 0 else 1.0
+        load = (flight, engine, weight)
+        key = ((flight if flight > engine else engine) / weight, last_sent)
+        old = self._key.get(name)
+        if old == key and self._load.get(name) == load:
+            return
+        self._load[name] = load
+        self._rekey(name, key)
+        if key != old:
+            self._push(name)
 
     def dispatched(self, name: str, last_sent: int) -> None:
         load = self._load.get(name)
