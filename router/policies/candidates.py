@@ -222,7 +222,8 @@ class CandidateFilter:
                     continue
                 found = names(sub)
                 if len(found) > budget:  # least recently sent first, as cost's tie-break
-                    found = heapq.nsmallest(budget, found, key=lambda n: key_of.get(n, _NEVER)[1])
+                    ranked = sorted([(key_of.get(n, _NEVER)[1], n) for n in found])
+                    found = [n for _, n in ranked[:budget]]
                 for name in found:
                     view = self._lookup(replicas, positions, name)
                     if view is not None:
