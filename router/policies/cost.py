@@ -243,15 +243,18 @@ class Cost(PolicyBase):
                 selected = filt.select_matched(replicas, matched, last)
         priced = replicas if selected is None else selected
         costs: dict[str, float] = {}
-        for view in priced:
-            self._sync_capacity(view, block_tokens)
-            self._see(view)
-            blocks = matched.get(view.name, 0)
+        geometry, seen_views, price = self._geometry, self._views, self._cost
+        keyed = None if selected is None else filt.seen  # candidates: the order re-reads their keys
+        for view in priced:  # the hot loop: _sync_capacity's and _see's work inlined where cheap
+            name = view.name
+            if geometry.get(name) != (view.kv_blocks_total, view.block_size, block_tokens):
+                self._sync_capacity(view, block_tokens)
+            seen_views[name] = view
+            blocks = matched.get(name, 0)
             uncached = tokens - min(blocks * block_tokens, tokens)
-            costs[view.name] = self._cost(view, uncached, block_tokens, decode_steps)
-        if priced is not replicas:
-            for view in priced:
-                filt.seen(view, last.get(view.name, -1))
+            costs[name] = price(view, uncached, block_tokens, decode_steps)
+            if keyed is not None:
+                keyed(view, last.get(name, -1))
         cutoff = min(costs.values()) * (1.0 + self.tie_tolerance)
         near = [r for r in priced if costs[r.name] <= cutoff]
         if len(near) == 1:
