@@ -4,8 +4,8 @@ Pricing every replica costs ``cost`` a few microseconds each (~4.5 ms a decision
 The replica the full scan picks is, in practice, one holding the prompt as deep as it is held anywhere
 (least prefill) or one of the least loaded (least queue and crowding). So only those are priced:
 
-- holders: for each match depth the prefix index reports, the ``k`` least loaded replicas holding the
-  prompt that deep (all of them when fewer);
+- holders: at most ``k`` replicas holding the prompt, deepest match first, the least loaded within a
+  depth (then the least recently sent to);
 - least loaded: the ``k`` least loaded replicas of the fleet.
 
 "Load" is the order of cost's own tie-break: ``request_load / weight`` (the router's in-flight count,
@@ -14,17 +14,22 @@ queue, crowding, and the slot wait once in-flight reaches the engine's limit), t
 least recently. The second key matters on an idle fleet: every replica then costs the same, the full
 scan goes round them all by "least recently sent", and so does this order.
 
-The order is kept incrementally in a lazy min-heap: a replica's key is re-read from its view whenever it
-is priced, moved by +1/-1 on dispatch and completion (the router's in-flight count moves the same way),
-and every key is re-read from the views once per ``len(fleet)`` decisions (one full pass amortised to
-O(1) a decision), so load that only the engine sees (other routers' traffic) is picked up within that
-many decisions. Small fleets (``<= full_scan_below``) are always priced in full, the same result.
-Whenever the order cannot give ``k`` eligible replicas cheaply (a fleet serving several models shares
-one order; many replicas ejected at once), the whole fleet is priced: slower, never wrong.
+Nothing here walks the fleet or a prompt's holders per decision. The order is kept incrementally twice:
+a lazy min-heap (for the fleet's least loaded) and one bitmask per load value in the prefix index's
+replica bits (for the holders: the index gives a prompt's holders as one mask per match depth,
+`PrefixIndex.match_masks`, and ANDing it with the masks in load order names only the few taken). A
+replica's key is re-read from its view whenever it is priced, moved by +1/-1 on dispatch and completion
+(the router's in-flight count moves the same way), and two replicas' keys are re-read from their views
+each decision in turn round the fleet, so load that only the engine sees (other routers' traffic) is
+picked up within ``len(fleet) / 2`` decisions. The first decision prices (and keys) the whole fleet.
+Small fleets (``<= full_scan_below``) are always priced in full, the same result. Whenever the order
+cannot give ``k`` eligible replicas cheaply (a fleet serving several models shares one order; many
+replicas ejected at once), the whole fleet is priced: slower, never wrong.
 
-On the benchmark workloads (`python -m benchmarks.candidates_check`, 64 and 256 replicas) ``k = 8``
-never picked a replica costing more than the full scan's choice (6-8 % of picks differ, all between
-equal costs) and TTFT and hit rate were unchanged; ``k = 4`` did (agentic: 18 of 384, TTFT +6 %).
+On the benchmark workloads (`python -m benchmarks.candidates_check`, 64 replicas) ``k = 8`` never picked
+a replica costing more than the full scan's choice (6-8 % of picks differ, all between equal costs) and
+TTFT and hit rate were unchanged; ``k = 4`` did (agentic: 18 of 384, TTFT +6 %). At 1,000 replicas
+(`benchmarks.router_micro`, a prompt held by 100 of them) a decision prices ``2 k`` replicas.
 """
 
 from __future__ import annotations

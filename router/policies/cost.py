@@ -104,8 +104,8 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
         long after (for the events' lag). 0 by default: in the benchmarks a 0.25-2 s hold cost multiturn
         hit rate where the cache evicts (docs/kv_events.md, "Routing on the events").
     candidates (8): in fleets of more than 4x this many replicas only the holders of the prompt and the
-        least loaded replicas are priced, this many per match depth and of the least loaded
-        (`router.policies.candidates`); 0 prices every replica.
+        least loaded replicas are priced, this many of the holders (deepest match first) and of the least
+        loaded (`router.policies.candidates`); 0 prices every replica.
     seed / rng: tie-break random source.
 Reason labels: ``"prefix"`` (went to a best-matching replica), ``"replicate"`` (a replica with a longer
 match was passed over because of its load), ``"load"`` (nobody holds any of the prompt).
