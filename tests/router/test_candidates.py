@@ -1,6 +1,9 @@
 """cost's candidate pre-filter: in a large fleet only the prompt's holders and the least loaded are priced."""
 
+import dataclasses
+
 from policy_fixtures import features_with, view
+from test_cost_kv_match import FakeMatch
 
 from router.policies.base import Outcome
 from router.policies.candidates import REKEY_PER_DECISION
@@ -128,3 +131,15 @@ def test_load_only_the_engine_saw_reaches_the_order_as_keys_are_re_read_in_turn(
     chosen = [policy.choose(features_with(4, "x", rid=f"q{i}"), eased).replica
               for i in range(100 // REKEY_PER_DECISION + 1)]
     assert chosen[-1] == "r77"
+
+
+def test_a_large_fleet_finds_the_holders_the_engines_events_name_even_where_the_index_has_none():
+    loads = {f"r{i}": 3 for i in range(200) if i not in (7, 8)}  # r7, r8 idle: the least loaded
+    policy, replicas = Cost(seed=0, candidates=4, index="precise"), fleet(200, **loads)
+    policy.choose(features_with(4, "warm-up"), replicas)
+    features = features_with(41, "x")
+    held = {"r150": (40, "synced"), "r7": (0, "synced")}  # r150: busy, but it holds the whole prompt
+    request = dataclasses.replace(features, kv_match=FakeMatch(features, held))
+    decision = policy.choose(request, replicas)
+    assert "r150" in decision.scores and len(decision.scores) <= 2 * 4 + 1
+    assert (decision.replica, decision.matched_blocks) == ("r150", 40)
