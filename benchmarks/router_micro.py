@@ -133,11 +133,14 @@ def fill_policy(policy: Policy, corpus: Corpus, names: Sequence[str]) -> float:
 
 
 def time_decisions(policy: Policy, probes: Sequence[RequestFeatures], views: Sequence[ReplicaView],
-                   dispatch: bool, max_s: float, cpu_clock: bool = False) -> list[int]:
+                   dispatch: bool, max_s: float, cpu_clock: bool = False,
+                   priced: list[int] | None = None) -> list[int]:
     """Nanoseconds of each ``choose()`` (plus ``on_dispatch()`` when asked), one probe per call.
 
     The completion that keeps the policy's in-flight bookkeeping steady is not timed. ``cpu_clock``
     times with this thread's CPU clock: on a shared host, wall time also counts other jobs' slices.
+    ``priced`` (optional) gets how many replicas each decision scored: the work a decision did, which a
+    busy host does not blur.
     """
     clock = time.thread_time_ns if cpu_clock else time.perf_counter_ns
     deadline = time.monotonic() + max_s
@@ -151,6 +154,8 @@ def time_decisions(policy: Policy, probes: Sequence[RequestFeatures], views: Seq
             if dispatch:
                 policy.on_dispatch(f, d)
             samples.append(clock() - t0)
+            if priced is not None:
+                priced.append(len(d.scores) if d.scores else 0)
             if dispatch:
                 policy.on_complete(f, d, _outcome(f, d))
             if i & 255 == 0 and time.monotonic() > deadline:
@@ -178,8 +183,11 @@ def bench_policy(name: str, corpus: Corpus, replicas: int, max_s: float, cpu_clo
                            "index_blocks": index.size() if index is not None else None, "cases": {}}
     for case, probes in corpus.probes.items():
         choose = time_decisions(policy, probes, views, dispatch=False, max_s=max_s, cpu_clock=cpu_clock)
-        both = time_decisions(policy, probes, views, dispatch=True, max_s=max_s, cpu_clock=cpu_clock)
-        row["cases"][case] = {"choose_us": _us(choose), "choose_dispatch_us": _us(both)}
+        priced: list[int] = []
+        both = time_decisions(policy, probes, views, dispatch=True, max_s=max_s, cpu_clock=cpu_clock,
+                              priced=priced)
+        row["cases"][case] = {"choose_us": _us(choose), "choose_dispatch_us": _us(both),
+                              "priced": {"mean": round(statistics.fmean(priced), 1), "max": max(priced)}}
     return row
 
 
@@ -242,9 +250,10 @@ def print_decisions(res: dict[str, Any]) -> None:
             ch, both = c["choose_us"], c["choose_dispatch_us"]
             rows.append([r["policy"], r["replicas"], case, ch["p50"], ch["p99"], ch["mean"], both["p50"],
                          both["p99"], both["mean"], "ok" if both["p99"] <= DECISION_GOAL_US else "OVER",
+                         c.get("priced", {}).get("mean", "-"),
                          r["index_blocks"] if r["index_blocks"] is not None else "-"])
     print(format_table(["policy", "repl", "case", "choose p50", "p99", "mean", "+dispatch p50", "p99", "mean",
-                        "goal", "index blocks"], rows))
+                        "goal", "priced", "index blocks"], rows))
     print("\nper-request parsing and hashing (before the policy), microseconds")
     print(format_table(["what", "chars", "p50", "p99", "mean"],
                        [[p["what"], p["chars"], p["p50"], p["p99"], p["mean"]] for p in res["parsing"]]))

@@ -135,6 +135,49 @@ class PrefixIndex:
         self._record(alive, depth, result)
         return result
 
+    def match_masks(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
+        """`match` as ``[(depth, bitmask of the replicas holding exactly that many leading blocks)]``,
+        deepest first, without naming the holders: a prompt held by hundreds of replicas costs one
+        integer AND per block, and a caller wanting a few of the holders picks them out of the masks
+        (`bit`, `names`)."""
+        if not hashes:
+            return []
+        owners = self._owners
+        alive = owners.get(hashes[0], 0)
+        if not alive:
+            return []
+        groups: list[tuple[int, int]] = []
+        depth = 1
+        for h in hashes[1:]:
+            holders = owners.get(h, 0) & alive
+            if holders != alive:
+                groups.append((depth, alive & ~holders))
+                alive = holders
+                if not alive:
+                    groups.reverse()
+                    return groups
+            depth += 1
+        groups.append((depth, alive))
+        groups.reverse()
+        return groups
+
+    def bit(self, replica: str) -> int:
+        """``replica``'s bit in the masks of `match_masks` (0 for a replica the index does not know).
+        A bit is reused after `remove_replica`."""
+        slot = self._slot.get(replica)
+        return 0 if slot is None else 1 << slot
+
+    def names(self, mask: int) -> list[str]:
+        """The replicas whose bits are set in ``mask``, highest slot first."""
+        names, out = self._names, []
+        while mask:
+            top = mask.bit_length() - 1
+            name = names[top]
+            if name is not None:
+                out.append(name)
+            mask ^= 1 << top
+        return out
+
     def capacity(self, replica: str) -> int:
         """The LRU bound of ``replica`` in blocks (the default for replicas never seen)."""
         return self._capacity.get(replica, self.default_capacity)

@@ -76,13 +76,14 @@ class LazyViews(Sequence[ReplicaView]):
     so building all of them per request would cost more than the decision. Reads within one synchronous
     ``choose()`` see the same state an eager list would have captured."""
 
-    __slots__ = ("_sources", "_now", "_stale", "_built")
+    __slots__ = ("_sources", "_now", "_stale", "_built", "_read")
 
     def __init__(self, sources: Sequence[HasView], now: float, stale_after_s: float) -> None:
         self._sources = sources
         self._now = now
         self._stale = stale_after_s
         self._built: list[ReplicaView | None] = [None] * len(sources)
+        self._read: list[int] = []  # indices built so far, in order
 
     def __len__(self) -> int:
         return len(self._sources)
@@ -97,7 +98,18 @@ class LazyViews(Sequence[ReplicaView]):
         view = self._built[i]
         if view is None:
             view = self._built[i] = self._sources[i].view(self._now, self._stale)
+            self._read.append(i)
         return view
+
+    def index_of(self, name: str) -> int | None:
+        """Where the view named ``name`` is, among those built so far (a policy chooses among the views
+        it read, so finding its choice costs what it read, not the fleet's size); None if not built."""
+        built = self._built
+        for i in self._read:
+            view = built[i]
+            if view is not None and view.name == name:
+                return i
+        return None
 
     def __iter__(self) -> Iterator[ReplicaView]:
         for i in range(len(self._sources)):

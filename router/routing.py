@@ -74,6 +74,7 @@ class RoutingCore:
         simulator rebuilds a replica's view only when that replica changes); ``lookup`` maps names to
         ``candidates`` to skip a scan. A policy naming no candidate falls back to the first one: a policy
         bug must not take the request down."""
+        mine = views is None  # built here over ``candidates``: a lazy one can say where a view came from
         if views is None:
             views = self.views(candidates, time.monotonic() if now is None else now)
         hook = self.on_decision
@@ -84,7 +85,14 @@ class RoutingCore:
             decision = self.policy.choose(features, views)
             hook(decision, time.perf_counter() - t0)
         name = decision.replica
-        chosen = lookup.get(name) if lookup is not None else next((r for r in candidates if r.name == name), None)
+        if lookup is not None:
+            chosen = lookup.get(name)
+        else:
+            at = views.index_of(name) if mine and isinstance(views, LazyViews) else None
+            if at is not None and candidates[at].name == name:
+                chosen = candidates[at]
+            else:
+                chosen = next((r for r in candidates if r.name == name), None)
         if chosen is None:
             log.error("policy %s chose unknown replica %r", self.policy.name, name)
             chosen = candidates[0]

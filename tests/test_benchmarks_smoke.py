@@ -43,6 +43,8 @@ def test_router_micro_runs(tmp_path: Path) -> None:
     rows = data["decisions"]["policies"]
     assert {r["policy"] for r in rows} >= {"cost", "cache_aware", "round_robin"}
     assert all(c["choose_us"]["n"] > 0 for r in rows for c in r["cases"].values())
+    # a fleet this small is priced in full (cost's pre-filter is for large ones)
+    assert all(c["priced"]["max"] == r["replicas"] for r in rows if r["policy"] == "cost" for c in r["cases"].values())
     assert "proxy" not in data  # (b) is benchmarks.overhead's (tests/benchmarks/test_routers.py)
     assert all(lv[m]["errors"] == 0 for lv in data["chunk_gaps"]["levels"] for m in ("direct", "router"))
 

@@ -104,8 +104,8 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
         long after (for the events' lag). 0 by default: in the benchmarks a 0.25-2 s hold cost multiturn
         hit rate where the cache evicts (docs/kv_events.md, "Routing on the events").
     candidates (8): in fleets of more than 4x this many replicas only the holders of the prompt and the
-        least loaded replicas are priced, this many per match depth and of the least loaded
-        (`router.policies.candidates`); 0 prices every replica.
+        least loaded replicas are priced, this many of the holders (deepest match first) and of the least
+        loaded (`router.policies.candidates`); 0 prices every replica.
     seed / rng: tie-break random source.
 Reason labels: ``"prefix"`` (went to a best-matching replica), ``"replicate"`` (a replica with a longer
 match was passed over because of its load), ``"load"`` (nobody holds any of the prompt).
@@ -215,7 +215,7 @@ class Cost(PolicyBase):
         self._avg_output: float | None = None  # EWMA of reported completion tokens
         self._dispatches = 0
         self._last_sent: dict[str, int] = {}  # replica -> number of the dispatch that last went there
-        self.candidates = CandidateFilter(candidates)  # large fleets: what choose() prices
+        self.candidates = CandidateFilter(candidates, self.index)  # large fleets: what choose() prices
 
     # -- decide ------------------------------------------------------------------------------------
 
@@ -224,24 +224,37 @@ class Cost(PolicyBase):
         block_tokens = features.block_tokens
         tokens = float(features.token_estimate)
         decode_steps = 1.0 + self._expected_output(features)
-        matched = self.index.match(features.block_hashes)
-        if features.kv_match is not None and self.index_mode != "approximate":
-            matched = blend(self.index_mode, matched, features, self._in_flight_blocks)
-        best = max(matched.values(), default=0)
         filt, last = self.candidates, self._last_sent
-        priced = replicas
-        if filt.active(len(replicas)):  # a large fleet: price only the holders and the least loaded
-            priced = filt.select(replicas, matched, last) or replicas
+        blended = features.kv_match is not None and self.index_mode != "approximate"
+        large = filt.active(len(replicas))  # a large fleet: price only the holders and the least loaded
+        selected = None
+        if large and not blended:  # the holders as masks: never named all, whatever their number
+            groups = self.index.match_masks(features.block_hashes)
+            selected = filt.select(replicas, groups, last)
+            if selected is not None:
+                best = groups[0][0] if groups else 0
+                matched = self._depths(selected, groups) if groups else {}
+        if selected is None:
+            matched = self.index.match(features.block_hashes)
+            if blended:
+                matched = blend(self.index_mode, matched, features, self._in_flight_blocks)
+            best = max(matched.values(), default=0)
+            if large and blended:
+                selected = filt.select_matched(replicas, matched, last)
+        priced = replicas if selected is None else selected
         costs: dict[str, float] = {}
-        for view in priced:
-            self._sync_capacity(view, block_tokens)
-            self._see(view)
-            blocks = matched.get(view.name, 0)
+        geometry, seen_views, price = self._geometry, self._views, self._cost
+        keyed = None if selected is None else filt.seen  # candidates: the order re-reads their keys
+        for view in priced:  # the hot loop: _sync_capacity's and _see's work inlined where cheap
+            name = view.name
+            if geometry.get(name) != (view.kv_blocks_total, view.block_size, block_tokens):
+                self._sync_capacity(view, block_tokens)
+            seen_views[name] = view
+            blocks = matched.get(name, 0)
             uncached = tokens - min(blocks * block_tokens, tokens)
-            costs[view.name] = self._cost(view, uncached, block_tokens, decode_steps)
-        if priced is not replicas:
-            for view in priced:
-                filt.seen(view, last.get(view.name, -1))
+            costs[name] = price(view, uncached, block_tokens, decode_steps)
+            if keyed is not None:
+                keyed(view, last.get(name, -1))
         cutoff = min(costs.values()) * (1.0 + self.tie_tolerance)
         near = [r for r in priced if costs[r.name] <= cutoff]
         if len(near) == 1:
@@ -253,6 +266,18 @@ class Cost(PolicyBase):
         got = matched.get(pick.name, 0)
         reason = "load" if best == 0 else "prefix" if got == best else "replicate"
         return Decision(replica=pick.name, reason=reason, matched_blocks=got, scores=costs)
+
+    def _depths(self, views: Sequence[ReplicaView], groups: Sequence[tuple[int, int]]) -> dict[str, int]:
+        """``{name: matched blocks}`` of the holders among ``views`` (`PrefixIndex.match_masks` groups)."""
+        bit_of, out = self.index.bit, {}
+        for view in views:
+            bit = bit_of(view.name)
+            if bit:
+                for depth, mask in groups:
+                    if mask & bit:
+                        out[view.name] = depth
+                        break
+        return out
 
     def estimate_cost(self, view: ReplicaView, uncached_tokens: float, features: RequestFeatures) -> float:
         """Seconds charged for sending a request needing ``uncached_tokens`` of prefill to ``view``."""

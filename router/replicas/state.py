@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from config.router import LoadSettings
 from router.replica_view import ReplicaView
-from router.replicas.health import HealthConfig, HealthTracker, HealthTransition
+from router.replicas.health import HEALTHY, HealthConfig, HealthTracker, HealthTransition
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,10 @@ class ReplicaRegistry:
             serving = [r for r in self._replicas.values() if r.serves(model)]
             if model is None or self.any_serves(model):
                 self._serving[model] = serving
-        return [r for r in serving if r.health.admits(now)]
+        # Healthy, undecayed and not draining admits whatever ``now`` is (its `refresh` has nothing to
+        # do): decided from three attributes; every other member asks `admits` (which applies time).
+        return [r for r in serving
+                if ((h := r.health).state == HEALTHY and not h.level and not h.draining) or h.admits(now)]
 
     def views(self, model: str | None, now: float,
               stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[ReplicaView]:

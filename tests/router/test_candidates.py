@@ -1,8 +1,12 @@
 """cost's candidate pre-filter: in a large fleet only the prompt's holders and the least loaded are priced."""
 
+import dataclasses
+
 from policy_fixtures import features_with, view
+from test_cost_kv_match import FakeMatch
 
 from router.policies.base import Outcome
+from router.policies.candidates import REKEY_PER_DECISION
 from router.policies.cost import Cost
 from router.replica_view import LazyViews
 
@@ -20,7 +24,7 @@ def test_a_small_fleet_is_priced_in_full():
         assert len(policy.choose(features_with(4, "x"), fleet(32)).scores) == 32
 
 
-def test_a_large_fleet_prices_only_the_holders_and_the_least_loaded_between_full_passes():
+def test_a_large_fleet_prices_only_the_holders_and_the_least_loaded_after_its_first_decision():
     policy, replicas = Cost(seed=0, candidates=4), fleet(200)
     first = policy.choose(features_with(10, "x"), replicas)  # the first decision is a full pass
     assert len(first.scores) == 200
@@ -88,3 +92,54 @@ def test_between_full_passes_only_the_candidates_views_are_built():
     built.clear()
     decision = policy.choose(features_with(4, "x"), LazyViews(sources, now=0.0, stale_after_s=3.0))
     assert decision.replica in built and len(built) <= 2 * 4 + 2
+
+
+def test_a_widely_held_prompt_prices_k_holders_deepest_first_then_the_least_loaded_of_them():
+    # r100..r199 hold 10 blocks of "x" (r150..r152 the least loaded of them), r7 holds 12 under heavy
+    # load; r0..r99 are idle and hold nothing, so the fleet's least loaded are not holders.
+    loads = {f"r{i}": 5 for i in range(100, 200) if i not in (150, 151, 152)}
+    loads.update({"r150": 2, "r151": 2, "r152": 2, "r7": 9})
+    policy, replicas = Cost(seed=0, candidates=4), fleet(200, **loads)
+    for i in range(100, 200):
+        policy.index.add(f"r{i}", features_with(10, "x").block_hashes)
+    policy.index.add("r7", features_with(12, "x").block_hashes)
+    policy.choose(features_with(4, "warm-up"), replicas)  # the first decision keys the whole fleet
+    decision = policy.choose(features_with(12, "x", rid="q"), replicas)
+    holders = {name for name in decision.scores if name == "r7" or int(name[1:]) >= 100}
+    assert holders == {"r7", "r150", "r151", "r152"}
+    assert len(decision.scores) <= 2 * 4
+
+
+def test_after_the_first_decision_no_decision_prices_the_whole_fleet():
+    policy, replicas = Cost(seed=0, candidates=4), fleet(100)
+    assert len(policy.choose(features_with(4, "warm-up"), replicas).scores) == 100
+    for i in range(300):
+        features = features_with(4, f"p{i}", rid=f"q{i}")
+        decision = policy.choose(features, replicas)
+        assert len(decision.scores) <= 2 * 4
+        policy.on_dispatch(features, decision)
+        policy.on_complete(features, decision, OK)
+
+
+def test_load_only_the_engine_saw_reaches_the_order_as_keys_are_re_read_in_turn():
+    def busy(running: dict[str, int]) -> list:
+        return [view(f"r{i}", running=running.get(f"r{i}", 5), load_age_s=0.1) for i in range(100)]
+
+    policy = Cost(seed=0, candidates=4)
+    policy.choose(features_with(4, "warm-up"), busy({}))  # every replica keyed at 5 running
+    eased = busy({"r77": 0})  # r77's other traffic ended; nothing was sent there by this router
+    chosen = [policy.choose(features_with(4, "x", rid=f"q{i}"), eased).replica
+              for i in range(100 // REKEY_PER_DECISION + 1)]
+    assert chosen[-1] == "r77"
+
+
+def test_a_large_fleet_finds_the_holders_the_engines_events_name_even_where_the_index_has_none():
+    loads = {f"r{i}": 3 for i in range(200) if i not in (7, 8)}  # r7, r8 idle: the least loaded
+    policy, replicas = Cost(seed=0, candidates=4, index="precise"), fleet(200, **loads)
+    policy.choose(features_with(4, "warm-up"), replicas)
+    features = features_with(41, "x")
+    held = {"r150": (40, "synced"), "r7": (0, "synced")}  # r150: busy, but it holds the whole prompt
+    request = dataclasses.replace(features, kv_match=FakeMatch(features, held))
+    decision = policy.choose(request, replicas)
+    assert "r150" in decision.scores and len(decision.scores) <= 2 * 4 + 1
+    assert (decision.replica, decision.matched_blocks) == ("r150", 40)

@@ -174,3 +174,32 @@ def test_lru_evicts_the_least_recently_used_single_blocks(blocks, capacity):
         index.add("a", (b,))
     recent = list(OrderedDict.fromkeys(reversed(blocks)))[:capacity]
     assert set(index.blocks("a")) == set(recent)
+
+
+def test_match_masks_group_the_holders_by_depth_deepest_first():
+    index = PrefixIndex()
+    index.add("a", (1, 2, 3))
+    index.add("b", (1, 2, 9))
+    index.add("c", (1, 2, 3))
+    groups = index.match_masks((1, 2, 3, 4))
+    assert [(depth, sorted(index.names(mask))) for depth, mask in groups] == [(3, ["a", "c"]), (2, ["b"])]
+    assert index.match_masks((7, 1)) == [] and index.match_masks(()) == []
+
+
+def test_match_masks_say_what_match_says():
+    index = PrefixIndex()
+    for i, chain in enumerate([(1,), (1, 2), (1, 2, 3), (1, 5), (1, 2, 3, 4)]):
+        index.add(f"r{i}", chain)
+    hashes = (1, 2, 3, 4, 6)
+    by_masks = {name: depth for depth, mask in index.match_masks(hashes) for name in index.names(mask)}
+    assert by_masks == index.match(hashes)
+
+
+def test_a_replicas_bit_is_its_place_in_the_masks_and_zero_when_unknown():
+    index = PrefixIndex()
+    index.add("a", (1,))
+    index.add("b", (1, 2))
+    assert index.bit("unknown") == 0
+    assert index.match_masks((1, 2)) == [(2, index.bit("b")), (1, index.bit("a"))]
+    index.remove_replica("b")
+    assert index.bit("b") == 0 and index.names(index.bit("a")) == ["a"]

@@ -221,6 +221,18 @@ def test_eligible_excludes_ejected_and_draining_replicas() -> None:
     assert [v.name for v in reg.views(None, 1.0)] == ["ok"]
 
 
+def test_eligible_readmits_after_an_ejection_runs_out_and_lets_the_doubling_decay() -> None:
+    back = replica("back")
+    reg = ReplicaRegistry([back])
+    eject(back)
+    until = back.health.ejected_until
+    assert reg.eligible(None, until - 0.001) == []
+    assert reg.eligible(None, until) == [back] and back.health.state == "half_open"
+    back.health.record_success(until)  # the trial succeeded: healthy, the next ejection still doubled
+    assert back.health.level > 0 and reg.eligible(None, until + 1.0) == [back]
+    assert reg.eligible(None, until + back.health.config.decay_s) == [back] and back.health.level == 0
+
+
 def test_models_lists_the_union_of_available_replicas() -> None:
     a = replica("a", models=("m2",))
     a.discovered_models = frozenset({"m1"})

@@ -41,3 +41,10 @@ def test_lazy_views_build_each_view_once_and_only_when_read():
     assert lazy[7].name == "r7" and lazy[-1].name == "r99" and lazy[7] is lazy[7]
     assert built == ["r7", "r99"]
     assert [v.name for v in lazy] == [f"r{i}" for i in range(100)] and len(built) == 100
+
+
+def test_lazy_views_say_where_a_view_they_built_is_and_nothing_of_the_others():
+    lazy = LazyViews([ReplicaState(f"r{i}", f"http://r{i}") for i in range(100)], now=0.0, stale_after_s=3.0)
+    assert lazy[42].name == "r42"
+    assert lazy.index_of("r42") == 42
+    assert lazy.index_of("r43") is None  # never read: the caller looks elsewhere

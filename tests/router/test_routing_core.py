@@ -6,7 +6,7 @@ from policy_fixtures import request
 
 from router.policies.base import Decision, Outcome, PolicyBase
 from router.replicas.state import ReplicaState
-from router.routing import RoutingCore, failure
+from router.routing import LAZY_VIEWS_ABOVE, RoutingCore, failure
 
 
 class Recording(PolicyBase):
@@ -100,3 +100,15 @@ def test_a_failing_on_complete_still_releases_the_lease() -> None:
     lease = core.dispatch(route, request("x"), 0.0)
     core.complete(route, lease, request("x"), failure(500, "router_error"), now=0.0)
     assert lease.released and reps[0].in_flight_requests == 0
+
+
+def test_in_a_large_fleet_the_chosen_replica_is_the_one_whose_view_the_policy_read() -> None:
+    class ReadsOne(PolicyBase):
+        name = "reads-one"
+
+        def choose(self, features, replicas):
+            return Decision(replicas[len(replicas) - 7].name, "fixed")
+
+    reps = fleet(*(f"r{i}" for i in range(LAZY_VIEWS_ABOVE + 100)))
+    route = RoutingCore(ReadsOne(seed=0)).choose(request("x"), reps, now=0.0)
+    assert route.replica is reps[-7] and route.decision.reason == "fixed"
