@@ -103,6 +103,12 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     kv_hold_s (0.0): exact modes count a request's blocks as held on its replica while in flight and this
         long after (for the events' lag). 0 by default: in the benchmarks a 0.25-2 s hold cost multiturn
         hit rate where the cache evicts (docs/kv_events.md, "Routing on the events").
+    agree (True): when the cache does not tell the replicas apart and the engines report requests this
+        process did not send (other router processes), place the prompt by rendezvous hashing of its
+        first blocks among the replicas within that unseen load of the cheapest, so processes agree on
+        where a new prefix goes (`router.policies.placement`); a lone router is never affected.
+    router_processes (1): how many router processes share the traffic, when known (``--workers N``): the
+        unseen share is then at least ``1 - 1/N``, so ``agree`` acts from a cold start.
     candidates (8): in fleets of more than 4x this many replicas only the holders of the prompt and the
         least loaded replicas are priced, this many per match depth and of the least loaded
         (`router.policies.candidates`); 0 prices every replica.
@@ -120,6 +126,7 @@ from dataclasses import dataclass
 
 from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
 from router.features.parse import RequestFeatures
+from router.policies import placement
 from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, require_replicas
 from router.policies.candidates import DEFAULT_K as DEFAULT_CANDIDATES
 from router.policies.candidates import CandidateFilter
@@ -172,6 +179,8 @@ class Cost(PolicyBase):
         candidates: int = DEFAULT_CANDIDATES,
         index: str = "auto",
         kv_hold_s: float = 0.0,
+        agree: bool = True,
+        router_processes: int = 1,
         seed: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -187,6 +196,8 @@ class Cost(PolicyBase):
             raise ValueError("kv_capacity_factor must be > 0")
         if kv_hold_s < 0:
             raise ValueError("kv_hold_s must be >= 0")
+        if router_processes < 1:
+            raise ValueError("router_processes must be >= 1")
         if index not in INDEX_MODES:
             raise ValueError(f"index must be one of {', '.join(INDEX_MODES)}, not {index!r}")
         self.prefill_s_per_token = prefill_s_per_token
@@ -208,6 +219,8 @@ class Cost(PolicyBase):
         self.correction_slack = correction_slack
         self.index = PrefixIndex(default_capacity=default_capacity_blocks)
         self.index_mode = index
+        self.agree = agree
+        self.router_processes = router_processes
         self._in_flight_blocks = InFlightBlocks(kv_hold_s)  # exact modes: sent, maybe not announced by events yet
         self._inflight: dict[str, _InFlight] = {}
         self._geometry: dict[str, tuple[int, int, float]] = {}
@@ -242,9 +255,17 @@ class Cost(PolicyBase):
         if priced is not replicas:
             for view in priced:
                 filt.seen(view, last.get(view.name, -1))
+        agreed = None
+        if self.agree:  # several router processes: a prefix the cache does not place goes where all agree
+            agreed = placement.agree(features.block_hashes, block_tokens, priced, costs, matched,
+                                     lambda common: (1.0 + self.work_weight) * (self.request_overhead_s + (
+                                         self.prefill_s_per_token * max(0.0, tokens - common * block_tokens))),
+                                     self.router_processes)
         cutoff = min(costs.values()) * (1.0 + self.tie_tolerance)
         near = [r for r in priced if costs[r.name] <= cutoff]
-        if len(near) == 1:
+        if agreed is not None:
+            pick = agreed
+        elif len(near) == 1:
             pick = near[0]
         else:  # near-equal costs: less loaded, then cheaper, then least recently sent to, then a draw
             last = self._last_sent
