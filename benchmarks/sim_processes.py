@@ -26,6 +26,7 @@ K=1 without events routes exactly as the plain simulator does (a test checks it)
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,6 +42,7 @@ from router.replicas.state import Lease, ReplicaState
 from router.routing import Route, RoutingCore
 
 SPREADS = ("random", "round_robin")
+SIZED = {"gsp": "groups", "multiturn": "conversations", "agentic": "sessions"}  # what --size multiplies
 
 
 class AnnouncedCache:
@@ -206,14 +208,19 @@ class RouterProcesses:
 
 
 def run_cell(engine: str, workload: str, policy: str, params: Mapping[str, Any], processes: int, seed: int,
-             concurrency: int, spread: str) -> dict[str, Any]:
+             concurrency: int, spread: str, size: int = 1) -> dict[str, Any]:
     """One simulated run of a matrix cell (`benchmarks.matrix`'s engines and cache sizes)."""
     from benchmarks.lib import workloads as wl
     from benchmarks.lib.loadgen import LoadSpec
     from benchmarks.matrix import CAPACITY, REPLICAS, profiles, workload_of
     from benchmarks.sim_loop import simulate
 
-    w = workload_of(workload, seed)
+    if size > 1:  # more sessions of the same shape: p90s of a few hundred requests are too noisy
+        field = SIZED[workload]
+        default = inspect.signature(getattr(wl, workload)).parameters[field].default
+        w = wl.build(workload, seed=seed, **{field: default * size})[0]
+    else:
+        w = workload_of(workload, seed)
     kv = wl.kv_blocks_per_replica(w, REPLICAS, CAPACITY.get(engine, 1.3))
     load = LoadSpec(concurrency=concurrency, max_requests=w.num_requests, seed=seed)
     s = simulate(w, REPLICAS, policy, dict(params), profile=profiles(engine), num_blocks=kv, load=load,
@@ -247,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", default="1,2,3", help="comma list; ratios are of the seeds' means")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--spread", choices=SPREADS, default="random")
+    p.add_argument("--size", type=int, default=1,
+                   help="x this many sessions (gsp groups, multiturn conversations, agentic sessions)")
     p.add_argument("--tell-processes", action="store_true",
                    help="pass router_processes=K to the K policies (as --workers K would)")
     p.add_argument("--out", default=None, help="JSON path (default results/sim-processes-<policy>.json)")
@@ -259,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for workload in args.workloads.split(","):
             runs = {k: [run_cell(engine, workload, args.policy,
                                  {**params, "router_processes": k} if args.tell_processes else params,
-                                 k, s, args.concurrency, args.spread)
+                                 k, s, args.concurrency, args.spread, args.size)
                         for s in seeds] for k in (1, args.processes)}
             avg = {k: {m: mean(r[m] for r in rs) for m in ("hit_rate", "ttft_p90_ms")} for k, rs in runs.items()}
             one, many = avg[1], avg[args.processes]
