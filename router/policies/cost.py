@@ -108,7 +108,9 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
         first blocks among the replicas within that unseen load of the cheapest, so processes agree on
         where a new prefix goes (`router.policies.placement`); a lone router is never affected.
     router_processes (1): how many router processes share the traffic, when known (``--workers N``): the
-        unseen share is then at least ``1 - 1/N``, so ``agree`` acts from a cold start.
+        unseen share is then at least ``1 - 1/N``, so ``agree`` acts from a cold start, and the queue
+        and running requests this process counts on a replica are priced N times (its requests are a
+        random 1/N of the fleet's; the engines' reports lag a poll).
     candidates (8): in fleets of more than 4x this many replicas only the holders of the prompt and the
         least loaded replicas are priced, this many per match depth and of the least loaded
         (`router.policies.candidates`); 0 prices every replica.
@@ -221,6 +223,10 @@ class Cost(PolicyBase):
         self.index_mode = index
         self.agree = agree
         self.router_processes = router_processes
+        # This process's counts of its own requests stand for 1/N of the fleet's: requests reach the N
+        # processes at random, so N x own is the unbiased estimate of what all of them have sent there
+        # (the engines' reports, fresh but a poll old, still raise it).
+        self._own_scale = float(router_processes)
         self._in_flight_blocks = InFlightBlocks(kv_hold_s)  # exact modes: sent, maybe not announced by events yet
         self._inflight: dict[str, _InFlight] = {}
         self._geometry: dict[str, tuple[int, int, float]] = {}
@@ -286,7 +292,8 @@ class Cost(PolicyBase):
         # The formula of the module docstring, flattened: this runs once per replica per request.
         fresh = view.load_age_s is not None  # the view already dropped a stale report
         pending_tokens, pending_requests = self._pending(view, fresh, uncached)
-        running = view.in_flight_requests - pending_requests
+        in_flight = view.in_flight_requests * self._own_scale
+        running = in_flight - pending_requests
         if fresh and view.running > running:
             running = float(view.running)
         consts = self._constants.get(view.name)
@@ -297,8 +304,8 @@ class Cost(PolicyBase):
         limit = view.max_num_seqs
         # Occupancy from the router's own count: exact now, while the engine's running lags a poll and
         # still counts a conversation's previous turn when its next one arrives.
-        if limit and view.in_flight_requests >= limit:
-            ahead = float(view.in_flight_requests - limit)  # requests waiting for a slot before us
+        if limit and in_flight >= limit:
+            ahead = float(in_flight - limit)  # requests waiting for a slot before us
             if fresh:
                 ahead = max(ahead, float(view.waiting))
             busy = float(limit)
@@ -332,11 +339,11 @@ class Cost(PolicyBase):
         own = self._inflight.get(view.name)
         if own is not None and own.count > 0 and own.prompt_tokens > 0:
             share = min(1.0, tokens / own.prompt_tokens)  # part of our in-flight prompt mass not prefilled
-            pending_tokens = own.uncached_tokens * share
-            pending_requests = own.count * share
+            pending_tokens = own.uncached_tokens * share * self._own_scale
+            pending_requests = own.count * share * self._own_scale
         else:  # nothing of ours there (or a restart): take the router's counters at face value
-            pending_tokens = tokens
-            pending_requests = float(view.in_flight_requests) if tokens > 0 else 0.0
+            pending_tokens = tokens * self._own_scale
+            pending_requests = view.in_flight_requests * self._own_scale if tokens > 0 else 0.0
         if engine_queue:
             if own is not None and own.count > 0:
                 per_request = own.uncached_tokens / own.count
@@ -442,7 +449,7 @@ class Cost(PolicyBase):
         self._views[view.name] = view
 
     def _running(self, view: ReplicaView, fresh: bool, pending_requests: float) -> float:
-        running = view.in_flight_requests - pending_requests
+        running = view.in_flight_requests * self._own_scale - pending_requests
         if fresh and view.running > running:
             running = float(view.running)
         return max(0.0, running)
