@@ -103,14 +103,14 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     kv_hold_s (0.0): exact modes count a request's blocks as held on its replica while in flight and this
         long after (for the events' lag). 0 by default: in the benchmarks a 0.25-2 s hold cost multiturn
         hit rate where the cache evicts (docs/kv_events.md, "Routing on the events").
-    agree (True): when the cache does not tell the replicas apart and the engines report requests this
-        process did not send (other router processes), place the prompt by rendezvous hashing of its
-        first blocks among the replicas within that unseen load of the cheapest, so processes agree on
-        where a new prefix goes (`router.policies.placement`); a lone router is never affected.
-    router_processes (1): how many router processes share the traffic, when known (``--workers N``): the
-        unseen share is then at least ``1 - 1/N``, so ``agree`` acts from a cold start, and the queue
-        and running requests this process counts on a replica are priced N times (its requests are a
-        random 1/N of the fleet's; the engines' reports lag a poll).
+    agree (True): with several router processes (``router_processes`` > 1), a prompt the cache does not
+        place (every replica holds the same of it) goes, among the replicas within the load this
+        process cannot see of the cheapest, where rendezvous hashing of its first blocks says, so the
+        processes agree where a new prefix goes (`router.policies.placement`).
+    router_processes (1): how many router processes share the traffic (``--workers N``, or N router
+        pods). With N > 1 ``agree`` acts, and the queue and running requests this process counts on a
+        replica are priced N times (its requests are a random 1/N of the fleet's; the engines'
+        reports lag a poll). 1 decides exactly as a lone router always has.
     candidates (8): in fleets of more than 4x this many replicas only the holders of the prompt and the
         least loaded replicas are priced, this many per match depth and of the least loaded
         (`router.policies.candidates`); 0 prices every replica.

@@ -14,10 +14,14 @@ ranks first by rendezvous hashing of the prompt's first blocks past that common 
 worth): every process ranks the replicas alike for the same prefix, so a burst agrees on one replica,
 while different prefixes spread over the near-cheapest replicas instead of herding.
 
-``margin`` is what this process cannot see: the share of the engines' reported requests that are not
-its own (`unseen_share`; at least ``1 - 1/N`` when the number of processes N is configured) times the prompt's own prefill cost (what one more request in the queue ahead
-would cost, and what scattering makes every sibling pay). A lone router sees all requests, the share is
-0 and the rule never applies: one process decides as before (a test checks it).
+``margin`` is what this process cannot see: with N router processes (the policy's ``router_processes``,
+which the operator or ``--workers N`` states) it has ``1/N`` of the fleet's requests, so the other
+``1 - 1/N`` of the load is invisible to it for up to a poll; the margin is that share of the prompt's own
+prefill cost (what one more request in the queue ahead would cost, and what scattering makes each
+sibling of a new prefix pay). A lone router (N = 1, the default) is never affected. Estimating the
+unseen share from the engines' reports (running + waiting beyond this process's own requests) was tried:
+a report is a poll old, so a lone router saw requests that had finished since as "unseen" and its
+decisions moved (the simulator's matrix, ``benchmarks.sim_processes``).
 """
 
 from __future__ import annotations
@@ -34,40 +38,23 @@ from router.replica_view import ReplicaView
 AGREE_TOKENS = 256
 
 
-def unseen_share(views: Sequence[ReplicaView]) -> float:
-    """Share of the requests the engines report (running + waiting, fresh reports only) that this process
-    does not have in flight there: the other processes' traffic, as far as the reports show it."""
-    total = unseen = 0.0
-    for v in views:
-        if v.load_age_s is None:  # no fresh report: nothing to compare with
-            continue
-        engine = float(v.running + v.waiting)
-        total += engine
-        unseen += max(0.0, engine - v.in_flight_requests)
-    return unseen / total if total > 0 else 0.0
-
-
 def rank(key: int, name: str) -> int:
     """Rendezvous score of ``name`` for a prefix ``key``: the same in every process, for every fleet."""
     return xxhash.xxh64_intdigest(name.encode(), seed=key & 0xFFFFFFFFFFFFFFFF)
 
 
 def agree(hashes: Sequence[int], block_tokens: float, priced: Sequence[ReplicaView], costs: Mapping[str, float],
-          matched: Mapping[str, int], prefill_s: Callable[[int], float], processes: int = 1) -> ReplicaView | None:
+          matched: Mapping[str, int], prefill_s: Callable[[int], float], processes: int) -> ReplicaView | None:
     """The replica every process would pick for this prompt (see the module docstring), or None when the
-    rule does not apply: the cache tells replicas apart, no prompt past the common part, nothing unseen.
-    ``prefill_s(common_blocks)`` is the prompt's own prefill cost past the blocks every replica holds;
-    ``processes``, when known (``--workers N``), bounds the unseen share from below by ``1 - 1/N``, which
-    is what lets the rule act at a cold start, before any load report shows the other processes."""
-    if len(priced) < 2 or not hashes:
+    rule does not apply: one process, the cache tells replicas apart, or no prompt past the common part.
+    ``prefill_s(common_blocks)`` is the prompt's own prefill cost past the blocks every replica holds."""
+    if processes < 2 or len(priced) < 2 or not hashes:
         return None
     held = [matched.get(v.name, 0) for v in priced]
     common = min(held)
     if max(held) != common or common >= len(hashes):
         return None
-    share = max(unseen_share(priced), 1.0 - 1.0 / processes if processes > 1 else 0.0)
-    if share <= 0.0:
-        return None
+    share = 1.0 - 1.0 / processes
     ceiling = min(costs[v.name] for v in priced) + share * prefill_s(common)
     near = [v for v in priced if costs[v.name] <= ceiling]
     if len(near) == 1:

@@ -35,19 +35,6 @@ def test_without_agreement_the_same_burst_scatters():
     assert len(picks) > 1
 
 
-def test_processes_not_told_agree_once_the_engines_report_requests_they_did_not_send():
-    # Each process has one request of its own in flight on a different replica; the engines report two
-    # on every replica, so each process sees that half the fleet's requests are someone else's.
-    processes = [Cost(seed=k, index="precise") for k in range(4)]
-    picks = set()
-    for k, (p, f) in enumerate(zip(processes, burst(4), strict=True)):
-        fleet = [dataclasses.replace(reported(n, running=2, waiting=0, report_age_s=0.1),
-                                     in_flight_requests=int(i == k), in_flight_tokens=0)
-                 for i, n in enumerate(REPLICAS)]
-        picks.add(p.choose(f, fleet).replica)
-    assert len(picks) == 1
-
-
 def test_different_new_prefixes_spread_over_the_replicas():
     p = Cost(seed=0, router_processes=4)
     picks = {p.choose(burst(1, group=f"g{i}")[0], views(*REPLICAS)).replica for i in range(32)}
@@ -64,12 +51,12 @@ def test_a_prompt_that_a_replica_holds_is_priced_not_placed():
     assert (second.replica, second.reason) == (d.replica, "prefix")
 
 
-def test_agree_needs_someone_unseen_and_replicas_the_cache_does_not_tell_apart():
+def test_agree_needs_other_processes_and_replicas_the_cache_does_not_tell_apart():
     f = burst(1)[0]
     idle = views(*REPLICAS)
     costs = dict.fromkeys(REPLICAS, 1.0)
     one_second = lambda common: 1.0  # noqa: E731
-    assert placement.agree(f.block_hashes, f.block_tokens, idle, costs, {}, one_second) is None
+    assert placement.agree(f.block_hashes, f.block_tokens, idle, costs, {}, one_second, processes=1) is None
     assert placement.agree(f.block_hashes, f.block_tokens, idle, costs, {}, one_second, processes=2) is not None
     assert placement.agree(f.block_hashes, f.block_tokens, idle, costs, {"a": 3}, one_second, processes=2) is None
 
