@@ -286,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{args.policy} {params or ''}, seeds {args.seeds}, spread {args.spread}; {cpu:.1f} CPU s")
     out = Path(args.out) if args.out else RESULTS_DIR / f"sim-processes-{args.policy}.json"
     write_json(out, {"machine": machine_info(), "policy": args.policy, "params": params,
-                     "processes": args.processes, "seeds": seeds, "spread": args.spread,
+                     "processes": args.processes, "tell_processes": args.tell_processes, "size": args.size,
+                     "seeds": seeds, "spread": args.spread,
                      "concurrency": args.concurrency, "cpu_s": round(cpu, 1), "cells": cells})
     print(f"wrote {out}")
     return 0
