@@ -262,7 +262,7 @@ class Cost(PolicyBase):
             for view in priced:
                 filt.seen(view, last.get(view.name, -1))
         agreed = None
-        if self.agree:  # several router processes: a prefix the cache does not place goes where all agree
+        if self.agree and self.router_processes > 1:  # a prefix the cache does not place: where all agree
             agreed = placement.agree(features.block_hashes, block_tokens, priced, costs, matched,
                                      lambda common: (1.0 + self.work_weight) * (self.request_overhead_s + (
                                          self.prefill_s_per_token * max(0.0, tokens - common * block_tokens))),
