@@ -30,6 +30,20 @@ def key(r) -> list[tuple]:
     return [(x.session, x.turn, x.start_s, x.e2e_s, x.ttft_s, x.cached_tokens, x.replica) for x in r.records]
 
 
+@pytest.fixture
+def built(monkeypatch) -> list[RouterProcesses]:
+    """Every `RouterProcesses` the simulator builds during the test, to look inside after the run."""
+    models: list[RouterProcesses] = []
+    init = RouterProcesses.__init__
+
+    def keep(self, *a, **kw):
+        init(self, *a, **kw)
+        models.append(self)
+
+    monkeypatch.setattr(RouterProcesses, "__init__", keep)
+    return models
+
+
 @pytest.mark.parametrize("name", ["gsp", "multiturn"])
 def test_one_process_through_the_model_is_the_plain_simulator(name):
     w = small(name)
@@ -46,15 +60,7 @@ def test_one_process_routes_the_same_with_and_without_agreement(name):
         assert key(on) == key(off)
 
 
-def test_the_announced_cache_is_the_engines_cache_once_its_steps_are_done(monkeypatch):
-    built: list[RouterProcesses] = []
-    init = RouterProcesses.__init__
-
-    def keep(self, *a, **kw):
-        init(self, *a, **kw)
-        built.append(self)
-
-    monkeypatch.setattr(RouterProcesses, "__init__", keep)
+def test_the_announced_cache_is_the_engines_cache_once_its_steps_are_done(built):
     r = run(small("multiturn"), "precise", router_processes=2, kv_events=True)
     model = built[0]
     assert all(x.ok for x in r.records)
@@ -63,15 +69,7 @@ def test_the_announced_cache_is_the_engines_cache_once_its_steps_are_done(monkey
         assert cache.blocks
 
 
-def test_requests_spread_over_the_processes_and_every_one_completes_where_it_was_decided(monkeypatch):
-    built: list[RouterProcesses] = []
-    init = RouterProcesses.__init__
-
-    def keep(self, *a, **kw):
-        init(self, *a, **kw)
-        built.append(self)
-
-    monkeypatch.setattr(RouterProcesses, "__init__", keep)
+def test_requests_spread_over_the_processes_and_every_one_completes_where_it_was_decided(built):
     w = small("gsp")
     r = run(w, "precise", router_processes=4, kv_events=True)
     model = built[0]
