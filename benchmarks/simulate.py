@@ -169,7 +169,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "model (same batching and prefix cache, decode windows in one event; ~10x+ faster)")
     p.add_argument("--router-processes", type=int, default=1,
                    help="K independent router processes, requests spread over them at random "
-                        "(benchmarks.sim_processes; K vs 1 over engines: python -m benchmarks.sim_processes)")
+                        "(benchmarks.sim_processes; K vs 1 over engines: python -m benchmarks.processes)")
     p.add_argument("--kv-events", action="store_true",
                    help="the engines' KV events reach the policies (exact engine; without them precise and cost's "
                         "index option price the router's own guess)")
