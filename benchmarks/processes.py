@@ -56,14 +56,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="K router processes vs one in the offline simulator: hit rate and TTFT p90 ratios per "
                     "matrix engine and workload (issue 14: K=4 keeps >= 0.95x the hit rate, TTFT p90 within "
                     "10 %).")
-    p.add_argument("--engines", default="llmd-8b,slow-prefill,tiny-seqs,small-kv")
-    p.add_argument("--workloads", default="gsp,multiturn,agentic")
+    p.add_argument("--engines", default="llmd-8b,slow-prefill,tiny-seqs,small-kv",
+                   help="comma list of benchmarks.matrix engines")
+    p.add_argument("--workloads", default="gsp,multiturn,agentic", help="comma list of workloads")
     p.add_argument("--policy", default="precise", help="policy name (precise and cost+index get KV events)")
     p.add_argument("--params", default="{}", help="policy params as JSON")
     p.add_argument("--processes", type=int, default=4, help="K, compared with 1")
     p.add_argument("--seeds", default="1,2,3", help="comma list; ratios are of the seeds' means")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--spread", choices=SPREADS, default="random")
+    p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
+    p.add_argument("--spread", choices=SPREADS, default="random",
+                   help="how requests reach the processes (random: seeded, as SO_REUSEPORT over pooled "
+                        "connections)")
     p.add_argument("--size", type=int, default=1,
                    help="x this many sessions (gsp groups, multiturn conversations, agentic sessions)")
     p.add_argument("--tell-processes", action="store_true",
