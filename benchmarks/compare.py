@@ -87,7 +87,8 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
             raise SystemExit(f"--policies: unknown {sorted(unknown)}; choose from {[c.name for c in ours]}")
         ours = [c for c in ours if c.name in keep]
     counts = router_processes(args)
-    ours = [dataclasses.replace(c, name=c.name if k == 1 else f"{c.name}@{k}p", workers=k)
+    ours = [dataclasses.replace(c, name=c.name if k == 1 else f"{c.name}@{k}p", workers=k,
+                                params=told(c, k) if args.tell_processes else c.params)
             for k in counts for c in ours]
     peers = [] if args.no_peers else peer_contenders()
     if args.peers:
@@ -97,6 +98,13 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
             raise SystemExit(f"--peers: unknown {sorted(unknown)}; choose from {[p.name for p in peers]} or a kind")
         peers = [p for p in peers if p.name in keep or p.kind in keep]
     return ours + peers
+
+
+def told(c: Contender, k: int) -> dict[str, Any]:
+    """``--tell-processes``: K cost-family processes are configured with ``router_processes: K``."""
+    if k == 1 or c.policy not in ("cost", "precise"):
+        return c.params
+    return {**c.params, "router_processes": k}
 
 
 def router_processes(args: argparse.Namespace) -> list[int]:
@@ -296,6 +304,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                          "--capacity-factor)")
     p.add_argument("--router-processes", default="1",
                    help="comma list: our contenders also run as K router processes on one port (--workers K)")
+    p.add_argument("--tell-processes", action="store_true",
+                   help="our cost/precise contenders at K processes get the policy param router_processes=K "
+                        "(router.policies.placement)")
     p.add_argument("--concurrency", default="16", help="comma ladder of client counts (closed loop)")
     p.add_argument("--rates", help="comma ladder of Poisson session rates per second (open loop; overrides "
                                    "--concurrency)")

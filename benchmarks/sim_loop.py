@@ -107,7 +107,8 @@ def simulate(workload: wl.Workload, replicas: int, policy_name: str, policy_para
              num_blocks: int | None = None, load: LoadSpec,
              poll_interval_s: float = DEFAULT_POLL_S, stale_after_s: float = DEFAULT_STALE_S, seed: int = 1,
              hashing: HashingConfig | None = None, keep_itl: bool = True, exact_tokens: bool = False,
-             max_real_s: float = 3600.0, policy: Policy | None = None, engine: str = "exact") -> SimRun:
+             max_real_s: float = 3600.0, policy: Policy | None = None, engine: str = "exact",
+             router_processes: int = 1, kv_events: bool = False, spread: str = "random") -> SimRun:
     """Run ``workload`` on ``replicas`` simulated engines behind policy ``policy_name``, in virtual time.
 
     ``profile`` is one timing profile (name or object) for every replica, or one per replica.
@@ -117,6 +118,8 @@ def simulate(workload: wl.Workload, replicas: int, policy_name: str, policy_para
     ``keep_itl=False`` keeps only each request's mean gap (memory for million-request runs).
     ``engine="fast"`` replaces the stepped `Scheduler` with `engine_server.sim.fast.FastEngine` (decode
     windows in one event; docs/simulator.md has how well the two agree).
+    ``router_processes`` > 1 or ``kv_events`` route through `benchmarks.sim_processes.RouterProcesses`
+    (K independent policies, requests spread over them by ``spread``; the engines' KV events priced).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
@@ -131,6 +134,13 @@ def simulate(workload: wl.Workload, replicas: int, policy_name: str, policy_para
     sim = _Sim(workload, profs, policy, num_blocks=num_blocks, load=load, poll_interval_s=poll_interval_s,
                stale_after_s=stale_after_s, hashing=hashing or HashingConfig(), keep_itl=keep_itl,
                exact_tokens=exact_tokens, engine=engine)
+    if router_processes != 1 or kv_events:
+        from benchmarks.sim_processes import RouterProcesses
+
+        sim.model = sim.core = RouterProcesses(  # type: ignore[assignment]
+            sim.states, sim.engines, policy_name, policy_params, processes=router_processes, seed=seed,
+            stale_after_s=stale_after_s, kv_events=kv_events, spread=spread,
+            policies=[policy] if router_processes == 1 else None, clock=lambda: sim.now)
     return sim.run(policy_name, max_real_s, started)
 
 
@@ -145,6 +155,7 @@ class _Sim:
         self.keep_itl, self.exact_tokens = keep_itl, exact_tokens
         self.fast = engine == "fast"
         self.core = RoutingCore(policy, stale_after_s)
+        self.model: Any = None  # K router processes / KV events (`benchmarks.sim_processes`), else None
         cfgs = [SchedulerConfig.from_profile(p, num_blocks=num_blocks) for p in profs]
         self.engines = [make_engine(engine, c, p, keep_itl) for c, p in zip(cfgs, profs, strict=True)]
         self.states = [ReplicaState.create(f"r{i}", URL) for i in range(len(profs))]
@@ -200,6 +211,8 @@ class _Sim:
         req = session.turns[turn]
         rid = f"{session.id}-{turn}"
         features = features_from_body(req.body(MODEL), "chat", rid, self.hashing, prefix_chains=self.prefix_chains)
+        if self.model is not None:
+            features = self.model.features(features, req.messages)
         route = self.core.choose(features, self.states, views=self.views, lookup=self.lookup)
         self.reasons[route.decision.reason] += 1
         lease = self.core.dispatch(route, features, now)
@@ -284,6 +297,8 @@ class _Sim:
             state.load = LoadSnapshot(running, waiting, used, eng.num_blocks, eng.block_size, 0, 0, now,
                                       eng.max_num_seqs)
             self.refresh(i, now)
+        if self.model is not None:
+            self.model.polled()
 
     def proceed(self, s_idx: int, turn: int, now: float, session: wl.Session | None = None) -> None:
         """A session's next turn, or (closed loop) the client's next session, as loadgen's clients do."""
@@ -337,6 +352,8 @@ class _Sim:
                     if epoch != eng.epoch:
                         continue  # a decode window that an arrival cut short
                     follow: list[tuple[int, int, wl.Session]] = []
+                    if self.model is not None:
+                        self.model.step_done(i)
                     self.deliver(i, eng.finish(t), t, follow)
                     self.stepping[i] = False
                     if eng.has_work:

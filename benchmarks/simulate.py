@@ -167,6 +167,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine", choices=ENGINES, default="exact",
                    help="exact: step the sim engine's Scheduler per token; fast: engine_server.sim.fast's "
                         "model (same batching and prefix cache, decode windows in one event; ~10x+ faster)")
+    p.add_argument("--router-processes", type=int, default=1,
+                   help="K independent router processes, requests spread over them at random "
+                        "(benchmarks.sim_processes; K vs 1 over engines: python -m benchmarks.processes)")
+    p.add_argument("--kv-events", action="store_true",
+                   help="the engines' KV events reach the policies (exact engine; without them precise and cost's "
+                        "index option price the router's own guess)")
     p.add_argument("--exact-tokens", action="store_true",
                    help="generate output tokens with the engine's own stream (slower; same metrics)")
     p.add_argument("--against-live", action="store_true",
@@ -212,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       poll_interval_s=args.poll_interval_s, stale_after_s=args.stale_after_s,
                                       seed=args.seed, keep_itl=not args.scale, exact_tokens=args.exact_tokens,
                                       engine=args.engine)
+        if args.router_processes != 1 or args.kv_events:
+            kwargs.update(router_processes=args.router_processes, kv_events=args.kv_events)
         if args.profile_cpu:
             import cProfile
             import pstats

@@ -103,6 +103,14 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     kv_hold_s (0.0): exact modes count a request's blocks as held on its replica while in flight and this
         long after (for the events' lag). 0 by default: in the benchmarks a 0.25-2 s hold cost multiturn
         hit rate where the cache evicts (docs/kv_events.md, "Routing on the events").
+    agree (True): with several router processes (``router_processes`` > 1), a prompt the cache does not
+        place (every replica holds the same of it) goes, among the replicas within the load this
+        process cannot see of the cheapest, where rendezvous hashing of its first blocks says, so the
+        processes agree where a new prefix goes (`router.policies.placement`).
+    router_processes (1): how many router processes share the traffic (``--workers N``, or N router
+        pods). With N > 1 ``agree`` acts, and the queue and running requests this process counts on a
+        replica are priced N times (its requests are a random 1/N of the fleet's; the engines'
+        reports lag a poll). 1 decides exactly as a lone router always has.
     candidates (8): in fleets of more than 4x this many replicas only the holders of the prompt and the
         least loaded replicas are priced, this many of the holders (deepest match first) and of the least
         loaded (`router.policies.candidates`); 0 prices every replica.
@@ -120,6 +128,7 @@ from dataclasses import dataclass
 
 from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
 from router.features.parse import RequestFeatures
+from router.policies import placement
 from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, require_replicas
 from router.policies.candidates import DEFAULT_K as DEFAULT_CANDIDATES
 from router.policies.candidates import CandidateFilter
@@ -172,6 +181,8 @@ class Cost(PolicyBase):
         candidates: int = DEFAULT_CANDIDATES,
         index: str = "auto",
         kv_hold_s: float = 0.0,
+        agree: bool = True,
+        router_processes: int = 1,
         seed: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -187,6 +198,8 @@ class Cost(PolicyBase):
             raise ValueError("kv_capacity_factor must be > 0")
         if kv_hold_s < 0:
             raise ValueError("kv_hold_s must be >= 0")
+        if router_processes < 1:
+            raise ValueError("router_processes must be >= 1")
         if index not in INDEX_MODES:
             raise ValueError(f"index must be one of {', '.join(INDEX_MODES)}, not {index!r}")
         self.prefill_s_per_token = prefill_s_per_token
@@ -208,6 +221,12 @@ class Cost(PolicyBase):
         self.correction_slack = correction_slack
         self.index = PrefixIndex(default_capacity=default_capacity_blocks)
         self.index_mode = index
+        self.agree = agree
+        self.router_processes = router_processes
+        # This process's counts of its own requests stand for 1/N of the fleet's: requests reach the N
+        # processes at random, so N x own is the unbiased estimate of what all of them have sent there
+        # (the engines' reports, fresh but a poll old, still raise it).
+        self._own_scale = float(router_processes)
         self._in_flight_blocks = InFlightBlocks(kv_hold_s)  # exact modes: sent, maybe not announced by events yet
         self._inflight: dict[str, _InFlight] = {}
         self._geometry: dict[str, tuple[int, int, float]] = {}
@@ -255,9 +274,17 @@ class Cost(PolicyBase):
             costs[name] = price(view, uncached, block_tokens, decode_steps)
             if keyed is not None:
                 keyed(view, last.get(name, -1))
+        agreed = None
+        if self.agree and self.router_processes > 1:  # a prefix the cache does not place: where all agree
+            agreed = placement.agree(features.block_hashes, block_tokens, priced, costs, matched,
+                                     lambda common: (1.0 + self.work_weight) * (self.request_overhead_s + (
+                                         self.prefill_s_per_token * max(0.0, tokens - common * block_tokens))),
+                                     self.router_processes)
         cutoff = min(costs.values()) * (1.0 + self.tie_tolerance)
         near = [r for r in priced if costs[r.name] <= cutoff]
-        if len(near) == 1:
+        if agreed is not None:
+            pick = agreed
+        elif len(near) == 1:
             pick = near[0]
         else:  # near-equal costs: less loaded, then cheaper, then least recently sent to, then a draw
             last = self._last_sent
@@ -290,7 +317,8 @@ class Cost(PolicyBase):
         # The formula of the module docstring, flattened: this runs once per replica per request.
         fresh = view.load_age_s is not None  # the view already dropped a stale report
         pending_tokens, pending_requests = self._pending(view, fresh, uncached)
-        running = view.in_flight_requests - pending_requests
+        in_flight = view.in_flight_requests * self._own_scale
+        running = in_flight - pending_requests
         if fresh and view.running > running:
             running = float(view.running)
         consts = self._constants.get(view.name)
@@ -301,8 +329,8 @@ class Cost(PolicyBase):
         limit = view.max_num_seqs
         # Occupancy from the router's own count: exact now, while the engine's running lags a poll and
         # still counts a conversation's previous turn when its next one arrives.
-        if limit and view.in_flight_requests >= limit:
-            ahead = float(view.in_flight_requests - limit)  # requests waiting for a slot before us
+        if limit and in_flight >= limit:
+            ahead = float(in_flight - limit)  # requests waiting for a slot before us
             if fresh:
                 ahead = max(ahead, float(view.waiting))
             busy = float(limit)
@@ -336,11 +364,11 @@ class Cost(PolicyBase):
         own = self._inflight.get(view.name)
         if own is not None and own.count > 0 and own.prompt_tokens > 0:
             share = min(1.0, tokens / own.prompt_tokens)  # part of our in-flight prompt mass not prefilled
-            pending_tokens = own.uncached_tokens * share
-            pending_requests = own.count * share
+            pending_tokens = own.uncached_tokens * share * self._own_scale
+            pending_requests = own.count * share * self._own_scale
         else:  # nothing of ours there (or a restart): take the router's counters at face value
-            pending_tokens = tokens
-            pending_requests = float(view.in_flight_requests) if tokens > 0 else 0.0
+            pending_tokens = tokens * self._own_scale
+            pending_requests = view.in_flight_requests * self._own_scale if tokens > 0 else 0.0
         if engine_queue:
             if own is not None and own.count > 0:
                 per_request = own.uncached_tokens / own.count
@@ -446,7 +474,7 @@ class Cost(PolicyBase):
         self._views[view.name] = view
 
     def _running(self, view: ReplicaView, fresh: bool, pending_requests: float) -> float:
-        running = view.in_flight_requests - pending_requests
+        running = view.in_flight_requests * self._own_scale - pending_requests
         if fresh and view.running > running:
             running = float(view.running)
         return max(0.0, running)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("command", ["compare", "simulate", "fidelity"])
+@pytest.mark.parametrize("command", ["compare", "simulate", "fidelity", "processes"])
 def test_help_says_each_default_once(command: str) -> None:
     out = subprocess.run([sys.executable, "-m", f"benchmarks.{command}", "--help"], capture_output=True,
                          text=True, timeout=120, env={"COLUMNS": "1000", "PATH": ""}).stdout

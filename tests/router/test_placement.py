@@ -1,0 +1,93 @@
+"""Router processes agree where a prompt the cache does not place goes (`router.policies.placement`), and a
+lone router decides exactly as before. Each "process" is its own `Cost` instance with its own view."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+from policy_fixtures import prompt, reported, request, views
+
+from router.features import RequestFeatures
+from router.policies import placement
+from router.policies.base import Outcome
+from router.policies.cost import Cost
+
+REPLICAS = ("a", "b", "c", "d")
+
+
+def burst(n: int, group: str = "g") -> list[RequestFeatures]:
+    """``n`` requests sharing a new 24-block system prompt, each with its own question."""
+    shared = prompt(group, 24)
+    return [request(shared + f"question {i}: ".ljust(128, "."), rid=f"{group}-{i}") for i in range(n)]
+
+
+def test_four_processes_told_of_each_other_send_a_new_prefix_burst_to_one_replica():
+    processes = [Cost(seed=k, index="precise", router_processes=4) for k in range(4)]
+    picks = {p.choose(f, views(*REPLICAS)).replica for p, f in zip(processes, burst(4), strict=True)}
+    assert len(picks) == 1
+
+
+def test_without_agreement_the_same_burst_scatters():
+    processes = [Cost(seed=k, index="precise", router_processes=4, agree=False) for k in range(4)]
+    picks = {p.choose(f, views(*REPLICAS)).replica for p, f in zip(processes, burst(4), strict=True)}
+    assert len(picks) > 1
+
+
+def test_different_new_prefixes_spread_over_the_replicas():
+    p = Cost(seed=0, router_processes=4)
+    picks = {p.choose(burst(1, group=f"g{i}")[0], views(*REPLICAS)).replica for i in range(32)}
+    assert picks == set(REPLICAS)
+
+
+def test_a_prompt_that_a_replica_holds_is_priced_not_placed():
+    p = Cost(seed=0, router_processes=4)
+    first = burst(2)
+    d = p.choose(first[0], views(*REPLICAS))
+    p.on_dispatch(first[0], d)
+    p.on_complete(first[0], d, Outcome(ok=True, status=200, ttft_s=0.1))
+    second = p.choose(first[1], views(*REPLICAS))
+    assert (second.replica, second.reason) == (d.replica, "prefix")
+
+
+def test_agree_needs_other_processes_and_replicas_the_cache_does_not_tell_apart():
+    f = burst(1)[0]
+    idle = views(*REPLICAS)
+    costs = dict.fromkeys(REPLICAS, 1.0)
+    one_second = lambda common: 1.0  # noqa: E731
+    assert placement.agree(f.block_hashes, f.block_tokens, idle, costs, {}, one_second, processes=1) is None
+    assert placement.agree(f.block_hashes, f.block_tokens, idle, costs, {}, one_second, processes=2) is not None
+    assert placement.agree(f.block_hashes, f.block_tokens, idle, costs, {"a": 3}, one_second, processes=2) is None
+
+
+def test_one_process_decides_exactly_as_without_agreement():
+    """router_processes=1 and engine reports that never exceed the router's own requests: 200 seeded
+    decisions (with feedback) are the same with the option on and off."""
+    for index in ("auto", "approximate"):
+        on, off = Cost(seed=3, index=index), Cost(seed=3, index=index, agree=False)
+        rng = random.Random(7)
+        for i in range(200):
+            f = request(prompt(f"t{rng.randrange(12)}", rng.randrange(1, 30)), rid=f"q{i}")
+            replicas = []
+            for n in REPLICAS:
+                own = rng.randrange(4)
+                running = rng.randrange(own + 1)
+                replicas.append(dataclasses.replace(
+                    reported(n, running=running, waiting=rng.randrange(own - running + 1), report_age_s=0.2),
+                    in_flight_requests=own, in_flight_tokens=rng.randrange(3000)))
+            a, b = on.choose(f, replicas), off.choose(f, replicas)
+            assert a == b
+            done = rng.random() < 0.7
+            outcome = Outcome(ok=True, status=200, ttft_s=0.1, prompt_tokens=100, cached_tokens=rng.randrange(100),
+                              completion_tokens=20)
+            for p in (on, off):
+                p.on_dispatch(f, a)
+                if done:
+                    p.on_complete(f, a, outcome)
+
+
+def test_router_processes_below_one_is_rejected():
+    with pytest.raises(ValueError, match="router_processes"):
+        Cost(router_processes=0)
+
