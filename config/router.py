@@ -388,6 +388,11 @@ class RouterConfig(_Frozen):
                                        description="request header whose value is the session affinity key")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    router_processes: int = Field(default=1, ge=1, le=4096,
+                                  description="router processes sharing the traffic, counting every pod's "
+                                  "--workers (e.g. 2 pods x 4 workers = 8); each sees only its own requests "
+                                  "in flight, and the cost policy prices the rest by this count. Left at 1, "
+                                  "--workers N makes it N")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run N router processes on the port (SO_REUSEPORT), supervised: each polls the "
                         "replicas and follows their KV events itself (default 1)")
+    p.add_argument("--router-processes", type=int, metavar="N",
+                   help="router processes sharing the traffic, all pods' workers counted (config "
+                        "router_processes; default 1, or N with --workers N): the cost policy prices the "
+                        "requests in flight it cannot see by it")
     p.add_argument("--reuse-port", action="store_true",
                    help="listen with SO_REUSEPORT, so other router processes can share the port")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -96,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
                 entry["models"] = list(args.model)
             replicas.append(entry)
         base["replicas"] = replicas
-    for key in ("host", "port", "log_level", "log_format"):
+    for key in ("host", "port", "log_level", "log_format", "router_processes"):
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
     if args.policy or args.policy_param:
@@ -202,9 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(cfg.log_level, cfg.log_format)
     if args.workers > 1:
-        from router.workers import run_workers
+        from router.workers import counted_argv, run_workers
 
-        return run_workers(args.workers, argv, cfg.shutdown_grace_s)
+        return run_workers(args.workers, counted_argv(argv, args.workers, cfg.router_processes),
+                           cfg.shutdown_grace_s)
     with contextlib.suppress(ImportError):
         import uvloop
 

@@ -8,7 +8,8 @@ edits take the same path, so ``router.config`` is always the config being served
 
 1. Prepare. This may fail and changes nothing. With `router.runtime`'s builders (the ones the router
    started from) it builds the new replicas, builds a new policy only when the policy's name or params
-   (or the block hashing, which its index is keyed by) changed, and derives the dispatcher settings.
+   changed (or the block hashing, which its index is keyed by, or the router process count it prices
+   by), and derives the dispatcher settings.
    A failure is a `ConfigError` naming the field.
 2. Commit. This is synchronous (no ``await``), so no request sees half a config:
    - removed replicas are marked draining and leave the registry, so nothing new picks them. Their
@@ -129,7 +130,8 @@ async def apply_config(router: Router, new: RouterConfig) -> ReloadResult:
                     != (frozenset(rc.models), rc.weight, dict(rc.labels)))
     health = health_config(effective)
     fresh = build_replicas(effective, (*added, *replaced))
-    new_policy = effective.policy != old.policy or effective.hashing != old.hashing
+    new_policy = (effective.policy != old.policy or effective.hashing != old.hashing
+                  or effective.router_processes != old.router_processes)
     policy: Policy = build_policy(effective) if new_policy else dispatcher.policy
     settings = dispatch_settings(effective)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -22,7 +22,7 @@ from router.dispatch import Dispatcher, DispatchSettings
 from router.features.hashing import HashingConfig
 from router.metrics import RouterMetrics
 from router.policies.base import Policy
-from router.policies.registry import POLICY_NAMES, create_policy
+from router.policies.registry import POLICY_NAMES, create_policy, policy_parameters
 from router.proxy.upstream import Timeouts
 from router.replicas.health import HealthConfig, HealthTracker
 from router.replicas.poller import ReplicaPoller
@@ -100,11 +100,20 @@ def build_registry(cfg: RouterConfig) -> ReplicaRegistry:
     return registry
 
 
+def policy_kwargs(cfg: RouterConfig) -> dict[str, Any]:
+    """The policy's parameters, plus the fleet's router process count for a policy that prices what one
+    process cannot see (``router_processes``), unless its params state their own."""
+    kwargs = cfg.policy.policy_kwargs()
+    if "router_processes" not in kwargs and "router_processes" in policy_parameters(cfg.policy.name):
+        kwargs["router_processes"] = cfg.router_processes
+    return kwargs
+
+
 def build_policy(cfg: RouterConfig) -> Policy:
     """A new policy as ``cfg.policy`` says. The registry is the judge of names and parameters (config
     cannot import it), so a refusal becomes a `ConfigError` naming the field, here, for every caller."""
     try:
-        return create_policy(cfg.policy.name, **cfg.policy.policy_kwargs())
+        return create_policy(cfg.policy.name, **policy_kwargs(cfg))
     except (TypeError, ValueError) as exc:
         where = "policy.params" if cfg.policy.name in POLICY_NAMES else "policy.name"
         if cfg.policy.calibration is not None and "calibration" in str(exc):

@@ -57,6 +57,15 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def counted_argv(argv: Sequence[str], workers: int, router_processes: int) -> list[str]:
+    """The parent's arguments, telling each worker how many processes share the traffic: ``workers``,
+    unless the config or the command line already counted them (``router_processes`` > 1, e.g. pods x
+    workers). The cost policy prices the requests in flight one process cannot see by this count."""
+    if router_processes > 1:
+        return list(argv)
+    return [*argv, "--router-processes", str(workers)]
+
+
 class Workers:
     """Starts, restarts and stops the worker processes."""
 

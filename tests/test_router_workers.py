@@ -28,7 +28,7 @@ from router.kv_events.precise import PreciseIndex
 from router.kv_events.prefix_source import PrefixSource
 from router.policies.registry import create_policy
 from router.replica_view import ReplicaView
-from router.workers import worker_argv
+from router.workers import counted_argv, worker_argv
 from tests.conftest import free_port
 
 HANG_GUARD_S = 60.0
@@ -38,6 +38,35 @@ def test_a_worker_gets_the_parents_arguments_without_workers_and_with_reuse_port
     assert worker_argv(["--port", "8000", "--workers", "4", "--config", "c.yaml"]) == [
         "--port", "8000", "--config", "c.yaml", "--reuse-port"]
     assert worker_argv(["--workers=2", "--reuse-port"]) == ["--reuse-port"]
+
+
+def test_workers_tell_each_process_how_many_share_the_traffic():
+    assert counted_argv(["--port", "8000"], 4, 1) == ["--port", "8000", "--router-processes", "4"]
+
+
+def test_workers_keep_a_process_count_the_operator_gave():
+    assert counted_argv(["--router-processes", "8"], 4, 8) == ["--router-processes", "8"]
+
+
+def test_a_cost_policy_is_told_the_router_processes_and_others_are_not():
+    from config.router import parse_config
+    from router.runtime import build_policy
+
+    replicas = [{"name": "a", "url": "http://127.0.0.1:9"}]
+    told = build_policy(parse_config({"replicas": replicas, "router_processes": 4}))
+    assert told.router_processes == 4
+    own = build_policy(parse_config({"replicas": replicas, "router_processes": 4,
+                                     "policy": {"name": "cost", "params": {"router_processes": 2}}}))
+    assert own.router_processes == 2
+    assert build_policy(parse_config({"replicas": replicas, "router_processes": 4,
+                                      "policy": {"name": "round_robin"}})) is not None
+
+
+def test_router_processes_must_be_positive(capsys):
+    from router.cli import main
+
+    assert main(["--router-processes", "0", "--replica", "http://127.0.0.1:9"]) == 2
+    assert "router_processes" in capsys.readouterr().err
 
 
 def test_workers_must_be_positive(capsys):
