@@ -88,7 +88,7 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
         ours = [c for c in ours if c.name in keep]
     counts = router_processes(args)
     ours = [dataclasses.replace(c, name=c.name if k == 1 else f"{c.name}@{k}p", workers=k,
-                                params=told(c, k) if args.tell_processes else c.params)
+                                params=untold(c, k) if args.untold_processes else c.params)
             for k in counts for c in ours]
     peers = [] if args.no_peers else peer_contenders()
     if args.peers:
@@ -100,11 +100,12 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
     return ours + peers
 
 
-def told(c: Contender, k: int) -> dict[str, Any]:
-    """``--tell-processes``: K cost-family processes are configured with ``router_processes: K``."""
+def untold(c: Contender, k: int) -> dict[str, Any]:
+    """``--untold-processes``: K cost-family processes priced as one lone router would (``router_processes:
+    1``), as before ``--workers K`` told each worker its count: the "before" of the agreement's effect."""
     if k == 1 or c.policy not in ("cost", "precise"):
         return c.params
-    return {**c.params, "router_processes": k}
+    return {**c.params, "router_processes": 1}
 
 
 def router_processes(args: argparse.Namespace) -> list[int]:
@@ -304,9 +305,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                          "--capacity-factor)")
     p.add_argument("--router-processes", default="1",
                    help="comma list: our contenders also run as K router processes on one port (--workers K)")
-    p.add_argument("--tell-processes", action="store_true",
-                   help="our cost/precise contenders at K processes get the policy param router_processes=K "
-                        "(router.policies.placement)")
+    p.add_argument("--untold-processes", action="store_true",
+                   help="our cost/precise contenders at K processes price as a lone router (router_processes=1) "
+                        "instead of being told K by --workers K (router.policies.placement): the 'before'")
     p.add_argument("--concurrency", default="16", help="comma ladder of client counts (closed loop)")
     p.add_argument("--rates", help="comma ladder of Poisson session rates per second (open loop; overrides "
                                    "--concurrency)")

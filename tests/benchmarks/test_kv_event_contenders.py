@@ -75,9 +75,9 @@ async def test_kv_aware_starts_on_relayed_events_and_routes(tmp_path: Path) -> N
     assert again[-1].usage["prompt_tokens_details"]["cached_tokens"] > 0
 
 
-def test_tell_processes_gives_our_cost_family_variants_their_process_count() -> None:
+def test_untold_processes_price_our_cost_family_variants_as_a_lone_router() -> None:
     args = parse_args(["--policies", "cost,precise,round_robin", "--router-processes", "1,4", "--no-peers",
-                       "--tell-processes"])
+                       "--untold-processes"])
     params = {c.name: c.params for c in contenders(args)}
-    assert params["precise@4p"]["router_processes"] == 4 and params["cost@4p"]["router_processes"] == 4
+    assert params["precise@4p"]["router_processes"] == 1 and params["cost@4p"]["router_processes"] == 1
     assert "router_processes" not in params["precise"] and "router_processes" not in params["round_robin@4p"]
