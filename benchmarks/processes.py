@@ -32,15 +32,20 @@ from benchmarks.sim_processes import SPREADS
 SIZED = {"gsp": "groups", "multiturn": "conversations", "agentic": "sessions"}  # what --size multiplies
 
 
+def sized_workload(workload: str, seed: int, size: int = 1) -> wl.Workload:
+    """A matrix workload, with ``size`` x its sessions when ``size`` > 1 (more sessions of the same shape:
+    p90s of a hundred requests are too noisy to compare)."""
+    if size <= 1:
+        return workload_of(workload, seed)
+    field = SIZED[workload]
+    default = inspect.signature(getattr(wl, workload)).parameters[field].default
+    return wl.build(workload, seed=seed, **{field: default * size})[0]
+
+
 def run_cell(engine: str, workload: str, policy: str, params: Mapping[str, Any], processes: int, seed: int,
              concurrency: int, spread: str, size: int = 1) -> dict[str, Any]:
     """One simulated run of a matrix cell (`benchmarks.matrix`'s engines and cache sizes)."""
-    if size > 1:  # more sessions of the same shape: p90s of a few hundred requests are too noisy
-        field = SIZED[workload]
-        default = inspect.signature(getattr(wl, workload)).parameters[field].default
-        w = wl.build(workload, seed=seed, **{field: default * size})[0]
-    else:
-        w = workload_of(workload, seed)
+    w = sized_workload(workload, seed, size)
     kv = wl.kv_blocks_per_replica(w, REPLICAS, CAPACITY.get(engine, 1.3))
     load = LoadSpec(concurrency=concurrency, max_requests=w.num_requests, seed=seed)
     s = simulate(w, REPLICAS, policy, dict(params), profile=profiles(engine), num_blocks=kv, load=load,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("command", ["compare", "simulate", "fidelity", "processes"])
+@pytest.mark.parametrize("command", ["compare", "simulate", "fidelity", "processes", "evict_sweep"])
 def test_help_says_each_default_once(command: str) -> None:
     out = subprocess.run([sys.executable, "-m", f"benchmarks.{command}", "--help"], capture_output=True,
                          text=True, timeout=120, env={"COLUMNS": "1000", "PATH": ""}).stdout
