@@ -211,7 +211,7 @@ class ReplicaCalibration:
             if resid > self.settings.clip:
                 weight = self.settings.clip / resid
         lam, b = self.settings.forgetting, self.b
-        for i, (row, xi) in enumerate(zip(self.A, (x0, x1, x2, x3), strict=True)):
+        for i, row, xi in ((0, self.A[0], x0), (1, self.A[1], x1), (2, self.A[2], x2), (3, self.A[3], x3)):
             wx = weight * xi
             b[i] = lam * b[i] + wx
             row[0] = lam * row[0] + wx * x0
@@ -234,6 +234,16 @@ class ReplicaCalibration:
             return self._phi
         lo, hi = 1.0 / self.settings.bound_factor, self.settings.bound_factor
         r = self._ridge
+        if self._mask == 15:  # the usual case, all free: `_subset_fit(A, b, 15, lo)` below on the same numbers
+            (a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23), (a30, a31, a32, a33) = self.A
+            b0, b1, b2, b3 = self.b
+            sol = _solve4([[a00 + r, a01 + 0.0, a02 + 0.0, a03 + 0.0, b0 + r],
+                           [a10 + 0.0, a11 + r, a12 + 0.0, a13 + 0.0, b1 + r],
+                           [a20 + 0.0, a21 + 0.0, a22 + r, a23 + 0.0, b2 + r],
+                           [a30 + 0.0, a31 + 0.0, a32 + 0.0, a33 + r, b3 + r]])
+            if sol is not None and not (sol[0] < lo or sol[1] < lo or sol[2] < lo or sol[3] < lo):
+                self._phi = [min(hi, v) for v in sol]
+                return self._phi
         A = [[row[0] + 0.0, row[1] + 0.0, row[2] + 0.0, row[3] + 0.0] for row in self.A]
         for i in range(4):
             A[i][i] = self.A[i][i] + r

@@ -210,13 +210,16 @@ class FastEngine:
             self._queue_unhashed(s.held - len(keys))
         s.held = 0
         s.keys = []
-        if len(keys) > 1 and None not in keys and max(map(ref.__getitem__, keys)) == 1:
-            # The common case, in C: every block was pinned by this sequence only, so all join the
-            # queue, last block first; the same end state as the loop below.
-            ref.update(dict.fromkeys(keys, 0))
-            lru.update(dict.fromkeys(reversed(keys)))
-            self._queued += len(keys)
-            self._tail_run = 0
+        if None not in keys:  # the common case, in bulk: the same end state as the loop below
+            rev = keys[::-1]
+            pins = list(map(ref.__getitem__, rev))
+            ref.update(zip(rev, map((-1).__add__, pins), strict=True))
+            # blocks this sequence alone pinned join the queue, last block first
+            unpinned = rev if max(pins, default=0) == 1 else [k for k, r in zip(rev, pins, strict=True) if r == 1]
+            if unpinned:
+                lru.update(dict.fromkeys(unpinned))
+                self._queued += len(unpinned)
+                self._tail_run = 0
             return
         queued = 0  # blocks queued here; only their count and order matter, not when the count moves
         for k in reversed(keys):
