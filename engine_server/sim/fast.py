@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from itertools import islice
 
 from engine_server.sim.scheduler import SchedulerConfig, check_request, is_decode, may_admit
 from engine_server.sim.timing import TimingProfile
@@ -169,25 +168,19 @@ class FastEngine:
         n -= take
         self._queued -= n
         lru, ref, runs = self.lru, self.ref, self._runs
+        pop = lru.popitem
         while n > 0:
-            # The next n entries of the queue, the cached blocks before the first run evicted in C.
-            head = list(islice(lru, n))
-            if not head:
-                raise KeyError("the free block queue is empty")
-            cut = len(head) if min(head) >= 0 else next(j for j, k in enumerate(head) if k < 0)
-            if cut:
-                evicted = head if cut == len(head) else head[:cut]
-                deque(map(lru.__delitem__, evicted), maxlen=0)
-                deque(map(ref.__delitem__, evicted), maxlen=0)
-                n -= cut
-                if n == 0 or cut == len(head):
-                    continue
-            k = head[cut]  # a run of unhashed blocks, now at the head of the queue
+            k = pop(last=False)[0]
+            if k >= 0:
+                del ref[k]
+                n -= 1
+                continue
             c = runs[k]
-            if c > n:  # part of the run: the rest stays at the head of the queue
+            if c > n:  # part of a run: the rest stays at the head of the queue
                 runs[k] = c - n
+                lru[k] = None
+                lru.move_to_end(k, last=False)
                 return
-            del lru[k]
             del runs[k]
             n -= c
 
@@ -208,19 +201,6 @@ class FastEngine:
         keys = s.keys
         if s.held > len(keys):
             self._queue_unhashed(s.held - len(keys))
-        s.held = 0
-        s.keys = []
-        if None not in keys:  # the common case, in bulk: the same end state as the loop below
-            rev = keys[::-1]
-            pins = list(map(ref.__getitem__, rev))
-            ref.update(zip(rev, map((-1).__add__, pins), strict=True))
-            # blocks this sequence alone pinned join the queue, last block first
-            unpinned = rev if max(pins, default=0) == 1 else [k for k, r in zip(rev, pins, strict=True) if r == 1]
-            if unpinned:
-                lru.update(dict.fromkeys(unpinned))
-                self._queued += len(unpinned)
-                self._tail_run = 0
-            return
         queued = 0  # blocks queued here; only their count and order matter, not when the count moves
         for k in reversed(keys):
             if k is None:
@@ -233,6 +213,8 @@ class FastEngine:
                 queued += 1
                 self._tail_run = 0
         self._queued += queued
+        s.held = 0
+        s.keys = []
 
     def _publish(self, s: _Seq, tokens: int) -> None:
         """The sequence's prompt blocks fully covered by ``tokens`` become hits (first copy wins)."""
@@ -242,13 +224,7 @@ class FastEngine:
         if start >= end:
             return
         ref, append = self.ref, keys.append
-        new = chain[start:end]
-        fresh = dict.fromkeys(new, 1)
-        if len(fresh) == len(new) and ref.keys().isdisjoint(fresh):  # the common case, in C
-            ref.update(fresh)
-            keys.extend(new)
-            return
-        for h in new:
+        for h in chain[start:end]:
             if h in ref:
                 append(None)
             else:
@@ -258,11 +234,12 @@ class FastEngine:
     def _lookup(self, s: _Seq) -> tuple[int, int]:
         """(hit blocks, tokens left to compute) for admitting ``s``: never the last token."""
         total = s.prompt + s.output
-        held = list(map(self.ref.__contains__, s.chain[:(total - 1) // self.block_size]))
-        try:
-            hits = held.index(False)  # the chain from the first block, in C
-        except ValueError:
-            hits = len(held)
+        ref = self.ref
+        hits = 0
+        for h in s.chain[:(total - 1) // self.block_size]:
+            if h not in ref:
+                break
+            hits += 1
         return hits, total - hits * self.block_size
 
     def _admissible(self) -> bool:
@@ -277,7 +254,7 @@ class FastEngine:
         n = min(rest, budget)
         bs = self.block_size
         need = -(-(hits * bs + n) // bs) - hits
-        reclaimed = list(map(self.ref.__getitem__, s.chain[:hits])).count(0)
+        reclaimed = sum(1 for h in s.chain[:hits] if self.ref[h] == 0)
         return need <= self.num_free - reclaimed
 
     # ----------------------------------------------------------------------------------- segments
@@ -362,17 +339,17 @@ class FastEngine:
             need = -(-(num_hit + n) // bs) - hits
             hit_keys = s.chain[:hits]
             ref = self.ref
-            pins = list(map(ref.__getitem__, hit_keys))
-            reclaimed = pins.count(0)
+            reclaimed = sum(1 for h in hit_keys if ref[h] == 0)
             if need > self.num_free - reclaimed:
                 break
             waiting.popleft()
             running.append(s)
-            if reclaimed:  # cached blocks leave the free queue
-                deque(map(self.lru.__delitem__, [h for h, r in zip(hit_keys, pins, strict=True) if r == 0]),
-                      maxlen=0)
-                self._queued -= reclaimed
-            ref.update(zip(hit_keys, map((1).__add__, pins), strict=True))
+            for h in hit_keys:
+                r = ref[h]
+                if r == 0:
+                    del self.lru[h]
+                    self._queued -= 1
+                ref[h] = r + 1
             s.keys = list(hit_keys)
             self._pop(need)
             s.held = hits + need
