@@ -211,13 +211,23 @@ class ReplicaCalibration:
             if resid > self.settings.clip:
                 weight = self.settings.clip / resid
         lam, b = self.settings.forgetting, self.b
-        for i, row, xi in ((0, self.A[0], x0), (1, self.A[1], x1), (2, self.A[2], x2), (3, self.A[3], x3)):
-            wx = weight * xi
-            b[i] = lam * b[i] + wx
-            row[0] = lam * row[0] + wx * x0
-            row[1] = lam * row[1] + wx * x1
-            row[2] = lam * row[2] + wx * x2
-            row[3] = lam * row[3] + wx * x3
+        a0, a1, a2, a3 = self.A
+        wx = weight * x0
+        b[0] = lam * b[0] + wx
+        a0[0], a0[1], a0[2], a0[3] = lam * a0[0] + wx * x0, lam * a0[1] + wx * x1, lam * a0[2] + wx * x2, \
+            lam * a0[3] + wx * x3
+        wx = weight * x1
+        b[1] = lam * b[1] + wx
+        a1[0], a1[1], a1[2], a1[3] = lam * a1[0] + wx * x0, lam * a1[1] + wx * x1, lam * a1[2] + wx * x2, \
+            lam * a1[3] + wx * x3
+        wx = weight * x2
+        b[2] = lam * b[2] + wx
+        a2[0], a2[1], a2[2], a2[3] = lam * a2[0] + wx * x0, lam * a2[1] + wx * x1, lam * a2[2] + wx * x2, \
+            lam * a2[3] + wx * x3
+        wx = weight * x3
+        b[3] = lam * b[3] + wx
+        a3[0], a3[1], a3[2], a3[3] = lam * a3[0] + wx * x0, lam * a3[1] + wx * x1, lam * a3[2] + wx * x2, \
+            lam * a3[3] + wx * x3
         self.observations += 1
         self._phi = None
         return True
@@ -242,7 +252,9 @@ class ReplicaCalibration:
                            [a20 + 0.0, a21 + 0.0, a22 + r, a23 + 0.0, b2 + r],
                            [a30 + 0.0, a31 + 0.0, a32 + 0.0, a33 + r, b3 + r]])
             if sol is not None and not (sol[0] < lo or sol[1] < lo or sol[2] < lo or sol[3] < lo):
-                self._phi = [min(hi, v) for v in sol]
+                x0, x1, x2, x3 = sol  # min(hi, x), NaN included: hi unless x < hi
+                self._phi = [x0 if x0 < hi else hi, x1 if x1 < hi else hi, x2 if x2 < hi else hi,
+                             x3 if x3 < hi else hi]
                 return self._phi
         A = [[row[0] + 0.0, row[1] + 0.0, row[2] + 0.0, row[3] + 0.0] for row in self.A]
         for i in range(4):

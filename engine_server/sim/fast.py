@@ -202,8 +202,12 @@ class FastEngine:
         if s.held > len(keys):
             self._queue_unhashed(s.held - len(keys))
         queued = 0  # blocks queued here; only their count and order matter, not when the count moves
+        ended = False  # a hashed block was queued after the last run: that run is no longer the tail
         for k in reversed(keys):
             if k is None:
+                if ended:
+                    self._tail_run = 0
+                    ended = False
                 self._queue_unhashed(1)
                 continue
             r = ref[k] - 1
@@ -211,7 +215,9 @@ class FastEngine:
             if r == 0:
                 lru[k] = None
                 queued += 1
-                self._tail_run = 0
+                ended = True
+        if ended:
+            self._tail_run = 0
         self._queued += queued
         s.held = 0
         s.keys = []
@@ -264,8 +270,12 @@ class FastEngine:
         self.epoch += 1
         self._t0 = now
         running = self.running
-        if running and all(s.output > 0 and s.computed == s.prompt + s.output - 1 for s in running) \
-                and not self._admissible():
+        decoding = bool(running)  # every running sequence is past its prefill
+        for s in running:
+            if not (s.output > 0 and s.computed == s.prompt + s.output - 1):
+                decoding = False
+                break
+        if decoding and not self._admissible():
             k = min(s.max_tokens - s.output for s in running)
             k = self._fit(k)
             if k > 0:
