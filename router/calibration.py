@@ -211,23 +211,14 @@ class ReplicaCalibration:
             if resid > self.settings.clip:
                 weight = self.settings.clip / resid
         lam, b = self.settings.forgetting, self.b
-        a0, a1, a2, a3 = self.A
-        wx = weight * x0
-        b[0] = lam * b[0] + wx
-        a0[0], a0[1], a0[2], a0[3] = lam * a0[0] + wx * x0, lam * a0[1] + wx * x1, lam * a0[2] + wx * x2, \
-            lam * a0[3] + wx * x3
-        wx = weight * x1
-        b[1] = lam * b[1] + wx
-        a1[0], a1[1], a1[2], a1[3] = lam * a1[0] + wx * x0, lam * a1[1] + wx * x1, lam * a1[2] + wx * x2, \
-            lam * a1[3] + wx * x3
-        wx = weight * x2
-        b[2] = lam * b[2] + wx
-        a2[0], a2[1], a2[2], a2[3] = lam * a2[0] + wx * x0, lam * a2[1] + wx * x1, lam * a2[2] + wx * x2, \
-            lam * a2[3] + wx * x3
-        wx = weight * x3
-        b[3] = lam * b[3] + wx
-        a3[0], a3[1], a3[2], a3[3] = lam * a3[0] + wx * x0, lam * a3[1] + wx * x1, lam * a3[2] + wx * x2, \
-            lam * a3[3] + wx * x3
+        A = self.A
+        for i, xi in enumerate((x0, x1, x2, x3)):
+            row, wx = A[i], weight * xi
+            b[i] = lam * b[i] + wx
+            row[0] = lam * row[0] + wx * x0
+            row[1] = lam * row[1] + wx * x1
+            row[2] = lam * row[2] + wx * x2
+            row[3] = lam * row[3] + wx * x3
         self.observations += 1
         self._phi = None
         return True
