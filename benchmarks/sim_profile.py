@@ -43,7 +43,10 @@ class Samples:
         if frame is None:
             return
         self.total += 1
-        self.self_[_where(frame)] += 1
+        name = _where(frame)
+        if name.startswith("<string>") and frame.f_back is not None:  # generated code, e.g. a dataclass's
+            name += " <- " + _where(frame.f_back)  # __init__: which one is told by its caller
+        self.self_[name] += 1
         seen: set[str] = set()
         while frame is not None:
             name = _where(frame)

@@ -260,7 +260,11 @@ class FastEngine:
         n = min(rest, budget)
         bs = self.block_size
         need = -(-(hits * bs + n) // bs) - hits
-        reclaimed = sum(1 for h in s.chain[:hits] if self.ref[h] == 0)
+        ref = self.ref
+        reclaimed = 0  # cached blocks a hit takes back from the free queue
+        for h in s.chain[:hits]:
+            if ref[h] == 0:
+                reclaimed += 1
         return need <= self.num_free - reclaimed
 
     # ----------------------------------------------------------------------------------- segments
@@ -349,7 +353,10 @@ class FastEngine:
             need = -(-(num_hit + n) // bs) - hits
             hit_keys = s.chain[:hits]
             ref = self.ref
-            reclaimed = sum(1 for h in hit_keys if ref[h] == 0)
+            reclaimed = 0
+            for h in hit_keys:
+                if ref[h] == 0:
+                    reclaimed += 1
             if need > self.num_free - reclaimed:
                 break
             waiting.popleft()
