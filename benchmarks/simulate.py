@@ -41,6 +41,7 @@ from benchmarks.lib.metrics import summarize_run
 from benchmarks.lib.report import format_table, machine_info, write_json
 from benchmarks.sim_engines import ENGINES, PromptEncoder
 from benchmarks.sim_loop import DEFAULT_POLL_S, DEFAULT_STALE_S, SimRun, simulate
+from benchmarks.sim_profile import sample_cpu
 from benchmarks.sim_workload import scale_workload
 from engine_server.sim.timing import PROFILES, get_profile
 from router.policies import POLICY_NAMES, create_policy
@@ -179,6 +180,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"also run the same workload live ({'{replicas}'} sim engine subprocesses + router, "
                         "time scale 1) and print sim vs live with PASS/FAIL against the tolerance")
     p.add_argument("--profile-cpu", action="store_true", help="run under cProfile and print the top functions")
+    p.add_argument("--sample-cpu", action="store_true",
+                   help="sample the stack every 2 ms of CPU time and print each function's share (far less "
+                        "overhead and distortion than --profile-cpu; benchmarks.sim_profile)")
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
     return p.parse_args(argv)
 
@@ -227,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             prof = cProfile.Profile()
             run = prof.runcall(simulate, workload, args.replicas, name, params, **kwargs)
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        elif args.sample_cpu:
+            run, samples = sample_cpu(simulate, workload, args.replicas, name, params, **kwargs)
+            print(samples.report(), flush=True)
         else:
             run = simulate(workload, args.replicas, name, params, **kwargs)
         s = run.summary()

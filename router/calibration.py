@@ -211,8 +211,9 @@ class ReplicaCalibration:
             if resid > self.settings.clip:
                 weight = self.settings.clip / resid
         lam, b = self.settings.forgetting, self.b
-        for i, (row, xi) in enumerate(zip(self.A, (x0, x1, x2, x3), strict=True)):
-            wx = weight * xi
+        A = self.A
+        for i, xi in enumerate((x0, x1, x2, x3)):
+            row, wx = A[i], weight * xi
             b[i] = lam * b[i] + wx
             row[0] = lam * row[0] + wx * x0
             row[1] = lam * row[1] + wx * x1
@@ -234,6 +235,18 @@ class ReplicaCalibration:
             return self._phi
         lo, hi = 1.0 / self.settings.bound_factor, self.settings.bound_factor
         r = self._ridge
+        if self._mask == 15:  # the usual case, all free: `_subset_fit(A, b, 15, lo)` below on the same numbers
+            (a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23), (a30, a31, a32, a33) = self.A
+            b0, b1, b2, b3 = self.b
+            sol = _solve4([[a00 + r, a01 + 0.0, a02 + 0.0, a03 + 0.0, b0 + r],
+                           [a10 + 0.0, a11 + r, a12 + 0.0, a13 + 0.0, b1 + r],
+                           [a20 + 0.0, a21 + 0.0, a22 + r, a23 + 0.0, b2 + r],
+                           [a30 + 0.0, a31 + 0.0, a32 + 0.0, a33 + r, b3 + r]])
+            if sol is not None and not (sol[0] < lo or sol[1] < lo or sol[2] < lo or sol[3] < lo):
+                x0, x1, x2, x3 = sol  # min(hi, x), NaN included: hi unless x < hi
+                self._phi = [x0 if x0 < hi else hi, x1 if x1 < hi else hi, x2 if x2 < hi else hi,
+                             x3 if x3 < hi else hi]
+                return self._phi
         A = [[row[0] + 0.0, row[1] + 0.0, row[2] + 0.0, row[3] + 0.0] for row in self.A]
         for i in range(4):
             A[i][i] = self.A[i][i] + r

@@ -202,8 +202,12 @@ class FastEngine:
         if s.held > len(keys):
             self._queue_unhashed(s.held - len(keys))
         queued = 0  # blocks queued here; only their count and order matter, not when the count moves
+        ended = False  # a hashed block was queued after the last run: that run is no longer the tail
         for k in reversed(keys):
             if k is None:
+                if ended:
+                    self._tail_run = 0
+                    ended = False
                 self._queue_unhashed(1)
                 continue
             r = ref[k] - 1
@@ -211,7 +215,9 @@ class FastEngine:
             if r == 0:
                 lru[k] = None
                 queued += 1
-                self._tail_run = 0
+                ended = True
+        if ended:
+            self._tail_run = 0
         self._queued += queued
         s.held = 0
         s.keys = []
@@ -254,7 +260,11 @@ class FastEngine:
         n = min(rest, budget)
         bs = self.block_size
         need = -(-(hits * bs + n) // bs) - hits
-        reclaimed = sum(1 for h in s.chain[:hits] if self.ref[h] == 0)
+        ref = self.ref
+        reclaimed = 0  # cached blocks a hit takes back from the free queue
+        for h in s.chain[:hits]:
+            if ref[h] == 0:
+                reclaimed += 1
         return need <= self.num_free - reclaimed
 
     # ----------------------------------------------------------------------------------- segments
@@ -264,8 +274,12 @@ class FastEngine:
         self.epoch += 1
         self._t0 = now
         running = self.running
-        if running and all(s.output > 0 and s.computed == s.prompt + s.output - 1 for s in running) \
-                and not self._admissible():
+        decoding = bool(running)  # every running sequence is past its prefill
+        for s in running:
+            if not (s.output > 0 and s.computed == s.prompt + s.output - 1):
+                decoding = False
+                break
+        if decoding and not self._admissible():
             k = min(s.max_tokens - s.output for s in running)
             k = self._fit(k)
             if k > 0:
@@ -339,7 +353,10 @@ class FastEngine:
             need = -(-(num_hit + n) // bs) - hits
             hit_keys = s.chain[:hits]
             ref = self.ref
-            reclaimed = sum(1 for h in hit_keys if ref[h] == 0)
+            reclaimed = 0
+            for h in hit_keys:
+                if ref[h] == 0:
+                    reclaimed += 1
             if need > self.num_free - reclaimed:
                 break
             waiting.popleft()
