@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from router.proxy.http1 import UpstreamPool
 from router.proxy.relay import RelayResult, relay_sse
 from router.proxy.upstream import Timeouts, open_upstream
 
@@ -35,13 +36,14 @@ async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True)
 
     async def router(request: web.Request) -> web.StreamResponse:
         timeouts = Timeouts(connect_s=2.0, first_byte_s=5.0, idle_s=0.3, total_s=30.0)
-        async with aiohttp.ClientSession() as session:
-            up = await open_upstream(session, str(upstream.make_url("/e")), b"{}", {}, timeouts, frozenset())
-            resp = web.StreamResponse()
-            await resp.prepare(request)
-            results.append(await relay_sse(up, resp, timeouts.idle_s, strip))
-            up.close()
-            return resp
+        pool = UpstreamPool()
+        up = await open_upstream(pool, str(upstream.make_url("/e")), b"{}", {}, timeouts, frozenset())
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        results.append(await relay_sse(up, resp, timeouts.idle_s, strip))
+        up.close()
+        await pool.close()
+        return resp
 
     engine_app, router_app = web.Application(), web.Application()
     engine_app.router.add_post("/e", engine)
