@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +117,7 @@ class Dispatcher:
                                                    "include_usage": True}}
                 strip_usage = True
         payload = json.dumps(body, separators=(",", ":")).encode()
-        upstream_rid = f"{features.request_id}-{uuid.uuid4().hex[:12]}"  # still greppable, never shared
+        upstream_rid = f"{features.request_id}-{os.urandom(6).hex()}"  # still greppable, never shared
         headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: upstream_rid}
         if stream:
             headers["Accept"] = "text/event-stream"
@@ -178,8 +178,8 @@ class Dispatcher:
                        features: RequestFeatures, decision: Decision, replica: ReplicaState, stream: bool,
                        strip_usage: bool, started: float, parent: Any = None, attempt: int = 0
                        ) -> web.StreamResponse:
+        # (the in-flight gauge is read from the replicas when the metrics are scraped, not set per request)
         with self.core.dispatch(Route(decision, replica), features) as lease:
-            self.metrics.in_flight.labels(replica.name).set(replica.in_flight_requests)
             self._unreported.add(lease)
             if parent is not None and self.tracing is not None:
                 span = self.tracing.start_child(parent, "upstream", {
@@ -227,8 +227,6 @@ class Dispatcher:
             return await self._relay_unary(upstream, features, decision, lease, started)
         finally:
             upstream.close()  # reused after a full read; else closed, which tells the engine at once
-            # the lease is released by then if the outcome was reported, else at the caller's block exit
-            self.metrics.in_flight.labels(replica.name).set(replica.in_flight_requests - (not lease.released))
 
     def _response_headers(self, upstream: Response, replica: ReplicaState,
                           features: RequestFeatures) -> dict[str, str]:

@@ -98,6 +98,8 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.busy = False  # an exchange is under way (bytes while idle are a broken replica)
         self.idle_since = 0.0
+        self.chunks: list[bytes] = []  # body bytes not read yet; emptied in place, never replaced
+        self.on_body = self.chunks.append  # httptools calls it per body piece: no Python frame
         self.parser = httptools.HttpResponseParser(self)  # reused: it starts over after each response
         self._reset()
 
@@ -109,7 +111,7 @@ class Connection(asyncio.Protocol):
         self.keep_alive = False
         self.got_bytes = False
         self.error: BaseException | None = None
-        self.chunks: list[bytes] = []
+        self.chunks.clear()
         self.buffered = 0
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
@@ -136,6 +138,16 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(f"bad response: {exc}"))
+            return
+        self.buffered += len(data)
+        if self.buffered > HIGH_WATER and not self.paused and self.chunks:
+            self.paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        waiter = self.waiter  # one wake per packet (the reader re-checks what it waits for)
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -159,22 +171,12 @@ class Connection(asyncio.Protocol):
             self.headers = []
             return
         self.head_done = True
-        self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        self.buffered += len(body)
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         if not self.head_done:  # the end of an interim answer
             return
         self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once the message is over
         self.complete = True
-        self._wake()
 
     # --- the exchange -----------------------------------------------------------------------------------
 
@@ -190,7 +192,7 @@ class Connection(asyncio.Protocol):
             while not self.head_done:
                 if self.error is not None:
                     raise self.error
-                await self._wait()
+                await self.wait()
         finally:
             timer.cancel()
             self.timer = None
@@ -201,23 +203,28 @@ class Connection(asyncio.Protocol):
         self.last_data = self.loop.time()
         self.timer = self.loop.call_at(self.last_data + idle_s, self._idle_check)
 
-    async def read_chunk(self) -> bytes:
-        """The body bytes received since the last call (waiting for some); b"" at the end."""
-        while not self.chunks:
+    def read_nowait(self) -> bytes | None:
+        """The body bytes received since the last read; b"" at the end; None if none yet (then `wait`).
+        Raises the exchange's failure once the bytes before it are read."""
+        chunks = self.chunks
+        if not chunks:
             if self.error is not None:
                 raise self.error
-            if self.complete:
-                return b""
-            await self._wait()
-        chunks = self.chunks
+            return b"" if self.complete else None
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.chunks = []
+        chunks.clear()
         self.buffered = 0
         if self.paused and self.transport is not None:
             self.paused = False
             self.last_data = self.loop.time()  # silence while paused was ours, not the replica's
             self.transport.resume_reading()
         return data
+
+    def wait(self) -> asyncio.Future[None]:
+        """Done when something arrives or the exchange fails (a future, not a coroutine: one frame less
+        per token in the relay's loop). Its result is always None: the failure is read from the state."""
+        waiter = self.waiter = self.loop.create_future()
+        return waiter
 
     def done(self) -> None:
         """The exchange is over: back to the pool if the response was read to its end, else closed."""
@@ -249,24 +256,17 @@ class Connection(asyncio.Protocol):
                 return False
         return True
 
-    async def _wait(self) -> None:
-        self.waiter = self.loop.create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
-
     def _wake(self) -> None:
         waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _fail(self, error: BaseException, *, close: bool = True) -> None:
         if self.error is None:
             self.error = error
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+        self._wake()
         if close:
             self.close()
 
@@ -403,14 +403,17 @@ class UpstreamPool:
 
 
 class Response:
-    """A response whose head has arrived; its body is read with `read_chunk` or `read`, then `close`."""
+    """A response whose head has arrived; its body is read with `read_chunk` or `read` (or, in a hot
+    loop, `read_nowait` and `wait`), then `close`."""
 
-    __slots__ = ("_conn", "status", "headers")
+    __slots__ = ("_conn", "status", "headers", "read_nowait", "wait")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self.status = conn.status
         self.headers = conn.headers
+        self.read_nowait = conn.read_nowait
+        self.wait = conn.wait
 
     def header(self, name: str, default: str | None = None) -> str | None:
         name = name.lower()
@@ -424,11 +427,15 @@ class Response:
         self._conn.stream(idle_s)
 
     async def read_chunk(self) -> bytes:
-        return await self._conn.read_chunk()
+        """The body bytes received since the last read (waiting for some); b"" at the end."""
+        conn = self._conn
+        while (data := conn.read_nowait()) is None:
+            await conn.wait()
+        return data
 
     async def read(self) -> bytes:
         parts = []
-        while chunk := await self._conn.read_chunk():
+        while chunk := await self.read_chunk():
             parts.append(chunk)
         return b"".join(parts)
 

@@ -67,10 +67,13 @@ async def relay_sse(upstream: Response, client: web.StreamResponse, idle_s: floa
     Python loop over its events."""
     result = RelayResult()
     buf = b""
-    read = upstream.read_chunk
+    read, wait = upstream.read_nowait, upstream.wait
     while True:
         try:
-            chunk = await read()
+            chunk = read()
+            while chunk is None:
+                await wait()
+                chunk = read()
         except TimeoutError:  # IdleTimeout: nothing within idle_s
             result.error = f"replica sent nothing for {idle_s:g}s"
         except (ClientError, ConnectionError) as exc:
