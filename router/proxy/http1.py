@@ -230,7 +230,8 @@ class Connection(asyncio.Protocol):
         """The exchange is over: back to the pool if the response was read to its end, else closed."""
         if self.timer is not None:
             self.timer.cancel()
-        if self.complete and self.keep_alive and not self.chunks and self.error is None and not self.closed:
+        if (self.complete and self.keep_alive and not self.chunks and not self.paused and self.error is None
+                and not self.closed):
             self.busy = False
             self._reset()
             self.pool.release(self)
