@@ -95,6 +95,21 @@ def counting_app(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     return app, peers
 
 
+async def answers_in_10s(request: web.Request) -> web.Response:
+    """An engine slower than every timeout of these tests."""
+    await asyncio.sleep(10)
+    return web.Response()
+
+
+async def one_event_then_silence(request: web.Request) -> web.StreamResponse:
+    """An engine that sends one event and then nothing (until its client leaves)."""
+    resp = web.StreamResponse()
+    await resp.prepare(request)
+    await resp.write(b"data: 1\n\n")
+    await asyncio.sleep(10)
+    return resp
+
+
 async def test_a_content_length_body_is_read_whole_and_the_connection_is_reused(pool: UpstreamPool,
                                                                                 serve: Any) -> None:
     async def echo(request: web.Request) -> web.Response:
@@ -201,11 +216,7 @@ async def test_a_connection_refused_is_a_connect_failure(pool: UpstreamPool) -> 
 
 async def test_no_head_within_first_byte_s_is_a_timeout_and_the_connection_is_dropped(
         pool: UpstreamPool, serve: Any) -> None:
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(10)
-        return web.Response()
-
-    app, _ = counting_app(slow)
+    app, _ = counting_app(answers_in_10s)
     url = await serve(app)
     quick = Timeouts(connect_s=2.0, first_byte_s=0.2, idle_s=5.0, total_s=30.0)
     with pytest.raises(UpstreamFailure) as info:
@@ -216,11 +227,7 @@ async def test_no_head_within_first_byte_s_is_a_timeout_and_the_connection_is_dr
 
 async def test_a_non_streamed_answer_past_total_s_is_a_deadline_not_retried(pool: UpstreamPool,
                                                                               serve: Any) -> None:
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(10)
-        return web.Response()
-
-    app, _ = counting_app(slow)
+    app, _ = counting_app(answers_in_10s)
     url = await serve(app)
     short = Timeouts(connect_s=2.0, first_byte_s=0.05, idle_s=0.05, total_s=0.3)
     with pytest.raises(UpstreamFailure) as info:
@@ -272,14 +279,7 @@ async def test_a_connection_closed_before_the_head_is_a_connect_failure(pool: Up
 
 async def test_a_stream_silent_for_idle_s_fails_the_read_and_drops_the_connection(pool: UpstreamPool,
                                                                                    serve: Any) -> None:
-    async def stalls(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        await resp.prepare(request)
-        await resp.write(b"data: 1\n\n")
-        await asyncio.sleep(10)
-        return resp
-
-    app, _ = counting_app(stalls)
+    app, _ = counting_app(one_event_then_silence)
     url = await serve(app)
     idle = Timeouts(connect_s=2.0, first_byte_s=5.0, idle_s=0.3, total_s=30.0)
     resp = await open_upstream(pool, url + "/", b"{}", {}, idle, frozenset())
@@ -343,14 +343,7 @@ async def test_idle_connections_kept_per_origin_are_bounded(serve: Any) -> None:
 
 
 async def test_closing_the_pool_closes_connections_in_use_and_refuses_new_calls(serve: Any) -> None:
-    async def endless(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        await resp.prepare(request)
-        await resp.write(b"data: 1\n\n")
-        await asyncio.sleep(10)
-        return resp
-
-    app, _ = counting_app(endless)
+    app, _ = counting_app(one_event_then_silence)
     url = await serve(app)
     pool = UpstreamPool()
     resp = await pool.post(url + "/", b"", {}, connect_s=2.0, head_s=5.0)
