@@ -3,8 +3,7 @@
 Why not aiohttp's ClientSession: a streamed 16-token answer arrives in about 19 packets, and aiohttp's
 client spends more CPU per packet (StreamReader, flow control, timer re-arming) and per request (request
 and response objects, URL and header multidicts) than the router spends routing. Here a packet costs one
-`httptools` parse (C) and a list append (or, while a stream is pumped, one call of the relay's sink from
-the protocol callback: no task switch per token); a request costs one write of head and body together.
+`httptools` parse (C) and a list append; a request costs one write of head and body together.
 
 What it does and keeps: POST with a body known in advance; responses delimited by Content-Length,
 chunked encoding or the connection's end; a connection goes back to its origin's pool only when its
@@ -145,11 +144,7 @@ class Connection(asyncio.Protocol):
             return
         if self.sink is not None:
             if self.chunks:
-                try:
-                    self._to_sink(self.sink)
-                except Exception as exc:  # a bug in the sink: the pump raises it, the replica is not blamed
-                    self._fail(exc)
-                    return
+                self._to_sink(self.sink)
             if not (self.complete or self.paused):
                 return  # the pump has nothing to do
         else:
