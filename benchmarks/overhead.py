@@ -11,8 +11,8 @@ concurrency level they take turns: each gets an unmeasured warm-up, then `--requ
 the turns repeat N times and a level pools its rounds, so on a shared host every contender sees the same
 disturbances. Reported per level: requests/s, TTFT and end-to-end p50/p99, "added" = router minus its direct
 runs (a difference of percentiles), router CPU seconds per 1,000 requests (/proc of the router's pid), how busy
-the whole host was, and errors. Client, engines and router share the machine's cores, so at high concurrency
-the numbers measure CPU contention as much as the router. A peer that is not installed or fails to start gets a row with its error.
+the whole host was, and errors. Client, engines and router share the machine's cores, so at high concurrency the numbers measure
+CPU contention as much as the router. A peer that is not installed or fails to start gets a row with its error.
 The client keeps connections alive (as SDK clients do); `--fresh-connections` opens one per request, which
 shows stalls that only reused connections have (sglang-router: ~40 ms per streamed request at 1 stream).
 `--profile-router DIR` runs our router under cProfile on the process CPU clock (a shared host's waits do

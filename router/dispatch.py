@@ -263,8 +263,7 @@ class Dispatcher:
         result = RelayResult()
         try:
             await resp.prepare(request)
-            result = await relay_sse(upstream, resp, self.settings.timeouts.idle_s, strip_usage,
-                                     request.transport)
+            result = await relay_sse(upstream, resp, self.settings.timeouts.idle_s, strip_usage)
             await resp.write_eof()
         except (ConnectionError, asyncio.CancelledError) as exc:  # ConnectionResetError included
             # The client left: closing the upstream (in the caller's finally) aborts the engine request.

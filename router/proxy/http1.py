@@ -24,7 +24,6 @@ import asyncio
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from urllib.parse import urlsplit
 
@@ -62,7 +61,6 @@ class IdleTimeout(TimeoutError):
 
 
 Origin = tuple[str, int, bool, bytes]  # host, port, TLS, Host header value
-Sink = Callable[[list[bytes]], bool]  # takes a packet's body pieces; True: its side is full, stop reading
 
 
 @lru_cache(maxsize=4096)
@@ -120,7 +118,6 @@ class Connection(asyncio.Protocol):
         self.idle_s: float | None = None
         self.last_data = 0.0
         self.timer: asyncio.TimerHandle | None = None
-        self.sink: Sink | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------------------
 
@@ -142,15 +139,10 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(f"bad response: {exc}"))
             return
-        if self.sink is not None:
-            if self.chunks:
-                self._to_sink(self.sink)
-            if not (self.complete or self.paused):
-                return  # the pump has nothing to do
-        else:
-            self.buffered += len(data)
-            if self.buffered > HIGH_WATER and not self.paused and self.chunks:
-                self._pause()
+        self.buffered += len(data)
+        if self.buffered > HIGH_WATER and not self.paused and self.chunks:
+            self.paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
         waiter = self.waiter  # one wake per packet (the reader re-checks what it waits for)
         if waiter is not None:
             self.waiter = None
@@ -222,47 +214,11 @@ class Connection(asyncio.Protocol):
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self.buffered = 0
-        if self.paused:
-            self._resume()
-        return data
-
-    async def pump(self, sink: Sink, drained: Callable[[], Awaitable[None]]) -> None:
-        """Hand each packet's body bytes to ``sink`` from the protocol callback, so a token costs no task
-        switch, until the body ends; raises the exchange's failure. When ``sink`` says its side is full,
-        reading pauses until ``drained()`` returns."""
-        self.sink = sink
-        try:
-            while True:
-                if self.chunks:  # arrived before the pump started
-                    self._to_sink(sink)
-                if self.error is not None:
-                    raise self.error
-                if self.complete:
-                    return
-                if self.paused:
-                    await drained()
-                    self._resume()
-                    continue
-                await self.wait()
-        finally:
-            self.sink = None
-
-    def _to_sink(self, sink: Sink) -> None:
-        full = sink(self.chunks)
-        self.chunks.clear()
-        self.buffered = 0
-        if full and not self.paused:
-            self._pause()
-
-    def _pause(self) -> None:
-        self.paused = True
-        self.transport.pause_reading()  # type: ignore[union-attr]
-
-    def _resume(self) -> None:
-        if self.paused and self.transport is not None and not self.closed:
+        if self.paused and self.transport is not None:
             self.paused = False
             self.last_data = self.loop.time()  # silence while paused was ours, not the replica's
             self.transport.resume_reading()
+        return data
 
     def wait(self) -> asyncio.Future[None]:
         """Done when something arrives or the exchange fails (a future, not a coroutine: one frame less
@@ -470,10 +426,6 @@ class Response:
     def stream(self, idle_s: float) -> None:
         """Reads fail with `IdleTimeout` after ``idle_s`` without a byte."""
         self._conn.stream(idle_s)
-
-    async def pump(self, sink: Sink, drained: Callable[[], Awaitable[None]]) -> None:
-        """The rest of the body to ``sink`` as it arrives (`Connection.pump`)."""
-        await self._conn.pump(sink, drained)
 
     async def read_chunk(self) -> bytes:
         """The body bytes received since the last read (waiting for some); b"" at the end."""

@@ -9,10 +9,8 @@ the router asked for usage on the client's behalf, that extra usage-only event i
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +19,6 @@ from aiohttp import web
 from router.proxy.http1 import ClientError, Response
 
 MAX_UNTERMINATED = 1 << 20  # an upstream that never ends an event is forwarded raw past this size
-CLIENT_HIGH_WATER = 1 << 16  # bytes queued to a slow client before the replica is no longer read
 
 
 @dataclass
@@ -60,104 +57,52 @@ def sse_error_event(message: str, code: int = 502) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
-class _Events:
-    """Cuts the byte stream into complete SSE events, reading (and maybe dropping) the usage on the way."""
+async def relay_sse(upstream: Response, client: web.StreamResponse, idle_s: float,
+                    strip_usage_event: bool) -> RelayResult:
+    """Forward the event stream; a stalled or broken upstream ends the stream with an SSE error event.
 
-    __slots__ = ("buf", "result", "strip")
-
-    def __init__(self, result: RelayResult, strip_usage_event: bool) -> None:
-        self.buf = b""
-        self.result = result
-        self.strip = strip_usage_event
-
-    def cut(self, chunk: bytes) -> bytes:
-        """The events ``chunk`` completes (b"" if none): what goes to the client now."""
-        buf = self.buf + chunk if self.buf else chunk
+    The stall bound is the upstream's idle timeout, which `open_upstream` sets to ``idle_s`` for streams
+    (one timer per stream, not per read). Each read's complete events go out in one write; events are
+    split one by one only when the read carries a usage object (once per stream), so a token costs no
+    Python loop over its events."""
+    result = RelayResult()
+    buf = b""
+    read, wait = upstream.read_nowait, upstream.wait
+    while True:
+        try:
+            chunk = read()
+            while chunk is None:
+                await wait()
+                chunk = read()
+        except TimeoutError:  # IdleTimeout: nothing within idle_s
+            result.error = f"replica sent nothing for {idle_s:g}s"
+        except (ClientError, ConnectionError) as exc:
+            result.error = f"replica connection broke mid-stream: {exc.__class__.__name__}"
+        if result.error is not None:
+            await client.write(buf + sse_error_event(result.error))
+            return result
+        if not chunk:
+            break
+        buf = buf + chunk if buf else chunk
         end = buf.rfind(b"\n\n")
         if end < 0:
             out = b""
         else:
             out, buf = buf[: end + 2], buf[end + 2:]
             if b'"usage":{' in out or b'"usage": {' in out:
-                out = _take_usage(out, self.result, self.strip)
+                out = _take_usage(out, result, strip_usage_event)
         if len(buf) > MAX_UNTERMINATED:
             out += buf
             buf = b""
-        self.buf = buf
-        return out
-
-
-async def relay_sse(upstream: Response, client: web.StreamResponse, idle_s: float,
-                    strip_usage_event: bool, transport: asyncio.Transport | None = None) -> RelayResult:
-    """Forward the event stream; a stalled or broken upstream ends the stream with an SSE error event.
-
-    The stall bound is the upstream's idle timeout, which `open_upstream` sets to ``idle_s`` for streams
-    (one timer per stream, not per read). Each read's complete events go out in one write; events are
-    split one by one only when the read carries a usage object (once per stream), so a token costs no
-    Python loop over its events. The first events go out through ``client`` (with the response head, in
-    one write); given the client's ``transport`` and a chunked response, the rest are written to it
-    straight from the upstream's protocol callback (`Response.pump`): no task switch per token."""
-    result = RelayResult()
-    events = _Events(result, strip_usage_event)
-    read, wait = upstream.read_nowait, upstream.wait
-    try:  # (a client gone raises ConnectionError from the writes: the caller's business, not caught here)
-        ended = False
-        while result.first_byte_at is None and not ended:  # until the head and first events are out
-            chunk = read()
-            while chunk is None:
-                await wait()
-                chunk = read()
-            ended = not chunk
-            if out := events.cut(chunk):
-                result.first_byte_at = time.monotonic()
-                await client.write(out)
-                result.bytes_out += len(out)
-        if ended:
-            pass
-        elif transport is not None and client.headers.get("Transfer-Encoding") == "chunked":
-            await upstream.pump(_chunked_sink(events, transport), lambda: _drained(transport))
-        else:
-            while chunk := await upstream.read_chunk():
-                if out := events.cut(chunk):
-                    await client.write(out)
-                    result.bytes_out += len(out)
-    except TimeoutError:  # IdleTimeout: nothing within idle_s
-        result.error = f"replica sent nothing for {idle_s:g}s"
-    except ClientError as exc:
-        result.error = f"replica connection broke mid-stream: {exc.__class__.__name__}"
-    if result.error is not None:
-        await client.write(events.buf + sse_error_event(result.error))
-        return result
-    if events.buf:
-        await client.write(events.buf)
-        result.bytes_out += len(events.buf)
-    return result
-
-
-def _chunked_sink(events: _Events, transport: asyncio.Transport) -> Callable[[list[bytes]], bool]:
-    """Events to the client's transport as HTTP chunks; True once its write buffer is full."""
-    result = events.result
-
-    def sink(chunks: list[bytes]) -> bool:
-        if transport.is_closing():
-            return True  # the client left: stop reading; `_drained` says so
-        out = events.cut(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if out:
-            transport.write(b"%x\r\n%b\r\n" % (len(out), out))
+            if result.first_byte_at is None:
+                result.first_byte_at = time.monotonic()
+            await client.write(out)
             result.bytes_out += len(out)
-        return transport.get_write_buffer_size() > CLIENT_HIGH_WATER
-
-    return sink
-
-
-async def _drained(transport: asyncio.Transport) -> None:
-    """Until a slow client's transport has taken most of what it was given."""
-    while transport.get_write_buffer_size() > CLIENT_HIGH_WATER // 4:
-        if transport.is_closing():
-            raise ConnectionResetError("the client went away")
-        await asyncio.sleep(0.005)
-    if transport.is_closing():
-        raise ConnectionResetError("the client went away")
+    if buf:
+        await client.write(buf)
+        result.bytes_out += len(buf)
+    return result
 
 
 def _take_usage(events: bytes, result: RelayResult, strip_usage_event: bool) -> bytes:

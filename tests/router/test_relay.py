@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import aiohttp
-import httptools
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -23,14 +21,7 @@ def event(obj: object) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-@pytest.fixture(params=[True, False], ids=["pump", "reads"])
-def pump(request: pytest.FixtureRequest) -> bool:
-    """Relay through the client's transport from the upstream's callback, or by reads and aiohttp writes."""
-    return bool(request.param)
-
-
-async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True,
-                pump: bool = True) -> tuple[bytes, RelayResult]:
+async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True) -> tuple[bytes, RelayResult]:
     """Serve ``parts`` as separate writes (then stall ``stall_s``), relay them, return what the client got."""
     async def engine(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -49,7 +40,7 @@ async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True,
         up = await open_upstream(pool, str(upstream.make_url("/e")), b"{}", {}, timeouts, frozenset())
         resp = web.StreamResponse()
         await resp.prepare(request)
-        results.append(await relay_sse(up, resp, timeouts.idle_s, strip, request.transport if pump else None))
+        results.append(await relay_sse(up, resp, timeouts.idle_s, strip))
         up.close()
         await pool.close()
         return resp
@@ -63,88 +54,37 @@ async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True,
     return body, results[0]
 
 
-async def test_events_split_across_reads_arrive_whole_and_in_order(pump: bool) -> None:
+async def test_events_split_across_reads_arrive_whole_and_in_order() -> None:
     a, b = event({"choices": [{"delta": {"content": "a"}}]}), event({"choices": [{"delta": {"content": "b"}}]})
-    body, result = await relay([a[:5], a[5:] + b[:9], b[9:], b"data: [DONE]\n\n"], pump=pump)
+    body, result = await relay([a[:5], a[5:] + b[:9], b[9:], b"data: [DONE]\n\n"])
     assert body == a + b + b"data: [DONE]\n\n"
     assert result.error is None and result.bytes_out == len(body) and result.first_byte_at is not None
 
 
-async def test_the_usage_is_read_and_the_usage_only_event_the_router_asked_for_is_not_forwarded(
-        pump: bool) -> None:
+async def test_the_usage_is_read_and_the_usage_only_event_the_router_asked_for_is_not_forwarded() -> None:
     token = event({"choices": [{"delta": {"content": "a"}}], "usage": None})
     usage_only = event({"choices": [], "usage": USAGE})
-    body, result = await relay([token, usage_only + b"data: [DONE]\n\n"], pump=pump)
+    body, result = await relay([token, usage_only + b"data: [DONE]\n\n"])
     assert body == token + b"data: [DONE]\n\n"
     assert result.usage == USAGE
 
 
-async def test_the_usage_only_event_is_forwarded_when_the_client_asked_for_usage(pump: bool) -> None:
+async def test_the_usage_only_event_is_forwarded_when_the_client_asked_for_usage() -> None:
     usage_only = event({"choices": [], "usage": USAGE})
-    body, result = await relay([usage_only, b"data: [DONE]\n\n"], strip=False, pump=pump)
+    body, result = await relay([usage_only, b"data: [DONE]\n\n"], strip=False)
     assert body == usage_only + b"data: [DONE]\n\n" and result.usage == USAGE
 
 
 @pytest.mark.parametrize("tail", [b"", b"data: {\"partial"], ids=["between-events", "mid-event"])
-async def test_an_upstream_that_stalls_past_idle_s_ends_the_stream_with_an_error_event(tail: bytes,
-                                                                                       pump: bool) -> None:
+async def test_an_upstream_that_stalls_past_idle_s_ends_the_stream_with_an_error_event(tail: bytes) -> None:
     first = event({"choices": [{"delta": {"content": "a"}}]})
-    body, result = await relay([first, tail] if tail else [first], stall_s=3.0, pump=pump)
+    body, result = await relay([first, tail] if tail else [first], stall_s=3.0)
     assert result.error == "replica sent nothing for 0.3s"
     assert body.startswith(first + tail) and b'"type": "server_error"' in body and body.endswith(b"\n\n")
 
 
-async def test_token_events_read_together_with_the_usage_event_are_all_forwarded(pump: bool) -> None:
+async def test_token_events_read_together_with_the_usage_event_are_all_forwarded() -> None:
     tokens = [event({"choices": [{"delta": {"content": c}}], "usage": None}) for c in "abc"]
     usage_only = event({"choices": [], "usage": USAGE})
-    body, result = await relay([b"".join(tokens) + usage_only + b"data: [DONE]\n\n"], pump=pump)
+    body, result = await relay([b"".join(tokens) + usage_only + b"data: [DONE]\n\n"])
     assert body == b"".join(tokens) + b"data: [DONE]\n\n" and result.usage == USAGE
-
-
-async def test_a_slow_client_gets_every_event_in_order_through_pauses_to_let_it_catch_up() -> None:
-    events = [event({"choices": [{"delta": {"content": f"{i:05d}" + "x" * 1000}}]}) for i in range(2000)]
-
-    async def engine(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for e in events:
-            await resp.write(e)
-        return resp
-
-    async def router(request: web.Request) -> web.StreamResponse:
-        timeouts = Timeouts(connect_s=2.0, first_byte_s=5.0, idle_s=5.0, total_s=30.0)
-        pool = UpstreamPool()
-        up = await open_upstream(pool, str(upstream.make_url("/e")), b"{}", {}, timeouts, frozenset())
-        resp = web.StreamResponse()
-        await resp.prepare(request)
-        assert request.transport is not None
-        request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        await relay_sse(up, resp, timeouts.idle_s, True, request.transport)
-        up.close()
-        await pool.close()
-        return resp
-
-    class Body:
-        def __init__(self) -> None:
-            self.parts: list[bytes] = []
-
-        def on_body(self, body: bytes) -> None:
-            self.parts.append(body)
-
-    engine_app, router_app = web.Application(), web.Application()
-    engine_app.router.add_post("/e", engine)
-    router_app.router.add_get("/", router)
-    async with TestServer(engine_app) as upstream, TestServer(router_app) as front:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that takes little at a time
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (front.host, front.port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        body = Body()
-        parser = httptools.HttpResponseParser(body)
-        while data := await reader.read(4096):
-            parser.feed_data(data)
-            await asyncio.sleep(0.0005)
-        writer.close()
-    assert b"".join(body.parts) == b"".join(events)

@@ -379,38 +379,3 @@ async def test_a_call_cancelled_before_the_head_closes_its_connection(pool: Upst
         await call
     await asyncio.wait_for(engine_saw_disconnect.wait(), 10)  # a hang guard, met at once
     assert pool.open_count == 0
-
-
-async def test_a_pumped_body_reaches_the_sink_whole_and_a_full_sink_pauses_reading_until_drained(
-        pool: UpstreamPool, raw: Any) -> None:
-    async def events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for i in range(20):
-            event = b"data: %d\n\n" % i
-            writer.write(b"%x\r\n%b\r\n" % (len(event), event))
-            await writer.drain()
-            await asyncio.sleep(0.001)
-        writer.write(b"0\r\n\r\n")
-        await reader.read()
-
-    url = await raw(events)
-    resp = await open_upstream(pool, url + "/", b"{}", {}, TIMEOUTS, frozenset())
-    conn = resp._conn
-    received: list[bytes] = []
-    calls: list[int] = []
-    paused_while_full: list[bool] = []
-
-    def sink(chunks: list[bytes]) -> bool:
-        received.extend(chunks)
-        calls.append(len(chunks))
-        return len(calls) == 1  # full after its first call
-
-    async def drained() -> None:
-        paused_while_full.append(not conn.transport.is_reading())
-
-    await resp.pump(sink, drained)
-    assert b"".join(received) == b"".join(b"data: %d\n\n" % i for i in range(20))
-    assert paused_while_full == [True]
-    resp.close()
-    assert pool.idle_count == 1  # read to its end: reused
