@@ -4,13 +4,14 @@
     python -m benchmarks.overhead --quick    # 300 requests per level
 
 Sim engines with the `instant` profile (no simulated compute) run as subprocesses; this process is the client
-(aiohttp, uvloop). For each contender -- our router (policy `cost`), sglang-router and vllm-router (both
-`round_robin`, so only the proxy path is compared) -- the router is started in front of the same engines, and at
-each concurrency level an unmeasured warm-up runs, then `--requests` streamed chat requests of 16 tokens go
-straight to the engines ("direct", round robin) and then through the router. Reported per level: requests/s,
-TTFT and end-to-end p50/p99, "added" = router minus the direct run just before it (a difference of
-percentiles), router CPU seconds per 1,000 requests (/proc of the router's pid), how busy the whole host was,
-and errors. Client, engines and router share the machine's cores, so at high concurrency the numbers measure
+(aiohttp, uvloop). The contenders -- our router (policy `cost`), sglang-router and vllm-router (both
+`round_robin`, so only the proxy path is compared) -- are all started in front of the same engines; at each
+concurrency level they take turns: each gets an unmeasured warm-up, then `--requests` streamed chat requests of
+16 tokens go straight to the engines ("direct", round robin) and then through that router. With `--rounds N`
+the turns repeat N times and a level pools its rounds, so on a shared host every contender sees the same
+disturbances. Reported per level: requests/s, TTFT and end-to-end p50/p99, "added" = router minus its direct
+runs (a difference of percentiles), router CPU seconds per 1,000 requests (/proc of the router's pid), how busy
+the whole host was, and errors. Client, engines and router share the machine's cores, so at high concurrency the numbers measure
 CPU contention as much as the router. A peer that is not installed or fails to start gets a row with its error.
 The client keeps connections alive (as SDK clients do); `--fresh-connections` opens one per request, which
 shows stalls that only reused connections have (sglang-router: ~40 ms per streamed request at 1 stream).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import tempfile
@@ -79,9 +81,34 @@ def overhead_chat_body(i: int, max_tokens: int) -> dict[str, Any]:
                          {"role": "user", "content": f"Question {i}: what is {i} times {i}?"}]}
 
 
-def level_stats(results: Sequence[StreamResult], wall: float, watch: CpuWatch, n_router_pids: int) -> dict[str, Any]:
+@dataclass
+class Sample:
+    """One timed measurement: the streams' results and the CPU used meanwhile (``used``: the router pids,
+    then the engine pids, then this process, as `CpuWatch.used`)."""
+
+    results: list[StreamResult]
+    wall: float
+    used: list[float]
+    busy_share: float
+    other_share: float
+
+
+def pooled(samples: Sequence[Sample]) -> Sample:
+    """Several measurements of one level as one longer one (interleaved rounds)."""
+    wall = sum(s.wall for s in samples)
+
+    def mean(attr: str) -> float:
+        return sum(getattr(s, attr) * s.wall for s in samples) / wall if wall > 0 else math.nan
+
+    return Sample([r for s in samples for r in s.results], wall,
+                  [sum(u) for u in zip(*(s.used for s in samples), strict=True)], mean("busy_share"),
+                  mean("other_share"))
+
+
+def level_stats(sample: Sample, n_router_pids: int) -> dict[str, Any]:
     """One load level's figures: throughput, TTFT/E2E, and CPU per 1,000 requests of router, engines and
-    client (``watch`` watched the router pids, then the engine pids, then this process)."""
+    client."""
+    results, wall, watch = sample.results, sample.wall, sample
     ok = [r for r in results if r.ok]
     per_k = 1000.0 / max(1, len(results))
     errors = [r.error or f"status {r.status}" for r in results if not r.ok]
@@ -120,7 +147,7 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
 
 
 async def measure(session: Any, targets: Sequence[str], concurrency: int, args: argparse.Namespace,
-                  pids: Sequence[int], engine_pids: Sequence[int]) -> dict[str, Any]:
+                  pids: Sequence[int], engine_pids: Sequence[int]) -> Sample:
     """Warm up, then ``args.requests`` streams at ``concurrency`` to ``targets`` (round robin), timed and
     CPU-watched (``pids``: the router, if any)."""
     async def one(i: int) -> StreamResult:
@@ -132,44 +159,61 @@ async def measure(session: Any, targets: Sequence[str], concurrency: int, args: 
     results = await closed_loop(args.requests, concurrency, args.max_s, one)
     wall = time.perf_counter() - t0
     watch.stop()
-    return level_stats(results, wall, watch, len(pids))
+    return Sample(results, wall, watch.used, watch.busy_share, watch.other_share)
 
 
-async def run_contender(c: Contender, fleet: Fleet, session: Any, args: argparse.Namespace,
-                        log_dir: Path) -> dict[str, Any]:
-    row: dict[str, Any] = {"name": c.name, "kind": c.kind, "policy": c.policy, "notes": c.notes,
-                           "version": peer_version(c.kind), "argv": None, "error": None, "levels": []}
-    if (why := peer_available(c.kind)) is not None:
-        row["error"] = why
-        return row
-    try:
-        async with run_router(c, fleet.engine_urls, log_dir, start_timeout_s=args.start_timeout_s) as r:
-            row["argv"], row["version"] = r.argv, r.version
-            for conc in args.concurrency:
-                direct = await measure(session, fleet.engine_urls, conc, args, [], fleet.engine_pids)
-                routed = await measure(session, [r.url], conc, args, [r.pid], fleet.engine_pids)
-                row["levels"].append({"concurrency": conc, "direct": direct, "router": routed,
-                                      "added_ms": added(direct, routed)})
-                print(f"  {c.name} @ {conc}: {routed['req_per_s']} req/s, added TTFT p50 "
-                      f"{row['levels'][-1]['added_ms']['ttft_p50']} ms, errors {routed['errors']}", flush=True)
-    except RouterStartError as exc:
-        row["error"] = str(exc)
-        print(f"  {c.name}: failed to start: {exc.reason}", flush=True)
-    return row
+async def start_contenders(stack: contextlib.AsyncExitStack, cs: Sequence[Contender], fleet: Fleet,
+                           args: argparse.Namespace, log_dir: Path) -> list[tuple[dict[str, Any], Any]]:
+    """Start every contender (all run at once, idle while another is measured): (row, running router or
+    None if it could not start, its row then saying why)."""
+    started = []
+    for c in cs:
+        row: dict[str, Any] = {"name": c.name, "kind": c.kind, "policy": c.policy, "notes": c.notes,
+                               "version": peer_version(c.kind), "argv": None, "error": None, "levels": []}
+        r = None
+        if (why := peer_available(c.kind)) is not None:
+            row["error"] = why
+        else:
+            try:
+                r = await stack.enter_async_context(run_router(c, fleet.engine_urls, log_dir,
+                                                               start_timeout_s=args.start_timeout_s))
+                row["argv"], row["version"] = r.argv, r.version
+            except RouterStartError as exc:
+                row["error"] = str(exc)
+                print(f"  {c.name}: failed to start: {exc.reason}", flush=True)
+        started.append((row, r))
+    return started
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    """Per level, ``args.rounds`` rounds; in each, every contender in turn gets a direct run then its routed
+    run. A level's figures pool its rounds, so contenders compared share the host's disturbances."""
     engine = EngineSpec(profile="instant")
-    rows = []
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
-        async with Fleet(args.engines, engine, None, log_dir=log_dir) as fleet, client_session(fresh_connections=args.fresh_connections) as session:
-            for c in contenders(args):
-                print(f"{c.name} ({c.kind})", flush=True)
-                rows.append(await run_contender(c, fleet, session, args, log_dir))
+        async with (Fleet(args.engines, engine, None, log_dir=log_dir) as fleet,
+                    client_session(fresh_connections=args.fresh_connections) as session,
+                    contextlib.AsyncExitStack() as stack):
+            started = await start_contenders(stack, contenders(args), fleet, args, log_dir)
+            running = [(row, r) for row, r in started if r is not None]
+            for conc in args.concurrency:
+                samples: dict[str, tuple[list[Sample], list[Sample]]] = {row["name"]: ([], []) for row, _ in running}
+                for _ in range(args.rounds):
+                    for row, r in running:
+                        direct, routed = samples[row["name"]]
+                        direct.append(await measure(session, fleet.engine_urls, conc, args, [], fleet.engine_pids))
+                        routed.append(await measure(session, [r.url], conc, args, [r.pid], fleet.engine_pids))
+                for row, _ in running:
+                    direct_samples, routed_samples = samples[row["name"]]
+                    d, m = level_stats(pooled(direct_samples), 0), level_stats(pooled(routed_samples), 1)
+                    row["levels"].append({"concurrency": conc, "rounds": args.rounds, "direct": d, "router": m,
+                                          "added_ms": added(d, m)})
+                    print(f"  {row['name']} @ {conc}: {m['req_per_s']} req/s, added TTFT p50 "
+                          f"{row['levels'][-1]['added_ms']['ttft_p50']} ms, router CPU s/1k "
+                          f"{m['cpu_s_per_1k']['router']}, errors {m['errors']}", flush=True)
     return {"benchmark": "overhead", "engines": args.engines, "profile": engine.profile, "max_tokens": MAX_TOKENS,
-            "contenders": rows}
+            "contenders": [row for row, _ in started]}
 
 
 def _share(x: float | None) -> str:
@@ -208,8 +252,9 @@ def table(res: dict[str, Any]) -> str:
 
 
 def print_result(res: dict[str, Any]) -> None:
+    rounds = res.get("args", {}).get("rounds", 1)
     print(f"\nrouter overhead: {res['engines']} `{res['profile']}` engines, streamed chat, {res['max_tokens']} "
-          "tokens; ms; 'added' is router minus the direct run just before it")
+          "tokens; ms; 'added' is router minus its direct runs" + (f"; {rounds} rounds pooled" if rounds > 1 else ""))
     print(table(res))
     for c in res["contenders"]:
         print(f"  {c['name']} {c['version'] or ''}: {' '.join(c['argv']) if c['argv'] else '(not started)'}")
@@ -222,7 +267,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines", type=int, default=2, help="sim engine subprocesses (profile `instant`)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32], help="concurrent streams per level")
     p.add_argument("--requests", type=int, default=2000,
-                   help="measured streamed requests per level, for direct and for each router")
+                   help="measured streamed requests per level and round, for direct and for each router")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds per level, contenders taking turns within each; a level pools its rounds (a "
+                        "shared host's load then falls on every contender alike)")
     p.add_argument("--warmup", type=int, default=50,
                    help="unmeasured requests before each measurement (at least the concurrency)")
     p.add_argument("--max-s", type=float, default=60.0,

@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from openai_http import REQUEST_ID_HEADER
@@ -29,6 +28,7 @@ from router.errors import error_response
 from router.features.parse import RequestFeatures
 from router.metrics import RouterMetrics
 from router.policies.base import Decision, Outcome, Policy
+from router.proxy.http1 import ClientError, Response, UpstreamPool
 from router.proxy.relay import RelayResult, cached_tokens, relay_sse, usage_from_json
 from router.proxy.retry_budget import RetryBudget
 from router.proxy.upstream import Timeouts, UpstreamFailure, forward_headers, open_upstream
@@ -54,12 +54,12 @@ class DispatchSettings:
 
 
 class Dispatcher:
-    def __init__(self, registry: ReplicaRegistry, policy: Policy, session: aiohttp.ClientSession,
+    def __init__(self, registry: ReplicaRegistry, policy: Policy, pool: UpstreamPool,
                  metrics: RouterMetrics, settings: DispatchSettings, tracing: Tracing | None = None) -> None:
         self.registry = registry
         self.policy = policy
         self.core = RoutingCore(policy, settings.stale_after_s, self._observe_decision)
-        self.session = session
+        self.pool = pool
         self.metrics = metrics
         self.settings = settings
         self.budget = RetryBudget(settings.budget_ratio, settings.budget_min_retries, settings.budget_window_s)
@@ -117,7 +117,7 @@ class Dispatcher:
                                                    "include_usage": True}}
                 strip_usage = True
         payload = json.dumps(body, separators=(",", ":")).encode()
-        upstream_rid = f"{features.request_id}-{uuid.uuid4().hex[:12]}"  # still greppable, never shared
+        upstream_rid = f"{features.request_id}-{os.urandom(6).hex()}"  # still greppable, never shared
         headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: upstream_rid}
         if stream:
             headers["Accept"] = "text/event-stream"
@@ -178,8 +178,8 @@ class Dispatcher:
                        features: RequestFeatures, decision: Decision, replica: ReplicaState, stream: bool,
                        strip_usage: bool, started: float, parent: Any = None, attempt: int = 0
                        ) -> web.StreamResponse:
+        # (the in-flight gauge is read from the replicas when the metrics are scraped, not set per request)
         with self.core.dispatch(Route(decision, replica), features) as lease:
-            self.metrics.in_flight.labels(replica.name).set(replica.in_flight_requests)
             self._unreported.add(lease)
             if parent is not None and self.tracing is not None:
                 span = self.tracing.start_child(parent, "upstream", {
@@ -212,7 +212,7 @@ class Dispatcher:
                         strip_usage: bool, started: float) -> web.StreamResponse:
         s, replica = self.settings, lease.replica
         try:
-            upstream = await open_upstream(self.session, replica.url + path, payload, headers, s.timeouts,
+            upstream = await open_upstream(self.pool, replica.url + path, payload, headers, s.timeouts,
                                            s.retry_statuses, stream=stream)
         except UpstreamFailure as exc:
             self._finish(features, decision, lease, failure(exc.status or 0, exc.kind),
@@ -226,11 +226,9 @@ class Dispatcher:
                                                 strip_usage, started)
             return await self._relay_unary(upstream, features, decision, lease, started)
         finally:
-            upstream.close()  # no-op after a full read; on disconnect/cancel it tells the engine at once
-            # the lease is released by then if the outcome was reported, else at the caller's block exit
-            self.metrics.in_flight.labels(replica.name).set(replica.in_flight_requests - (not lease.released))
+            upstream.close()  # reused after a full read; else closed, which tells the engine at once
 
-    def _response_headers(self, upstream: aiohttp.ClientResponse, replica: ReplicaState,
+    def _response_headers(self, upstream: Response, replica: ReplicaState,
                           features: RequestFeatures) -> dict[str, str]:
         headers = forward_headers(upstream)
         headers[REQUEST_ID_HEADER] = features.request_id
@@ -238,13 +236,13 @@ class Dispatcher:
             headers[self.settings.replica_header] = replica.name
         return headers
 
-    async def _relay_unary(self, upstream: aiohttp.ClientResponse, features: RequestFeatures,
+    async def _relay_unary(self, upstream: Response, features: RequestFeatures,
                            decision: Decision, lease: Lease, started: float) -> web.Response:
         replica = lease.replica
         try:
             async with asyncio.timeout(max(0.0, started + self.settings.timeouts.total_s - time.monotonic())):
                 data = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+        except (TimeoutError, ClientError, ConnectionError) as exc:
             broken = UpstreamFailure("deadline" if isinstance(exc, TimeoutError) else "protocol",
                                      f"reading the response failed: {exc.__class__.__name__}")
             self._finish(features, decision, lease, failure(0, broken.kind), health_failure=broken.health_failure)
@@ -257,7 +255,7 @@ class Dispatcher:
         return web.Response(status=upstream.status, body=data,
                             headers=self._response_headers(upstream, replica, features))
 
-    async def _relay_stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
+    async def _relay_stream(self, request: web.Request, upstream: Response,
                             features: RequestFeatures, decision: Decision, lease: Lease,
                             strip_usage: bool, started: float) -> web.StreamResponse:
         replica = lease.replica

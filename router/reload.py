@@ -160,7 +160,7 @@ async def apply_config(router: Router, new: RouterConfig) -> ReloadResult:
     if effective.hashing != old.hashing:
         router.hashing = block_hashing(effective)
     if new_policy or settings != dispatcher.settings:
-        router.dispatcher = Dispatcher(registry, policy, dispatcher.session, router.metrics, settings,
+        router.dispatcher = Dispatcher(registry, policy, dispatcher.pool, router.metrics, settings,
                                        dispatcher.tracing)
         if router.dispatcher.budget.same_limits(dispatcher.budget):  # keep the window's counts
             router.dispatcher.budget = dispatcher.budget

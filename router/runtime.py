@@ -4,7 +4,7 @@ The app (`router.app`) builds a router at start-up and the reloader (`router.rel
 on every config change; both take the pieces from here, so a config field means the same thing on the
 first start and after a reload. This module knows the config and the router's parts, not HTTP routes.
 
-`Router` is everything one running router holds; `start` opens its upstream sessions, dispatcher and
+`Router` is everything one running router holds; `start` opens its upstream pool, dispatcher and
 poller, `stop` closes them. The `build_*` functions are pure conversions from config sections.
 """
 
@@ -23,6 +23,7 @@ from router.features.hashing import HashingConfig
 from router.metrics import RouterMetrics
 from router.policies.base import Policy
 from router.policies.registry import POLICY_NAMES, create_policy, policy_parameters
+from router.proxy.http1 import UpstreamPool
 from router.proxy.upstream import Timeouts
 from router.replicas.health import HealthConfig, HealthTracker
 from router.replicas.poller import ReplicaPoller
@@ -122,24 +123,22 @@ def build_policy(cfg: RouterConfig) -> Policy:
 
 
 def new_router(cfg: RouterConfig, tracing: Tracing | None = None) -> Router:
-    """A router for ``cfg``, not started (no sessions, dispatcher or poller yet)."""
+    """A router for ``cfg``, not started (no upstream pool, dispatcher or poller yet)."""
     return Router(config=cfg, registry=build_registry(cfg), metrics=RouterMetrics(), hashing=block_hashing(cfg),
                   tracing=tracing)
 
 
 async def start(router: Router) -> None:
-    """Open the upstream sessions, build the policy and dispatcher for the current config, start polling."""
+    """Open the upstream pool and probe session, build the policy and dispatcher for the current config, start polling."""
     cfg, registry = router.config, router.registry
-    # One pooled session for all upstream calls; no total timeout here (streams are long-lived).
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
-                                    timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
+    # One pool of keep-alive connections for all proxied calls (`router.proxy.http1`: lean per packet).
+    pool = UpstreamPool(keepalive_s=30.0)
     policy = build_policy(cfg)
     for r in registry.all():
         policy.on_replica_added(r.name)
-    router.dispatcher = Dispatcher(registry, policy, session, router.metrics, dispatch_settings(cfg),
+    router.dispatcher = Dispatcher(registry, policy, pool, router.metrics, dispatch_settings(cfg),
                                    router.tracing)
-    # Probes get their own small pool: aiohttp reuses the longest-idle connection first, so probes sharing
-    # the request pool would keep every connection of a past burst alive forever.
+    # Probes (GET /health, /load: not the hot path) stay on aiohttp, with their own small pool.
     probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=30),
                                           timeout=aiohttp.ClientTimeout(total=None))
     router.poller = ReplicaPoller(registry, probe_session, health_interval_s=cfg.health.check_interval_s,
@@ -149,12 +148,12 @@ async def start(router: Router) -> None:
 
 
 async def stop(router: Router) -> None:
-    """Stop polling and close both sessions (the dispatcher's session is the upstream pool)."""
+    """Stop polling, close the probes' session and the upstream pool."""
     if router.poller is not None:
         await router.poller.stop()
         await router.poller.session.close()
     if router.dispatcher is not None:
-        await router.dispatcher.session.close()
+        await router.dispatcher.pool.close()
 
 
 def _on_transition(router: Router, name: str, new_state: str) -> None:

@@ -1,7 +1,8 @@
 """Relay a replica's response to the client: SSE events forwarded as they arrive, usage picked up.
 
 Events are forwarded on SSE event boundaries (`\\n\\n`) the moment they are complete, one write per read,
-so a token reaches the client as soon as the engine sends it (aiohttp sets TCP_NODELAY both ways). The
+so a token reaches the client as soon as the engine sends it (TCP_NODELAY both ways: aiohttp's server,
+`router.proxy.http1`'s connections). The
 usage the engine reports (prompt and cached tokens) is read on the way for the policy's feedback; when
 the router asked for usage on the client's behalf, that extra usage-only event is not forwarded.
 """
@@ -13,8 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
+
+from router.proxy.http1 import ClientError, Response
 
 MAX_UNTERMINATED = 1 << 20  # an upstream that never ends an event is forwarded raw past this size
 
@@ -55,23 +57,26 @@ def sse_error_event(message: str, code: int = 502) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
-async def relay_sse(upstream: aiohttp.ClientResponse, client: web.StreamResponse, idle_s: float,
+async def relay_sse(upstream: Response, client: web.StreamResponse, idle_s: float,
                     strip_usage_event: bool) -> RelayResult:
     """Forward the event stream; a stalled or broken upstream ends the stream with an SSE error event.
 
-    The stall bound is the upstream's ``sock_read`` timeout, which `open_upstream` sets to ``idle_s`` for
-    streams and aiohttp re-arms on every packet anyway (a second timer per read here cost as much again).
-    Each read's complete events go out in one write; events are split one by one only when the read
-    carries a usage object (once per stream), so a token costs no Python loop over its events."""
+    The stall bound is the upstream's idle timeout, which `open_upstream` sets to ``idle_s`` for streams
+    (one timer per stream, not per read). Each read's complete events go out in one write; events are
+    split one by one only when the read carries a usage object (once per stream), so a token costs no
+    Python loop over its events."""
     result = RelayResult()
     buf = b""
-    read = upstream.content.readany
+    read, wait = upstream.read_nowait, upstream.wait
     while True:
         try:
-            chunk = await read()
-        except TimeoutError:  # aiohttp.ServerTimeoutError: nothing within sock_read
+            chunk = read()
+            while chunk is None:
+                await wait()
+                chunk = read()
+        except TimeoutError:  # IdleTimeout: nothing within idle_s
             result.error = f"replica sent nothing for {idle_s:g}s"
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except (ClientError, ConnectionError) as exc:
             result.error = f"replica connection broke mid-stream: {exc.__class__.__name__}"
         if result.error is not None:
             await client.write(buf + sse_error_event(result.error))

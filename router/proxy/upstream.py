@@ -10,9 +10,18 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import aiohttp
+from router.proxy.http1 import (
+    BadResponse,
+    ClientError,
+    ConnectFailed,
+    ConnectTimeout,
+    Disconnected,
+    HeadTimeout,
+    Response,
+    UpstreamPool,
+)
 
-# Headers that must not be forwarded (hop-by-hop, or recomputed by aiohttp).
+# Headers that must not be forwarded (hop-by-hop, or recomputed by the server).
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "content-length", "content-encoding", "host", "date", "server",
@@ -57,44 +66,44 @@ class UpstreamFailure(Exception):
         return self.kind != "deadline"
 
 
-async def open_upstream(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-                        timeouts: Timeouts, retry_statuses: frozenset[int], *,
-                        stream: bool = True) -> aiohttp.ClientResponse:
-    """POST and wait for the response headers. Retryable statuses raise (after reading the small body).
+async def open_upstream(pool: UpstreamPool, url: str, body: bytes, headers: dict[str, str],
+                        timeouts: Timeouts, retry_statuses: frozenset[int], *, stream: bool = True) -> Response:
+    """POST and wait for the response head. Retryable statuses raise (after reading the small body).
 
-    A streamed request gets its headers with the first token: `first_byte_s` bounds prefill and a miss
-    is a "timeout" (a stuck replica). A non-streamed one gets them only when the whole generation is
-    done, so only `total_s` bounds it, its silence is not idleness, and a miss is a "deadline"."""
+    A streamed request gets its head with the first token: `first_byte_s` bounds prefill and a miss
+    is a "timeout" (a stuck replica); its body may then be silent for at most `idle_s` at a time. A
+    non-streamed one gets its head only when the whole generation is done, so only `total_s` bounds it,
+    its silence is not idleness, and a miss is a "deadline". A connection not made within `connect_s`
+    is a "timeout" either way."""
     limit = timeouts.first_byte_s if stream else timeouts.total_s
-    sock_read = timeouts.idle_s if stream else None
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s, sock_read=sock_read)
     try:
-        async with asyncio.timeout(limit):
-            resp = await session.post(url, data=body, headers=headers, timeout=timeout)
-    except TimeoutError as exc:
+        resp = await pool.post(url, body, headers, connect_s=timeouts.connect_s, head_s=limit)
+    except HeadTimeout as exc:
         if not stream:
             raise UpstreamFailure("deadline", f"no complete answer within total_s={limit:g}s") from exc
         raise UpstreamFailure("timeout", f"no response headers within {limit:g}s") from exc
-    except aiohttp.ServerTimeoutError as exc:
+    except ConnectTimeout as exc:
         raise UpstreamFailure("timeout", f"timed out: {exc}") from exc
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionError) as exc:
+    except (ConnectFailed, Disconnected) as exc:
         raise UpstreamFailure("connect", f"cannot reach replica: {exc}") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamFailure("protocol", f"bad response: {exc}") from exc
+    except BadResponse as exc:
+        raise UpstreamFailure("protocol", str(exc)) from exc
     if resp.status in retry_statuses:
         try:
             async with asyncio.timeout(timeouts.idle_s):
                 data = await resp.read()
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, ClientError):
             data = b""
         finally:
-            resp.release()
+            resp.close()
         failure = UpstreamFailure("status", f"replica answered {resp.status}", resp.status, data,
-                                  resp.headers.get("Content-Type", "application/json"))
-        failure.retry_after = resp.headers.get("Retry-After")
+                                  resp.header("Content-Type", "application/json") or "application/json")
+        failure.retry_after = resp.header("Retry-After")
         raise failure
+    if stream:
+        resp.stream(timeouts.idle_s)
     return resp
 
 
-def forward_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
-    return {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+def forward_headers(upstream: Response) -> dict[str, str]:
+    return {k: v for k, v in upstream.headers if k.lower() not in HOP_BY_HOP}

@@ -211,5 +211,5 @@ async def test_probes_do_not_keep_the_request_pool_warm(sim_server: SimServerFac
     router = await start_router(servers, [await sim_server()])
     state = router.app[ROUTER]
     assert state.poller is not None and state.dispatcher is not None
-    assert state.poller.session is not state.dispatcher.session
+    assert state.poller.session is not state.dispatcher.pool  # type: ignore[comparison-overlap]
     assert state.poller.session.connector.limit_per_host <= 4  # type: ignore[union-attr]
