@@ -123,7 +123,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
@@ -256,7 +256,8 @@ class Cost(PolicyBase):
         if selected is None:
             matched = self.index.match(features.block_hashes)
             if blended:
-                matched = blend(self.index_mode, matched, features, self._in_flight_blocks)
+                matched = blend(self.index_mode, matched, features, self._in_flight_blocks,
+                                self._admission_room(replicas, features))
             best = max(matched.values(), default=0)
             if large and blended:
                 selected = filt.select_matched(replicas, matched, last)
@@ -293,6 +294,28 @@ class Cost(PolicyBase):
         got = matched.get(pick.name, 0)
         reason = "load" if best == 0 else "prefix" if got == best else "replicate"
         return Decision(replica=pick.name, reason=reason, matched_blocks=got, scores=costs)
+
+    def _admission_room(self, replicas: Sequence[ReplicaView], features: RequestFeatures) -> Callable[[str], float | None]:
+        """Per replica, the estimated tokens it can allocate before admitting this request without evicting
+        its announced match: free blocks (fresh report) minus the uncached prompts queued ahead; None
+        (no bound) without a queue or a fresh report (`router.policies.kv_match`, "Admission")."""
+        views: dict[str, ReplicaView] | None = None
+        ids = features.kv_match.token_ids if features.kv_match is not None else None
+        ratio = features.token_estimate / len(ids) if ids else 1.0  # estimated tokens per engine token
+
+        def room(name: str) -> float | None:
+            nonlocal views
+            if views is None:
+                views = {v.name: v for v in replicas}
+            view = views.get(name)
+            if view is None or not view.engine_fresh() or view.kv_blocks_total <= 0 or view.block_size <= 0:
+                return None
+            ahead_tokens, ahead_requests = self._pending(view, True, float(features.token_estimate))
+            if ahead_requests <= 0:
+                return None
+            return (view.kv_blocks_total - view.kv_blocks_used) * view.block_size * ratio - ahead_tokens
+
+        return room
 
     def _depths(self, views: Sequence[ReplicaView], groups: Sequence[tuple[int, int]]) -> dict[str, int]:
         """``{name: matched blocks}`` of the holders among ``views`` (`PrefixIndex.match_masks` groups)."""
