@@ -24,16 +24,16 @@ With no ``kv_match`` (events off, or a body the router cannot tokenize exactly) 
 approximate index, decision for decision.
 
 Admission (issue 14): an announced match is what the engine holds *now*; the request is served from what
-it holds when the request is admitted. The blocks no running request references sit in the engine's free
-queue, and every block allocated before the request's admission (the prompts queued ahead of it) evicts
-one of them. With ``room`` (the cost policy passes one: the free blocks, from the engine's fresh load
-report, minus the uncached tokens queued ahead, in the policy's estimated tokens) an announced match
-counts only what can survive: the part its in-flight requests pin, plus at most ``room`` more, the best
-case (its blocks the last to be evicted). Without a queue ahead the room is unbounded and nothing
-changes. Why: with the cache at 0.3x the footprint, multiturn turns were sent to the replica that had
-announced their whole history, waited behind two prompts that evicted it, and recomputed it (38 of 768
-requests hit 13 of ~110 blocks), where the guess's LRU had already aged it (docs/kv_events.md,
-"Admission").
+it holds when it is admitted. Blocks no running request references sit in the engine's LRU free queue,
+and every block allocated before the request's admission (the prompts the engine reports waiting) evicts
+the oldest of them. So behind a queue (``room(name)`` not None: the cost policy passes the free blocks of
+a fresh report minus the waiting prompts' uncached tokens, in the policy's estimated tokens) an announced
+match counts the part its in-flight requests pin, plus at most ``room`` more, and no more than the guess
+holds: the guess is an LRU of the engine's size over what was sent, so an announced block it has aged out
+is among the oldest in the engine's queue and goes first. Nothing waiting, or no fresh report: no bound.
+Why: at 0.3x the footprint, multiturn turns went to the replica that had announced their whole history,
+waited behind prompts that evicted it, and recomputed it (46 of 768 requests found ~13 of ~110 blocks),
+where the guess had aged it (docs/kv_events.md, "Admission").
 
 Units: the policy counts blocks of its own chain (``features.block_hashes``, ``block_tokens`` estimated
 tokens each); an exact match is the engine's cached tokens, converted by this request's tokens-per-
@@ -140,8 +140,9 @@ def blend(mode: str, approx: Mapping[str, int], features: RequestFeatures, in_fl
           room: Callable[[str], float | None] | None = None) -> dict[str, int]:
     """Matched blocks per replica (replicas matching nothing left out), per the module's table.
 
-    ``room(name)``: estimated tokens the engine can allocate before this request's admission without
-    evicting its announced match (None: no bound); see the module docstring, "Admission"."""
+    ``room(name)``: estimated tokens the engine allocates from its free blocks before this request's
+    admission without evicting its announced match (None: nothing waits there, no bound); see the module
+    docstring, "Admission"."""
     kv = features.kv_match
     if mode == "approximate" or kv is None:
         return dict(approx)
@@ -161,7 +162,8 @@ def blend(mode: str, approx: Mapping[str, int], features: RequestFeatures, in_fl
             if blocks > pinned and room is not None:
                 free = room(name)
                 if free is not None:
-                    blocks = min(blocks, pinned + math.floor(max(0.0, free) / features.block_tokens + 1e-9))
+                    blocks = min(blocks, pinned + math.floor(max(0.0, free) / features.block_tokens + 1e-9),
+                                 max(guess, pinned))
             blocks = max(blocks, pinned)
             if status == "partial" and mode == "auto":
                 blocks = max(blocks, guess)
