@@ -297,8 +297,10 @@ class Cost(PolicyBase):
 
     def _admission_room(self, replicas: Sequence[ReplicaView], features: RequestFeatures) -> Callable[[str], float | None]:
         """Per replica, the estimated tokens it can allocate before admitting this request without evicting
-        its announced match: free blocks (fresh report) minus the uncached prompts queued ahead; None
-        (no bound) without a queue or a fresh report (`router.policies.kv_match`, "Admission")."""
+        its announced match: free blocks minus the uncached prompts the engine reports waiting (the
+        requests it admitted already hold their blocks: the router's own not-yet-prefilled count would
+        count them twice); None (no bound) when none wait or the report is not fresh
+        (`router.policies.kv_match`, "Admission")."""
         views: dict[str, ReplicaView] | None = None
         ids = features.kv_match.token_ids if features.kv_match is not None else None
         ratio = features.token_estimate / len(ids) if ids else 1.0  # estimated tokens per engine token
@@ -310,10 +312,16 @@ class Cost(PolicyBase):
             view = views.get(name)
             if view is None or not view.engine_fresh() or view.kv_blocks_total <= 0 or view.block_size <= 0:
                 return None
-            ahead_tokens, ahead_requests = self._pending(view, True, float(features.token_estimate))
-            if ahead_requests <= 0:
+            if view.waiting <= 0:  # admitted at the engine's next step: nothing allocates before it
                 return None
-            return (view.kv_blocks_total - view.kv_blocks_used) * view.block_size * ratio - ahead_tokens
+            own = self._inflight.get(name)
+            if own is not None and own.count > 0:
+                per_request = own.uncached_tokens / own.count
+            elif self._avg_uncached is not None:
+                per_request = self._avg_uncached
+            else:
+                per_request = float(features.token_estimate)
+            return (view.kv_blocks_total - view.kv_blocks_used) * view.block_size * ratio - view.waiting * per_request
 
         return room
 
