@@ -148,28 +148,36 @@ def test_by_default_a_completed_requests_blocks_are_whatever_the_events_say():
     assert policy.choose(with_events(features_with(41, "x"), a=(0, "synced")), views("a")).matched_blocks == 0
 
 
-def queued(name: str, *, kv_used: int, waiting: int = 1, **kw) -> ReplicaView:
-    """A replica with a fresh report: 100 KV blocks of 16 tokens, ``kv_used`` referenced by running requests,
-    ``waiting`` prompts queued (one of 480 tokens the router sent)."""
-    kw = {"in_flight_requests": 1, "in_flight_tokens": 480, **kw}
-    return view(name, load_age_s=0.1, kv_blocks_total=100, kv_blocks_used=kv_used, block_size=16, waiting=waiting,
-                **kw)
+def queued(name: str, *, kv_used: int, waiting: int = 1) -> ReplicaView:
+    """A replica whose fresh report says: 100 KV blocks of 16 tokens, ``kv_used`` referenced by the requests
+    it admitted, ``waiting`` prompts queued for admission."""
+    return view(name, load_age_s=0.1, kv_blocks_total=100, kv_blocks_used=kv_used, block_size=16, waiting=waiting)
 
 
 def test_an_announced_match_counts_only_the_blocks_the_prompts_queued_ahead_leave_unevicted():
-    # 60 free blocks (960 tokens); the queue ahead allocates a 640-token prompt (the engine's waiting one,
-    # priced at this request's size) first, evicting unreferenced blocks: at most 20 of the 40 survive.
+    # 60 free blocks (960 tokens); the waiting prompt (priced at the average uncached request, 640 tokens)
+    # is admitted first and evicts unreferenced blocks: at most 20 of the 40 survive.
     policy = Cost(seed=0, index="precise")
+    sent(policy, features_with(40, "x"), "a")
     request = with_events(features_with(40, "x"), a=(40, "synced"))
     assert policy.choose(request, [queued("a", kv_used=40)]).matched_blocks == 20
     assert policy.choose(request, [queued("a", kv_used=90)]).matched_blocks == 0  # a full cache keeps none
 
 
-def test_an_announced_match_counts_in_full_when_nothing_is_queued_ahead_or_the_report_is_stale():
+def test_announced_blocks_the_guess_has_aged_out_are_the_first_evicted_behind_a_queue():
+    # The engine frees blocks into an LRU queue; the guess (an LRU of the engine's size over what was sent)
+    # no longer holding them says they are the oldest there, so the waiting prompt evicts them first.
+    policy = Cost(seed=0, index="precise")
+    sent(policy, features_with(10, "x"), "a")
+    request = with_events(features_with(40, "x"), a=(40, "synced"))
+    assert policy.choose(request, [queued("a", kv_used=0)]).matched_blocks == 10
+    assert policy.choose(request, [queued("a", kv_used=0, waiting=0)]).matched_blocks == 40
+
+
+def test_an_announced_match_counts_in_full_when_nothing_waits_or_the_report_is_stale():
     policy = Cost(seed=0, index="precise")
     request = with_events(features_with(40, "x"), a=(40, "synced"))
-    idle = queued("a", kv_used=90, waiting=0, in_flight_requests=0, in_flight_tokens=0)
-    assert policy.choose(request, [idle]).matched_blocks == 40  # admitted at the next step: nothing evicts first
+    assert policy.choose(request, [queued("a", kv_used=90, waiting=0)]).matched_blocks == 40  # admitted next step
     stale = dataclasses.replace(queued("a", kv_used=90), load_age_s=None)
     assert policy.choose(request, [stale]).matched_blocks == 40  # free blocks unknown: no bound
 
