@@ -257,7 +257,7 @@ class Cost(PolicyBase):
             matched = self.index.match(features.block_hashes)
             if blended:
                 matched = blend(self.index_mode, matched, features, self._in_flight_blocks,
-                                self._admission_room(replicas, features))
+                                self._admission_room(replicas, features), self.router_processes == 1)
             best = max(matched.values(), default=0)
             if large and blended:
                 selected = filt.select_matched(replicas, matched, last)
