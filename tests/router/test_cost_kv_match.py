@@ -195,3 +195,11 @@ def test_the_admission_bound_leaves_the_approximate_index_alone():
     sent(policy, features_with(40, "x"), "a")
     request = with_events(features_with(41, "x"), a=(0, "synced"))
     assert policy.choose(request, [queued("a", kv_used=90)]).matched_blocks == 40
+
+
+def test_with_several_router_processes_the_guess_does_not_bound_an_announced_match():
+    # Each process's guess saw only its own requests: a block another process sent is no older for it.
+    policy = Cost(seed=0, index="precise", router_processes=2)
+    sent(policy, features_with(10, "x"), "a")
+    request = with_events(features_with(40, "x"), a=(40, "synced"))
+    assert policy.choose(request, [queued("a", kv_used=0)]).matched_blocks == 40
