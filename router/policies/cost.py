@@ -123,7 +123,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from router.calibration import CalibrationSettings, Calibrator, CostConstants, DecodeSample, TtftSample
@@ -256,7 +256,8 @@ class Cost(PolicyBase):
         if selected is None:
             matched = self.index.match(features.block_hashes)
             if blended:
-                matched = blend(self.index_mode, matched, features, self._in_flight_blocks)
+                matched = blend(self.index_mode, matched, features, self._in_flight_blocks,
+                                self._admission_room(replicas, features), self.router_processes == 1)
             best = max(matched.values(), default=0)
             if large and blended:
                 selected = filt.select_matched(replicas, matched, last)
@@ -293,6 +294,36 @@ class Cost(PolicyBase):
         got = matched.get(pick.name, 0)
         reason = "load" if best == 0 else "prefix" if got == best else "replicate"
         return Decision(replica=pick.name, reason=reason, matched_blocks=got, scores=costs)
+
+    def _admission_room(self, replicas: Sequence[ReplicaView], features: RequestFeatures) -> Callable[[str], float | None]:
+        """Per replica, the estimated tokens it can allocate before admitting this request without evicting
+        its announced match: free blocks minus the uncached prompts the engine reports waiting (the
+        requests it admitted already hold their blocks: the router's own not-yet-prefilled count would
+        count them twice); None (no bound) when none wait or the report is not fresh
+        (`router.policies.kv_match`, "Admission")."""
+        views: dict[str, ReplicaView] | None = None
+        ids = features.kv_match.token_ids if features.kv_match is not None else None
+        ratio = features.token_estimate / len(ids) if ids else 1.0  # estimated tokens per engine token
+
+        def room(name: str) -> float | None:
+            nonlocal views
+            if views is None:
+                views = {v.name: v for v in replicas}
+            view = views.get(name)
+            if view is None or not view.engine_fresh() or view.kv_blocks_total <= 0 or view.block_size <= 0:
+                return None
+            if view.waiting <= 0:  # admitted at the engine's next step: nothing allocates before it
+                return None
+            own = self._inflight.get(name)
+            if own is not None and own.count > 0:
+                per_request = own.uncached_tokens / own.count
+            elif self._avg_uncached is not None:
+                per_request = self._avg_uncached
+            else:
+                per_request = float(features.token_estimate)
+            return (view.kv_blocks_total - view.kv_blocks_used) * view.block_size * ratio - view.waiting * per_request
+
+        return room
 
     def _depths(self, views: Sequence[ReplicaView], groups: Sequence[tuple[int, int]]) -> dict[str, int]:
         """``{name: matched blocks}`` of the holders among ``views`` (`PrefixIndex.match_masks` groups)."""

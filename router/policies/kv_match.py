@@ -23,6 +23,20 @@ three runs), so it is off until that is understood. The approximate index keeps 
 With no ``kv_match`` (events off, or a body the router cannot tokenize exactly) every mode is today's
 approximate index, decision for decision.
 
+Admission (issue 14): an announced match is what the engine holds *now*; the request is served from what
+it holds when it is admitted. Blocks no running request references sit in the engine's LRU free queue,
+and every block allocated before the request's admission (the prompts the engine reports waiting) evicts
+the oldest of them. So behind a queue (``room(name)`` not None: the cost policy passes the free blocks of
+a fresh report minus the waiting prompts' uncached tokens, in the policy's estimated tokens) an announced
+match counts the part its in-flight requests pin, plus at most ``room`` more, and no more than the guess
+holds: the guess is an LRU of the engine's size over what was sent, so an announced block it has aged out
+is among the oldest in the engine's queue and goes first (with one router process only: with K each
+guess sees 1/K of the traffic and misses the blocks the others sent, which cost multiturn at K=4 up to
+0.05 of hit rate). Nothing waiting, or no fresh report: no bound.
+Why: at 0.3x the footprint, multiturn turns went to the replica that had announced their whole history,
+waited behind prompts that evicted it, and recomputed it (46 of 768 requests found ~13 of ~110 blocks),
+where the guess had aged it (docs/kv_events.md, "Admission").
+
 Units: the policy counts blocks of its own chain (``features.block_hashes``, ``block_tokens`` estimated
 tokens each); an exact match is the engine's cached tokens, converted by this request's tokens-per-
 estimated-token, as the cost policy's cached_tokens correction does.
@@ -124,9 +138,14 @@ class InFlightBlocks:
                 del self._held[replica]
 
 
-def blend(mode: str, approx: Mapping[str, int], features: RequestFeatures,
-          in_flight: InFlightBlocks) -> dict[str, int]:
-    """Matched blocks per replica (replicas matching nothing left out), per the module's table."""
+def blend(mode: str, approx: Mapping[str, int], features: RequestFeatures, in_flight: InFlightBlocks,
+          room: Callable[[str], float | None] | None = None, guess_is_lru: bool = True) -> dict[str, int]:
+    """Matched blocks per replica (replicas matching nothing left out), per the module's table.
+
+    ``room(name)``: estimated tokens the engine allocates from its free blocks before this request's
+    admission without evicting its announced match (None: nothing waits there, no bound); see the module
+    docstring, "Admission"). ``guess_is_lru``: the guess saw every request sent to the engines (one router
+    process), so it orders their blocks by age; with several it misses the others' and bounds nothing."""
     kv = features.kv_match
     if mode == "approximate" or kv is None:
         return dict(approx)
@@ -142,7 +161,14 @@ def blend(mode: str, approx: Mapping[str, int], features: RequestFeatures,
             blocks = guess
         else:
             blocks = _in_our_blocks(kv.cached_tokens(name), ids, features)
-            blocks = max(blocks, in_flight.match(name, hashes))
+            pinned = in_flight.match(name, hashes)
+            if blocks > pinned and room is not None:
+                free = room(name)
+                if free is not None:
+                    blocks = min(blocks, pinned + math.floor(max(0.0, free) / features.block_tokens + 1e-9))
+                    if guess_is_lru:
+                        blocks = min(blocks, max(guess, pinned))
+            blocks = max(blocks, pinned)
             if status == "partial" and mode == "auto":
                 blocks = max(blocks, guess)
         if blocks > 0:

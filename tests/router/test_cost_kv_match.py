@@ -13,6 +13,7 @@ from router.features import RequestFeatures
 from router.policies.base import Outcome
 from router.policies.cost import Cost
 from router.policies.registry import create_policy
+from router.replica_view import ReplicaView
 
 
 class FakeMatch:
@@ -145,3 +146,60 @@ def test_by_default_a_completed_requests_blocks_are_whatever_the_events_say():
     policy.on_dispatch(first, decision)
     policy.on_complete(first, decision, Outcome(ok=True, status=200, ttft_s=0.1))
     assert policy.choose(with_events(features_with(41, "x"), a=(0, "synced")), views("a")).matched_blocks == 0
+
+
+def queued(name: str, *, kv_used: int, waiting: int = 1) -> ReplicaView:
+    """A replica whose fresh report says: 100 KV blocks of 16 tokens, ``kv_used`` referenced by the requests
+    it admitted, ``waiting`` prompts queued for admission."""
+    return view(name, load_age_s=0.1, kv_blocks_total=100, kv_blocks_used=kv_used, block_size=16, waiting=waiting)
+
+
+def test_an_announced_match_counts_only_the_blocks_the_prompts_queued_ahead_leave_unevicted():
+    # 60 free blocks (960 tokens); the waiting prompt (priced at the average uncached request, 640 tokens)
+    # is admitted first and evicts unreferenced blocks: at most 20 of the 40 survive.
+    policy = Cost(seed=0, index="precise")
+    sent(policy, features_with(40, "x"), "a")
+    request = with_events(features_with(40, "x"), a=(40, "synced"))
+    assert policy.choose(request, [queued("a", kv_used=40)]).matched_blocks == 20
+    assert policy.choose(request, [queued("a", kv_used=90)]).matched_blocks == 0  # a full cache keeps none
+
+
+def test_announced_blocks_the_guess_has_aged_out_are_the_first_evicted_behind_a_queue():
+    # The engine frees blocks into an LRU queue; the guess (an LRU of the engine's size over what was sent)
+    # no longer holding them says they are the oldest there, so the waiting prompt evicts them first.
+    policy = Cost(seed=0, index="precise")
+    sent(policy, features_with(10, "x"), "a")
+    request = with_events(features_with(40, "x"), a=(40, "synced"))
+    assert policy.choose(request, [queued("a", kv_used=0)]).matched_blocks == 10
+    assert policy.choose(request, [queued("a", kv_used=0, waiting=0)]).matched_blocks == 40
+
+
+def test_an_announced_match_counts_in_full_when_nothing_waits_or_the_report_is_stale():
+    policy = Cost(seed=0, index="precise")
+    request = with_events(features_with(40, "x"), a=(40, "synced"))
+    assert policy.choose(request, [queued("a", kv_used=90, waiting=0)]).matched_blocks == 40  # admitted next step
+    stale = dataclasses.replace(queued("a", kv_used=90), load_age_s=None)
+    assert policy.choose(request, [stale]).matched_blocks == 40  # free blocks unknown: no bound
+
+
+def test_the_blocks_its_own_requests_in_flight_pin_survive_a_full_queue():
+    policy = Cost(seed=0, index="precise")
+    first = with_events(features_with(25, "x"), a=(0, "synced"))
+    policy.on_dispatch(first, policy.choose(first, views("a")))  # in flight on a: its 25 blocks are referenced
+    request = with_events(features_with(40, "x"), a=(40, "synced"))
+    assert policy.choose(request, [queued("a", kv_used=90)]).matched_blocks == 25
+
+
+def test_the_admission_bound_leaves_the_approximate_index_alone():
+    policy = Cost(seed=0, index="approximate")
+    sent(policy, features_with(40, "x"), "a")
+    request = with_events(features_with(41, "x"), a=(0, "synced"))
+    assert policy.choose(request, [queued("a", kv_used=90)]).matched_blocks == 40
+
+
+def test_with_several_router_processes_the_guess_does_not_bound_an_announced_match():
+    # Each process's guess saw only its own requests: a block another process sent is no older for it.
+    policy = Cost(seed=0, index="precise", router_processes=2)
+    sent(policy, features_with(10, "x"), "a")
+    request = with_events(features_with(40, "x"), a=(40, "synced"))
+    assert policy.choose(request, [queued("a", kv_used=0)]).matched_blocks == 40
