@@ -254,10 +254,14 @@ class ReplicaCalibration:
         best: list[float] | None = None
         for mask in (self._mask, 15) if self._mask != 15 else (15,):
             phi = _subset_fit(A, b, mask, lo)
-            if phi is not None and all(0.0 + A[i][0] * phi[0] + A[i][1] * phi[1] + A[i][2] * phi[2]
-                                       + A[i][3] * phi[3] >= b[i] for i in _FIXED[mask]):
-                best = phi  # KKT: no parameter at the bound would lower the objective by leaving it
-                break
+            if phi is not None:
+                for i in _FIXED[mask]:  # KKT: no parameter at the bound would lower the objective by leaving it
+                    row = A[i]
+                    if not 0.0 + row[0] * phi[0] + row[1] * phi[1] + row[2] * phi[2] + row[3] * phi[3] >= b[i]:
+                        break
+                else:
+                    best = phi
+                    break
         else:
             best_obj = math.inf
             for candidate in range(15, -1, -1):
@@ -296,7 +300,8 @@ def _subset_fit(A: list[list[float]], b: list[float], mask: int, lo: float) -> l
             for j in fixed:
                 at_bound += row[j] * lo
             m.append([row[j] for j in free] + [b[i] - at_bound])
-        sol = _solve4(m) if len(free) == 4 else _eliminate(m)
+        n = len(free)
+        sol = _solve4(m) if n == 4 else _solve3(m) if n == 3 else _eliminate(m)
         if sol is None:
             return None
         for v in sol:
@@ -359,6 +364,51 @@ def _solve4(m: list[list[float]]) -> list[float] | None:
     x1 = (m1[4] - (0.0 + m1[2] * x2 + m1[3] * x3)) / m1[1]
     x0 = (m0[4] - (0.0 + m0[1] * x1 + m0[2] * x2 + m0[3] * x3)) / m0[0]
     return [x0, x1, x2, x3]
+
+
+def _solve3(m: list[list[float]]) -> list[float] | None:
+    """`_eliminate` of a 3x3 system (augmented rows, changed in place), written out like `_solve4`: the
+    same pivots and float operations in the same order (the relative fleet fit usually has one parameter
+    at its bound, so this runs once per observation). Entries below the diagonal are not updated."""
+    m0, m1, m2 = m
+    # column 0: the first row with the largest magnitude (strictly greater replaces), as `_pivot`
+    p, top = 0, abs(m0[0])
+    v = abs(m1[0])
+    if v > top:
+        p, top = 1, v
+    v = abs(m2[0])
+    if v > top:
+        p, top = 2, v
+    if top < 1e-12:
+        return None
+    if p == 1:
+        m0, m1 = m1, m0
+    elif p == 2:
+        m0, m2 = m2, m0
+    d, q1, q2, q3 = m0
+    f = m1[0] / d
+    m1[1] -= f * q1
+    m1[2] -= f * q2
+    m1[3] -= f * q3
+    f = m2[0] / d
+    m2[1] -= f * q1
+    m2[2] -= f * q2
+    m2[3] -= f * q3
+    a, c = abs(m1[1]), abs(m2[1])
+    if c > a:
+        m1, m2, a = m2, m1, c
+    if a < 1e-12:
+        return None
+    f = m2[1] / m1[1]
+    m2[2] -= f * m1[2]
+    m2[3] -= f * m1[3]
+    if abs(m2[2]) < 1e-12:
+        return None
+    m[0], m[1], m[2] = m0, m1, m2
+    x2 = (m2[3] - 0) / m2[2]
+    x1 = (m1[3] - (0 + m1[2] * x2)) / m1[1]
+    x0 = (m0[3] - (0 + m0[1] * x1 + m0[2] * x2)) / m0[0]
+    return [x0, x1, x2]
 
 
 def _solve_linear(a: list[list[float]], b: list[float]) -> list[float] | None:

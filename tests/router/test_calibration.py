@@ -11,6 +11,8 @@ from router.calibration import (
     CostConstants,
     DecodeSample,
     TtftSample,
+    _eliminate,
+    _solve3,
     _solve4,
     _solve_linear,
 )
@@ -141,6 +143,18 @@ def test_the_written_out_4x4_solve_gives_the_general_eliminations_bits():
         a = [[rng.choice([0.0, rng.uniform(-1, 1) * 10 ** rng.randint(-8, 8)]) for _ in range(4)] for _ in range(4)]
         b = [rng.uniform(-1, 1) * 10 ** rng.randint(-4, 4) for _ in range(4)]
         assert _solve4([row + [b[i]] for i, row in enumerate(a)]) == _solve_linear(a, b)
+
+
+def test_the_written_out_3x3_solve_gives_the_general_eliminations_bits():
+    rng = random.Random(11)
+    for i in range(2000):
+        a = [[rng.choice([0.0, -0.0, rng.uniform(-1, 1) * 10 ** rng.randint(-14, 8)]) for _ in range(3)]
+             for _ in range(3)]
+        if i % 7 == 0:
+            a[1] = list(a[0])  # singular
+        b = [rng.choice([0.0, -0.0, rng.uniform(-1, 1) * 10 ** rng.randint(-4, 4)]) for _ in range(3)]
+        assert repr(_solve3([row + [b[k]] for k, row in enumerate(a)])) == repr(
+            _eliminate([row + [b[k]] for k, row in enumerate(a)]))
 
 
 def test_pinned_constants_never_move():
