@@ -137,6 +137,16 @@ def test_relative_mode_prices_the_shared_decode_step_at_the_fleets_timing_in_pre
     assert pinned.shared_step("a") == (H100_PRIOR.decode_step_s, H100_PRIOR.decode_s_per_seq)
 
 
+def test_a_replicas_own_fit_folded_in_late_in_relative_mode_is_the_online_fit_to_the_bit():
+    relative = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative"))
+    online = Calibrator(H100_PRIOR, CalibrationSettings(mode="online"))
+    for i, sample in enumerate(observations(ENGINES["unbatched"], 300, seed=3)):
+        assert relative.observe("r0", sample) == online.observe("r0", sample)
+        if i in (5, 25, 26, 150, 299):  # read before, at and past MIN_FOR_ROBUST and PENDING_MAX
+            assert relative.snapshot("r0")["fitted"] == online.constants("r0").as_dict()
+            assert relative.observations("r0") == online.observations("r0")
+
+
 def test_the_written_out_4x4_solve_gives_the_general_eliminations_bits():
     rng = random.Random(7)
     for _ in range(500):
