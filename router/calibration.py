@@ -64,6 +64,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 MIN_FOR_ROBUST = 20  # observations before outliers are down-weighted
+# relative mode: a replica's own fit decides nothing (only `snapshot` shows it), so its observations are
+# folded in when it is read or, warm in one go, when this many wait (bounded memory, same numbers)
+PENDING_MAX = 64
 # the parameters free (FREE) and at the lower bound (FIXED) in each of the 16 subsets `_solve` may try
 _FREE = tuple(tuple(i for i in range(4) if mask >> i & 1) for mask in range(16))
 _FIXED = tuple(tuple(i for i in range(4) if not mask >> i & 1) for mask in range(16))
@@ -170,14 +173,16 @@ class ReplicaCalibration:
     read; that is a 4x4 problem, so the exact constrained optimum costs microseconds.
     """
 
-    __slots__ = ("prior", "settings", "A", "b", "observations", "_phi", "_ridge", "_mask")
+    __slots__ = ("prior", "settings", "A", "b", "observations", "_phi", "_ridge", "_mask", "_pending", "_folded")
 
     def __init__(self, prior: CostConstants, settings: CalibrationSettings) -> None:
         self.prior = prior.as_tuple()
         self.settings = settings
         self.A = [[0.0] * 4 for _ in range(4)]
         self.b = [0.0] * 4
-        self.observations = 0
+        self.observations = 0  # accepted, folded in or pending
+        self._folded = 0  # folded into A and b
+        self._pending: list[tuple[float, float, float, float]] = []  # scaled rows not folded in yet (`defer`)
         self._phi: list[float] | None = [1.0, 1.0, 1.0, 1.0]
         self._ridge = 1.0 / settings.prior_spread ** 2
         self._mask = 15  # free parameters of the last fit (warm start of the next)
@@ -189,23 +194,57 @@ class ReplicaCalibration:
         return self._observe(sample.row(), sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s)
 
     def _observe(self, raw: tuple[float, float, float, float], y: float) -> bool:
-        """`observe` of a regressor row and its measured time. Runs once or twice per finished request, so
-        it is written out element by element; every float operation is the one the loops it replaced did,
-        in the same order, so the fit is bit-for-bit what it was."""
-        if not (y > 0 and math.isfinite(y)):
+        """`observe` of a regressor row and its measured time, folded in now."""
+        x = self._scaled(raw, y)
+        if x is None:
             return False
+        self.observations += 1
+        self._fold(x)
+        return True
+
+    def defer(self, raw: tuple[float, float, float, float], y: float) -> bool:
+        """`_observe`, folded in later: when the fit is next read (`_solve`), or when PENDING_MAX rows
+        wait. The fit is the same bits, since the rows are folded in the same order; only when differs."""
+        x = self._scaled(raw, y)
+        if x is None:
+            return False
+        self.observations += 1
+        pending = self._pending
+        pending.append(x)
+        self._phi = None
+        if len(pending) >= PENDING_MAX:
+            self._catch_up()
+        return True
+
+    def _catch_up(self) -> None:
+        rows, self._pending = self._pending, []
+        for x in rows:
+            self._fold(x)
+
+    def _scaled(self, raw: tuple[float, float, float, float], y: float
+                ) -> tuple[float, float, float, float] | None:
+        """The row divided by its target in units of the prior, or None if it carries no information."""
+        if not (y > 0 and math.isfinite(y)):
+            return None
         r0, r1, r2, r3 = raw
         isfinite = math.isfinite
         if not (isfinite(r0) and r0 >= 0 and isfinite(r1) and r1 >= 0 and isfinite(r2) and r2 >= 0
                 and isfinite(r3) and r3 >= 0):
-            return False
+            return None
         # Relative errors: divide the row by its target; fit phi where theta = prior * phi.
         p0, p1, p2, p3 = self.prior
         x0, x1, x2, x3 = r0 * p0 / y, r1 * p1 / y, r2 * p2 / y, r3 * p3 / y
         if not (x0 or x1 or x2 or x3):
-            return False
+            return None
+        return x0, x1, x2, x3
+
+    def _fold(self, x: tuple[float, float, float, float]) -> None:
+        """Fold one scaled row into the normal equations. Runs once or twice per finished request, so it
+        is written out element by element; every float operation is the one the loops it replaced did, in
+        the same order, so the fit is bit-for-bit what it was."""
+        x0, x1, x2, x3 = x
         weight = 1.0
-        if self.observations >= MIN_FOR_ROBUST:  # down-weight outliers once the estimate means something
+        if self._folded >= MIN_FOR_ROBUST:  # down-weight outliers once the estimate means something
             f0, f1, f2, f3 = self._solve()
             resid = abs(1.0 - (0.0 + x0 * f0 + x1 * f1 + x2 * f2 + x3 * f3))
             if resid > self.settings.clip:
@@ -219,9 +258,8 @@ class ReplicaCalibration:
             row[1] = lam * row[1] + wx * x1
             row[2] = lam * row[2] + wx * x2
             row[3] = lam * row[3] + wx * x3
-        self.observations += 1
+        self._folded += 1
         self._phi = None
-        return True
 
     def _solve(self) -> list[float]:
         """argmin sum w (1 - x.phi)^2 + ridge |phi - 1|^2 with lo <= phi, then clamped to hi.
@@ -231,6 +269,8 @@ class ReplicaCalibration:
         the lower bound) is tried first, then all free: either is the answer when it passes the check,
         which it almost always does (this runs once or twice per observation, on the request path).
         Otherwise every subset is tried and the best feasible one kept."""
+        if self._pending:
+            self._catch_up()
         if self._phi is not None:
             return self._phi
         lo, hi = 1.0 / self.settings.bound_factor, self.settings.bound_factor
@@ -254,10 +294,14 @@ class ReplicaCalibration:
         best: list[float] | None = None
         for mask in (self._mask, 15) if self._mask != 15 else (15,):
             phi = _subset_fit(A, b, mask, lo)
-            if phi is not None and all(0.0 + A[i][0] * phi[0] + A[i][1] * phi[1] + A[i][2] * phi[2]
-                                       + A[i][3] * phi[3] >= b[i] for i in _FIXED[mask]):
-                best = phi  # KKT: no parameter at the bound would lower the objective by leaving it
-                break
+            if phi is not None:
+                for i in _FIXED[mask]:  # KKT: no parameter at the bound would lower the objective by leaving it
+                    row = A[i]
+                    if not 0.0 + row[0] * phi[0] + row[1] * phi[1] + row[2] * phi[2] + row[3] * phi[3] >= b[i]:
+                        break
+                else:
+                    best = phi
+                    break
         else:
             best_obj = math.inf
             for candidate in range(15, -1, -1):
@@ -296,7 +340,8 @@ def _subset_fit(A: list[list[float]], b: list[float], mask: int, lo: float) -> l
             for j in fixed:
                 at_bound += row[j] * lo
             m.append([row[j] for j in free] + [b[i] - at_bound])
-        sol = _solve4(m) if len(free) == 4 else _eliminate(m)
+        n = len(free)
+        sol = _solve4(m) if n == 4 else _solve3(m) if n == 3 else _eliminate(m)
         if sol is None:
             return None
         for v in sol:
@@ -359,6 +404,51 @@ def _solve4(m: list[list[float]]) -> list[float] | None:
     x1 = (m1[4] - (0.0 + m1[2] * x2 + m1[3] * x3)) / m1[1]
     x0 = (m0[4] - (0.0 + m0[1] * x1 + m0[2] * x2 + m0[3] * x3)) / m0[0]
     return [x0, x1, x2, x3]
+
+
+def _solve3(m: list[list[float]]) -> list[float] | None:
+    """`_eliminate` of a 3x3 system (augmented rows, changed in place), written out like `_solve4`: the
+    same pivots and float operations in the same order (the relative fleet fit usually has one parameter
+    at its bound, so this runs once per observation). Entries below the diagonal are not updated."""
+    m0, m1, m2 = m
+    # column 0: the first row with the largest magnitude (strictly greater replaces), as `_pivot`
+    p, top = 0, abs(m0[0])
+    v = abs(m1[0])
+    if v > top:
+        p, top = 1, v
+    v = abs(m2[0])
+    if v > top:
+        p, top = 2, v
+    if top < 1e-12:
+        return None
+    if p == 1:
+        m0, m1 = m1, m0
+    elif p == 2:
+        m0, m2 = m2, m0
+    d, q1, q2, q3 = m0
+    f = m1[0] / d
+    m1[1] -= f * q1
+    m1[2] -= f * q2
+    m1[3] -= f * q3
+    f = m2[0] / d
+    m2[1] -= f * q1
+    m2[2] -= f * q2
+    m2[3] -= f * q3
+    a, c = abs(m1[1]), abs(m2[1])
+    if c > a:
+        m1, m2, a = m2, m1, c
+    if a < 1e-12:
+        return None
+    f = m2[1] / m1[1]
+    m2[2] -= f * m1[2]
+    m2[3] -= f * m1[3]
+    if abs(m2[2]) < 1e-12:
+        return None
+    m[0], m[1], m[2] = m0, m1, m2
+    x2 = (m2[3] - 0) / m2[2]
+    x1 = (m1[3] - (0 + m1[2] * x2)) / m1[1]
+    x0 = (m0[3] - (0 + m0[1] * x1 + m0[2] * x2)) / m0[0]
+    return [x0, x1, x2]
 
 
 def _solve_linear(a: list[list[float]], b: list[float]) -> list[float] | None:
@@ -429,9 +519,10 @@ class Calibrator:
         cal = self.replica(name)
         raw = sample.row()
         y = sample.ttft_s if isinstance(sample, TtftSample) else sample.decode_s
-        if not cal._observe(raw, y):
+        relative = self.settings.mode == "relative"
+        if not (cal.defer(raw, y) if relative else cal._observe(raw, y)):
             return False
-        if self.settings.mode == "relative":
+        if relative:
             if cal.observations == self.settings.min_observations:
                 # reaching min_observations, the replica counts in the reference it is judged by (any
                 # other time its slowness is unchanged since its last `_count`, which would be a no-op)

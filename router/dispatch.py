@@ -249,9 +249,10 @@ class Dispatcher:
             raise broken from exc
         usage = usage_from_json(data) if upstream.status == 200 else None
         elapsed = time.monotonic() - started
+        model = self.model_label(features.model)
         self._finish(features, decision, lease, _outcome(upstream.status, elapsed, usage, elapsed),
-                     health_failure=False)
-        self.metrics.e2e.labels(self.model_label(features.model)).observe(elapsed)
+                     health_failure=False, model=model)
+        self.metrics.e2e.labels(model).observe(elapsed)
         return web.Response(status=upstream.status, body=data,
                             headers=self._response_headers(upstream, replica, features))
 
@@ -279,25 +280,29 @@ class Dispatcher:
             span = traced[0]
             ago_ns = int((time.monotonic() - result.first_byte_at) * 1e9)
             span.add_event("first_token", {"router.ttft_s": ttft or 0.0}, timestamp=time.time_ns() - ago_ns)
+        model = self.model_label(features.model)  # once: three series below carry it
         if ttft is not None:
-            self.metrics.ttft.labels(self.model_label(features.model)).observe(ttft)
-        self.metrics.e2e.labels(self.model_label(features.model)).observe(elapsed)
+            self.metrics.ttft.labels(model).observe(ttft)
+        self.metrics.e2e.labels(model).observe(elapsed)
         if result.error is not None:
-            self._finish(features, decision, lease, failure(502, "mid_stream", ttft), health_failure=True)
+            self._finish(features, decision, lease, failure(502, "mid_stream", ttft), health_failure=True,
+                         model=model)
         else:
             outcome = _outcome(200, ttft, result.usage, elapsed)
-            self._finish(features, decision, lease, outcome, health_failure=False)
+            self._finish(features, decision, lease, outcome, health_failure=False, model=model)
         return resp
 
     def _finish(self, features: RequestFeatures, decision: Decision, lease: Lease, outcome: Outcome,
-                *, health_failure: bool) -> None:
+                *, health_failure: bool, model: str | None = None) -> None:
+        """Report the attempt's one outcome (``model``: its metric label, if the caller has it)."""
         self._unreported.discard(lease)
         if self._spans and (traced := self._spans.get(lease)) is not None:
             self._trace_outcome(*traced, outcome)
         replica = lease.replica
         self.core.complete(Route(decision, replica), lease, features, outcome, health_failure=health_failure)
-        status = str(outcome.status)
-        self.metrics.requests.labels(self.model_label(features.model), replica.name, status).inc()
+        if model is None:
+            model = self.model_label(features.model)
+        self.metrics.requests.labels(model, replica.name, str(outcome.status)).inc()
         if outcome.prompt_tokens:
             self.metrics.prompt_tokens.labels(replica.name).inc(outcome.prompt_tokens)
         if outcome.cached_tokens:

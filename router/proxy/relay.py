@@ -107,21 +107,33 @@ async def relay_sse(upstream: Response, client: web.StreamResponse, idle_s: floa
 
 def _take_usage(events: bytes, result: RelayResult, strip_usage_event: bool) -> bytes:
     """``events`` (complete ones, at least one with a usage object) with the usage read into ``result``
-    and, if asked, the usage-only event taken out."""
-    first = min(i for i in (events.find(b'"usage":{'), events.find(b'"usage": {')) if i >= 0)
-    cut = events.rfind(b"\n\n", 0, first)
-    start = cut + 2 if cut >= 0 else 0
-    out = bytearray(events[:start])  # the events before the first usage object pass whole
-    while (end := events.find(b"\n\n", start)) >= 0:
-        event = events[start: end + 2]
-        start = end + 2
-        usage, usage_only = _usage_of(event)
+    and, if asked, the usage-only event taken out. Only the events holding a usage object are looked
+    at (usually one, the last but [DONE]); the others pass as the slices around them."""
+    kept: list[bytes] = []
+    copied = 0  # events[:copied] is in `kept` already (or dropped)
+    at = _find_usage(events, 0)
+    while at >= 0:
+        cut = events.rfind(b"\n\n", 0, at)
+        start = cut + 2 if cut >= 0 else 0
+        end = events.find(b"\n\n", at)
+        end = end + 2 if end >= 0 else len(events)
+        usage, usage_only = _usage_of(events[start:end])
         if usage is not None:
             result.usage = usage
             if usage_only and strip_usage_event:
-                continue
-        out += event
-    return bytes(out)
+                kept.append(events[copied:start])
+                copied = end
+        at = _find_usage(events, end)
+    if not copied:
+        return events
+    kept.append(events[copied:])
+    return b"".join(kept)
+
+
+def _find_usage(events: bytes, start: int) -> int:
+    """Where the next usage object starts (either spelling), or -1."""
+    a, b = events.find(b'"usage":{', start), events.find(b'"usage": {', start)
+    return a if b < 0 or 0 <= a < b else b
 
 
 def usage_from_json(body: bytes) -> dict[str, Any] | None:

@@ -11,6 +11,8 @@ from router.calibration import (
     CostConstants,
     DecodeSample,
     TtftSample,
+    _eliminate,
+    _solve3,
     _solve4,
     _solve_linear,
 )
@@ -135,12 +137,34 @@ def test_relative_mode_prices_the_shared_decode_step_at_the_fleets_timing_in_pre
     assert pinned.shared_step("a") == (H100_PRIOR.decode_step_s, H100_PRIOR.decode_s_per_seq)
 
 
+def test_a_replicas_own_fit_folded_in_late_in_relative_mode_is_the_online_fit_to_the_bit():
+    relative = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative"))
+    online = Calibrator(H100_PRIOR, CalibrationSettings(mode="online"))
+    for i, sample in enumerate(observations(ENGINES["unbatched"], 300, seed=3)):
+        assert relative.observe("r0", sample) == online.observe("r0", sample)
+        if i in (5, 25, 26, 150, 299):  # read before, at and past MIN_FOR_ROBUST and PENDING_MAX
+            assert relative.snapshot("r0")["fitted"] == online.constants("r0").as_dict()
+            assert relative.observations("r0") == online.observations("r0")
+
+
 def test_the_written_out_4x4_solve_gives_the_general_eliminations_bits():
     rng = random.Random(7)
     for _ in range(500):
         a = [[rng.choice([0.0, rng.uniform(-1, 1) * 10 ** rng.randint(-8, 8)]) for _ in range(4)] for _ in range(4)]
         b = [rng.uniform(-1, 1) * 10 ** rng.randint(-4, 4) for _ in range(4)]
         assert _solve4([row + [b[i]] for i, row in enumerate(a)]) == _solve_linear(a, b)
+
+
+def test_the_written_out_3x3_solve_gives_the_general_eliminations_bits():
+    rng = random.Random(11)
+    for i in range(2000):
+        a = [[rng.choice([0.0, -0.0, rng.uniform(-1, 1) * 10 ** rng.randint(-14, 8)]) for _ in range(3)]
+             for _ in range(3)]
+        if i % 7 == 0:
+            a[1] = list(a[0])  # singular
+        b = [rng.choice([0.0, -0.0, rng.uniform(-1, 1) * 10 ** rng.randint(-4, 4)]) for _ in range(3)]
+        assert repr(_solve3([row + [b[k]] for k, row in enumerate(a)])) == repr(
+            _eliminate([row + [b[k]] for k, row in enumerate(a)]))
 
 
 def test_pinned_constants_never_move():

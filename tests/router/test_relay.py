@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from router.proxy.http1 import UpstreamPool
-from router.proxy.relay import RelayResult, relay_sse
+from router.proxy.relay import RelayResult, _take_usage, relay_sse
 from router.proxy.upstream import Timeouts, open_upstream
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}}
@@ -139,3 +139,17 @@ async def test_a_slow_client_gets_every_event_in_order_through_pauses_to_let_it_
             await asyncio.sleep(0.0005)
         writer.close()
     assert b"".join(body.parts) == b"".join(events)
+
+
+def test_every_usage_only_event_of_a_read_is_taken_out_and_the_last_usage_kept() -> None:
+    tokens = [event({"choices": [{"delta": {"content": c}}], "usage": None}) for c in ('"usage":{', "b")]
+    with_choice = event({"choices": [{"delta": {"content": "c"}}], "usage": {"prompt_tokens": 1}})
+    spaced = b'data: {"choices": [], "usage": {"prompt_tokens": 2}}\n\n'
+    usage_only = event({"choices": [], "usage": USAGE})
+    done = b"data: [DONE]\n\n"
+    events = tokens[0] + spaced + tokens[1] + with_choice + usage_only + done
+    result = RelayResult()
+    assert _take_usage(events, result, True) == tokens[0] + tokens[1] + with_choice + done
+    assert result.usage == USAGE
+    kept = RelayResult()
+    assert _take_usage(events, kept, False) == events and kept.usage == USAGE
