@@ -389,7 +389,7 @@ class Cost(PolicyBase):
         self._dispatches += 1
         self._last_sent[decision.replica] = self._dispatches
         self.candidates.dispatched(decision.replica, self._dispatches)
-        self.index.add(decision.replica, features.block_hashes)
+        self.index.add(decision.replica, features.block_hashes, decision.matched_blocks)
         if features.kv_match is not None and self.index_mode != "approximate":
             self._in_flight_blocks.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)
