@@ -299,45 +299,28 @@ class CandidateFilter:
     def _least(self, k: int, replicas: Sequence[ReplicaView], positions: dict[str, int],
                picked: dict[str, ReplicaView]) -> list[ReplicaView] | None:
         """The k least loaded eligible views not already picked; None if too many heap entries are of
-        replicas not among ``replicas`` (another model's, or ejected): then price the whole fleet.
-
-        The heap is read in place, best first (a small heap of the frontier of its tree, ~k log k
-        comparisons), instead of popped and pushed back (~2k log n): superseded entries on top are
-        dropped for good, those below wait for the next rebuild (`_push`)."""
+        replicas not among ``replicas`` (another model's, or ejected): then price the whole fleet."""
         heap, key_of = self._heap, self._key
-        pop = heapq.heappop
-        while heap:  # superseded tops go for good
-            load, last, name = heap[0]
-            key = key_of.get(name)
-            if key is not None and key[0] == load and key[1] == last:
-                break
-            pop(heap)
-        size = len(heap)
         out: list[ReplicaView] = []
+        kept: list[tuple[float, int, str]] = []
         names: set[str] = set()
         budget = 4 * k + 16
-        frontier = [(heap[0], 0)] if heap else []
-        push = heapq.heappush
-        while frontier and len(out) < k:
-            entry, i = pop(frontier)
-            child = 2 * i + 1
-            if child < size:
-                push(frontier, (heap[child], child))
-                if child + 1 < size:
-                    push(frontier, (heap[child + 1], child + 1))
+        while heap and len(out) < k:
+            entry = heapq.heappop(heap)
             name = entry[2]
             if name in names or key_of.get(name) != (entry[0], entry[1]):
-                continue  # superseded or duplicate
+                continue  # superseded or duplicate: dropped for good
+            kept.append(entry)
             names.add(name)
             if name not in picked:
                 view = self._lookup(replicas, positions, name)
-                if self._heap is not heap or len(heap) != size:  # the fleet moved: replicas joined the heap
-                    return self._least(k, replicas, positions, picked)
                 if view is not None:
                     out.append(view)
             budget -= 1
             if budget == 0:
                 break
+        for entry in kept:
+            heapq.heappush(heap, entry)
         if len(out) < k and len(out) + len(picked) < len(replicas):
             return None
         return out
