@@ -53,23 +53,29 @@ class PrefixIndex:
 
     # -- writes ------------------------------------------------------------------------------------
 
-    def add(self, replica: str, hashes: Sequence[int]) -> None:
-        """Record that ``replica`` now caches the chain ``hashes`` (refreshing what it already had)."""
+    def add(self, replica: str, hashes: Sequence[int], held: int = 0) -> None:
+        """Record that ``replica`` now caches the chain ``hashes`` (refreshing what it already had).
+
+        ``held``: how many leading blocks the caller believes ``replica`` holds (the match it decided
+        on); those are only refreshed, not looked up first. A wrong belief costs time, never the result.
+        """
         lru = self._lru.get(replica)
         if lru is None:
             lru = self._register(replica)
         capacity = self._capacity[replica]
         if len(hashes) > capacity:  # the deepest blocks would be evicted at once; skip them
             hashes = hashes[:capacity]
+        if held > len(hashes):
+            held = len(hashes)
         bit = 1 << self._slot[replica]
-        owners = self._owners
-        move_to_end = lru.move_to_end
-        for h in reversed(hashes):
-            if h in lru:
-                move_to_end(h)
-            else:
-                lru[h] = None
-                owners[h] = owners.get(h, 0) | bit
+        self._touch(lru, bit, hashes[held:] if held else hashes)
+        if held:
+            move_to_end = lru.move_to_end
+            try:
+                for h in reversed(hashes[:held]):
+                    move_to_end(h)
+            except KeyError:  # not all held after all: the careful way (re-touching gives the same order)
+                self._touch(lru, bit, hashes[:held])
         self._evict(replica, lru, capacity)
 
     def discard(self, replica: str, hashes: Iterable[int]) -> int:
@@ -204,6 +210,17 @@ class PrefixIndex:
         return set(out)
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _touch(self, lru: OrderedDict[int, None], bit: int, hashes: Sequence[int]) -> None:
+        """Make ``hashes`` the most recent entries of ``lru``, its first block last (most recent)."""
+        owners = self._owners
+        move_to_end = lru.move_to_end
+        for h in reversed(hashes):
+            if h in lru:
+                move_to_end(h)
+            else:
+                lru[h] = None
+                owners[h] = owners.get(h, 0) | bit
 
     def _register(self, replica: str) -> OrderedDict[int, None]:
         try:

@@ -208,8 +208,11 @@ class Cost(PolicyBase):
         self.decode_step_s = decode_step_s
         prior = CostConstants(request_overhead_s, prefill_s_per_token, decode_s_per_seq, decode_step_s)
         self.calibrator = Calibrator(prior, CalibrationSettings.of(calibration))  # type: ignore[arg-type]
-        self._constants: dict[str, tuple[float, float, float, float]] = {}
-        self._shared: dict[str, tuple[float, float]] = {}  # cache of _shared_step
+        # name -> the constants as priced (`_effective`), last the calibrator's own ones they came from
+        self._constants: dict[str, tuple[float, float, float, float, tuple[float, float, float, float]]] = {}
+        # the calibrator's constants -> their shared step (`_shared_step`): keyed by the constants, not the
+        # replica, since every replica priced alike shares one entry (at 1,000 replicas one call a decision)
+        self._shared: dict[tuple[float, float, float, float], tuple[float, float]] = {}
         # the calibrator's (reference_version, fleet_version) when the caches above were last checked
         self._cached_at = (0, 0)
         self._views: dict[str, ReplicaView] = {}
@@ -355,7 +358,7 @@ class Cost(PolicyBase):
         consts = self._constants.get(view.name)
         if consts is None:
             consts = self._constants[view.name] = self._effective(view.name)
-        overhead, per_token, per_seq, step = consts
+        overhead, per_token, per_seq, step, raw = consts
         seconds = overhead * pending_requests + per_token * pending_tokens
         limit = view.max_num_seqs
         # Occupancy from the router's own count: exact now, while the engine's running lags a poll and
@@ -365,12 +368,12 @@ class Cost(PolicyBase):
             if fresh:
                 ahead = max(ahead, float(view.waiting))
             busy = float(limit)
-            busy_step, busy_per_seq = self._shared_step(view.name)  # decode steps at the learned timing
+            busy_step, busy_per_seq = self._shared_step(view.name, raw)  # decode steps at the learned timing
             slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (busy_step + busy_per_seq * busy) / (busy + 1.0)
             seconds = max(seconds, slot_wait)
         own = overhead + per_token * uncached
         if running > 0:
-            busy_step, busy_per_seq = self._shared_step(view.name)
+            busy_step, busy_per_seq = self._shared_step(view.name, raw)
             own += per_seq * running * decode_steps + busy_step + busy_per_seq * running
         seconds += (1.0 + self.work_weight) * own
         if self.eviction_weight and uncached > 0:
@@ -417,7 +420,7 @@ class Cost(PolicyBase):
         self._dispatches += 1
         self._last_sent[decision.replica] = self._dispatches
         self.candidates.dispatched(decision.replica, self._dispatches)
-        self.index.add(decision.replica, features.block_hashes)
+        self.index.add(decision.replica, features.block_hashes, decision.matched_blocks)
         if features.kv_match is not None and self.index_mode != "approximate":
             self._in_flight_blocks.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)
@@ -470,7 +473,6 @@ class Cost(PolicyBase):
         self._last_sent.pop(name, None)
         self.calibrator.remove(name)
         self._constants.pop(name, None)
-        self._shared.pop(name, None)
         self._views.pop(name, None)
         self.candidates.forget(name)
 
@@ -481,23 +483,32 @@ class Cost(PolicyBase):
 
     # -- calibration -------------------------------------------------------------------------------
 
-    def _effective(self, name: str) -> tuple[float, float, float, float]:
+    def _effective(self, name: str) -> tuple[float, float, float, float, tuple[float, float, float, float]]:
         """The learned constants as priced: the crowding term keeps at least the configured ratio of
         per-sequence to per-token time. It also stands for what running sequences bring later (the next
         turns of the conversations held there), which no timing observation shows: an engine whose steps
-        do not slow with more sequences still queues their next prefills."""
-        overhead, per_token, per_seq, step = self.calibrator.constants(name).as_tuple()
+        do not slow with more sequences still queues their next prefills. Last, the calibrator's
+        constants themselves (the key of the shared-step cache)."""
+        raw = self.calibrator.constants(name).as_tuple()
+        overhead, per_token, per_seq, step = raw
         if self.prefill_s_per_token > 0:
             per_seq = max(per_seq, per_token * self.decode_s_per_seq / self.prefill_s_per_token)
-        return overhead, per_token, per_seq, step
+        return overhead, per_token, per_seq, step, raw
 
-    def _shared_step(self, name: str) -> tuple[float, float]:
+    def _shared_step(self, name: str, raw: tuple[float, float, float, float]) -> tuple[float, float]:
         """(decode step, per running sequence) of the step a prefill waits for and shares on a replica
         that is decoding: the TTFT a busy replica adds over an idle one (the calibration's TTFT model
-        fits the same term), at the learned timing, in the units the other constants are priced in."""
-        shared = self._shared.get(name)
+        fits the same term), at the learned timing, in the units the other constants are priced in.
+
+        `Calibrator.shared_step` depends on the replica only through its constants (``raw``, those
+        `_effective` read) and otherwise on the fleet fit, which moves only with an observation; so it
+        is cached per constants and dropped when the fit moves. Every observation moves it, and with a
+        cache per replica each of a decision's priced replicas asked the calibrator again."""
+        shared = self._shared.get(raw)
         if shared is None:
-            shared = self._shared[name] = self.calibrator.shared_step(name)
+            shared = self.calibrator.shared_step(name)
+            if self.calibrator.constants(name).as_tuple() == raw:  # only what a fresh read would give
+                self._shared[raw] = shared
         return shared
 
     def _see(self, view: ReplicaView) -> None:
@@ -555,13 +566,12 @@ class Cost(PolicyBase):
                     self._constants.clear()
                 else:
                     self._constants.pop(name, None)
-                if reference_moved or fleet_moved:
+                if fleet_moved:  # the shared step's other input (the reference moves only the keys)
                     self._shared.clear()
-                else:
-                    self._shared.pop(name, None)
-            else:
+            else:  # the shared step is a function of the constants alone: bound the cache, never stale
                 self._constants.pop(name, None)
-                self._shared.pop(name, None)
+                if len(self._shared) > 4096:
+                    self._shared.clear()
 
     def index_size(self, name: str) -> int:
         """Blocks the index believes ``name`` holds (read by the admin API; not part of `Policy`)."""

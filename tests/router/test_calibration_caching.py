@@ -30,9 +30,14 @@ def test_relative_mode_keeps_only_cached_constants_a_fresh_computation_would_giv
                                                 e2e_s=ttft + speeds[name] * 7 * 0.012))
         kept += sum(n != name for n in policy._constants)
         assert policy._constants == {n: policy._effective(n) for n in policy._constants}
-        assert policy._shared == {n: policy.calibrator.shared_step(n) for n in policy._shared}
+        # the shared step is cached per constants: every replica priced with them reads what it would fresh
+        for n, (*_, raw) in policy._constants.items():
+            assert policy._shared.get(raw, policy.calibrator.shared_step(n)) == policy.calibrator.shared_step(n)
         for n in speeds:  # price every replica, busy, so both caches hold every replica again
             policy.estimate_cost(view(n, running=2, load_age_s=0.1), 64, f)
+        assert policy._shared
+        for n, (*_, raw) in policy._constants.items():
+            assert policy._shared[raw] == policy.calibrator.shared_step(n)
     assert kept > 0 and policy.calibrator.speed("slow") > 1.5
 
 

@@ -1,12 +1,13 @@
 """cost's candidate pre-filter: in a large fleet only the prompt's holders and the least loaded are priced."""
 
 import dataclasses
+import random
 
 from policy_fixtures import features_with, view
 from test_cost_kv_match import FakeMatch
 
 from router.policies.base import Outcome
-from router.policies.candidates import REKEY_PER_DECISION
+from router.policies.candidates import REKEY_PER_DECISION, CandidateFilter
 from router.policies.cost import Cost
 from router.replica_view import LazyViews
 
@@ -143,3 +144,24 @@ def test_a_large_fleet_finds_the_holders_the_engines_events_name_even_where_the_
     decision = policy.choose(request, replicas)
     assert "r150" in decision.scores and len(decision.scores) <= 2 * 4 + 1
     assert (decision.replica, decision.matched_blocks) == ("r150", 40)
+
+
+def test_the_least_loaded_are_the_k_lowest_keys_however_stale_the_heap_has_grown():
+    # Dispatches and completions move keys and leave superseded heap entries behind; the k least
+    # loaded read from the heap are still the k lowest (load / weight, last sent) of the order.
+    rng = random.Random(7)
+    replicas = fleet(40, **{f"r{i}": rng.randint(0, 5) for i in range(40)})
+    filt = CandidateFilter(k=4)
+    last: dict[str, int] = {}
+    filt.select(replicas, [], last)  # keys the whole fleet
+    for step in range(2000):
+        name = f"r{rng.randrange(40)}"
+        if rng.random() < 0.5:
+            last[name] = step
+            filt.dispatched(name, step)
+        else:
+            filt.completed(name)
+        if step % 7 == 0:
+            chosen = filt.select(replicas, [], last)
+            lowest = sorted(filt._key.items(), key=lambda item: (item[1], item[0]))[:4]
+            assert [v.name for v in chosen] == [n for n, _ in lowest]

@@ -203,3 +203,32 @@ def test_a_replicas_bit_is_its_place_in_the_masks_and_zero_when_unknown():
     assert index.match_masks((1, 2)) == [(2, index.bit("b")), (1, index.bit("a"))]
     index.remove_replica("b")
     assert index.bit("b") == 0 and index.names(index.bit("a")) == ["a"]
+
+
+def _state(index: PrefixIndex) -> tuple:
+    return (tuple((name, index.blocks(name)) for name in index.replicas()), index.match((1, 2, 3, 4, 5, 6)),
+            index.size())
+
+
+@pytest.mark.parametrize("held", [0, 1, 2, 3, 5, 9])
+def test_add_told_how_much_is_held_ends_as_add_alone_right_or_wrong(held):
+    # `held` is the decision's match: a hint that skips lookups, never a change in what the index holds
+    told, plain = PrefixIndex(default_capacity=6), PrefixIndex(default_capacity=6)
+    for index in (told, plain):
+        index.add("a", (1, 2, 3))
+        index.add("a", (7, 8))
+        index.discard("a", (2,))  # "a" holds 1 and 3 of the chain below, not 2
+    told.add("a", (1, 2, 3, 4, 5), held=held)
+    plain.add("a", (1, 2, 3, 4, 5))
+    assert _state(told) == _state(plain)
+
+
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.lists(st.integers(0, 5), max_size=6), st.integers(0, 7)),
+                max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_add_with_any_held_hint_equals_add_without(ops):
+    told, plain = PrefixIndex(default_capacity=5), PrefixIndex(default_capacity=5)
+    for replica, chain, held in ops:
+        told.add(replica, tuple(chain), held=held)
+        plain.add(replica, tuple(chain))
+        assert _state(told) == _state(plain)
