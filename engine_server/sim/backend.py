@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -32,7 +31,7 @@ from engine_server.sim.faults import FaultConfig, plan_faults
 from engine_server.sim.scheduler import RequestOutput, Scheduler, SchedulerConfig, SimRequest
 from engine_server.sim.timing import TimingProfile, get_profile
 from engine_server.sim.tokenizer import SimTokenizer, output_seed
-from kv_wire import KVEventBatch
+from kv_wire import KVEventBatch, sim_tokens
 
 log = logging.getLogger("engine_server.sim")
 
@@ -198,18 +197,8 @@ class SimBackend:
     def render_chat(
         self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
     ) -> str:
-        """ChatML-like template (the Qwen/Hermes family), stable so equal histories share a prefix."""
-        parts: list[str] = []
-        if tools:
-            specs = "\n".join(json.dumps(t, sort_keys=True, separators=(",", ":")) for t in tools)
-            parts.append(f"<|im_start|>system\n# Tools\n{specs}<|im_end|>\n")
-        for m in messages:
-            content = m.get("content") or ""
-            for call in m.get("tool_calls") or ():
-                content += f"\n<tool_call>{json.dumps(call, sort_keys=True, separators=(',', ':'))}</tool_call>"
-            parts.append(f"<|im_start|>{m.get('role', 'user')}\n{content}<|im_end|>\n")
-        parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
+        """ChatML-like template (`kv_wire.sim_tokens`, which the router's `SimTokens` follows too)."""
+        return sim_tokens.render_chat(messages, tools)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

@@ -16,7 +16,8 @@ import random
 
 import xxhash
 
-DEFAULT_VOCAB_SIZE = 32_000
+from kv_wire.sim_tokens import VOCAB_SIZE as DEFAULT_VOCAB_SIZE
+from kv_wire.sim_tokens import chunk_id, chunk_ids
 
 # Lower-case pseudo-words: never contain "<|", newlines or other template markers, so generated text
 # cannot accidentally end a chat turn; tests can still pick one of them as a stop string.
@@ -31,10 +32,6 @@ WORDS: tuple[str, ...] = (
 _SPACED = tuple(" " + w for w in WORDS)
 
 
-def _chunk_id(chunk: str, vocab_size: int, seed: int) -> int:
-    return xxhash.xxh64_intdigest(chunk.encode("utf-8", "surrogatepass"), seed) % vocab_size
-
-
 class SimTokenizer:
     """Fixed-width chunk tokenizer: token i is `text[i*c:(i+1)*c]`, its id a hash of that chunk."""
 
@@ -46,8 +43,7 @@ class SimTokenizer:
         self.seed = seed
 
     def encode(self, text: str) -> list[int]:
-        c, v, s = self.chars_per_token, self.vocab_size, self.seed
-        return [_chunk_id(text[i : i + c], v, s) for i in range(0, len(text), c)]
+        return chunk_ids(text, self.chars_per_token, self.vocab_size, self.seed)
 
     def count_tokens(self, text: str) -> int:
         return -(-len(text) // self.chars_per_token)
@@ -71,7 +67,7 @@ class OutputStream:
         while len(self._buf) < c:
             self._buf += _SPACED[int(self._rng.random() * len(_SPACED))]
         text, self._buf = self._buf[:c], self._buf[c:]
-        return _chunk_id(text, self._tok.vocab_size, self._tok.seed), text
+        return chunk_id(text, self._tok.vocab_size, self._tok.seed), text
 
 
 def output_seed(global_seed: int, request_id: str, prompt: str, seed: int | None, temperature: float) -> int:

@@ -3,10 +3,10 @@ as the engines' KV events key theirs (`router.kv_events`). Pure: no I/O after th
 
 Two tokenizers, one interface (`RequestTokenizer.prompt_ids(body, kind)`):
 
-- `SimTokens`: the `sim` backend's documented rule (docs/sim_engine.md, `engine_server/sim/tokenizer.py`),
-  re-implemented here: token i is ``xxh64(text[i*c:(i+1)*c], seed) % vocab`` and chats are rendered with
-  its ChatML-like template. Re-implemented rather than imported or moved because the router must not import
-  `engine_server`, and the rule is ten lines; `tests/router/test_request_tokens.py` checks the two agree.
+- `SimTokens`: the `sim` backend's rule (docs/sim_engine.md): token i is ``xxh64(text[i*c:(i+1)*c], seed) %
+  vocab`` and chats are rendered with its ChatML-like template, both from `kv_wire.sim_tokens`, the one
+  definition the sim engine uses too (the router must not import `engine_server`);
+  `tests/router/test_request_tokens.py` checks the two agree end to end.
 - `HFTokens`: a Hugging Face tokenizer and chat template (`transformers`, the optional `tokenize` extra),
   loaded once from the model path or hub id, with vLLM's rules as our `vllm` backend applies them: the chat
   template with ``add_generation_prompt=True``, BOS added unless the text already starts with it.
@@ -26,16 +26,14 @@ exact blocks for that request and falls back to its approximate index.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
-import xxhash
+from kv_wire import sim_tokens
 
 Kind = Literal["chat", "completion"]
-SIM_VOCAB_SIZE = 32_000
 
 
 class RequestTokenizer(Protocol):
@@ -154,7 +152,7 @@ class SimTokens(_Base):
     longest one the new prompt starts with lends its whole chunks.
     """
 
-    def __init__(self, chars_per_token: int = 4, vocab_size: int = SIM_VOCAB_SIZE, seed: int = 0, *,
+    def __init__(self, chars_per_token: int = 4, vocab_size: int = sim_tokens.VOCAB_SIZE, seed: int = 0, *,
                  cache_prompts: int = 1024, probe_chars: int = 256, per_probe: int = 32) -> None:
         if chars_per_token < 1:
             raise ValueError("chars_per_token must be >= 1")
@@ -163,21 +161,7 @@ class SimTokens(_Base):
         self._recent: _LRU = _LRU(cache_prompts)  # probe -> [(text, ids)], newest last
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
-        parts: list[str] = []
-        if tools:
-            specs = "\n".join(json.dumps(t, sort_keys=True, separators=(",", ":")) for t in tools)
-            parts.append(f"<|im_start|>system\n# Tools\n{specs}<|im_end|>\n")
-        for m in messages:
-            content = m.get("content") or ""
-            for call in m.get("tool_calls") or ():
-                content += f"\n<tool_call>{json.dumps(call, sort_keys=True, separators=(',', ':'))}</tool_call>"
-            parts.append(f"<|im_start|>{m.get('role', 'user')}\n{content}<|im_end|>\n")
-        parts.append("<|im_start|>assistant\n")
-        return "".join(parts)
-
-    def _chunks(self, text: str, start: int) -> list[int]:
-        c, v, s, h = self.c, self.vocab, self.seed, xxhash.xxh64_intdigest
-        return [h(text[i : i + c].encode("utf-8", "surrogatepass"), s) % v for i in range(start, len(text), c)]
+        return sim_tokens.render_chat(messages, tools)
 
     def encode(self, text: str) -> list[int]:
         probe = text[: self.probe_chars]
@@ -187,7 +171,7 @@ class SimTokens(_Base):
             if len(old) > len(best_text) and text.startswith(old):
                 best_text, best_ids = old, ids
         whole = len(best_text) // self.c
-        ids = best_ids[:whole] + self._chunks(text, whole * self.c)
+        ids = best_ids[:whole] + sim_tokens.chunk_ids(text, self.c, self.vocab, self.seed, whole * self.c)
         if entries is None:
             self._recent.put(probe, [(text, ids)])
         elif best_text != text:
