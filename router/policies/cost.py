@@ -317,13 +317,7 @@ class Cost(PolicyBase):
                 return None
             if view.waiting <= 0:  # admitted at the engine's next step: nothing allocates before it
                 return None
-            own = self._inflight.get(name)
-            if own is not None and own.count > 0:
-                per_request = own.uncached_tokens / own.count
-            elif self._avg_uncached is not None:
-                per_request = self._avg_uncached
-            else:
-                per_request = float(features.token_estimate)
+            per_request = self._uncached_per_prompt(name, float(features.token_estimate))
             return (view.kv_blocks_total - view.kv_blocks_used) * view.block_size * ratio - view.waiting * per_request
 
         return room
@@ -404,15 +398,20 @@ class Cost(PolicyBase):
             pending_tokens = tokens * self._own_scale
             pending_requests = view.in_flight_requests * self._own_scale if tokens > 0 else 0.0
         if engine_queue:
-            if own is not None and own.count > 0:
-                per_request = own.uncached_tokens / own.count
-            elif self._avg_uncached is not None:
-                per_request = self._avg_uncached
-            else:
-                per_request = fallback_uncached
+            per_request = self._uncached_per_prompt(view.name, fallback_uncached)
             pending_tokens = max(pending_tokens, view.waiting * per_request)
             pending_requests = max(pending_requests, float(view.waiting))
         return pending_tokens, pending_requests
+
+    def _uncached_per_prompt(self, name: str, fallback: float) -> float:
+        """Uncached tokens of a prompt the engine reports waiting on ``name``: the mean of ours in flight
+        there, else of everything we sent, else ``fallback``."""
+        own = self._inflight.get(name)
+        if own is not None and own.count > 0:
+            return own.uncached_tokens / own.count
+        if self._avg_uncached is not None:
+            return self._avg_uncached
+        return fallback
 
     # -- commit and learn --------------------------------------------------------------------------
 
