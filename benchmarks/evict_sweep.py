@@ -21,14 +21,10 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from benchmarks.lib import workloads as wl
 from benchmarks.lib.cli_help import DefaultsHelpFormatter
 from benchmarks.lib.defaults import RESULTS_DIR
-from benchmarks.lib.loadgen import LoadSpec
 from benchmarks.lib.report import format_table, machine_info, write_json
-from benchmarks.matrix import REPLICAS, profiles
-from benchmarks.processes import sized_workload
-from benchmarks.sim_loop import simulate
+from benchmarks.processes import run_cell
 
 INDEXES = ("approximate", "precise")
 HEADERS = ["engine", "workload", "kv x footprint", "hit approx", "hit precise", "ttft p90 approx",
@@ -37,14 +33,9 @@ HEADERS = ["engine", "workload", "kv x footprint", "hit approx", "hit precise", 
 
 def run(engine: str, workload: str, fraction: float, index: str, seed: int, concurrency: int,
         size: int) -> dict[str, Any]:
-    """One simulated run: `cost` with ``index``, the fleet's KV at ``fraction`` x the workload's footprint."""
-    w = sized_workload(workload, seed, size)
-    kv = wl.kv_blocks_per_replica(w, REPLICAS, fraction)
-    load = LoadSpec(concurrency=concurrency, max_requests=w.num_requests, seed=seed)
-    s = simulate(w, REPLICAS, "cost", {"index": index}, profile=profiles(engine), num_blocks=kv, load=load,
-                 seed=seed, kv_events=True).summary()
-    return {"hit_rate": s["hit_rate"], "ttft_p90_ms": s["ttft_ms"]["p90"], "kv_blocks": kv,
-            "failed": s["failed"]}
+    """One simulated run: `cost` with ``index``, the fleet's KV at ``fraction`` x the workload's footprint,
+    one router process following the engines' announced KV events."""
+    return run_cell(engine, workload, "cost", {"index": index}, 1, seed, concurrency, "random", size, fraction)
 
 
 def verdict(approx: dict[str, float], precise: dict[str, float]) -> str:

@@ -43,16 +43,17 @@ def sized_workload(workload: str, seed: int, size: int = 1) -> wl.Workload:
 
 
 def run_cell(engine: str, workload: str, policy: str, params: Mapping[str, Any], processes: int, seed: int,
-             concurrency: int, spread: str, size: int = 1) -> dict[str, Any]:
-    """One simulated run of a matrix cell (`benchmarks.matrix`'s engines and cache sizes)."""
+             concurrency: int, spread: str, size: int = 1, capacity: float | None = None) -> dict[str, Any]:
+    """One simulated run of a matrix cell (`benchmarks.matrix`'s engines and, unless ``capacity`` gives the
+    fleet's KV as a multiple of the footprint, its cache sizes)."""
     w = sized_workload(workload, seed, size)
-    kv = wl.kv_blocks_per_replica(w, REPLICAS, CAPACITY.get(engine, 1.3))
+    kv = wl.kv_blocks_per_replica(w, REPLICAS, CAPACITY.get(engine, 1.3) if capacity is None else capacity)
     load = LoadSpec(concurrency=concurrency, max_requests=w.num_requests, seed=seed)
     s = simulate(w, REPLICAS, policy, dict(params), profile=profiles(engine), num_blocks=kv, load=load,
                  seed=seed, router_processes=processes, kv_events=policy != "cost" or "index" in params,
                  spread=spread).summary()
     return {"hit_rate": s["hit_rate"], "ttft_p90_ms": s["ttft_ms"]["p90"], "requests": s["requests"],
-            "failed": s["failed"], "max_over_mean": s["max_over_mean"]}
+            "failed": s["failed"], "max_over_mean": s["max_over_mean"], "kv_blocks": kv}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
