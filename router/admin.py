@@ -9,18 +9,23 @@ Routes (all admin-only, see `_admin_guard`):
 - ``POST   /admin/replicas/{name}/undrain`` take new requests again (clears the admin drain only)
 - ``DELETE /admin/replicas/{name}``        drain and remove
 - ``GET    /admin/config``                 the effective config, secrets redacted
-- ``POST   /admin/reload``                 reload the config file now
+- ``POST   /admin/reload``                 reload the config file now (with ``--workers``: every worker)
 
 Adding and removing go through `Reloader.update`, like a file reload: the change is validated the same
 way, bumps the config generation and shows in ``GET /admin/config``. It is NOT written back to the file,
 so the next reload from the file (file change, SIGHUP, ``POST /admin/reload``) puts the file's replica
 list back. A drain is replica state, not config: it survives reloads while the replica stays.
+
+With ``--workers N`` a request reaches the one worker its connection landed on: a reload then goes on
+to the others (`router.workers.reload_siblings`), but replica edits and drains stay in that worker,
+and the views show that worker's state (``"worker"`` in ``GET /admin/config`` says which one).
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +41,8 @@ from router.policies.base import Policy
 from router.reload import RELOADER, Reloader
 from router.replicas.state import ReplicaState
 from router.runtime import ROUTER
+from router.worker_metrics import WORKER_ENV
+from router.workers import reload_siblings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SECRET_NAME = re.compile(r"(key|secret|token|password|credential)s?$", re.IGNORECASE)
@@ -282,7 +289,9 @@ async def remove_replica(request: web.Request) -> web.Response:
 async def show_config(request: web.Request) -> web.Response:
     reloader = _reloader(request)
     last = reloader.last.as_json() if reloader.last is not None else None
+    worker = {"worker": {"index": int(os.environ[WORKER_ENV]), "pid": os.getpid()}} if WORKER_ENV in os.environ else {}
     return web.json_response({
+        **worker,
         "generation": reloader.generation,
         "config_file": str(reloader.path) if reloader.path is not None else None,
         "config": redact(request.app[ROUTER].config.model_dump(mode="json")),
@@ -299,7 +308,10 @@ async def reload_config(request: web.Request) -> web.Response:
     result = await reloader.reload("api")
     if not result.ok:
         return _result_error(reloader, result.error)
-    return web.json_response(result.as_json())
+    body = result.as_json()
+    if reload_siblings():  # with --workers: the parent reloads the other workers too (SIGHUP)
+        body["other_workers"] = "reloading"
+    return web.json_response(body)
 
 
 def setup_admin(app: web.Application, reloader: Reloader) -> None:

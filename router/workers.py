@@ -14,9 +14,18 @@ reset after a minute of good health), but one that fails within seconds of start
 requests (``shutdown_grace_s``), and anything still running after the grace is killed; SIGHUP is
 forwarded (each worker reloads its config file).
 
-Per-process state stays per process: ``/metrics`` and ``/admin`` answer for whichever worker the
-connection landed on, and ``POST /admin/reload`` or admin edits reach one worker only (use the config
-file and SIGHUP to change all of them).
+One router, one view:
+
+- ``/metrics`` answers for all workers, whichever one the scrape lands on: the parent gives them a
+  private directory (``PROMETHEUS_MULTIPROC_DIR``, made under the temp dir, so two routers on one host
+  never share one; removed when the parent exits), counters and histograms are summed, each gauge
+  combined by its own rule, and a dead worker's counts stay counted (`router.worker_metrics`);
+- ``POST /admin/reload`` on one worker reloads all: the worker that answered writes ``reload <pid>`` to
+  the control pipe the parent gave every worker (``ROUTER_CONTROL_FD``), and the parent sends SIGHUP to
+  the others (a SIGHUP to the parent itself still goes to every worker);
+- still per worker: the admin edits (add/remove/drain/undrain a replica) and what ``GET /admin/...``
+  shows (that worker's view). Change the fleet of every worker through the config file: it is
+  watched, and SIGHUP or ``POST /admin/reload`` applies it everywhere at once.
 """
 
 from __future__ import annotations
@@ -25,10 +34,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+from router.worker_metrics import DIR_ENV, WORKER_ENV, mark_dead
 
 log = logging.getLogger("router.workers")
 
@@ -36,6 +50,21 @@ RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, cap
 HEALTHY_AFTER_S = 60.0  # a worker that ran this long restarts without backoff
 QUICK_EXIT_S = 10.0  # a worker exiting this soon after its start failed to start (bad port, bad config)
 MAX_QUICK_EXITS = 3  # in a row: give up on all of them, exit 1 (a crash loop helps nobody)
+CONTROL_FD_ENV = "ROUTER_CONTROL_FD"
+
+
+def reload_siblings() -> bool:
+    """In a worker: ask the parent to reload every other worker (after this one reloaded). False when
+    this process is no worker (a single router: nothing to tell)."""
+    fd = os.environ.get(CONTROL_FD_ENV)
+    if not fd:
+        return False
+    try:
+        os.write(int(fd), f"reload {os.getpid()}\n".encode())
+    except (OSError, ValueError):
+        log.exception("could not reach the supervising parent; the other workers keep their config")
+        return False
+    return True
 
 
 def worker_argv(argv: Sequence[str]) -> list[str]:
@@ -69,19 +98,31 @@ def counted_argv(argv: Sequence[str], workers: int, router_processes: int) -> li
 class Workers:
     """Starts, restarts and stops the worker processes."""
 
-    def __init__(self, n: int, argv: Sequence[str], grace_s: float) -> None:
+    def __init__(self, n: int, argv: Sequence[str], grace_s: float, metrics_dir: Path, control_fd: int) -> None:
         self.n = n
         self.argv = [sys.executable, "-m", "router", *worker_argv(argv)]
         self.grace_s = grace_s
+        self.metrics_dir = metrics_dir
+        self.control_fd = control_fd  # write end of the control pipe, inherited by every worker
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = [0] * n
         self.stopping = False
         self.failed = asyncio.Event()  # a worker cannot start: the parent stops everything
 
     async def start(self, i: int) -> None:
-        env = {**os.environ, "ROUTER_WORKER": str(i)}
-        self.procs[i] = await asyncio.create_subprocess_exec(*self.argv, env=env)
+        env = {**os.environ, WORKER_ENV: str(i), DIR_ENV: str(self.metrics_dir),
+               CONTROL_FD_ENV: str(self.control_fd)}
+        self.procs[i] = await asyncio.create_subprocess_exec(*self.argv, env=env, pass_fds=(self.control_fd,))
         log.info("worker %d started (pid %d)", i, self.procs[i].pid)
+
+    def on_control(self, line: str) -> None:
+        """A worker's message on the control pipe: ``reload <pid>`` -> SIGHUP every other worker."""
+        command, _, sender = line.partition(" ")
+        if command != "reload":
+            log.warning("unknown worker message %r ignored", line[:100])
+            return
+        log.info("worker pid %s reloaded its config: reloading the others", sender)
+        self.signal_all(signal.SIGHUP, but=sender)
 
     async def watch(self, i: int) -> None:
         backoff = RESTART_BACKOFF_S[0]
@@ -89,6 +130,7 @@ class Workers:
         while not self.stopping:
             started = time.monotonic()
             code = await self.procs[i].wait()
+            mark_dead(self.metrics_dir, self.procs[i].pid)  # its live gauges go, its counts stay
             if self.stopping:
                 return
             ran = time.monotonic() - started
@@ -108,9 +150,9 @@ class Workers:
             if not self.stopping:
                 await self.start(i)
 
-    def signal_all(self, sig: int) -> None:
+    def signal_all(self, sig: int, but: str = "") -> None:
         for proc in self.procs.values():
-            if proc.returncode is None:
+            if proc.returncode is None and str(proc.pid) != but:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
 
@@ -133,9 +175,39 @@ class Workers:
 
 
 async def supervise(n: int, argv: Sequence[str], grace_s: float) -> int:
-    workers = Workers(n, argv, grace_s)
+    metrics_dir = Path(tempfile.mkdtemp(prefix="router-metrics-"))  # per router: two never collide
+    read_fd, write_fd = os.pipe()
+    try:
+        return await _supervise(Workers(n, argv, grace_s, metrics_dir, write_fd), read_fd)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _control_reader(workers: Workers, read_fd: int) -> None:
+    """Read the control pipe's lines (each write of one short line is atomic) as they come."""
+    buffer = bytearray()
+
+    def readable() -> None:
+        try:
+            buffer.extend(os.read(read_fd, 4096))
+        except BlockingIOError:
+            return
+        while b"\n" in buffer:
+            line, _, rest = bytes(buffer).partition(b"\n")
+            buffer[:] = rest
+            workers.on_control(line.decode(errors="replace"))
+
+    os.set_blocking(read_fd, False)
+    asyncio.get_running_loop().add_reader(read_fd, readable)
+
+
+async def _supervise(workers: Workers, read_fd: int) -> int:
+    n = workers.n
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    _control_reader(workers, read_fd)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, workers.signal_all, signal.SIGHUP)
@@ -153,6 +225,7 @@ async def supervise(n: int, argv: Sequence[str], grace_s: float) -> int:
     for w in watchers:
         w.cancel()
     await asyncio.gather(*watchers, return_exceptions=True)
+    loop.remove_reader(read_fd)
     return code
 
 
