@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import glob
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import aiohttp
@@ -239,3 +241,130 @@ def test_workers_that_cannot_start_stop_the_parent_with_an_error():
                               timeout=HANG_GUARD_S * 2, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 1
     assert "giving up" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ one view of N workers
+
+
+def scraped(text: str, family: str, **labels: str) -> float:
+    """Sum of the samples of ``family`` (sample name) whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == family and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+class WorkerRouter:
+    """`python -m router --workers 2` with a config file, and fresh-connection HTTP to it."""
+
+    def __init__(self, config: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "router", "--workers", "2", "--port", str(self.port),
+                                      "--config", config], env={**os.environ, "PYTHONPATH": os.getcwd()})
+        self.parent = psutil.Process(self.proc.pid)
+        self.sent = 0
+
+    def workers(self) -> dict[int, int]:
+        return listening_children(self.parent, self.port)
+
+    async def chat(self) -> int:
+        """One request on a new connection (so the kernel picks the worker anew); every one is counted."""
+        body = {"model": "sim-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            self.sent += 1
+            async with http.post(self.url + "/v1/chat/completions", json=body) as r:
+                await r.read()
+                return r.status
+
+    async def metrics(self) -> str:
+        async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+                    http.get(self.url + "/metrics") as r):
+            assert r.status == 200
+            return await r.text()
+
+    async def worker_view(self) -> tuple[int, int, float]:
+        """(pid, config generation, prompt tokens) of the worker one keep-alive connection lands on."""
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+            async with http.get(self.url + "/admin/config") as r:
+                config = await r.json()
+            async with http.get(self.url + "/admin/replicas") as r:
+                replicas = await r.json()
+        return (config["worker"]["pid"], config["generation"],
+                sum(x["prompt_tokens_total"] for x in replicas["data"]))
+
+    async def views(self) -> dict[int, tuple[int, float]]:
+        """pid -> (generation, prompt tokens) of both live workers (asked until both answered)."""
+        out: dict[int, tuple[int, float]] = {}
+        deadline = time.monotonic() + HANG_GUARD_S
+        while set(out) != set(self.workers()):
+            assert time.monotonic() < deadline, "both workers answered"
+            pid, generation, tokens = await self.worker_view()
+            out[pid] = (generation, tokens)
+            out = {p: v for p, v in out.items() if p in self.workers()}
+        return out
+
+    async def counted(self) -> str:
+        """A scrape once every request sent is counted (counted as answered, not before)."""
+        deadline = time.monotonic() + HANG_GUARD_S
+        while scraped(text := await self.metrics(), "router_requests_total") != self.sent:
+            assert time.monotonic() < deadline, "requests counted"
+            await asyncio.sleep(0.1)
+        return text
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(HANG_GUARD_S) == 0
+
+
+@pytest.mark.slow
+async def test_workers_answer_metrics_and_reload_as_one_router(tmp_path):
+    """Counts sum over both workers whichever answers, survive a killed worker, and an admin reload on
+    one worker reaches both; the shared metrics directory is gone after the router exits."""
+    engine = TestServer(create_engine_app(SimBackend(SimConfig(model_name="sim-model", profile="instant"))),
+                        host="127.0.0.1")
+    await engine.start_server()
+    config = tmp_path / "router.yaml"
+    config.write_text(f"replicas:\n  - name: sim\n    url: {str(engine.make_url('')).rstrip('/')}\n"
+                      "    models: [sim-model]\n")
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "router-metrics-*")))
+    router = WorkerRouter(str(config))
+    try:
+        await until(lambda: len(router.workers()) == 2, "two workers listening")
+        while await router.chat() != 200:  # both workers probe the replica's health themselves
+            await asyncio.sleep(0.2)
+        for _ in range(30):
+            await router.chat()
+        views = await router.views()  # both workers served some, and each sees only its own
+        assert all(tokens > 0 for _, tokens in views.values())
+        for _ in range(6):  # whichever worker answers the scrape
+            text = await router.counted()
+            assert scraped(text, "router_prompt_tokens_total") == sum(t for _, t in views.values())
+            assert scraped(text, "router_replica_healthy", replica="sim") == 1
+            assert scraped(text, "router_replica_in_flight", replica="sim") == 0
+            assert "pid=" not in text  # no per-worker series
+
+        victim = next(iter(router.workers()))
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: len(router.workers()) == 2 and victim not in router.workers(), "worker restarted")
+        for _ in range(6):  # the dead worker's counts stay, counted once
+            await router.counted()
+        while await router.chat() != 200:  # the new worker's first requests may find no healthy replica yet
+            await asyncio.sleep(0.2)
+        await router.counted()
+
+        async with aiohttp.ClientSession() as http, http.post(router.url + "/admin/reload") as r:
+            assert r.status == 200
+            assert (await r.json())["other_workers"] == "reloading"
+        deadline = time.monotonic() + HANG_GUARD_S
+        while {g for g, _ in (await router.views()).values()} != {2}:  # both went from generation 1 to 2
+            assert time.monotonic() < deadline, "both workers reloaded"
+            await asyncio.sleep(0.1)
+        assert scraped(await router.metrics(), "router_config_reloads_total", result="ok") == 2
+        router.stop()
+        assert set(glob.glob(os.path.join(tempfile.gettempdir(), "router-metrics-*"))) == before
+    finally:
+        if router.proc.poll() is None:
+            router.proc.kill()
+            router.proc.wait()
+        await engine.close()
