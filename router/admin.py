@@ -16,15 +16,17 @@ way, bumps the config generation and shows in ``GET /admin/config``. It is NOT w
 so the next reload from the file (file change, SIGHUP, ``POST /admin/reload``) puts the file's replica
 list back. A drain is replica state, not config: it survives reloads while the replica stays.
 
-With ``--workers N`` a request reaches the one worker its connection landed on: a reload then goes on
-to the others (`router.workers.reload_siblings`), but replica edits and drains stay in that worker,
-and the views show that worker's state (``"worker"`` in ``GET /admin/config`` says which one).
+With ``--workers N`` a request reaches the one worker its connection landed on: a reload, an added or
+removed replica and a drain then go on to the other live workers (`router.siblings`; the answer says
+``"other_workers": ...``), while the views show that worker's state (``"worker"`` in
+``GET /admin/config`` says which one).
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import os
 import re
 import time
@@ -35,15 +37,16 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from config.router import ConfigError, ReplicaConfig, RouterConfig, describe
+from router import siblings
 from router.auth import check_admin
 from router.errors import error_response
 from router.policies.base import Policy
-from router.reload import RELOADER, Reloader
+from router.reload import RELOADER, ConfigEdit, Reloader
 from router.replicas.state import ReplicaState
-from router.runtime import ROUTER
+from router.runtime import ROUTER, Router
 from router.worker_metrics import WORKER_ENV
-from router.workers import reload_siblings
 
+log = logging.getLogger("router.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SECRET_NAME = re.compile(r"(key|secret|token|password|credential)s?$", re.IGNORECASE)
 _KEEP_UNDER_SECRET = frozenset({"name", "env", "file"})  # where a key comes from, not the key
@@ -222,20 +225,36 @@ async def add_replica(request: web.Request) -> web.Response:
     if spec.name in router.registry:
         return error_response(f"replica {spec.name!r} already exists", 400, param="name",
                               code="replica_exists")
-
-    def with_replica(cfg: RouterConfig) -> RouterConfig:
-        if any(r.name == spec.name for r in cfg.replicas):
-            raise ConfigError(f"replicas: replica name {spec.name!r} is used twice")
-        return cfg.model_copy(update={"replicas": (*cfg.replicas, spec)})
-
-    result = await reloader.update(with_replica, "admin")
+    result = await reloader.update(_with_replica(spec), "admin")
     if not result.ok:
         return _result_error(reloader, result.error)
     replica = router.registry.get(spec.name)
     assert replica is not None
     policy = router.dispatcher.policy if router.dispatcher else None
     return web.json_response({"generation": result.generation,
-                              "replica": replica_json(replica, policy, time.monotonic())}, status=201)
+                              "replica": replica_json(replica, policy, time.monotonic()),
+                              **_tell_siblings({"op": "add", "replica": spec.model_dump(mode="json")})},
+                             status=201)
+
+
+def _with_replica(spec: ReplicaConfig) -> ConfigEdit:
+    def edit(cfg: RouterConfig) -> RouterConfig:
+        if any(r.name == spec.name for r in cfg.replicas):
+            raise ConfigError(f"replicas: replica name {spec.name!r} is used twice")
+        return cfg.model_copy(update={"replicas": (*cfg.replicas, spec)})
+    return edit
+
+
+def _without_replica(name: str) -> ConfigEdit:
+    def edit(cfg: RouterConfig) -> RouterConfig:
+        return cfg.model_copy(update={"replicas": tuple(r for r in cfg.replicas if r.name != name)})
+    return edit
+
+
+def _tell_siblings(change: dict[str, Any]) -> dict[str, str]:
+    """With ``--workers``: pass an applied change to the other workers (`router.siblings`); the answer
+    then says so. A single router answers as before."""
+    return {"other_workers": "applying"} if siblings.tell(change) else {}
 
 
 def _known(request: web.Request) -> tuple[ReplicaState | None, web.Response | None]:
@@ -254,7 +273,8 @@ async def _set_drain(request: web.Request, draining: bool) -> web.Response:
     replica.health.set_draining(draining, source="admin")
     router = request.app[ROUTER]
     policy = router.dispatcher.policy if router.dispatcher else None
-    return web.json_response({"replica": replica_json(replica, policy, time.monotonic())})
+    return web.json_response({"replica": replica_json(replica, policy, time.monotonic()),
+                              **_tell_siblings({"op": "drain", "name": replica.name, "draining": draining})})
 
 
 @admin_only
@@ -274,15 +294,12 @@ async def remove_replica(request: web.Request) -> web.Response:
         assert missing is not None
         return missing
     name, reloader = replica.name, _reloader(request)
-
-    def without_replica(cfg: RouterConfig) -> RouterConfig:
-        return cfg.model_copy(update={"replicas": tuple(r for r in cfg.replicas if r.name != name)})
-
-    result = await reloader.update(without_replica, "admin")
+    result = await reloader.update(_without_replica(name), "admin")
     if not result.ok:
         return _result_error(reloader, result.error)
     return web.json_response({"generation": result.generation, "removed": name,
-                              "in_flight_requests": replica.in_flight_requests})
+                              "in_flight_requests": replica.in_flight_requests,
+                              **_tell_siblings({"op": "remove", "name": name})})
 
 
 @admin_only
@@ -308,10 +325,23 @@ async def reload_config(request: web.Request) -> web.Response:
     result = await reloader.reload("api")
     if not result.ok:
         return _result_error(reloader, result.error)
-    body = result.as_json()
-    if reload_siblings():  # with --workers: the parent reloads the other workers too (SIGHUP)
-        body["other_workers"] = "reloading"
-    return web.json_response(body)
+    return web.json_response({**result.as_json(), **_tell_siblings({"op": "reload"})})
+
+
+async def apply_sibling_change(router: Router, reloader: Reloader, change: dict[str, Any]) -> None:
+    """Apply a change another worker applied and passed on (`_tell_siblings`), the way it did; a refusal
+    is logged and counted (``router_config_reloads_total{result="error"}``) like any other."""
+    op, name = change.get("op"), str(change.get("name", ""))
+    if op == "reload":
+        await reloader.reload("api")
+    elif op == "add":
+        await reloader.update(_with_replica(ReplicaConfig.model_validate(change.get("replica"))), "admin")
+    elif op == "remove":
+        await reloader.update(_without_replica(name), "admin")
+    elif op == "drain" and (replica := router.registry.get(name)) is not None:
+        replica.health.set_draining(bool(change.get("draining")), source="admin")
+    else:
+        log.warning("change from another worker not applied (unknown, or no replica %r here): %r", name, change)
 
 
 def setup_admin(app: web.Application, reloader: Reloader) -> None:

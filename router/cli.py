@@ -162,6 +162,18 @@ def share_metrics(router: Router, reloader: Reloader) -> asyncio.Task[None] | No
     return asyncio.create_task(publish_every(publish), name="worker-metrics")
 
 
+def listen_to_siblings(router: Router, reloader: Reloader) -> asyncio.Task[None] | None:
+    """In a worker of ``--workers N``: apply the admin changes the other workers pass on (`router.siblings`)."""
+    from router import siblings
+
+    if not siblings.connected():
+        return None
+    from router.admin import apply_sibling_change
+
+    return asyncio.create_task(siblings.listen(functools.partial(apply_sibling_change, router, reloader)),
+                               name="sibling-changes")
+
+
 async def serve(cfg: RouterConfig, *, config_file: str | None = None,
                 config_source: Callable[[], RouterConfig] | None = None, reuse_port: bool = False) -> None:
     """Run until SIGTERM/SIGINT, then drain. With a config file, it is watched, and SIGHUP reloads it."""
@@ -186,6 +198,7 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
                       ssl_context=certs.context if certs is not None else None).start()
     cert_watch = asyncio.create_task(certs.watch(), name="tls-cert-watch") if certs is not None else None
     publisher = share_metrics(router, app[RELOADER])
+    listener = listen_to_siblings(router, app[RELOADER])
     log = logging.getLogger("router")
     log.info("router listening on %s://%s:%d, policy %s, %d replica(s): %s",
              "https" if certs is not None else "http", cfg.host, cfg.port,
@@ -205,7 +218,7 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
         while router.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     finally:
-        for task in (cert_watch, publisher):
+        for task in (cert_watch, publisher, listener):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -20,12 +20,12 @@ One router, one view:
   private directory (``PROMETHEUS_MULTIPROC_DIR``, made under the temp dir, so two routers on one host
   never share one; removed when the parent exits), counters and histograms are summed, each gauge
   combined by its own rule, and a dead worker's counts stay counted (`router.worker_metrics`);
-- ``POST /admin/reload`` on one worker reloads all: the worker that answered writes ``reload <pid>`` to
-  the control pipe the parent gave every worker (``ROUTER_CONTROL_FD``), and the parent sends SIGHUP to
-  the others (a SIGHUP to the parent itself still goes to every worker);
-- still per worker: the admin edits (add/remove/drain/undrain a replica) and what ``GET /admin/...``
-  shows (that worker's view). Change the fleet of every worker through the config file: it is
-  watched, and SIGHUP or ``POST /admin/reload`` applies it everywhere at once.
+- ``POST /admin/reload`` and the admin API's replica changes (add, remove, drain, undrain) on one
+  worker reach all live workers: the worker that answered writes the change to the control pipe the
+  parent gave every worker, and the parent passes it to the others' stdin (`router.siblings`). A SIGHUP
+  to the parent still goes to every worker. A worker restarted later starts from the config file, as a
+  restarted single router does (admin changes are not written to the file);
+- still per worker: what ``GET /admin/...`` shows (that worker's view: health, in-flight, index).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from router.siblings import CONTROL_FD_ENV, sender
 from router.worker_metrics import DIR_ENV, WORKER_ENV, mark_dead
 
 log = logging.getLogger("router.workers")
@@ -50,21 +51,6 @@ RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, cap
 HEALTHY_AFTER_S = 60.0  # a worker that ran this long restarts without backoff
 QUICK_EXIT_S = 10.0  # a worker exiting this soon after its start failed to start (bad port, bad config)
 MAX_QUICK_EXITS = 3  # in a row: give up on all of them, exit 1 (a crash loop helps nobody)
-CONTROL_FD_ENV = "ROUTER_CONTROL_FD"
-
-
-def reload_siblings() -> bool:
-    """In a worker: ask the parent to reload every other worker (after this one reloaded). False when
-    this process is no worker (a single router: nothing to tell)."""
-    fd = os.environ.get(CONTROL_FD_ENV)
-    if not fd:
-        return False
-    try:
-        os.write(int(fd), f"reload {os.getpid()}\n".encode())
-    except (OSError, ValueError):
-        log.exception("could not reach the supervising parent; the other workers keep their config")
-        return False
-    return True
 
 
 def worker_argv(argv: Sequence[str]) -> list[str]:
@@ -112,17 +98,21 @@ class Workers:
     async def start(self, i: int) -> None:
         env = {**os.environ, WORKER_ENV: str(i), DIR_ENV: str(self.metrics_dir),
                CONTROL_FD_ENV: str(self.control_fd)}
-        self.procs[i] = await asyncio.create_subprocess_exec(*self.argv, env=env, pass_fds=(self.control_fd,))
+        self.procs[i] = await asyncio.create_subprocess_exec(*self.argv, env=env, pass_fds=(self.control_fd,),
+                                                             stdin=asyncio.subprocess.PIPE)
         log.info("worker %d started (pid %d)", i, self.procs[i].pid)
 
-    def on_control(self, line: str) -> None:
-        """A worker's message on the control pipe: ``reload <pid>`` -> SIGHUP every other worker."""
-        command, _, sender = line.partition(" ")
-        if command != "reload":
-            log.warning("unknown worker message %r ignored", line[:100])
+    def relay(self, line: bytes) -> None:
+        """A worker's message on the control pipe goes to every other live worker's stdin (`router.siblings`)."""
+        origin = sender(line)
+        if origin is None:
+            log.warning("unreadable worker message ignored: %r", line[:100])
             return
-        log.info("worker pid %s reloaded its config: reloading the others", sender)
-        self.signal_all(signal.SIGHUP, but=sender)
+        log.info("worker pid %d changed its config: passing the change to the others", origin)
+        for proc in self.procs.values():
+            if proc.returncode is None and proc.pid != origin and proc.stdin is not None:
+                with contextlib.suppress(ConnectionError, RuntimeError):  # exiting now: its restart reads the file
+                    proc.stdin.write(line + b"\n")
 
     async def watch(self, i: int) -> None:
         backoff = RESTART_BACKOFF_S[0]
@@ -150,9 +140,9 @@ class Workers:
             if not self.stopping:
                 await self.start(i)
 
-    def signal_all(self, sig: int, but: str = "") -> None:
+    def signal_all(self, sig: int) -> None:
         for proc in self.procs.values():
-            if proc.returncode is None and str(proc.pid) != but:
+            if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
 
@@ -197,7 +187,7 @@ def _control_reader(workers: Workers, read_fd: int) -> None:
         while b"\n" in buffer:
             line, _, rest = bytes(buffer).partition(b"\n")
             buffer[:] = rest
-            workers.on_control(line.decode(errors="replace"))
+            workers.relay(line)
 
     os.set_blocking(read_fd, False)
     asyncio.get_running_loop().add_reader(read_fd, readable)

@@ -254,6 +254,16 @@ def scraped(text: str, family: str, **labels: str) -> float:
                if s.name == family and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+@dataclasses.dataclass
+class View:
+    """What one worker's admin API shows."""
+
+    generation: int
+    prompt_tokens: float
+    draining: set[str]
+    replicas: set[str]
+
+
 class WorkerRouter:
     """`python -m router --workers 2` with a config file, and fresh-connection HTTP to it."""
 
@@ -283,26 +293,40 @@ class WorkerRouter:
             assert r.status == 200
             return await r.text()
 
-    async def worker_view(self) -> tuple[int, int, float]:
-        """(pid, config generation, prompt tokens) of the worker one keep-alive connection lands on."""
+    async def worker_view(self) -> tuple[int, View]:
+        """The view of the worker one keep-alive connection lands on, and its pid."""
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
             async with http.get(self.url + "/admin/config") as r:
                 config = await r.json()
             async with http.get(self.url + "/admin/replicas") as r:
-                replicas = await r.json()
-        return (config["worker"]["pid"], config["generation"],
-                sum(x["prompt_tokens_total"] for x in replicas["data"]))
+                replicas = {x["name"]: x for x in (await r.json())["data"] if not x["removed"]}
+        return config["worker"]["pid"], View(config["generation"],
+                                              sum(x["prompt_tokens_total"] for x in replicas.values()),
+                                              {n for n, x in replicas.items() if x["health"]["draining"]},
+                                              set(replicas))
 
-    async def views(self) -> dict[int, tuple[int, float]]:
-        """pid -> (generation, prompt tokens) of both live workers (asked until both answered)."""
-        out: dict[int, tuple[int, float]] = {}
+    async def views(self) -> dict[int, View]:
+        """pid -> view of each live worker (asked until every one answered)."""
+        out: dict[int, View] = {}
         deadline = time.monotonic() + HANG_GUARD_S
         while set(out) != set(self.workers()):
             assert time.monotonic() < deadline, "both workers answered"
-            pid, generation, tokens = await self.worker_view()
-            out[pid] = (generation, tokens)
+            pid, view = await self.worker_view()
+            out[pid] = view
             out = {p: v for p, v in out.items() if p in self.workers()}
         return out
+
+    async def until_all(self, cond, what: str) -> None:
+        """Until every live worker's view satisfies ``cond``."""
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not all(cond(v) for v in (await self.views()).values()):
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.1)
+
+    async def admin(self, method: str, path: str, body: dict | None = None) -> dict:
+        async with aiohttp.ClientSession() as http, http.request(method, self.url + path, json=body) as r:
+            assert r.status in (200, 201), await r.text()
+            return await r.json()
 
     async def counted(self) -> str:
         """A scrape once every request sent is counted (counted as answered, not before)."""
@@ -319,8 +343,8 @@ class WorkerRouter:
 
 @pytest.mark.slow
 async def test_workers_answer_metrics_and_reload_as_one_router(tmp_path):
-    """Counts sum over both workers whichever answers, survive a killed worker, and an admin reload on
-    one worker reaches both; the shared metrics directory is gone after the router exits."""
+    """Counts sum over both workers whichever answers, survive a killed worker, and an admin reload or
+    replica change on one worker reaches both; the shared metrics directory is gone after the router exits."""
     engine = TestServer(create_engine_app(SimBackend(SimConfig(model_name="sim-model", profile="instant"))),
                         host="127.0.0.1")
     await engine.start_server()
@@ -336,10 +360,10 @@ async def test_workers_answer_metrics_and_reload_as_one_router(tmp_path):
         for _ in range(30):
             await router.chat()
         views = await router.views()  # both workers served some, and each sees only its own
-        assert all(tokens > 0 for _, tokens in views.values())
+        assert all(v.prompt_tokens > 0 for v in views.values())
         for _ in range(6):  # whichever worker answers the scrape
             text = await router.counted()
-            assert scraped(text, "router_prompt_tokens_total") == sum(t for _, t in views.values())
+            assert scraped(text, "router_prompt_tokens_total") == sum(v.prompt_tokens for v in views.values())
             assert scraped(text, "router_replica_healthy", replica="sim") == 1
             assert scraped(text, "router_replica_in_flight", replica="sim") == 0
             assert "pid=" not in text  # no per-worker series
@@ -353,14 +377,21 @@ async def test_workers_answer_metrics_and_reload_as_one_router(tmp_path):
             await asyncio.sleep(0.2)
         await router.counted()
 
-        async with aiohttp.ClientSession() as http, http.post(router.url + "/admin/reload") as r:
-            assert r.status == 200
-            assert (await r.json())["other_workers"] == "reloading"
-        deadline = time.monotonic() + HANG_GUARD_S
-        while {g for g, _ in (await router.views()).values()} != {2}:  # both went from generation 1 to 2
-            assert time.monotonic() < deadline, "both workers reloaded"
-            await asyncio.sleep(0.1)
+        assert (await router.admin("POST", "/admin/reload"))["other_workers"] == "applying"
+        await router.until_all(lambda v: v.generation == 2, "both workers reloaded")  # from 1, once each
         assert scraped(await router.metrics(), "router_config_reloads_total", result="ok") == 2
+
+        # fleet changes through the admin API reach both workers too
+        await router.admin("POST", "/admin/replicas/sim/drain")
+        await router.until_all(lambda v: v.draining == {"sim"}, "both workers drain")
+        await router.admin("POST", "/admin/replicas/sim/undrain")
+        await router.until_all(lambda v: not v.draining, "both workers undrain")
+        extra = {"name": "extra", "url": "http://127.0.0.1:9", "models": ["sim-model"]}
+        await router.admin("POST", "/admin/replicas", extra)
+        await router.until_all(lambda v: v.replicas == {"sim", "extra"}, "both workers add")
+        await router.admin("DELETE", "/admin/replicas/extra")
+        await router.until_all(lambda v: v.replicas == {"sim"}, "both workers remove")
+        assert scraped(await router.metrics(), "router_config_reloads_total", result="error") == 0
         router.stop()
         assert set(glob.glob(os.path.join(tempfile.gettempdir(), "router-metrics-*"))) == before
     finally:
