@@ -108,7 +108,7 @@ class Workers:
         if origin is None:
             log.warning("unreadable worker message ignored: %r", line[:100])
             return
-        log.info("worker pid %d changed its config: passing the change to the others", origin)
+        log.info("worker pid %d made an admin change: passing it on to the others", origin)
         for proc in self.procs.values():
             if proc.returncode is None and proc.pid != origin and proc.stdin is not None:
                 with contextlib.suppress(ConnectionError, RuntimeError):  # exiting now: its restart reads the file
@@ -170,6 +170,7 @@ async def supervise(n: int, argv: Sequence[str], grace_s: float) -> int:
     try:
         return await _supervise(Workers(n, argv, grace_s, metrics_dir, write_fd), read_fd)
     finally:
+        asyncio.get_running_loop().remove_reader(read_fd)
         os.close(read_fd)
         os.close(write_fd)
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -215,7 +216,6 @@ async def _supervise(workers: Workers, read_fd: int) -> int:
     for w in watchers:
         w.cancel()
     await asyncio.gather(*watchers, return_exceptions=True)
-    loop.remove_reader(read_fd)
     return code
 
 
