@@ -91,6 +91,12 @@ def listening_children(parent: psutil.Process, port: int) -> dict[int, int]:
     return out
 
 
+def restarted(workers: dict[int, int], victim: int) -> bool:
+    """Two workers listen and the victim is not one of them, in one look (two looks may straddle its
+    death: both listening in the first, the victim gone in the second)."""
+    return len(workers) == 2 and victim not in workers
+
+
 async def until(cond, what: str) -> None:
     deadline = time.monotonic() + HANG_GUARD_S
     while not cond():
@@ -136,8 +142,7 @@ async def test_two_workers_share_the_port_are_restarted_and_drain_on_sigterm():
 
             victim = next(iter(listening_children(parent, port)))
             os.kill(victim, signal.SIGKILL)
-            await until(lambda: len(listening_children(parent, port)) == 2
-                        and victim not in listening_children(parent, port), "the dead worker restarted")
+            await until(lambda: restarted(listening_children(parent, port), victim), "the dead worker restarted")
             children = [c.pid for c in parent.children()]
 
         proc.send_signal(signal.SIGTERM)
@@ -370,7 +375,7 @@ async def test_workers_answer_metrics_and_reload_as_one_router(tmp_path):
 
         victim = next(iter(router.workers()))
         os.kill(victim, signal.SIGKILL)
-        await until(lambda: len(router.workers()) == 2 and victim not in router.workers(), "worker restarted")
+        await until(lambda: restarted(router.workers(), victim), "worker restarted")
         for _ in range(6):  # the dead worker's counts stay, counted once
             await router.counted()
         while await router.chat() != 200:  # the new worker's first requests may find no healthy replica yet
