@@ -162,16 +162,26 @@ def share_metrics(router: Router, reloader: Reloader) -> asyncio.Task[None] | No
     return asyncio.create_task(publish_every(publish), name="worker-metrics")
 
 
-def listen_to_siblings(router: Router, reloader: Reloader) -> asyncio.Task[None] | None:
-    """In a worker of ``--workers N``: apply the admin changes the other workers pass on (`router.siblings`)."""
+def listen_to_siblings(router: Router, reloader: Reloader, parent_gone: Callable[[], None]
+                       ) -> asyncio.Task[None] | None:
+    """In a worker of ``--workers N``: apply the admin changes the other workers pass on (`router.siblings`).
+    Their channel is the parent's pipe on stdin: when it closes, the parent is gone (killed), and a worker
+    left alone calls ``parent_gone`` (drain and exit) rather than hold the port unsupervised."""
     from router import siblings
 
     if not siblings.connected():
         return None
     from router.admin import apply_sibling_change
 
-    return asyncio.create_task(siblings.listen(functools.partial(apply_sibling_change, router, reloader)),
+    def ended(task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            logging.getLogger("router").warning("the supervising parent is gone: this worker drains and exits")
+            parent_gone()
+
+    task = asyncio.create_task(siblings.listen(functools.partial(apply_sibling_change, router, reloader)),
                                name="sibling-changes")
+    task.add_done_callback(ended)
+    return task
 
 
 async def serve(cfg: RouterConfig, *, config_file: str | None = None,
@@ -198,12 +208,12 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
                       ssl_context=certs.context if certs is not None else None).start()
     cert_watch = asyncio.create_task(certs.watch(), name="tls-cert-watch") if certs is not None else None
     publisher = share_metrics(router, app[RELOADER])
-    listener = listen_to_siblings(router, app[RELOADER])
+    stop = asyncio.Event()
+    listener = listen_to_siblings(router, app[RELOADER], parent_gone=stop.set)
     log = logging.getLogger("router")
     log.info("router listening on %s://%s:%d, policy %s, %d replica(s): %s",
              "https" if certs is not None else "http", cfg.host, cfg.port,
              cfg.policy.name, len(cfg.replicas), ", ".join(f"{r.name}={r.url}" for r in cfg.replicas))
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

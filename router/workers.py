@@ -26,6 +26,8 @@ One router, one view:
   to the parent still goes to every worker. A worker restarted later starts from the config file, as a
   restarted single router does (admin changes are not written to the file);
 - still per worker: what ``GET /admin/...`` shows (that worker's view: health, in-flight, index).
+
+A worker whose parent died (SIGKILL: no forwarding, no cleanup) sees its stdin close, drains and exits.
 """
 
 from __future__ import annotations

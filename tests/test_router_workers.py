@@ -4,10 +4,12 @@ given the same KV events and load decide alike (the property that makes N proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import glob
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -404,3 +406,33 @@ async def test_workers_answer_metrics_and_reload_as_one_router(tmp_path):
             router.proc.kill()
             router.proc.wait()
         await engine.close()
+
+
+@pytest.mark.slow
+def test_workers_whose_parent_was_killed_drain_and_exit():
+    """No orphan keeps the port unsupervised (a new router on the port would share it with them)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "router", "--workers", "2", "--port", str(port), "--replica",
+                             "http://127.0.0.1:9", "--model", "m"], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    parent = psutil.Process(proc.pid)
+    orphans: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while len(workers := listening_children(parent, port)) < 2:
+            assert time.monotonic() < deadline, "two workers listening"
+            time.sleep(0.1)
+        orphans = [psutil.Process(pid) for pid in workers]
+        left_behind = orphans[0].environ()["PROMETHEUS_MULTIPROC_DIR"]  # a killed parent cannot remove it
+        proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs(orphans, timeout=HANG_GUARD_S)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for orphan in orphans:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                orphan.kill()
+        if orphans:
+            shutil.rmtree(left_behind, ignore_errors=True)
