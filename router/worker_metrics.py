@@ -138,8 +138,7 @@ class _Merged(Collector):
         for fam in self.families():
             if self.keep is not None:
                 fam.samples = [s for s in fam.samples
-                               if s.labels.get("replica", NO_REPLICA) in self.keep
-                               or s.labels.get("replica", NO_REPLICA) == NO_REPLICA]
+                               if (r := s.labels.get("replica", NO_REPLICA)) == NO_REPLICA or r in self.keep]
             yield fam
 
 
@@ -160,11 +159,15 @@ class SharedMetrics:
         os.replace(tmp, target)
 
     def families(self) -> list[Metric]:
-        def files(pattern: str) -> list[list[dict[str, Any]]]:
-            return [_read(p) for p in sorted(glob.glob(str(self.path / pattern)))]
+        def names(pattern: str) -> list[str]:
+            return sorted(glob.glob(str(self.path / pattern)))
 
-        live = files(COLLECTED.format(pid="*"))
-        dead = files(DEAD + "*.json")
+        for _ in range(3):  # a worker's file renamed to dead while read could count twice: read again
+            dead_names = names(DEAD + "*.json")
+            live = [_read(p) for p in names(COLLECTED.format(pid="*"))]
+            dead = [_read(p) for p in dead_names]
+            if names(DEAD + "*.json") == dead_names:
+                break
         mmaped = list(MultiProcessCollector(None, str(self.path)).collect())
         return [*mmaped, *merge_collected(live, dead)]
 
