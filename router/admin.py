@@ -9,18 +9,25 @@ Routes (all admin-only, see `_admin_guard`):
 - ``POST   /admin/replicas/{name}/undrain`` take new requests again (clears the admin drain only)
 - ``DELETE /admin/replicas/{name}``        drain and remove
 - ``GET    /admin/config``                 the effective config, secrets redacted
-- ``POST   /admin/reload``                 reload the config file now
+- ``POST   /admin/reload``                 reload the config file now (with ``--workers``: every worker)
 
 Adding and removing go through `Reloader.update`, like a file reload: the change is validated the same
 way, bumps the config generation and shows in ``GET /admin/config``. It is NOT written back to the file,
 so the next reload from the file (file change, SIGHUP, ``POST /admin/reload``) puts the file's replica
 list back. A drain is replica state, not config: it survives reloads while the replica stays.
+
+With ``--workers N`` a request reaches the one worker its connection landed on: a reload, an added or
+removed replica and a drain then go on to the other live workers (`router.siblings`; the answer says
+``"other_workers": ...``), while the views show that worker's state (``"worker"`` in
+``GET /admin/config`` says which one).
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -30,13 +37,16 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from config.router import ConfigError, ReplicaConfig, RouterConfig, describe
+from router import siblings
 from router.auth import check_admin
 from router.errors import error_response
 from router.policies.base import Policy
-from router.reload import RELOADER, Reloader
+from router.reload import RELOADER, ConfigEdit, Reloader
 from router.replicas.state import ReplicaState
-from router.runtime import ROUTER
+from router.runtime import ROUTER, Router
+from router.worker_metrics import WORKER_ENV
 
+log = logging.getLogger("router.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SECRET_NAME = re.compile(r"(key|secret|token|password|credential)s?$", re.IGNORECASE)
 _KEEP_UNDER_SECRET = frozenset({"name", "env", "file"})  # where a key comes from, not the key
@@ -215,20 +225,36 @@ async def add_replica(request: web.Request) -> web.Response:
     if spec.name in router.registry:
         return error_response(f"replica {spec.name!r} already exists", 400, param="name",
                               code="replica_exists")
-
-    def with_replica(cfg: RouterConfig) -> RouterConfig:
-        if any(r.name == spec.name for r in cfg.replicas):
-            raise ConfigError(f"replicas: replica name {spec.name!r} is used twice")
-        return cfg.model_copy(update={"replicas": (*cfg.replicas, spec)})
-
-    result = await reloader.update(with_replica, "admin")
+    result = await reloader.update(_with_replica(spec), "admin")
     if not result.ok:
         return _result_error(reloader, result.error)
     replica = router.registry.get(spec.name)
     assert replica is not None
     policy = router.dispatcher.policy if router.dispatcher else None
     return web.json_response({"generation": result.generation,
-                              "replica": replica_json(replica, policy, time.monotonic())}, status=201)
+                              "replica": replica_json(replica, policy, time.monotonic()),
+                              **_tell_siblings({"op": "add", "replica": spec.model_dump(mode="json")})},
+                             status=201)
+
+
+def _with_replica(spec: ReplicaConfig) -> ConfigEdit:
+    def edit(cfg: RouterConfig) -> RouterConfig:
+        if any(r.name == spec.name for r in cfg.replicas):
+            raise ConfigError(f"replicas: replica name {spec.name!r} is used twice")
+        return cfg.model_copy(update={"replicas": (*cfg.replicas, spec)})
+    return edit
+
+
+def _without_replica(name: str) -> ConfigEdit:
+    def edit(cfg: RouterConfig) -> RouterConfig:
+        return cfg.model_copy(update={"replicas": tuple(r for r in cfg.replicas if r.name != name)})
+    return edit
+
+
+def _tell_siblings(change: dict[str, Any]) -> dict[str, str]:
+    """With ``--workers``: pass an applied change to the other workers (`router.siblings`); the answer
+    then says so. A single router answers as before."""
+    return {"other_workers": "applying"} if siblings.tell(change) else {}
 
 
 def _known(request: web.Request) -> tuple[ReplicaState | None, web.Response | None]:
@@ -247,7 +273,8 @@ async def _set_drain(request: web.Request, draining: bool) -> web.Response:
     replica.health.set_draining(draining, source="admin")
     router = request.app[ROUTER]
     policy = router.dispatcher.policy if router.dispatcher else None
-    return web.json_response({"replica": replica_json(replica, policy, time.monotonic())})
+    return web.json_response({"replica": replica_json(replica, policy, time.monotonic()),
+                              **_tell_siblings({"op": "drain", "name": replica.name, "draining": draining})})
 
 
 @admin_only
@@ -267,22 +294,21 @@ async def remove_replica(request: web.Request) -> web.Response:
         assert missing is not None
         return missing
     name, reloader = replica.name, _reloader(request)
-
-    def without_replica(cfg: RouterConfig) -> RouterConfig:
-        return cfg.model_copy(update={"replicas": tuple(r for r in cfg.replicas if r.name != name)})
-
-    result = await reloader.update(without_replica, "admin")
+    result = await reloader.update(_without_replica(name), "admin")
     if not result.ok:
         return _result_error(reloader, result.error)
     return web.json_response({"generation": result.generation, "removed": name,
-                              "in_flight_requests": replica.in_flight_requests})
+                              "in_flight_requests": replica.in_flight_requests,
+                              **_tell_siblings({"op": "remove", "name": name})})
 
 
 @admin_only
 async def show_config(request: web.Request) -> web.Response:
     reloader = _reloader(request)
     last = reloader.last.as_json() if reloader.last is not None else None
+    worker = {"worker": {"index": int(os.environ[WORKER_ENV]), "pid": os.getpid()}} if WORKER_ENV in os.environ else {}
     return web.json_response({
+        **worker,
         "generation": reloader.generation,
         "config_file": str(reloader.path) if reloader.path is not None else None,
         "config": redact(request.app[ROUTER].config.model_dump(mode="json")),
@@ -299,7 +325,23 @@ async def reload_config(request: web.Request) -> web.Response:
     result = await reloader.reload("api")
     if not result.ok:
         return _result_error(reloader, result.error)
-    return web.json_response(result.as_json())
+    return web.json_response({**result.as_json(), **_tell_siblings({"op": "reload"})})
+
+
+async def apply_sibling_change(router: Router, reloader: Reloader, change: dict[str, Any]) -> None:
+    """Apply a change another worker applied and passed on (`_tell_siblings`), the way it did; a refusal
+    is logged and counted (``router_config_reloads_total{result="error"}``) like any other."""
+    op, name = change.get("op"), str(change.get("name", ""))
+    if op == "reload":
+        await reloader.reload("api")
+    elif op == "add":
+        await reloader.update(_with_replica(ReplicaConfig.model_validate(change.get("replica"))), "admin")
+    elif op == "remove":
+        await reloader.update(_without_replica(name), "admin")
+    elif op == "drain" and (replica := router.registry.get(name)) is not None:
+        replica.health.set_draining(bool(change.get("draining")), source="admin")
+    else:
+        log.warning("change from another worker not applied (unknown, or no replica %r here): %r", name, change)
 
 
 def setup_admin(app: web.Application, reloader: Reloader) -> None:

@@ -128,10 +128,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
-    now = time.monotonic()
-    for r in router.registry.all():
-        router.metrics.healthy.labels(r.name).set(1 if r.health.admits(now) else 0)
-        router.metrics.in_flight.labels(r.name).set(r.in_flight_requests)
+    router.metrics.mirror_replicas(router.registry.all(), time.monotonic())
     return web.Response(body=router.metrics.render(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

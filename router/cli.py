@@ -13,12 +13,16 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from config.router import ConfigError, RouterConfig, load_config, parse_config
 from router.policies.registry import DEFAULT_POLICY, POLICY_NAMES
+
+if TYPE_CHECKING:
+    from router.reload import Reloader
+    from router.runtime import Router
 
 DESCRIPTION = """\
 Prefix-cache-aware router for vLLM replicas, speaking the OpenAI API.
@@ -138,6 +142,48 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return cfg
 
 
+def share_metrics(router: Router, reloader: Reloader) -> asyncio.Task[None] | None:
+    """In a worker of ``--workers N``: scrapes answer for all workers, and this worker's scrape-time
+    values are published every second for scrapes landing on the others (`router.worker_metrics`)."""
+    from router.worker_metrics import SharedMetrics, publish_every, worker_dir
+
+    path = worker_dir()
+    if path is None:
+        return None
+    metrics = router.metrics
+    metrics.shared = shared = SharedMetrics(path)
+    shared.replicas = lambda: {*router.registry.names(), *(r.name for r in reloader.retired)}
+
+    def publish() -> None:
+        metrics.mirror_replicas(router.registry.all(), time.monotonic())
+        metrics.refresh()
+        metrics.publish()
+
+    return asyncio.create_task(publish_every(publish), name="worker-metrics")
+
+
+def listen_to_siblings(router: Router, reloader: Reloader, parent_gone: Callable[[], None]
+                       ) -> asyncio.Task[None] | None:
+    """In a worker of ``--workers N``: apply the admin changes the other workers pass on (`router.siblings`).
+    Their channel is the parent's pipe on stdin: when it closes, the parent is gone (killed), and a worker
+    left alone calls ``parent_gone`` (drain and exit) rather than hold the port unsupervised."""
+    from router import siblings
+
+    if not siblings.connected():
+        return None
+    from router.admin import apply_sibling_change
+
+    def ended(task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            logging.getLogger("router").warning("the supervising parent is gone: this worker drains and exits")
+            parent_gone()
+
+    task = asyncio.create_task(siblings.listen(functools.partial(apply_sibling_change, router, reloader)),
+                               name="sibling-changes")
+    task.add_done_callback(ended)
+    return task
+
+
 async def serve(cfg: RouterConfig, *, config_file: str | None = None,
                 config_source: Callable[[], RouterConfig] | None = None, reuse_port: bool = False) -> None:
     """Run until SIGTERM/SIGINT, then drain. With a config file, it is watched, and SIGHUP reloads it."""
@@ -161,11 +207,13 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
     await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, reuse_port=reuse_port or None,
                       ssl_context=certs.context if certs is not None else None).start()
     cert_watch = asyncio.create_task(certs.watch(), name="tls-cert-watch") if certs is not None else None
+    publisher = share_metrics(router, app[RELOADER])
+    stop = asyncio.Event()
+    listener = listen_to_siblings(router, app[RELOADER], parent_gone=stop.set)
     log = logging.getLogger("router")
     log.info("router listening on %s://%s:%d, policy %s, %d replica(s): %s",
              "https" if certs is not None else "http", cfg.host, cfg.port,
              cfg.policy.name, len(cfg.replicas), ", ".join(f"{r.name}={r.url}" for r in cfg.replicas))
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -180,9 +228,10 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
         while router.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     finally:
-        if cert_watch is not None:
-            cert_watch.cancel()
-            await asyncio.gather(cert_watch, return_exceptions=True)
+        for task in (cert_watch, publisher, listener):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
 
 

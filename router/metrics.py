@@ -1,19 +1,32 @@
 """The router's Prometheus metrics: what it decided, what the replicas answered, how long it took.
 
 One registry per router instance (tests run several in one process). Names start with `router_`.
+
+With ``--workers N`` a scrape answers for all workers (`router.worker_metrics`): counters and
+histograms are summed; each gauge says how its workers' values combine (``multiprocess_mode``, ignored
+by a single process): in-flight requests and calibration observations add up; a replica counts as
+healthy if some worker admits it (it then gets traffic, and the `ReplicaDown` alert means every worker
+ejected it); cost constants, slot limit and config generation show the highest worker's value (workers
+learn the constants from their own share of the traffic; max is the cautious estimate of a replica's
+speed, and a restarted worker counting generations from 1 again does not hide the others').
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import Counter as _Counter
 from prometheus_client import Gauge as _Gauge
 from prometheus_client import Histogram as _Histogram
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from router.worker_metrics import SharedMetrics
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +69,36 @@ class Histogram(_CachedChildren, _Histogram):
     pass
 
 
+class _Registry(CollectorRegistry):
+    """Remembers the collectors that build their families when scraped (not our Counter/Gauge/
+    Histogram): with ``--workers`` they are published to the other workers (`router.worker_metrics`)."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=True)
+        self.scrape_time: list[Collector] = []
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        if not isinstance(collector, MetricWrapperBase):
+            self.scrape_time.append(collector)
+
+    def unregister(self, collector: Collector) -> None:
+        super().unregister(collector)
+        if collector in self.scrape_time:
+            self.scrape_time.remove(collector)
+
+
+class _Replica(Protocol):
+    """What `RouterMetrics.mirror_replicas` reads of a `ReplicaState`."""
+
+    name: str
+    in_flight_requests: int
+    health: Any  # HealthTracker: admits(now)
+
+
 class RouterMetrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry = _Registry()
         self.requests = Counter("router_requests", "Requests answered, by model, replica and status",
                                 ["model", "replica", "status"], registry=r)
         self.e2e = Histogram("router_request_duration_seconds", "End-to-end latency as the router sees it",
@@ -73,9 +113,9 @@ class RouterMetrics:
         self.ejections = Counter("router_replica_ejections", "Replicas ejected by health tracking",
                                  ["replica"], registry=r)
         self.healthy = Gauge("router_replica_healthy", "1 if the replica is admitted for traffic", ["replica"],
-                             registry=r)
+                             registry=r, multiprocess_mode="livemax")
         self.in_flight = Gauge("router_replica_in_flight", "Requests in flight per replica", ["replica"],
-                               registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self.prompt_tokens = Counter("router_prompt_tokens", "Prompt tokens per replica (engine usage)",
                                      ["replica"], registry=r)
         self.cached_tokens = Counter("router_cached_tokens", "Prompt tokens served from the prefix cache",
@@ -96,17 +136,21 @@ class RouterMetrics:
                                         registry=r)
         self.cost_constant = Gauge("router_cost_constant_seconds", "The cost policy's time constants per "
                                    "replica (learned online, or pinned), by constant", ["replica", "constant"],
-                                   registry=r)
+                                   registry=r, multiprocess_mode="livemax")
         self.calibration_observations = Gauge("router_calibration_observations", "Observations the cost "
                                               "policy's calibration has folded in, per replica", ["replica"],
-                                              registry=r)
+                                              registry=r, multiprocess_mode="livesum")
         self.slot_limit = Gauge("router_replica_slot_limit", "Concurrency limit the cost policy learned from "
-                                "the engine's reports (0: not known)", ["replica"], registry=r)
+                                "the engine's reports (0: not known)", ["replica"], registry=r,
+                                multiprocess_mode="livemax")
         self.config_generation = Gauge("router_config_generation", "Generation of the running config "
-                                       "(1 at start, +1 per applied change)", registry=r)
+                                       "(1 at start, +1 per applied change)", registry=r,
+                                       multiprocess_mode="livemax")
         # Mirrors state kept elsewhere (the policy's calibration) into gauges when scraped: once per
         # scrape instead of once per request.
         self.before_render: Callable[[], None] | None = None
+        # Set in a worker of `--workers N`: render() then answers for all workers.
+        self.shared: SharedMetrics | None = None
 
     def forget_replica(self, name: str) -> None:
         """Drop every series labelled with replica `name` (it left the fleet: series must not pile up
@@ -122,11 +166,29 @@ class RouterMetrics:
             with contextlib.suppress(KeyError):
                 self.cost_constant.remove(*labels)
 
-    def render(self) -> bytes:
+    def mirror_replicas(self, replicas: Iterable[_Replica], now: float) -> None:
+        """Health and in-flight of each replica into their gauges (at scrape time, not per request)."""
+        for r in replicas:
+            self.healthy.labels(r.name).set(1 if r.health.admits(now) else 0)
+            self.in_flight.labels(r.name).set(r.in_flight_requests)
+
+    def refresh(self) -> None:
+        """Mirror the state kept elsewhere into gauges (``before_render``)."""
         hook = self.before_render
         if hook is not None:
             try:
                 hook()
             except Exception:  # a scrape shows what it can
                 log.exception("metrics before_render hook failed")
+
+    def publish(self) -> None:
+        """A worker's scrape-time families, for its siblings' scrapes (no-op in a single process)."""
+        if self.shared is not None:
+            self.shared.publish(self.registry.scrape_time)
+
+    def render(self) -> bytes:
+        self.refresh()
+        if self.shared is not None:
+            self.publish()
+            return self.shared.render()
         return generate_latest(self.registry)

@@ -14,9 +14,20 @@ reset after a minute of good health), but one that fails within seconds of start
 requests (``shutdown_grace_s``), and anything still running after the grace is killed; SIGHUP is
 forwarded (each worker reloads its config file).
 
-Per-process state stays per process: ``/metrics`` and ``/admin`` answer for whichever worker the
-connection landed on, and ``POST /admin/reload`` or admin edits reach one worker only (use the config
-file and SIGHUP to change all of them).
+One router, one view:
+
+- ``/metrics`` answers for all workers, whichever one the scrape lands on: the parent gives them a
+  private directory (``PROMETHEUS_MULTIPROC_DIR``, made under the temp dir, so two routers on one host
+  never share one; removed when the parent exits), counters and histograms are summed, each gauge
+  combined by its own rule, and a dead worker's counts stay counted (`router.worker_metrics`);
+- ``POST /admin/reload`` and the admin API's replica changes (add, remove, drain, undrain) on one
+  worker reach all live workers: the worker that answered writes the change to the control pipe the
+  parent gave every worker, and the parent passes it to the others' stdin (`router.siblings`). A SIGHUP
+  to the parent still goes to every worker. A worker restarted later starts from the config file, as a
+  restarted single router does (admin changes are not written to the file);
+- still per worker: what ``GET /admin/...`` shows (that worker's view: health, in-flight, index).
+
+A worker whose parent died (SIGKILL: no forwarding, no cleanup) sees its stdin close, drains and exits.
 """
 
 from __future__ import annotations
@@ -25,10 +36,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+from router.siblings import CONTROL_FD_ENV, sender
+from router.worker_metrics import DIR_ENV, WORKER_ENV, mark_dead
 
 log = logging.getLogger("router.workers")
 
@@ -69,19 +86,35 @@ def counted_argv(argv: Sequence[str], workers: int, router_processes: int) -> li
 class Workers:
     """Starts, restarts and stops the worker processes."""
 
-    def __init__(self, n: int, argv: Sequence[str], grace_s: float) -> None:
+    def __init__(self, n: int, argv: Sequence[str], grace_s: float, metrics_dir: Path, control_fd: int) -> None:
         self.n = n
         self.argv = [sys.executable, "-m", "router", *worker_argv(argv)]
         self.grace_s = grace_s
+        self.metrics_dir = metrics_dir
+        self.control_fd = control_fd  # write end of the control pipe, inherited by every worker
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = [0] * n
         self.stopping = False
         self.failed = asyncio.Event()  # a worker cannot start: the parent stops everything
 
     async def start(self, i: int) -> None:
-        env = {**os.environ, "ROUTER_WORKER": str(i)}
-        self.procs[i] = await asyncio.create_subprocess_exec(*self.argv, env=env)
+        env = {**os.environ, WORKER_ENV: str(i), DIR_ENV: str(self.metrics_dir),
+               CONTROL_FD_ENV: str(self.control_fd)}
+        self.procs[i] = await asyncio.create_subprocess_exec(*self.argv, env=env, pass_fds=(self.control_fd,),
+                                                             stdin=asyncio.subprocess.PIPE)
         log.info("worker %d started (pid %d)", i, self.procs[i].pid)
+
+    def relay(self, line: bytes) -> None:
+        """A worker's message on the control pipe goes to every other live worker's stdin (`router.siblings`)."""
+        origin = sender(line)
+        if origin is None:
+            log.warning("unreadable worker message ignored: %r", line[:100])
+            return
+        log.info("worker pid %d made an admin change: passing it on to the others", origin)
+        for proc in self.procs.values():
+            if proc.returncode is None and proc.pid != origin and proc.stdin is not None:
+                with contextlib.suppress(ConnectionError, RuntimeError):  # exiting now: its restart reads the file
+                    proc.stdin.write(line + b"\n")
 
     async def watch(self, i: int) -> None:
         backoff = RESTART_BACKOFF_S[0]
@@ -89,6 +122,7 @@ class Workers:
         while not self.stopping:
             started = time.monotonic()
             code = await self.procs[i].wait()
+            mark_dead(self.metrics_dir, self.procs[i].pid)  # its live gauges go, its counts stay
             if self.stopping:
                 return
             ran = time.monotonic() - started
@@ -133,9 +167,40 @@ class Workers:
 
 
 async def supervise(n: int, argv: Sequence[str], grace_s: float) -> int:
-    workers = Workers(n, argv, grace_s)
+    metrics_dir = Path(tempfile.mkdtemp(prefix="router-metrics-"))  # per router: two never collide
+    read_fd, write_fd = os.pipe()
+    try:
+        return await _supervise(Workers(n, argv, grace_s, metrics_dir, write_fd), read_fd)
+    finally:
+        asyncio.get_running_loop().remove_reader(read_fd)
+        os.close(read_fd)
+        os.close(write_fd)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _control_reader(workers: Workers, read_fd: int) -> None:
+    """Read the control pipe's lines (each write of one short line is atomic) as they come."""
+    buffer = bytearray()
+
+    def readable() -> None:
+        try:
+            buffer.extend(os.read(read_fd, 4096))
+        except BlockingIOError:
+            return
+        while b"\n" in buffer:
+            line, _, rest = bytes(buffer).partition(b"\n")
+            buffer[:] = rest
+            workers.relay(line)
+
+    os.set_blocking(read_fd, False)
+    asyncio.get_running_loop().add_reader(read_fd, readable)
+
+
+async def _supervise(workers: Workers, read_fd: int) -> int:
+    n = workers.n
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    _control_reader(workers, read_fd)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, workers.signal_all, signal.SIGHUP)

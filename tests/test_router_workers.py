@@ -4,13 +4,17 @@ given the same KV events and load decide alike (the property that makes N proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import glob
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import aiohttp
@@ -89,6 +93,12 @@ def listening_children(parent: psutil.Process, port: int) -> dict[int, int]:
     return out
 
 
+def restarted(workers: dict[int, int], victim: int) -> bool:
+    """Two workers listen and the victim is not one of them, in one look (two looks may straddle its
+    death: both listening in the first, the victim gone in the second)."""
+    return len(workers) == 2 and victim not in workers
+
+
 async def until(cond, what: str) -> None:
     deadline = time.monotonic() + HANG_GUARD_S
     while not cond():
@@ -134,8 +144,7 @@ async def test_two_workers_share_the_port_are_restarted_and_drain_on_sigterm():
 
             victim = next(iter(listening_children(parent, port)))
             os.kill(victim, signal.SIGKILL)
-            await until(lambda: len(listening_children(parent, port)) == 2
-                        and victim not in listening_children(parent, port), "the dead worker restarted")
+            await until(lambda: restarted(listening_children(parent, port), victim), "the dead worker restarted")
             children = [c.pid for c in parent.children()]
 
         proc.send_signal(signal.SIGTERM)
@@ -239,3 +248,191 @@ def test_workers_that_cannot_start_stop_the_parent_with_an_error():
                               timeout=HANG_GUARD_S * 2, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.returncode == 1
     assert "giving up" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ one view of N workers
+
+
+def scraped(text: str, family: str, **labels: str) -> float:
+    """Sum of the samples of ``family`` (sample name) whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == family and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+@dataclasses.dataclass
+class View:
+    """What one worker's admin API shows."""
+
+    generation: int
+    prompt_tokens: float
+    draining: set[str]
+    replicas: set[str]
+
+
+class WorkerRouter:
+    """`python -m router --workers 2` with a config file, and fresh-connection HTTP to it."""
+
+    def __init__(self, config: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "router", "--workers", "2", "--port", str(self.port),
+                                      "--config", config], env={**os.environ, "PYTHONPATH": os.getcwd()})
+        self.parent = psutil.Process(self.proc.pid)
+        self.sent = 0
+
+    def workers(self) -> dict[int, int]:
+        return listening_children(self.parent, self.port)
+
+    async def chat(self) -> int:
+        """One request on a new connection (so the kernel picks the worker anew); every one is counted."""
+        body = {"model": "sim-model", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            self.sent += 1
+            async with http.post(self.url + "/v1/chat/completions", json=body) as r:
+                await r.read()
+                return r.status
+
+    async def metrics(self) -> str:
+        async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+                    http.get(self.url + "/metrics") as r):
+            assert r.status == 200
+            return await r.text()
+
+    async def worker_view(self) -> tuple[int, View]:
+        """The view of the worker one keep-alive connection lands on, and its pid."""
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+            async with http.get(self.url + "/admin/config") as r:
+                config = await r.json()
+            async with http.get(self.url + "/admin/replicas") as r:
+                replicas = {x["name"]: x for x in (await r.json())["data"] if not x["removed"]}
+        return config["worker"]["pid"], View(config["generation"],
+                                              sum(x["prompt_tokens_total"] for x in replicas.values()),
+                                              {n for n, x in replicas.items() if x["health"]["draining"]},
+                                              set(replicas))
+
+    async def views(self) -> dict[int, View]:
+        """pid -> view of each live worker (asked until every one answered)."""
+        out: dict[int, View] = {}
+        deadline = time.monotonic() + HANG_GUARD_S
+        while set(out) != set(self.workers()):
+            assert time.monotonic() < deadline, "both workers answered"
+            pid, view = await self.worker_view()
+            out[pid] = view
+            out = {p: v for p, v in out.items() if p in self.workers()}
+        return out
+
+    async def until_all(self, cond, what: str) -> None:
+        """Until every live worker's view satisfies ``cond``."""
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not all(cond(v) for v in (await self.views()).values()):
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.1)
+
+    async def admin(self, method: str, path: str, body: dict | None = None) -> dict:
+        async with aiohttp.ClientSession() as http, http.request(method, self.url + path, json=body) as r:
+            assert r.status in (200, 201), await r.text()
+            return await r.json()
+
+    async def counted(self) -> str:
+        """A scrape once every request sent is counted (counted as answered, not before)."""
+        deadline = time.monotonic() + HANG_GUARD_S
+        while scraped(text := await self.metrics(), "router_requests_total") != self.sent:
+            assert time.monotonic() < deadline, "requests counted"
+            await asyncio.sleep(0.1)
+        return text
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(HANG_GUARD_S) == 0
+
+
+@pytest.mark.slow
+async def test_workers_answer_metrics_and_reload_as_one_router(tmp_path):
+    """Counts sum over both workers whichever answers, survive a killed worker, and an admin reload or
+    replica change on one worker reaches both; the shared metrics directory is gone after the router exits."""
+    engine = TestServer(create_engine_app(SimBackend(SimConfig(model_name="sim-model", profile="instant"))),
+                        host="127.0.0.1")
+    await engine.start_server()
+    config = tmp_path / "router.yaml"
+    config.write_text(f"replicas:\n  - name: sim\n    url: {str(engine.make_url('')).rstrip('/')}\n"
+                      "    models: [sim-model]\n")
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "router-metrics-*")))
+    router = WorkerRouter(str(config))
+    try:
+        await until(lambda: len(router.workers()) == 2, "two workers listening")
+        while await router.chat() != 200:  # both workers probe the replica's health themselves
+            await asyncio.sleep(0.2)
+        for _ in range(30):
+            await router.chat()
+        views = await router.views()  # both workers served some, and each sees only its own
+        assert all(v.prompt_tokens > 0 for v in views.values())
+        for _ in range(6):  # whichever worker answers the scrape
+            text = await router.counted()
+            assert scraped(text, "router_prompt_tokens_total") == sum(v.prompt_tokens for v in views.values())
+            assert scraped(text, "router_replica_healthy", replica="sim") == 1
+            assert scraped(text, "router_replica_in_flight", replica="sim") == 0
+            assert "pid=" not in text  # no per-worker series
+
+        victim = next(iter(router.workers()))
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: restarted(router.workers(), victim), "worker restarted")
+        for _ in range(6):  # the dead worker's counts stay, counted once
+            await router.counted()
+        while await router.chat() != 200:  # the new worker's first requests may find no healthy replica yet
+            await asyncio.sleep(0.2)
+        await router.counted()
+
+        assert (await router.admin("POST", "/admin/reload"))["other_workers"] == "applying"
+        await router.until_all(lambda v: v.generation == 2, "both workers reloaded")  # from 1, once each
+        assert scraped(await router.metrics(), "router_config_reloads_total", result="ok") == 2
+
+        # fleet changes through the admin API reach both workers too
+        await router.admin("POST", "/admin/replicas/sim/drain")
+        await router.until_all(lambda v: v.draining == {"sim"}, "both workers drain")
+        await router.admin("POST", "/admin/replicas/sim/undrain")
+        await router.until_all(lambda v: not v.draining, "both workers undrain")
+        extra = {"name": "extra", "url": "http://127.0.0.1:9", "models": ["sim-model"]}
+        await router.admin("POST", "/admin/replicas", extra)
+        await router.until_all(lambda v: v.replicas == {"sim", "extra"}, "both workers add")
+        await router.admin("DELETE", "/admin/replicas/extra")
+        await router.until_all(lambda v: v.replicas == {"sim"}, "both workers remove")
+        assert scraped(await router.metrics(), "router_config_reloads_total", result="error") == 0
+        router.stop()
+        assert set(glob.glob(os.path.join(tempfile.gettempdir(), "router-metrics-*"))) == before
+    finally:
+        if router.proc.poll() is None:
+            router.proc.kill()
+            router.proc.wait()
+        await engine.close()
+
+
+@pytest.mark.slow
+def test_workers_whose_parent_was_killed_drain_and_exit():
+    """No orphan keeps the port unsupervised (a new router on the port would share it with them)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "router", "--workers", "2", "--port", str(port), "--replica",
+                             "http://127.0.0.1:9", "--model", "m"], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    parent = psutil.Process(proc.pid)
+    orphans: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while len(workers := listening_children(parent, port)) < 2:
+            assert time.monotonic() < deadline, "two workers listening"
+            time.sleep(0.1)
+        orphans = [psutil.Process(pid) for pid in workers]
+        left_behind = orphans[0].environ()["PROMETHEUS_MULTIPROC_DIR"]  # a killed parent cannot remove it
+        proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs(orphans, timeout=HANG_GUARD_S)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for orphan in orphans:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                orphan.kill()
+        if orphans:
+            shutil.rmtree(left_behind, ignore_errors=True)

@@ -60,9 +60,15 @@ def request(url: str, body: dict | None = None, key: str | None = API_KEY) -> in
         return e.code
 
 
+@pytest.fixture(params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["one-process", "workers-2"])
+def router_workers(request: pytest.FixtureRequest) -> int:
+    return request.param
+
+
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[str]:
-    """Two sim engines, the router and Prometheus on ephemeral loopback ports; yields Prometheus' URL."""
+def stack(tmp_path: Path, router_workers: int) -> Iterator[str]:
+    """Two sim engines, the router (one process, or ``--workers 2``: the same queries must work on the
+    workers' merged /metrics) and Prometheus on ephemeral loopback ports; yields Prometheus' URL."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus is not installed (bash scripts/install.sh installs Debian's package)")
@@ -94,7 +100,7 @@ def stack(tmp_path: Path) -> Iterator[str]:
         config_file.write_text(yaml.safe_dump(config))
         for port in engines.values():
             wait_http(f"http://127.0.0.1:{port}/health")
-        start("router", sys.executable, "-m", "router", "--config", str(config_file))
+        start("router", sys.executable, "-m", "router", "--config", str(config_file), "--workers", str(router_workers))
         wait_http(f"http://127.0.0.1:{router_port}/health")
 
         prom_port = free_port()
