@@ -235,6 +235,7 @@ class Cost(PolicyBase):
         self._geometry: dict[str, tuple[int, int, float]] = {}
         self._avg_uncached: float | None = None  # EWMA over dispatched requests
         self._avg_output: float | None = None  # EWMA of reported completion tokens
+        self._engine_per_estimate = 1.0  # engine prompt tokens per estimated token (EWMA of reports)
         self._dispatches = 0
         self._last_sent: dict[str, int] = {}  # replica -> number of the dispatch that last went there
         self.candidates = CandidateFilter(candidates, self.index)  # large fleets: what choose() prices
@@ -365,6 +366,8 @@ class Cost(PolicyBase):
             busy_step, busy_per_seq = self._shared_step(view.name, raw)  # decode steps at the learned timing
             slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (busy_step + busy_per_seq * busy) / (busy + 1.0)
             seconds = max(seconds, slot_wait)
+        if fresh and view.running > 0 and view.kv_blocks_used > 0 and view.block_size > 0:
+            seconds += self._kv_wait(view, in_flight, uncached, decode_steps, raw)
         own = overhead + per_token * uncached
         if running > 0:
             busy_step, busy_per_seq = self._shared_step(view.name, raw)
@@ -378,6 +381,28 @@ class Cost(PolicyBase):
                 seconds += self.eviction_weight * per_token * evicted_tokens
         weight = view.weight
         return seconds / weight if weight > 0 else seconds
+
+    def _kv_wait(self, view: ReplicaView, in_flight: float, uncached: float, decode_steps: float,
+                 raw: tuple[float, float, float, float]) -> float:
+        """Seconds until the engine's KV cache has blocks for this request's uncached tokens and for the
+        prompts admitted before it: 0 while its free blocks hold them all. Free means not held by a
+        running request: vLLM (and the sim) evict unreferenced cached blocks before anyone waits, so only
+        blocks of running requests make a request wait. The missing blocks free as running requests
+        finish: each holds ``used / R`` of them, and with remaining decodes uniform over ``L`` (as the
+        slot wait's) the ``k``-th of ``R`` finishes after ``k L / (R+1)``; ``k`` grows past ``R`` linearly
+        (the queue ahead must run and finish too). The prompts ahead: the engine's ``waiting``, or the
+        requests sent since its report (in flight beyond its ``running``) if more, each at the mean
+        uncached size."""
+        running = float(view.running)
+        used = float(view.kv_blocks_used)
+        ahead = max(float(view.waiting), in_flight - running)
+        need = uncached + ahead * self._uncached_per_prompt(view.name, uncached) if ahead > 0 else uncached
+        missing = need * self._engine_per_estimate / view.block_size - (view.kv_blocks_total - used)
+        if missing <= 0:
+            return 0.0
+        busy_step, busy_per_seq = self._shared_step(view.name, raw)
+        life = (decode_steps - 1.0) * (busy_step + busy_per_seq * running)
+        return missing / used * running / (running + 1.0) * life
 
     def _expected_output(self, features: RequestFeatures) -> float:
         guess = DEFAULT_OUTPUT_GUESS if self._avg_output is None else self._avg_output
@@ -452,6 +477,9 @@ class Cost(PolicyBase):
         if outcome.ok and outcome.completion_tokens is not None:
             avg, out = self._avg_output, float(outcome.completion_tokens)
             self._avg_output = out if avg is None else 0.9 * avg + 0.1 * out
+        if outcome.ok and outcome.prompt_tokens and features.token_estimate > 0:
+            ratio = outcome.prompt_tokens / features.token_estimate
+            self._engine_per_estimate = 0.9 * self._engine_per_estimate + 0.1 * ratio
         hashes = features.block_hashes
         if not outcome.ok:
             if outcome.ttft_s is None:  # never prefilled: what this dispatch added is not there
