@@ -3,6 +3,7 @@
 For every eligible replica ``r`` the policy estimates, in seconds::
 
     cost(r) = [ queue(r)                                           # prefill work already ahead of it
+              + kv_wait(r)                                         # waiting for free KV blocks
               + (1 + work_weight) * (prefill(r) + decode(r))       # its own work, and the same again
                                                                    #   as the delay it imposes on others
               + eviction_weight * prefill_s_per_token * evicted_tokens(r)
@@ -51,6 +52,16 @@ random draw.
   at the learned timing, as in ``decode(r)``: with the configured H100 ratios a step is worth 300 prefill
   tokens where an llmd-8b engine's is worth 48, and the wait looked 6x dearer than recomputing), the
   ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
+- ``kv_wait(r)``: an engine admits a request only when its free KV blocks hold the request's uncached
+  blocks (vLLM's ``allocate_slots``; free blocks include cached ones no running request holds, which it
+  evicts rather than wait). From a fresh load report with ``R`` running holding ``used`` blocks: the
+  blocks missing, ``M`` = this request's uncached blocks plus those of the prompts admitted before it
+  (the engine's ``waiting``, or the requests sent since its report if more, at the mean uncached size)
+  minus the free blocks, free as running requests finish, ``used / R`` each; with remaining decodes
+  uniform over ``L`` (as the slot wait's) that takes ``M / used * R / (R+1) * L``. Added to ``queue(r)``,
+  not maxed with it: a prompt blocked on KV cannot prefill meanwhile, so each admission ahead waits for
+  a finish and then for its prefill. 0 while the blocks are there, and without a fresh report or KV
+  geometry.
 - ``evicted_tokens(r)``: prompt blocks that must leave ``r``'s (full) cache to make room for this
   request's uncached blocks; they will likely have to be recomputed later.
 
@@ -384,15 +395,9 @@ class Cost(PolicyBase):
 
     def _kv_wait(self, view: ReplicaView, in_flight: float, uncached: float, decode_steps: float,
                  raw: tuple[float, float, float, float]) -> float:
-        """Seconds until the engine's KV cache has blocks for this request's uncached tokens and for the
-        prompts admitted before it: 0 while its free blocks hold them all. Free means not held by a
-        running request: vLLM (and the sim) evict unreferenced cached blocks before anyone waits, so only
-        blocks of running requests make a request wait. The missing blocks free as running requests
-        finish: each holds ``used / R`` of them, and with remaining decodes uniform over ``L`` (as the
-        slot wait's) the ``k``-th of ``R`` finishes after ``k L / (R+1)``; ``k`` grows past ``R`` linearly
-        (the queue ahead must run and finish too). The prompts ahead: the engine's ``waiting``, or the
-        requests sent since its report (in flight beyond its ``running``) if more, each at the mean
-        uncached size."""
+        """Seconds until the engine's free KV blocks hold this request's uncached blocks and those of the
+        prompts admitted before it (``kv_wait(r)`` in the module docstring). The engine's tokens per
+        estimated token come from its reports (`on_complete`), as blocks are counted in its tokens."""
         running = float(view.running)
         used = float(view.kv_blocks_used)
         ahead = max(float(view.waiting), in_flight - running)

@@ -2,6 +2,7 @@
 
 from policy_fixtures import features_with, view
 
+from router.policies.base import Outcome
 from router.policies.cost import Cost
 
 BLOCK = 16  # engine tokens per KV block in these reports (= the fixtures' estimated tokens per block)
@@ -47,3 +48,19 @@ def test_the_wait_grows_with_the_blocks_missing():
 def test_a_stale_report_prices_no_wait():
     stale = engine("r", used=199, load_age_s=None)
     assert priced(stale, 30) == priced(view("r", running=4, in_flight_requests=4), 30)
+
+
+def test_blocks_are_counted_in_the_engine_s_tokens_as_its_reports_show():
+    # An engine whose tokenizer makes twice the router's estimate needs twice the blocks: 40 free hold the
+    # estimate's 30 blocks but not the engine's 60.
+    policy, features = Cost(seed=0), features_with(40, "x")
+    for i in range(40):
+        request = features_with(40, f"r{i}")
+        decision = policy.choose(request, [view("a")])
+        policy.on_dispatch(request, decision)
+        policy.on_complete(request, decision, Outcome(ok=True, status=200, ttft_s=0.1,
+                                                      prompt_tokens=2 * request.token_estimate))
+    room_for_estimate = engine("r", used=160)
+    assert priced(room_for_estimate, 30) == priced(engine("r", used=0), 30)  # a fresh policy: no wait
+    waits = policy.estimate_cost(room_for_estimate, 30 * BLOCK, features)
+    assert waits > policy.estimate_cost(engine("r", used=0), 30 * BLOCK, features)
