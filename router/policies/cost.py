@@ -3,6 +3,7 @@
 For every eligible replica ``r`` the policy estimates, in seconds::
 
     cost(r) = [ queue(r)                                           # prefill work already ahead of it
+              + kv_wait(r)                                         # waiting for free KV blocks
               + (1 + work_weight) * (prefill(r) + decode(r))       # its own work, and the same again
                                                                    #   as the delay it imposes on others
               + eviction_weight * prefill_s_per_token * evicted_tokens(r)
@@ -51,6 +52,16 @@ random draw.
   at the learned timing, as in ``decode(r)``: with the configured H100 ratios a step is worth 300 prefill
   tokens where an llmd-8b engine's is worth 48, and the wait looked 6x dearer than recomputing), the
   ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
+- ``kv_wait(r)``: an engine admits a request only when its free KV blocks hold the request's uncached
+  blocks (vLLM's ``allocate_slots``; free blocks include cached ones no running request holds, which it
+  evicts rather than wait). From a fresh load report with ``R`` running holding ``used`` blocks: the
+  blocks missing, ``M`` = this request's uncached blocks plus those of the prompts admitted before it
+  (the engine's ``waiting``, or the requests sent since its report if more, at the mean uncached size)
+  minus the free blocks, free as running requests finish, ``used / R`` each; with remaining decodes
+  uniform over ``L`` (as the slot wait's) that takes ``M / used * R / (R+1) * L``. Added to ``queue(r)``,
+  not maxed with it: a prompt blocked on KV cannot prefill meanwhile, so each admission ahead waits for
+  a finish and then for its prefill. 0 while the blocks are there, and without a fresh report or KV
+  geometry.
 - ``evicted_tokens(r)``: prompt blocks that must leave ``r``'s (full) cache to make room for this
   request's uncached blocks; they will likely have to be recomputed later.
 
@@ -235,6 +246,7 @@ class Cost(PolicyBase):
         self._geometry: dict[str, tuple[int, int, float]] = {}
         self._avg_uncached: float | None = None  # EWMA over dispatched requests
         self._avg_output: float | None = None  # EWMA of reported completion tokens
+        self._engine_per_estimate = 1.0  # engine prompt tokens per estimated token (EWMA of reports)
         self._dispatches = 0
         self._last_sent: dict[str, int] = {}  # replica -> number of the dispatch that last went there
         self.candidates = CandidateFilter(candidates, self.index)  # large fleets: what choose() prices
@@ -365,6 +377,8 @@ class Cost(PolicyBase):
             busy_step, busy_per_seq = self._shared_step(view.name, raw)  # decode steps at the learned timing
             slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (busy_step + busy_per_seq * busy) / (busy + 1.0)
             seconds = max(seconds, slot_wait)
+        if fresh and view.running > 0 and view.kv_blocks_used > 0 and view.block_size > 0:
+            seconds += self._kv_wait(view, in_flight, uncached, decode_steps, raw)
         own = overhead + per_token * uncached
         if running > 0:
             busy_step, busy_per_seq = self._shared_step(view.name, raw)
@@ -378,6 +392,22 @@ class Cost(PolicyBase):
                 seconds += self.eviction_weight * per_token * evicted_tokens
         weight = view.weight
         return seconds / weight if weight > 0 else seconds
+
+    def _kv_wait(self, view: ReplicaView, in_flight: float, uncached: float, decode_steps: float,
+                 raw: tuple[float, float, float, float]) -> float:
+        """Seconds until the engine's free KV blocks hold this request's uncached blocks and those of the
+        prompts admitted before it (``kv_wait(r)`` in the module docstring). The engine's tokens per
+        estimated token come from its reports (`on_complete`), as blocks are counted in its tokens."""
+        running = float(view.running)
+        used = float(view.kv_blocks_used)
+        ahead = max(float(view.waiting), in_flight - running)
+        need = uncached + ahead * self._uncached_per_prompt(view.name, uncached) if ahead > 0 else uncached
+        missing = need * self._engine_per_estimate / view.block_size - (view.kv_blocks_total - used)
+        if missing <= 0:
+            return 0.0
+        busy_step, busy_per_seq = self._shared_step(view.name, raw)
+        life = (decode_steps - 1.0) * (busy_step + busy_per_seq * running)
+        return missing / used * running / (running + 1.0) * life
 
     def _expected_output(self, features: RequestFeatures) -> float:
         guess = DEFAULT_OUTPUT_GUESS if self._avg_output is None else self._avg_output
@@ -452,6 +482,9 @@ class Cost(PolicyBase):
         if outcome.ok and outcome.completion_tokens is not None:
             avg, out = self._avg_output, float(outcome.completion_tokens)
             self._avg_output = out if avg is None else 0.9 * avg + 0.1 * out
+        if outcome.ok and outcome.prompt_tokens and features.token_estimate > 0:
+            ratio = outcome.prompt_tokens / features.token_estimate
+            self._engine_per_estimate = 0.9 * self._engine_per_estimate + 0.1 * ratio
         hashes = features.block_hashes
         if not outcome.ok:
             if outcome.ttft_s is None:  # never prefilled: what this dispatch added is not there
