@@ -281,8 +281,7 @@ class Cost(PolicyBase):
         agreed = None
         if self.agree and self.router_processes > 1:  # a prefix the cache does not place: where all agree
             agreed = placement.agree(features.block_hashes, block_tokens, priced, costs, matched,
-                                     lambda common: (1.0 + self.work_weight) * (self.request_overhead_s + (
-                                         self.prefill_s_per_token * max(0.0, tokens - common * block_tokens))),
+                                     self._own_prefill(priced, costs, tokens, block_tokens),
                                      self.router_processes)
         cutoff = min(costs.values()) * (1.0 + self.tie_tolerance)
         near = [r for r in priced if costs[r.name] <= cutoff]
@@ -297,6 +296,16 @@ class Cost(PolicyBase):
         got = matched.get(pick.name, 0)
         reason = "load" if best == 0 else "prefix" if got == best else "replicate"
         return Decision(replica=pick.name, reason=reason, matched_blocks=got, scores=costs)
+
+    def _own_prefill(self, priced: Sequence[ReplicaView], costs: Mapping[str, float], tokens: float,
+                     block_tokens: float) -> Callable[[int], float]:
+        """``agree``'s margin: the prompt's own prefill past ``common`` blocks, as `_cost` prices it on the
+        cheapest replica (its calibrated constants and weight): the configured prior would set a margin in
+        other units than the costs it is compared with once calibration moved them."""
+        cheapest = min(priced, key=lambda v: costs[v.name])
+        overhead, per_token = self._constants[cheapest.name][:2]
+        scale = (1.0 + self.work_weight) / _weight(cheapest)
+        return lambda common: scale * (overhead + per_token * max(0.0, tokens - common * block_tokens))
 
     def _admission_room(self, replicas: Sequence[ReplicaView], features: RequestFeatures) -> Callable[[str], float | None]:
         """Per replica, the estimated tokens it can allocate before admitting this request without evicting

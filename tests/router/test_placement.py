@@ -12,6 +12,7 @@ from policy_fixtures import prompt, reported, request, views
 from router.features import RequestFeatures
 from router.policies import placement
 from router.policies.base import Outcome
+from router.calibration import CostConstants
 from router.policies.cost import Cost
 
 REPLICAS = ("a", "b", "c", "d")
@@ -91,3 +92,25 @@ def test_router_processes_below_one_is_rejected():
     with pytest.raises(ValueError, match="router_processes"):
         Cost(router_processes=0)
 
+
+
+def test_the_margin_is_priced_in_the_calibrated_units_of_the_costs_it_is_compared_with():
+    """A fleet learned to be 10x slower than the configured prior decides as a fleet configured 10x slower:
+    every cost scales by 10, and so does the margin (the prompt's own prefill on the cheapest replica), so
+    a replica with one short prompt queued stays among the near-cheapest that agreement picks from."""
+    prior = CostConstants(2e-3, 2e-5, 1e-5, 6e-3)
+    slow = CostConstants(*(10 * c for c in prior.as_tuple()))
+    learned = Cost(seed=0, router_processes=4, calibration="pinned")
+    learned.calibrator.constants = lambda name: slow  # type: ignore[method-assign]
+    configured = Cost(seed=0, router_processes=4, calibration="pinned", request_overhead_s=slow.request_overhead_s,
+                      prefill_s_per_token=slow.prefill_s_per_token, decode_s_per_seq=slow.decode_s_per_seq,
+                      decode_step_s=slow.decode_step_s)
+    picks = []
+    for i in range(32):  # "a" has one prompt of 10-72 tokens queued: costlier, but by less than a prefill
+        f = burst(1, group=f"g{i}")[0]
+        loaded = [dataclasses.replace(v, in_flight_requests=1, in_flight_tokens=10 + 2 * i) if v.name == "a" else v
+                  for v in views(*REPLICAS)]
+        a, b = learned.choose(f, loaded), configured.choose(f, loaded)
+        assert (a.replica, a.scores) == (b.replica, pytest.approx(b.scores))
+        picks.append(a.replica)
+    assert set(picks) == set(REPLICAS)  # "a" is within the margin for the prefixes that rank it first
