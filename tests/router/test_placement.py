@@ -9,10 +9,10 @@ import random
 import pytest
 from policy_fixtures import prompt, reported, request, views
 
+from router.calibration import CostConstants
 from router.features import RequestFeatures
 from router.policies import placement
 from router.policies.base import Outcome
-from router.calibration import CostConstants
 from router.policies.cost import Cost
 
 REPLICAS = ("a", "b", "c", "d")
