@@ -52,7 +52,7 @@ def test_a_prompt_that_a_replica_holds_is_priced_not_placed():
     assert (second.replica, second.reason) == (d.replica, "prefix")
 
 
-def test_agree_needs_other_processes_and_replicas_the_cache_does_not_tell_apart():
+def test_agree_needs_other_processes_and_leaves_a_cheapest_holder_to_the_costs():
     f = burst(1)[0]
     idle = views(*REPLICAS)
     costs = dict.fromkeys(REPLICAS, 1.0)
@@ -114,3 +114,38 @@ def test_the_margin_is_priced_in_the_calibrated_units_of_the_costs_it_is_compare
         assert (a.replica, a.scores) == (b.replica, pytest.approx(b.scores))
         picks.append(a.replica)
     assert set(picks) == set(REPLICAS)  # "a" is within the margin for the prefixes that rank it first
+
+
+def test_a_holder_within_the_unseen_load_of_the_cheapest_keeps_its_prefix():
+    """Costs closer than the load this process cannot see do not tell replicas apart; the cache does: a
+    replica holding the prompt a little dearer than an empty one keeps it (four processes: the margin is
+    3/4 of the prompt's own prefill)."""
+    f = burst(1)[0]
+    costs = {"a": 1.05, "b": 1.0, "c": 1.0, "d": 1.2}
+    one_second = lambda common: 1.0  # noqa: E731
+    pick = placement.agree(f.block_hashes, f.block_tokens, views(*REPLICAS), costs, {"a": 8}, one_second, 4)
+    assert pick is not None and pick.name == "a"
+
+
+def test_a_holder_dearer_than_the_margin_is_left_to_the_costs():
+    f = burst(1)[0]
+    costs = {"a": 2.0, "b": 1.0, "c": 1.0, "d": 1.2}
+    one_second = lambda common: 1.0  # noqa: E731
+    assert placement.agree(f.block_hashes, f.block_tokens, views(*REPLICAS), costs, {"a": 8}, one_second, 4) is None
+
+
+def test_when_the_cheapest_holds_the_deepest_match_the_costs_decide():
+    f = burst(1)[0]
+    costs = {"a": 1.05, "b": 1.0, "c": 1.0, "d": 1.2}
+    one_second = lambda common: 1.0  # noqa: E731
+    held = {"a": 8, "b": 8}
+    assert placement.agree(f.block_hashes, f.block_tokens, views(*REPLICAS), costs, held, one_second, 4) is None
+
+
+def test_among_near_holders_the_deepest_match_wins_then_the_cheaper():
+    f = burst(1)[0]
+    costs = {"a": 1.1, "b": 1.0, "c": 1.05, "d": 1.08}
+    one_second = lambda common: 1.0  # noqa: E731
+    held = {"a": 8, "c": 8, "d": 4}
+    pick = placement.agree(f.block_hashes, f.block_tokens, views(*REPLICAS), costs, held, one_second, 4)
+    assert pick is not None and pick.name == "c"
