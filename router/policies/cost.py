@@ -103,10 +103,11 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     kv_hold_s (0.0): exact modes count a request's blocks as held on its replica while in flight and this
         long after (for the events' lag). 0 by default: in the benchmarks a 0.25-2 s hold cost multiturn
         hit rate where the cache evicts (docs/kv_events.md, "Routing on the events").
-    agree (True): with several router processes (``router_processes`` > 1), a prompt the cache does not
-        place (every replica holds the same of it) goes, among the replicas within the load this
-        process cannot see of the cheapest, where rendezvous hashing of its first blocks says, so the
-        processes agree where a new prefix goes (`router.policies.placement`).
+    agree (True): with several router processes (``router_processes`` > 1), among the replicas within the
+        load this process cannot see of the cheapest, the one holding the deepest match keeps the prompt,
+        and a prompt the cache does not place (every replica holds the same of it) goes where rendezvous
+        hashing of its first blocks says, so the processes agree where a new prefix goes
+        (`router.policies.placement`).
     router_processes (1): how many router processes share the traffic (``--workers N``, or N router
         pods). With N > 1 ``agree`` acts, and the queue and running requests this process counts on a
         replica are priced N times (its requests are a random 1/N of the fleet's; the engines'
