@@ -19,8 +19,9 @@ process cannot see, below); among those near-cheapest replicas the cache decides
 - when a near-cheapest replica holds more of the prompt than the cheapest, it keeps the prompt (the
   deepest match, then the cheaper). Without this, one request of this process queued at a holder (priced
   N times, `router.policies.cost`'s ``router_processes``) sent the holder's next siblings elsewhere to
-  recompute the prefix: 21 of the 22 misses K=4 added to K=1 in the simulator's llmd-8b gsp run (seed 1),
-  and gsp's TTFT p90 sits where its misses begin, so a few more misses move it (``benchmarks.processes``);
+  recompute the prefix: 21 of K=4's 22 misses past the groups' first requests (K=1: 2) in the
+  simulator's llmd-8b gsp run (seed 1), and gsp's TTFT p90 sits where its misses begin, so a few more
+  misses move it (``benchmarks.processes``, docs/kv_events.md);
 - otherwise (the cheapest holds the deepest match, or the holders are dearer than the margin) the costs
   decide, as with one process.
 
