@@ -280,7 +280,7 @@ class Cost(PolicyBase):
             if keyed is not None:
                 keyed(view, last.get(name, -1))
         agreed = None
-        if self.agree and self.router_processes > 1:  # a prefix the cache does not place: where all agree
+        if self.agree and self.router_processes > 1:  # near-equal costs: the cache, then agreement, decide
             agreed = placement.agree(features.block_hashes, block_tokens, priced, costs, matched,
                                      self._own_prefill(priced, costs, tokens, block_tokens),
                                      self.router_processes)
