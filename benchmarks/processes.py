@@ -1,7 +1,7 @@
 """K router processes against one, offline: hit rate and TTFT p90 ratios per matrix engine and workload.
 
-    python -m benchmarks.processes --size 4 --seeds 1,2 --tell-processes     # precise, told N
-    python -m benchmarks.processes --size 4 --seeds 1,2 --params '{"agree": false}'
+    python -m benchmarks.processes --size 4 --seeds 1,2                       # precise, told N (as --workers N)
+    python -m benchmarks.processes --size 4 --seeds 1,2 --untold-processes    # K lone routers, the "before"
 
 Issue 14's goal for several router processes (K=4 keeps >= 0.95x one process's hit rate and its TTFT p90
 within 10 %), asked of the simulator's model of K processes (`benchmarks.sim_processes`) on the engines
@@ -75,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "connections)")
     p.add_argument("--size", type=int, default=1,
                    help="x this many sessions (gsp groups, multiturn conversations, agentic sessions)")
-    p.add_argument("--tell-processes", action="store_true",
-                   help="pass router_processes=K to the K policies (as --workers K would)")
+    p.add_argument("--untold-processes", action="store_true",
+                   help="do not pass router_processes=K to the K policies (by default they are told, as "
+                        "--workers K tells its workers; benchmarks.compare has the same flag)")
     p.add_argument("--out", default=None, help="JSON path (default results/sim-processes-<policy>.json)")
     args = p.parse_args(argv)
     params = json.loads(args.params)
@@ -85,8 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, cells = [], []
     for engine in args.engines.split(","):
         for workload in args.workloads.split(","):
-            runs = {k: [run_cell(engine, workload, args.policy,
-                                 {**params, "router_processes": k} if args.tell_processes else params,
+            runs = {k: [run_cell(engine, workload, args.policy, told(params, k, not args.untold_processes),
                                  k, s, args.concurrency, args.spread, args.size)
                         for s in seeds] for k in (1, args.processes)}
             avg = {k: {m: mean(r[m] for r in rs) for m in ("hit_rate", "ttft_p90_ms")} for k, rs in runs.items()}
@@ -105,11 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{args.policy} {params or ''}, seeds {args.seeds}, spread {args.spread}; {cpu:.1f} CPU s")
     out = Path(args.out) if args.out else RESULTS_DIR / f"sim-processes-{args.policy}.json"
     write_json(out, {"machine": machine_info(), "policy": args.policy, "params": params,
-                     "processes": args.processes, "tell_processes": args.tell_processes, "size": args.size,
+                     "processes": args.processes, "tell_processes": not args.untold_processes, "size": args.size,
                      "seeds": seeds, "spread": args.spread,
                      "concurrency": args.concurrency, "cpu_s": round(cpu, 1), "cells": cells})
     print(f"wrote {out}")
     return 0
+
+
+def told(params: Mapping[str, Any], k: int, tell: bool) -> dict[str, Any]:
+    """The K processes' policy params: told ``router_processes=K`` (what ``--workers K`` does) unless
+    ``tell`` is off."""
+    return {**params, "router_processes": k} if tell else dict(params)
 
 
 def HEADERS(k: int) -> list[str]:  # noqa: N802 - a table header, named like the others

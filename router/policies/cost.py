@@ -114,10 +114,11 @@ Parameters (the prior of the time constants; the defaults follow a BLIS fit of L
     kv_hold_s (0.0): exact modes count a request's blocks as held on its replica while in flight and this
         long after (for the events' lag). 0 by default: in the benchmarks a 0.25-2 s hold cost multiturn
         hit rate where the cache evicts (docs/kv_events.md, "Routing on the events").
-    agree (True): with several router processes (``router_processes`` > 1), a prompt the cache does not
-        place (every replica holds the same of it) goes, among the replicas within the load this
-        process cannot see of the cheapest, where rendezvous hashing of its first blocks says, so the
-        processes agree where a new prefix goes (`router.policies.placement`).
+    agree (True): with several router processes (``router_processes`` > 1), among the replicas within the
+        load this process cannot see of the cheapest, the one holding the deepest match keeps the prompt,
+        and a prompt the cache does not place (every replica holds the same of it) goes where rendezvous
+        hashing of its first blocks says, so the processes agree where a new prefix goes
+        (`router.policies.placement`).
     router_processes (1): how many router processes share the traffic (``--workers N``, or N router
         pods). With N > 1 ``agree`` acts, and the queue and running requests this process counts on a
         replica are priced N times (its requests are a random 1/N of the fleet's; the engines'
@@ -291,10 +292,9 @@ class Cost(PolicyBase):
             if keyed is not None:
                 keyed(view, last.get(name, -1))
         agreed = None
-        if self.agree and self.router_processes > 1:  # a prefix the cache does not place: where all agree
+        if self.agree and self.router_processes > 1:  # near-equal costs: the cache, then agreement, decide
             agreed = placement.agree(features.block_hashes, block_tokens, priced, costs, matched,
-                                     lambda common: (1.0 + self.work_weight) * (self.request_overhead_s + (
-                                         self.prefill_s_per_token * max(0.0, tokens - common * block_tokens))),
+                                     self._own_prefill(priced, costs, tokens, block_tokens),
                                      self.router_processes)
         cutoff = min(costs.values()) * (1.0 + self.tie_tolerance)
         near = [r for r in priced if costs[r.name] <= cutoff]
@@ -309,6 +309,16 @@ class Cost(PolicyBase):
         got = matched.get(pick.name, 0)
         reason = "load" if best == 0 else "prefix" if got == best else "replicate"
         return Decision(replica=pick.name, reason=reason, matched_blocks=got, scores=costs)
+
+    def _own_prefill(self, priced: Sequence[ReplicaView], costs: Mapping[str, float], tokens: float,
+                     block_tokens: float) -> Callable[[int], float]:
+        """``agree``'s margin: the prompt's own prefill past ``common`` blocks, as `_cost` prices it on the
+        cheapest replica (its calibrated constants and weight): the configured prior would set a margin in
+        other units than the costs it is compared with once calibration moved them."""
+        cheapest = min(priced, key=lambda v: costs[v.name])
+        overhead, per_token = self._constants[cheapest.name][:2]
+        scale = (1.0 + self.work_weight) / _weight(cheapest)
+        return lambda common: scale * (overhead + per_token * max(0.0, tokens - common * block_tokens))
 
     def _admission_room(self, replicas: Sequence[ReplicaView], features: RequestFeatures) -> Callable[[str], float | None]:
         """Per replica, the estimated tokens it can allocate before admitting this request without evicting

@@ -9,6 +9,7 @@ import random
 import pytest
 from policy_fixtures import prompt, reported, request, views
 
+from router.calibration import CostConstants
 from router.features import RequestFeatures
 from router.policies import placement
 from router.policies.base import Outcome
@@ -51,7 +52,7 @@ def test_a_prompt_that_a_replica_holds_is_priced_not_placed():
     assert (second.replica, second.reason) == (d.replica, "prefix")
 
 
-def test_agree_needs_other_processes_and_replicas_the_cache_does_not_tell_apart():
+def test_agree_needs_other_processes_and_leaves_a_cheapest_holder_to_the_costs():
     f = burst(1)[0]
     idle = views(*REPLICAS)
     costs = dict.fromkeys(REPLICAS, 1.0)
@@ -91,3 +92,60 @@ def test_router_processes_below_one_is_rejected():
     with pytest.raises(ValueError, match="router_processes"):
         Cost(router_processes=0)
 
+
+
+def test_the_margin_is_priced_in_the_calibrated_units_of_the_costs_it_is_compared_with():
+    """A fleet learned to be 10x slower than the configured prior decides as a fleet configured 10x slower:
+    every cost scales by 10, and so does the margin (the prompt's own prefill on the cheapest replica), so
+    a replica with one short prompt queued stays among the near-cheapest that agreement picks from."""
+    prior = CostConstants(2e-3, 2e-5, 1e-5, 6e-3)
+    slow = CostConstants(*(10 * c for c in prior.as_tuple()))
+    learned = Cost(seed=0, router_processes=4, calibration="pinned")
+    learned.calibrator.constants = lambda name: slow  # type: ignore[method-assign]
+    configured = Cost(seed=0, router_processes=4, calibration="pinned", request_overhead_s=slow.request_overhead_s,
+                      prefill_s_per_token=slow.prefill_s_per_token, decode_s_per_seq=slow.decode_s_per_seq,
+                      decode_step_s=slow.decode_step_s)
+    picks = []
+    for i in range(32):  # "a" has one prompt of 10-72 tokens queued: costlier, but by less than a prefill
+        f = burst(1, group=f"g{i}")[0]
+        loaded = [dataclasses.replace(v, in_flight_requests=1, in_flight_tokens=10 + 2 * i) if v.name == "a" else v
+                  for v in views(*REPLICAS)]
+        a, b = learned.choose(f, loaded), configured.choose(f, loaded)
+        assert (a.replica, a.scores) == (b.replica, pytest.approx(b.scores))
+        picks.append(a.replica)
+    assert set(picks) == set(REPLICAS)  # "a" is within the margin for the prefixes that rank it first
+
+
+def test_a_holder_within_the_unseen_load_of_the_cheapest_keeps_its_prefix():
+    """Costs closer than the load this process cannot see do not tell replicas apart; the cache does: a
+    replica holding the prompt a little dearer than an empty one keeps it (four processes: the margin is
+    3/4 of the prompt's own prefill)."""
+    f = burst(1)[0]
+    costs = {"a": 1.05, "b": 1.0, "c": 1.0, "d": 1.2}
+    one_second = lambda common: 1.0  # noqa: E731
+    pick = placement.agree(f.block_hashes, f.block_tokens, views(*REPLICAS), costs, {"a": 8}, one_second, 4)
+    assert pick is not None and pick.name == "a"
+
+
+def test_a_holder_dearer_than_the_margin_is_left_to_the_costs():
+    f = burst(1)[0]
+    costs = {"a": 2.0, "b": 1.0, "c": 1.0, "d": 1.2}
+    one_second = lambda common: 1.0  # noqa: E731
+    assert placement.agree(f.block_hashes, f.block_tokens, views(*REPLICAS), costs, {"a": 8}, one_second, 4) is None
+
+
+def test_when_the_cheapest_holds_the_deepest_match_the_costs_decide():
+    f = burst(1)[0]
+    costs = {"a": 1.05, "b": 1.0, "c": 1.0, "d": 1.2}
+    one_second = lambda common: 1.0  # noqa: E731
+    held = {"a": 8, "b": 8}
+    assert placement.agree(f.block_hashes, f.block_tokens, views(*REPLICAS), costs, held, one_second, 4) is None
+
+
+def test_among_near_holders_the_deepest_match_wins_then_the_cheaper():
+    f = burst(1)[0]
+    costs = {"a": 1.1, "b": 1.0, "c": 1.05, "d": 1.08}
+    one_second = lambda common: 1.0  # noqa: E731
+    held = {"a": 8, "c": 8, "d": 4}
+    pick = placement.agree(f.block_hashes, f.block_tokens, views(*REPLICAS), costs, held, one_second, 4)
+    assert pick is not None and pick.name == "c"
