@@ -125,17 +125,24 @@ def first_prompt(body: Mapping[str, Any]) -> str | list[int] | None:
 
 class _Base:
     def prompt_ids(self, body: Mapping[str, Any], kind: Kind) -> list[int] | None:
+        return self.encode_rendered(self.render(body, kind))
+
+    def render(self, body: Mapping[str, Any], kind: Kind) -> Any:
+        """The prompt before encoding (the chat template applied), or None: `prompt_ids`'s first step,
+        apart so that `router.kv_events.measure` can time the two."""
         if kind == "chat":
             messages = plain_messages(body)
             if messages is None:
                 return None
             tools = body.get("tools")
-            text = self.render_chat(messages, tools if isinstance(tools, list) else None)
-            return None if text is None else self.encode(text)
-        prompt = first_prompt(body)
-        if prompt is None or isinstance(prompt, list):
-            return prompt
-        return self.encode(prompt)
+            return self.render_chat(messages, tools if isinstance(tools, list) else None)
+        return first_prompt(body)
+
+    def encode_rendered(self, rendered: Any) -> list[int] | None:
+        """`render`'s result as token ids (`prompt_ids`'s second step)."""
+        if rendered is None or isinstance(rendered, list):
+            return rendered
+        return self.encode(rendered)
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str | None:
         raise NotImplementedError

@@ -13,7 +13,7 @@ these, or None when KV events are off or the body cannot be tokenized exactly).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from router.features.hashing import token_block_hashes
@@ -61,6 +61,26 @@ class RequestMatch:
         if self._ids is not None:
             self._matches = self._source.match_ids(self._ids)
 
+    def compute_timed(self, clock: Callable[[], float]) -> tuple[float, float, float, float]:
+        """`_compute`'s steps with ``clock`` read between them (`router.kv_events.measure`): seconds of
+        (template, encode, keys, match). Needs a tokenizer with `render`/`encode_rendered` (ours)."""
+        tok: Any = self._source.tokenizer
+        t0 = clock()
+        rendered = tok.render(self._body, self._kind)
+        t1 = clock()
+        self._ids = tok.encode_rendered(rendered)
+        t2 = clock()
+        self._done = True
+        keys_s = match_s = 0.0
+        if self._ids is not None:
+            for (block_size, model), names in self._source.groups().items():
+                t3 = clock()
+                keys = self._source.keys(self._ids, block_size, model)
+                t4 = clock()
+                self._matches.update(self._source.index.match(keys, names))
+                keys_s, match_s = keys_s + t4 - t3, match_s + clock() - t4
+        return t1 - t0, t2 - t1, keys_s, match_s
+
 
 class PrefixSource:
     """`PreciseIndex` + the engines' tokenizer: per-request exact matches (see the module docstring)."""
@@ -80,15 +100,19 @@ class PrefixSource:
         sync = self.index.replica(replica)
         return sync.index.block_size if sync is not None else 1
 
-    def match_ids(self, ids: list[int]) -> dict[str, Match]:
-        """Every followed replica's match for these ids; keys computed once per (block size, model)."""
+    def groups(self) -> dict[tuple[int, str], list[str]]:
+        """The followed replicas by (block size, model): one chain of keys each."""
         groups: dict[tuple[int, str], list[str]] = {}
         for name in self.index.names():
             sync = self.index.replica(name)
             assert sync is not None
             groups.setdefault((sync.index.block_size, sync.index.model), []).append(name)
+        return groups
+
+    def match_ids(self, ids: list[int]) -> dict[str, Match]:
+        """Every followed replica's match for these ids; keys computed once per (block size, model)."""
         out: dict[str, Match] = {}
-        for (block_size, model), names in groups.items():
+        for (block_size, model), names in self.groups().items():
             out.update(self.index.match(self.keys(ids, block_size, model), names))
         return out
 
