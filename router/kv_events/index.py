@@ -58,6 +58,7 @@ from xxhash import xxh3_64_intdigest
 
 from kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEvent
 from router.features.hashing import model_seed
+from router.kv_events.holders import Holders
 
 DEFAULT_MEMORY = 1 << 16  # removed blocks whose engine hash -> key mapping is remembered (~6 MB)
 _UNRESOLVED = -1  # key of a present block whose chain we could not rebuild (never a valid match)
@@ -103,6 +104,22 @@ class EngineBlockIndex:
         self._removed: OrderedDict[ExternalBlockHash, int] = OrderedDict()  # engine hash -> key, LRU
         self._roots: dict[str | None, int] = {}
         self.stats = IndexStats()
+        self._holders: Holders | None = None  # shared with the other replicas' indexes (`attach`)
+        self._bit = 0
+
+    def attach(self, holders: Holders, bit: int) -> None:
+        """Announce every held key (and every later change) to ``holders`` under ``bit``."""
+        self.detach()
+        self._holders, self._bit = holders, bit
+        for key in self._held:
+            holders.add(key, bit)
+
+    def detach(self) -> None:
+        """Withdraw this index's keys from its `Holders` and stop announcing (a replaced replica)."""
+        holders, self._holders = self._holders, None
+        if holders is not None:
+            for key in self._held:
+                holders.discard(key, self._bit)
 
     # -- queries -------------------------------------------------------------------------------------
 
@@ -152,6 +169,10 @@ class EngineBlockIndex:
         if not forget:
             for h, (key, _) in self._present.items():
                 self._remember(h, key)
+        holders = self._holders
+        if holders is not None:
+            for key in self._held:
+                holders.discard(key, self._bit)
         self._present.clear()
         self._held.clear()
         if forget:
@@ -213,7 +234,10 @@ class EngineBlockIndex:
         self._removed.pop(h, None)
         self._present[h] = [key, 1]
         if key != _UNRESOLVED:
-            self._held[key] = self._held.get(key, 0) + 1
+            held = self._held.get(key, 0)
+            self._held[key] = held + 1
+            if not held and self._holders is not None:
+                self._holders.add(key, self._bit)
 
     def _remove(self, h: ExternalBlockHash) -> None:
         entry = self._present.get(h)
@@ -232,6 +256,8 @@ class EngineBlockIndex:
                 self._held[key] = left
             else:
                 del self._held[key]
+                if self._holders is not None:
+                    self._holders.discard(key, self._bit)
         self._remember(h, key)
 
     def _remember(self, h: ExternalBlockHash, key: int) -> None:
