@@ -86,7 +86,7 @@ class PrefixSource:
     """`PreciseIndex` + the engines' tokenizer: per-request exact matches (see the module docstring)."""
 
     def __init__(self, index: PreciseIndex, tokenizer: RequestTokenizer, *, cache_prompts: int = 4096,
-                 per_probe: int = 8) -> None:
+                 per_probe: int = 32) -> None:
         self.index = index
         self.tokenizer = tokenizer
         self.per_probe = per_probe
@@ -127,6 +127,12 @@ class PrefixSource:
         entries: list[tuple[list[int], tuple[int, ...]]] | None = cache.get_fresh(probe)
         shared, best = 0, ()
         for old_ids, old_keys in reversed(entries or ()):
+            if len(old_keys) <= shared:
+                continue
+            if shared:  # it can beat ``best`` only if its block ``shared`` is ours too: one short look
+                lo = shared * block_size
+                if ids[lo : lo + block_size] != old_ids[lo : lo + block_size]:
+                    continue
             n = _shared_blocks(ids, old_ids, block_size, len(old_keys))
             if n > shared:
                 shared, best = n, old_keys
@@ -142,12 +148,22 @@ class PrefixSource:
 
 
 def _shared_blocks(a: list[int], b: list[int], block_size: int, limit: int) -> int:
-    """Leading whole blocks ``a`` and ``b`` have in common (at most ``limit``)."""
+    """Leading whole blocks ``a`` and ``b`` have in common (at most ``limit``).
+
+    Compared a span of blocks at a time (list slices compare in C), the span doubling while equal and
+    halving where it differs: O(shared) ids touched and a dozen comparisons, where block by block a
+    4k-token next turn took ~250 slices (~0.15 ms), and a prompt sharing only a system prompt stops early."""
     n = min(len(a) // block_size, len(b) // block_size, limit)
-    i = 0
+    i, span, grow = 0, 1, True
     while i < n:
-        lo = i * block_size
-        if a[lo : lo + block_size] != b[lo : lo + block_size]:
+        span = min(span, n - i)
+        lo, hi = i * block_size, (i + span) * block_size
+        if a[lo:hi] == b[lo:hi]:
+            i += span
+            if grow:
+                span *= 2
+        elif span == 1:
             break
-        i += 1
+        else:
+            span, grow = span // 2, False
     return i
