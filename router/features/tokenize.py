@@ -27,11 +27,12 @@ exact blocks for that request and falls back to its approximate index.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 from kv_wire import sim_tokens
+from router.features.chat_segments import SegmentedTemplate
+from router.features.lru import LRU as _LRU
 
 Kind = Literal["chat", "completion"]
 
@@ -42,22 +43,8 @@ class RequestTokenizer(Protocol):
         ...
 
 
-class _LRU(OrderedDict[Any, Any]):
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-
-    def get_fresh(self, key: Any) -> Any:
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
-
-    def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        if len(self) > self.capacity:
-            self.popitem(last=False)
+class Segments(tuple[str, ...]):
+    """A chat rendered in pieces whose concatenation is the template's text (`render`'s fast form)."""
 
 
 def trie_pattern(words: list[str]) -> str:
@@ -208,6 +195,11 @@ class HFTokens(_Base):
         self._adds_bos = bool(self.bos_id is not None and tokenizer.encode("a", add_special_tokens=True)[:1]
                               == [self.bos_id])
         self.pieces_exact = self._split is not None and self._check_pieces()
+        self._segment_ids: _LRU = _LRU(cache_pieces)  # a later message's rendered piece -> ids (or False)
+        self._head_ids: _LRU = _LRU(1024)  # a chat's first message rendered -> ids (BOS as the engine adds)
+        self.segmented = SegmentedTemplate(
+            lambda messages, gen: str(tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                    add_generation_prompt=gen)))
 
     @classmethod
     def load(cls, model: str, **kwargs: Any) -> HFTokens:
@@ -218,6 +210,44 @@ class HFTokens(_Base):
             raise ImportError(f"tokenizer {model!r} needs transformers: install the `tokenize` extra "
                               "(or use `sim` for sim engines)") from exc
         return cls(AutoTokenizer.from_pretrained(model), **kwargs)
+
+    def render(self, body: Mapping[str, Any], kind: Kind) -> Any:
+        """A chat as `Segments` when its template renders message by message (`chat_segments`): only
+        a turn's new messages are rendered, and encoded; else as `_Base.render`."""
+        if kind == "chat" and self.segmented.enabled and not body.get("tools"):
+            messages = plain_messages(body)
+            if messages is None:
+                return None
+            segments = self.segmented.segments(messages)
+            if segments is not None:
+                return Segments(segments)
+        return super().render(body, kind)
+
+    def encode_rendered(self, rendered: Any) -> list[int] | None:
+        """`Segments` are encoded piece by piece from a cache: exact when the pieces split at special
+        tokens (`pieces_exact`) and each later piece starts with one, as a message's does in ChatML-like
+        templates (the text is then cut there anyway); otherwise the joined text is encoded."""
+        if not isinstance(rendered, Segments):
+            return super().encode_rendered(rendered)
+        if not self.pieces_exact:
+            return self.encode("".join(rendered))
+        head = rendered[0]
+        got = self._head_ids.get_fresh(head)
+        if got is None:
+            got = self._by_pieces(head)
+            self._head_ids.put(head, got)
+        ids = list(got)
+        cache, split = self._segment_ids, self._split
+        assert split is not None
+        for segment in rendered[1:]:
+            got = cache.get_fresh(segment)
+            if got is None:
+                got = self._pieces_ids(segment) if split.match(segment) else False
+                cache.put(segment, got)
+            if got is False:
+                return self.encode("".join(rendered))
+            ids.extend(got)
+        return ids
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str | None:
         try:
@@ -231,10 +261,15 @@ class HFTokens(_Base):
         return list(self.tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))))
 
     def _by_pieces(self, text: str) -> list[int]:
+        ids = self._pieces_ids(text)
+        if self._adds_bos and not (self.bos and text.startswith(self.bos)):
+            ids.insert(0, self.bos_id)  # type: ignore[arg-type]
+        return ids
+
+    def _pieces_ids(self, text: str) -> list[int]:
+        """``text``'s ids cut at special tokens, each piece's ids cached (no BOS added)."""
         assert self._split is not None
         ids: list[int] = []
-        if self._adds_bos and not (self.bos and text.startswith(self.bos)):
-            ids.append(self.bos_id)  # type: ignore[arg-type]
         vocab, cache = self._vocab, self._pieces
         for piece in self._split.split(text):
             if not piece:
