@@ -118,7 +118,8 @@ def run(tokenizer: str, replicas: int, tokens: int, sessions: int, turns: int, b
     cold: dict[str, list[float]] = {p: [] for p in ("total", *PARTS)}
     warm: dict[str, list[float]] = {p: [] for p in ("total", *PARTS)}
     lengths: list[int] = []
-    slowest: list[tuple[float, int, int, dict[str, float]]] = []
+    slowest: list[tuple[float, int, int, dict[str, float], int]] = []
+    with_gc: list[float] = []  # totals of the requests during which the collector ran
     collections = [0, 0, 0]
 
     def count_gc(phase: str, info: dict[str, int]) -> None:
@@ -137,6 +138,7 @@ def run(tokenizer: str, replicas: int, tokens: int, sessions: int, turns: int, b
             for s in range(sessions):
                 chats[s] = chats[s] + [{"role": "user", "content": _text(rng, 30)}]
                 body = {"messages": chats[s], "model": "m"}
+                gcs = sum(collections)
                 t0 = clock()
                 features = features_from_body(body, "chat", f"t{turn}s{s}", hashing)
                 match = source.for_request(body, "chat")
@@ -156,7 +158,9 @@ def run(tokenizer: str, replicas: int, tokens: int, sessions: int, turns: int, b
                     into[p].append(dt)
                 ids = match.token_ids or []
                 lengths.append(len(ids))
-                slowest.append((total, turn, len(ids), parts))
+                slowest.append((total, turn, len(ids), parts, sum(collections) - gcs))
+                if sum(collections) > gcs:
+                    with_gc.append(total)
                 assert len(match.match()) == replicas
                 _store(index, index.names() if stored == "all" else [route.decision.replica], ids, seqs)
                 cached = route.decision.matched_blocks * block_size
@@ -176,10 +180,11 @@ def run(tokenizer: str, replicas: int, tokens: int, sessions: int, turns: int, b
             "prompt_tokens_min": min(lengths), "prompt_tokens_max": max(lengths),
             "warm_ms": {p: _summary(xs) for p, xs in warm.items()},
             "cold_ms": {p: _summary(xs) for p, xs in cold.items()},
-            "slowest": [{"ms": round(t * 1000, 3), "turn": turn, "tokens": n,
+            "slowest": [{"ms": round(t * 1000, 3), "turn": turn, "tokens": n, "gc": g,
                          "parts": {p: round(v * 1000, 3) for p, v in parts.items()}}
-                        for t, turn, n, parts in slowest[:3]],
-            "gc_collections": collections}
+                        for t, turn, n, parts, g in slowest[:3]],
+            "gc_collections": collections,
+            "with_gc_ms": sorted(round(t * 1000, 3) for t in with_gc)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
