@@ -13,8 +13,9 @@ Two tokenizers, one interface (`RequestTokenizer.prompt_ids(body, kind)`):
 
 Caching, because chat turns re-send their history:
 
-- `SimTokens` keeps the ids of recent prompts and reuses the longest one the new prompt extends (a chunk
-  depends on its own characters only, so every whole chunk of a prefix stays valid);
+- `SimTokens` caches a chat message's ids by its rendered piece (a chunk depends on its own characters
+  only), and for completions reuses the ids of the longest recent prompt the new one extends;
+- `HFTokens` renders chats message by message where the template allows it (`chat_segments`);
 - `HFTokens` cuts the text at special tokens (``<|im_start|>``, ``<|im_end|>``...), which a HF tokenizer
   never merges across, and caches each piece's ids, so old turns cost a dict lookup. Whether pieces
   concatenate to the full encoding is checked on a sample when the tokenizer loads; if not, pieces are off
@@ -141,9 +142,9 @@ class _Base:
 class SimTokens(_Base):
     """The sim engine's tokenizer and template (see the module docstring), with prefix reuse.
 
-    Recent prompts are found by their first ``probe_chars`` characters (chats of one session share them,
-    and so do sessions sharing a system prompt: up to ``per_probe`` of those are kept); of those, the
-    longest one the new prompt starts with lends its whole chunks.
+    Chats are encoded piece by piece (`encode_rendered`), each message's chunks cached. Completion
+    prompts: recent prompts are found by their first ``probe_chars`` characters (up to ``per_probe`` of
+    those are kept); of those, the longest one the new prompt starts with lends its whole chunks.
     """
 
     def __init__(self, chars_per_token: int = 4, vocab_size: int = sim_tokens.VOCAB_SIZE, seed: int = 0, *,
@@ -153,9 +154,52 @@ class SimTokens(_Base):
         self.c, self.vocab, self.seed = chars_per_token, vocab_size, seed
         self.probe_chars, self.per_probe = probe_chars, per_probe
         self._recent: _LRU = _LRU(cache_prompts)  # probe -> [(text, ids)], newest last
+        self._parts: _LRU = _LRU(16 * cache_prompts)  # (chat piece, phase) -> ids of its whole chunks
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
         return sim_tokens.render_chat(messages, tools)
+
+    def render(self, body: Mapping[str, Any], kind: Kind) -> Any:
+        """A chat as `Segments` (the template's pieces, `sim_tokens.render_parts`), else `_Base.render`."""
+        if kind == "chat":
+            messages = plain_messages(body)
+            if messages is None:
+                return None
+            tools = body.get("tools")
+            return Segments(sim_tokens.render_parts(messages, tools if isinstance(tools, list) else None))
+        return super().render(body, kind)
+
+    def encode_rendered(self, rendered: Any) -> list[int] | None:
+        """`Segments` -> the ids of their joined text, `sim_tokens.chunk_ids`'s exactly: the chunks wholly
+        inside a piece depend only on the piece and where in it the first one starts (``phase``), so they
+        are cached by (piece, phase); a chunk across two pieces is hashed from the joined text. A turn
+        thus hashes its new messages only, whatever other sessions came in between."""
+        if not isinstance(rendered, Segments):
+            return super().encode_rendered(rendered)
+        c, vocab, seed, cache = self.c, self.vocab, self.seed, self._parts
+        ids: list[int] = []
+        text: str | None = None
+        pos = start = 0  # next chunk's start; this piece's start
+        for part in rendered:
+            end = start + len(part)
+            if pos < end:
+                phase = pos - start
+                whole = (end - pos) // c
+                if whole:
+                    key = (part, phase)
+                    got = cache.get_fresh(key)
+                    if got is None:
+                        got = sim_tokens.chunk_ids(part[: phase + whole * c], c, vocab, seed, phase)
+                        cache.put(key, got)
+                    ids.extend(got)
+                    pos += whole * c
+                if pos < end:  # a chunk running into the next pieces (or the text's short last one)
+                    if text is None:
+                        text = "".join(rendered)
+                    ids.append(sim_tokens.chunk_id(text[pos : pos + c], vocab, seed))
+                    pos += c
+            start = end
+        return ids
 
     def encode(self, text: str) -> list[int]:
         probe = text[: self.probe_chars]

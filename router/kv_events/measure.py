@@ -106,11 +106,13 @@ def run(tokenizer: str, replicas: int, tokens: int, sessions: int, turns: int, b
     core = RoutingCore(Cost(seed=seed))
     system = _text(rng, 200)
     # Each session starts at ~ `tokens` minus the growth of its turns, so the measured turns are ~ tokens.
+    # Sized with another tokenizer instance: the measured one must see each session first at turn 0 (cold).
+    sizer = load_tokenizer(tokenizer)
     chats = []
     for _ in range(sessions):
         msgs = [{"role": "system", "content": system}]
         while True:
-            ids = tok.prompt_ids({"messages": msgs}, "chat") or []
+            ids = sizer.prompt_ids({"messages": msgs}, "chat") or []
             if len(ids) >= tokens - 60 * turns:
                 break
             msgs += [{"role": "user", "content": _text(rng, 150)}, {"role": "assistant", "content": _text(rng, 150)}]
