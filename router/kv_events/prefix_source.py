@@ -90,7 +90,7 @@ class PrefixSource:
         self.index = index
         self.tokenizer = tokenizer
         self.per_probe = per_probe
-        self._keys: dict[tuple[int, str], _LRU] = {}  # (block size, model) -> first block -> [(ids, keys)]
+        self._keys: dict[tuple[int, str], _LRU] = {}  # (block size, model) -> probe -> [(ids, keys)]
         self._cache_prompts = cache_prompts
 
     def for_request(self, body: Mapping[str, Any], kind: Kind) -> RequestMatch:
@@ -118,32 +118,47 @@ class PrefixSource:
 
     def keys(self, ids: list[int], block_size: int, model: str) -> tuple[int, ...]:
         """`token_block_hashes(ids, block_size, model)`, hashing only the blocks past those shared with a
-        recent prompt of the same first block (a chat's previous turn): the chain makes their keys valid.
-        Shared blocks are found by comparing whole blocks of ids, which costs far less than hashing."""
+        recent prompt (a chat's previous turn): the chain makes their keys valid. Shared blocks are found
+        by comparing ids, which costs far less than hashing them.
+
+        Recent prompts are found by probes: a block of ids at depth 0, 1, 2, 4, 8... (deepest first).
+        The first block alone cannot tell sessions sharing a system prompt apart (with more of them than
+        a probe keeps, a turn missed its own history); a deep block can. Each probe keeps its last
+        ``per_probe`` prompts (the first block's) or 2 (deeper ones, which one session's turns share)."""
         cache = self._keys.get((block_size, model))
         if cache is None:
             cache = self._keys[(block_size, model)] = _LRU(self._cache_prompts)
-        probe = tuple(ids[:block_size])
-        entries: list[tuple[list[int], tuple[int, ...]]] | None = cache.get_fresh(probe)
+        n_blocks = len(ids) // block_size
+        depths, d = [0], 1
+        while d < n_blocks:
+            depths.append(d)
+            d *= 2
+        probes = [(d, tuple(ids[d * block_size : (d + 1) * block_size])) for d in depths] if n_blocks else []
         shared, best = 0, ()
-        for old_ids, old_keys in reversed(entries or ()):
-            if len(old_keys) <= shared:
-                continue
-            if shared:  # it can beat ``best`` only if its block ``shared`` is ours too: one short look
-                lo = shared * block_size
-                if ids[lo : lo + block_size] != old_ids[lo : lo + block_size]:
+        for depth, probe in reversed(probes):
+            if shared > depth:  # a deeper probe found more than a shallower one could add
+                break
+            entries: list[tuple[list[int], tuple[int, ...]]] | None = cache.get_fresh(probe)
+            for old_ids, old_keys in reversed(entries or ()):
+                if len(old_keys) <= shared:
                     continue
-            n = _shared_blocks(ids, old_ids, block_size, len(old_keys))
-            if n > shared:
-                shared, best = n, old_keys
+                if shared:  # it can beat ``best`` only if its block ``shared`` is ours too: one short look
+                    lo = shared * block_size
+                    if ids[lo : lo + block_size] != old_ids[lo : lo + block_size]:
+                        continue
+                n = _shared_blocks(ids, old_ids, block_size, len(old_keys))
+                if n > shared:
+                    shared, best = n, old_keys
         keys = best[:shared] + token_block_hashes(ids[shared * block_size:], block_size, model,
                                                   parent=best[shared - 1] if shared else None)
-        if len(ids) >= block_size:
+        entry = (ids, keys)
+        for depth, probe in probes:
+            entries = cache.get(probe)
             if entries is None:
-                cache.put(probe, [(ids, keys)])
+                cache.put(probe, [entry])
             else:
-                entries.append((ids, keys))
-                del entries[: -self.per_probe]
+                entries.append(entry)
+                del entries[: -(self.per_probe if depth == 0 else 2)]
         return keys
 
 

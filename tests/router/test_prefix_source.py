@@ -8,6 +8,7 @@ import random
 from kv_wire import BlockStored, KVEventBatch
 from router.features.hashing import token_block_hashes
 from router.features.tokenize import SimTokens
+from router.kv_events import prefix_source
 from router.kv_events.precise import PreciseIndex
 from router.kv_events.prefix_source import PrefixSource
 
@@ -68,3 +69,26 @@ def test_nothing_is_tokenized_until_asked_and_stale_replicas_are_not_trusted():
     assert match.cached_tokens("a") == 0 and match.cached_tokens("b") is None
     match.match()
     assert calls == ["abcdefgh"]  # computed once, kept
+
+
+def test_many_sessions_sharing_a_system_prompt_reuse_their_own_history_with_exact_keys(monkeypatch):
+    """More sessions than a probe keeps share the first blocks: the deep probes still find each one's
+    previous turn (few blocks hashed), and the keys stay those hashed from scratch."""
+    source = PrefixSource(PreciseIndex(), SimTokens(), per_probe=4)
+    rng = random.Random(1)
+    system = [rng.randrange(50) for _ in range(40)]
+    sessions = [system + [rng.randrange(50) for _ in range(rng.randrange(0, 200))] for _ in range(20)]
+    hashed = []
+
+    def counting(ids, block_size, model, **kwargs):
+        hashed.append(len(ids) // block_size)
+        return token_block_hashes(ids, block_size, model, **kwargs)
+
+    monkeypatch.setattr(prefix_source, "token_block_hashes", counting)
+    for turn in range(6):
+        for s in range(len(sessions)):
+            sessions[s] = sessions[s] + [rng.randrange(50) for _ in range(rng.randrange(0, 30))]
+            hashed.clear()
+            assert source.keys(sessions[s], 4, "m") == token_block_hashes(sessions[s], 4, "m")
+            if turn > 0:
+                assert hashed[0] <= 30 // 4 + 2  # only the turn's new blocks (and the old last one)
