@@ -92,3 +92,20 @@ def test_many_sessions_sharing_a_system_prompt_reuse_their_own_history_with_exac
             assert source.keys(sessions[s], 4, "m") == token_block_hashes(sessions[s], 4, "m")
             if turn > 0:
                 assert hashed[0] <= 30 // 4 + 2  # only the turn's new blocks (and the old last one)
+
+
+def test_the_timed_computation_measure_uses_answers_as_the_lazy_one():
+    def source_with_events() -> PrefixSource:
+        index = synced_index(4)
+        ids = SimTokens(chars_per_token=1).prompt_ids({"prompt": "abcdefghijklmnop"}, "completion")
+        index.replica("a").on_live(0, KVEventBatch(ts=1.0, events=[BlockStored(
+            block_hashes=[1, 2, 3, 4], parent_block_hash=None, token_ids=ids, block_size=4, lora_id=None,
+            medium="GPU", lora_name=None)]))
+        return PrefixSource(index, SimTokens(chars_per_token=1))
+
+    for body, kind in (({"prompt": "abcdefghijklmnopq"}, "completion"), ({"prompt": "abcdxx"}, "completion"),
+                       ({"messages": [{"role": "user", "content": "hi"}]}, "chat"), ({"prompt": 3}, "completion")):
+        lazy = source_with_events().for_request(body, kind)
+        timed = source_with_events().for_request(body, kind)
+        assert all(t >= 0 for t in timed.compute_timed(lambda: 0.0))
+        assert (timed.token_ids, timed.match()) == (lazy.token_ids, lazy.match())
