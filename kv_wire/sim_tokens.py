@@ -25,14 +25,25 @@ def chunk_id(chunk: str, vocab_size: int, seed: int) -> int:
 
 
 def chunk_ids(text: str, chars_per_token: int, vocab_size: int, seed: int, start: int = 0) -> list[int]:
-    """The token ids of ``text[start:]`` (``start`` a multiple of ``chars_per_token``)."""
+    """The token ids of ``text[start:]`` (``start`` a multiple of ``chars_per_token``): `chunk_id` of each
+    chunk. ASCII text is encoded once and hashed by byte slices (a character is a byte there), ~20 %
+    faster than encoding each chunk; the bytes hashed are the same."""
     c, h = chars_per_token, xxhash.xxh64_intdigest
+    if text.isascii():
+        data = text.encode("ascii")
+        return [h(data[i : i + c], seed) % vocab_size for i in range(start, len(data), c)]
     return [h(text[i : i + c].encode("utf-8", "surrogatepass"), seed) % vocab_size
             for i in range(start, len(text), c)]
 
 
 def render_chat(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None) -> str:
     """ChatML-like template (the Qwen/Hermes family), stable so equal histories share a prefix."""
+    return "".join(render_parts(messages, tools))
+
+
+def render_parts(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None) -> list[str]:
+    """`render_chat`'s text in pieces: the tools' system block (if any), one per message, the generation
+    prompt. A router caches a message's token ids by its piece (a chat's next turn re-sends the rest)."""
     parts: list[str] = []
     if tools:
         specs = "\n".join(json.dumps(t, sort_keys=True, separators=(",", ":")) for t in tools)
@@ -43,4 +54,4 @@ def render_chat(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | No
             content += f"\n<tool_call>{json.dumps(call, sort_keys=True, separators=(',', ':'))}</tool_call>"
         parts.append(f"<|im_start|>{m.get('role', 'user')}\n{content}<|im_end|>\n")
     parts.append("<|im_start|>assistant\n")
-    return "".join(parts)
+    return parts

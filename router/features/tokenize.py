@@ -13,8 +13,9 @@ Two tokenizers, one interface (`RequestTokenizer.prompt_ids(body, kind)`):
 
 Caching, because chat turns re-send their history:
 
-- `SimTokens` keeps the ids of recent prompts and reuses the longest one the new prompt extends (a chunk
-  depends on its own characters only, so every whole chunk of a prefix stays valid);
+- `SimTokens` caches a chat message's ids by its rendered piece (a chunk depends on its own characters
+  only), and for completions reuses the ids of the longest recent prompt the new one extends;
+- `HFTokens` renders chats message by message where the template allows it (`chat_segments`);
 - `HFTokens` cuts the text at special tokens (``<|im_start|>``, ``<|im_end|>``...), which a HF tokenizer
   never merges across, and caches each piece's ids, so old turns cost a dict lookup. Whether pieces
   concatenate to the full encoding is checked on a sample when the tokenizer loads; if not, pieces are off
@@ -27,11 +28,12 @@ exact blocks for that request and falls back to its approximate index.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 from kv_wire import sim_tokens
+from router.features.chat_segments import SegmentedTemplate
+from router.features.lru import LRU as _LRU
 
 Kind = Literal["chat", "completion"]
 
@@ -42,22 +44,8 @@ class RequestTokenizer(Protocol):
         ...
 
 
-class _LRU(OrderedDict[Any, Any]):
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-
-    def get_fresh(self, key: Any) -> Any:
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
-
-    def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        if len(self) > self.capacity:
-            self.popitem(last=False)
+class Segments(tuple[str, ...]):
+    """A chat rendered in pieces whose concatenation is the template's text (`render`'s fast form)."""
 
 
 def trie_pattern(words: list[str]) -> str:
@@ -125,17 +113,24 @@ def first_prompt(body: Mapping[str, Any]) -> str | list[int] | None:
 
 class _Base:
     def prompt_ids(self, body: Mapping[str, Any], kind: Kind) -> list[int] | None:
+        return self.encode_rendered(self.render(body, kind))
+
+    def render(self, body: Mapping[str, Any], kind: Kind) -> Any:
+        """The prompt before encoding (the chat template applied), or None: `prompt_ids`'s first step,
+        apart so that `router.kv_events.measure` can time the two."""
         if kind == "chat":
             messages = plain_messages(body)
             if messages is None:
                 return None
             tools = body.get("tools")
-            text = self.render_chat(messages, tools if isinstance(tools, list) else None)
-            return None if text is None else self.encode(text)
-        prompt = first_prompt(body)
-        if prompt is None or isinstance(prompt, list):
-            return prompt
-        return self.encode(prompt)
+            return self.render_chat(messages, tools if isinstance(tools, list) else None)
+        return first_prompt(body)
+
+    def encode_rendered(self, rendered: Any) -> list[int] | None:
+        """`render`'s result as token ids (`prompt_ids`'s second step)."""
+        if rendered is None or isinstance(rendered, list):
+            return rendered
+        return self.encode(rendered)
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str | None:
         raise NotImplementedError
@@ -147,9 +142,9 @@ class _Base:
 class SimTokens(_Base):
     """The sim engine's tokenizer and template (see the module docstring), with prefix reuse.
 
-    Recent prompts are found by their first ``probe_chars`` characters (chats of one session share them,
-    and so do sessions sharing a system prompt: up to ``per_probe`` of those are kept); of those, the
-    longest one the new prompt starts with lends its whole chunks.
+    Chats are encoded piece by piece (`encode_rendered`), each message's chunks cached. Completion
+    prompts: recent prompts are found by their first ``probe_chars`` characters (up to ``per_probe`` of
+    those are kept); of those, the longest one the new prompt starts with lends its whole chunks.
     """
 
     def __init__(self, chars_per_token: int = 4, vocab_size: int = sim_tokens.VOCAB_SIZE, seed: int = 0, *,
@@ -159,9 +154,52 @@ class SimTokens(_Base):
         self.c, self.vocab, self.seed = chars_per_token, vocab_size, seed
         self.probe_chars, self.per_probe = probe_chars, per_probe
         self._recent: _LRU = _LRU(cache_prompts)  # probe -> [(text, ids)], newest last
+        self._parts: _LRU = _LRU(16 * cache_prompts)  # (chat piece, phase) -> ids of its whole chunks
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
         return sim_tokens.render_chat(messages, tools)
+
+    def render(self, body: Mapping[str, Any], kind: Kind) -> Any:
+        """A chat as `Segments` (the template's pieces, `sim_tokens.render_parts`), else `_Base.render`."""
+        if kind == "chat":
+            messages = plain_messages(body)
+            if messages is None:
+                return None
+            tools = body.get("tools")
+            return Segments(sim_tokens.render_parts(messages, tools if isinstance(tools, list) else None))
+        return super().render(body, kind)
+
+    def encode_rendered(self, rendered: Any) -> list[int] | None:
+        """`Segments` -> the ids of their joined text, `sim_tokens.chunk_ids`'s exactly: the chunks wholly
+        inside a piece depend only on the piece and where in it the first one starts (``phase``), so they
+        are cached by (piece, phase); a chunk across two pieces is hashed from the joined text. A turn
+        thus hashes its new messages only, whatever other sessions came in between."""
+        if not isinstance(rendered, Segments):
+            return super().encode_rendered(rendered)
+        c, vocab, seed, cache = self.c, self.vocab, self.seed, self._parts
+        ids: list[int] = []
+        text: str | None = None
+        pos = start = 0  # next chunk's start; this piece's start
+        for part in rendered:
+            end = start + len(part)
+            if pos < end:
+                phase = pos - start
+                whole = (end - pos) // c
+                if whole:
+                    key = (part, phase)
+                    got = cache.get_fresh(key)
+                    if got is None:
+                        got = sim_tokens.chunk_ids(part[: phase + whole * c], c, vocab, seed, phase)
+                        cache.put(key, got)
+                    ids.extend(got)
+                    pos += whole * c
+                if pos < end:  # a chunk running into the next pieces (or the text's short last one)
+                    if text is None:
+                        text = "".join(rendered)
+                    ids.append(sim_tokens.chunk_id(text[pos : pos + c], vocab, seed))
+                    pos += c
+            start = end
+        return ids
 
     def encode(self, text: str) -> list[int]:
         probe = text[: self.probe_chars]
@@ -201,6 +239,11 @@ class HFTokens(_Base):
         self._adds_bos = bool(self.bos_id is not None and tokenizer.encode("a", add_special_tokens=True)[:1]
                               == [self.bos_id])
         self.pieces_exact = self._split is not None and self._check_pieces()
+        self._segment_ids: _LRU = _LRU(cache_pieces)  # a later message's rendered piece -> ids (or False)
+        self._head_ids: _LRU = _LRU(1024)  # a chat's first message rendered -> ids (BOS as the engine adds)
+        self.segmented = SegmentedTemplate(
+            lambda messages, gen: str(tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                    add_generation_prompt=gen)))
 
     @classmethod
     def load(cls, model: str, **kwargs: Any) -> HFTokens:
@@ -211,6 +254,44 @@ class HFTokens(_Base):
             raise ImportError(f"tokenizer {model!r} needs transformers: install the `tokenize` extra "
                               "(or use `sim` for sim engines)") from exc
         return cls(AutoTokenizer.from_pretrained(model), **kwargs)
+
+    def render(self, body: Mapping[str, Any], kind: Kind) -> Any:
+        """A chat as `Segments` when its template renders message by message (`chat_segments`): only
+        a turn's new messages are rendered, and encoded; else as `_Base.render`."""
+        if kind == "chat" and self.segmented.enabled and not body.get("tools"):
+            messages = plain_messages(body)
+            if messages is None:
+                return None
+            segments = self.segmented.segments(messages)
+            if segments is not None:
+                return Segments(segments)
+        return super().render(body, kind)
+
+    def encode_rendered(self, rendered: Any) -> list[int] | None:
+        """`Segments` are encoded piece by piece from a cache: exact when the pieces split at special
+        tokens (`pieces_exact`) and each later piece starts with one, as a message's does in ChatML-like
+        templates (the text is then cut there anyway); otherwise the joined text is encoded."""
+        if not isinstance(rendered, Segments):
+            return super().encode_rendered(rendered)
+        if not self.pieces_exact:
+            return self.encode("".join(rendered))
+        head = rendered[0]
+        got = self._head_ids.get_fresh(head)
+        if got is None:
+            got = self._by_pieces(head)
+            self._head_ids.put(head, got)
+        ids = list(got)
+        cache, split = self._segment_ids, self._split
+        assert split is not None
+        for segment in rendered[1:]:
+            got = cache.get_fresh(segment)
+            if got is None:
+                got = self._pieces_ids(segment) if split.match(segment) else False
+                cache.put(segment, got)
+            if got is False:
+                return self.encode("".join(rendered))
+            ids.extend(got)
+        return ids
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str | None:
         try:
@@ -224,10 +305,15 @@ class HFTokens(_Base):
         return list(self.tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))))
 
     def _by_pieces(self, text: str) -> list[int]:
+        ids = self._pieces_ids(text)
+        if self._adds_bos and not (self.bos and text.startswith(self.bos)):
+            ids.insert(0, self.bos_id)  # type: ignore[arg-type]
+        return ids
+
+    def _pieces_ids(self, text: str) -> list[int]:
+        """``text``'s ids cut at special tokens, each piece's ids cached (no BOS added)."""
         assert self._split is not None
         ids: list[int] = []
-        if self._adds_bos and not (self.bos and text.startswith(self.bos)):
-            ids.append(self.bos_id)  # type: ignore[arg-type]
         vocab, cache = self._vocab, self._pieces
         for piece in self._split.split(text):
             if not piece:

@@ -58,6 +58,7 @@ from xxhash import xxh3_64_intdigest
 
 from kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEvent
 from router.features.hashing import model_seed
+from router.kv_events.holders import Holders
 
 DEFAULT_MEMORY = 1 << 16  # removed blocks whose engine hash -> key mapping is remembered (~6 MB)
 _UNRESOLVED = -1  # key of a present block whose chain we could not rebuild (never a valid match)
@@ -98,11 +99,30 @@ class EngineBlockIndex:
         self.block_size = block_size
         self.model = model
         self.memory = memory
-        self._present: dict[ExternalBlockHash, list[int]] = {}  # engine hash -> [key, copies]
+        # engine hash -> key, and copies beyond the first: plain ints, so the index's hundreds of thousands
+        # of entries are no objects for the garbage collector to traverse (a list each used to be)
+        self._present: dict[ExternalBlockHash, int] = {}
+        self._copies: dict[ExternalBlockHash, int] = {}
         self._held: dict[int, int] = {}  # key -> present engine hashes with that key (normally 1)
         self._removed: OrderedDict[ExternalBlockHash, int] = OrderedDict()  # engine hash -> key, LRU
         self._roots: dict[str | None, int] = {}
         self.stats = IndexStats()
+        self._holders: Holders | None = None  # shared with the other replicas' indexes (`attach`)
+        self._bit = 0
+
+    def attach(self, holders: Holders, bit: int) -> None:
+        """Announce every held key (and every later change) to ``holders`` under ``bit``."""
+        self.detach()
+        self._holders, self._bit = holders, bit
+        for key in self._held:
+            holders.add(key, bit)
+
+    def detach(self) -> None:
+        """Withdraw this index's keys from its `Holders` and stop announcing (a replaced replica)."""
+        holders, self._holders = self._holders, None
+        if holders is not None:
+            for key in self._held:
+                holders.discard(key, self._bit)
 
     # -- queries -------------------------------------------------------------------------------------
 
@@ -150,9 +170,14 @@ class EngineBlockIndex:
     def clear(self, *, forget: bool) -> None:
         """Drop every block; ``forget`` also drops the engine-hash memory (a restarted engine may re-seed)."""
         if not forget:
-            for h, (key, _) in self._present.items():
+            for h, key in self._present.items():
                 self._remember(h, key)
+        holders = self._holders
+        if holders is not None:
+            for key in self._held:
+                holders.discard(key, self._bit)
         self._present.clear()
+        self._copies.clear()
         self._held.clear()
         if forget:
             self._removed.clear()
@@ -170,9 +195,9 @@ class EngineBlockIndex:
         return root
 
     def _key_of(self, h: ExternalBlockHash) -> int | None:
-        entry = self._present.get(h)
-        if entry is not None:
-            return entry[0]
+        key = self._present.get(h)
+        if key is not None:
+            return key
         return self._removed.get(h)
 
     def _stored(self, ev: BlockStored) -> None:
@@ -206,25 +231,30 @@ class EngineBlockIndex:
         self.stats.stored += n
 
     def _add(self, h: ExternalBlockHash, key: int) -> None:
-        entry = self._present.get(h)
-        if entry is not None:
-            entry[1] += 1  # a second physical copy of the same block
+        if h in self._present:
+            self._copies[h] = self._copies.get(h, 0) + 1  # another physical copy of the same block
             return
         self._removed.pop(h, None)
-        self._present[h] = [key, 1]
+        self._present[h] = key
         if key != _UNRESOLVED:
-            self._held[key] = self._held.get(key, 0) + 1
+            held = self._held.get(key, 0)
+            self._held[key] = held + 1
+            if not held and self._holders is not None:
+                self._holders.add(key, self._bit)
 
     def _remove(self, h: ExternalBlockHash) -> None:
-        entry = self._present.get(h)
-        if entry is None:
+        key = self._present.get(h)
+        if key is None:
             self.stats.unknown_removes += 1
             return
         self.stats.removed += 1
-        entry[1] -= 1
-        if entry[1] > 0:
+        extra = self._copies.get(h)
+        if extra is not None:
+            if extra > 1:
+                self._copies[h] = extra - 1
+            else:
+                del self._copies[h]
             return
-        key = entry[0]
         del self._present[h]
         if key != _UNRESOLVED:
             left = self._held[key] - 1
@@ -232,6 +262,8 @@ class EngineBlockIndex:
                 self._held[key] = left
             else:
                 del self._held[key]
+                if self._holders is not None:
+                    self._holders.discard(key, self._bit)
         self._remember(h, key)
 
     def _remember(self, h: ExternalBlockHash, key: int) -> None:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, NamedTuple
 
+from router.kv_events.holders import Holders
 from router.kv_events.index import DEFAULT_MEMORY, EngineBlockIndex
 from router.kv_events.sync import EventSync, Status
 
@@ -38,19 +39,27 @@ class Match(NamedTuple):
 
 
 class PreciseIndex:
-    """Replica name -> `EventSync`; `match` over all of them."""
+    """Replica name -> `EventSync`; `match` over all of them in one walk (`Holders`)."""
 
     def __init__(self) -> None:
         self._replicas: dict[str, EventSync] = {}
+        self._holders = Holders()
+        self._bits: dict[str, int] = {}
 
     def add_replica(self, name: str, block_size: int, model: str, memory: int = DEFAULT_MEMORY) -> EventSync:
         """Track a replica (replacing any previous state under that name)."""
+        self.remove_replica(name)
         sync = EventSync(EngineBlockIndex(block_size, model, memory))
+        bit = self._bits[name] = self._holders.take_bit()
+        sync.index.attach(self._holders, bit)
         self._replicas[name] = sync
         return sync
 
     def remove_replica(self, name: str) -> None:
-        self._replicas.pop(name, None)
+        sync = self._replicas.pop(name, None)
+        if sync is not None:
+            sync.index.detach()  # a replaced replica's subscriber may still feed it: it no longer counts
+            self._holders.release_bit(self._bits.pop(name))
 
     def replica(self, name: str) -> EventSync | None:
         return self._replicas.get(name)
@@ -66,13 +75,15 @@ class PreciseIndex:
         return None if sync is None else sync.status
 
     def match(self, keys: Sequence[int], names: Sequence[str] | None = None) -> dict[str, Match]:
-        """Leading blocks held per replica (all tracked replicas, or ``names``), with their status."""
-        out: dict[str, Match] = {}
-        for name in self._replicas if names is None else names:
-            sync = self._replicas.get(name)
-            if sync is not None:
-                out[name] = Match(sync.index.match(keys), sync.status)
-        return out
+        """Leading blocks held per replica (all tracked replicas, or ``names``), with their status: what
+        each replica's `EngineBlockIndex.match` says, found in one walk over ``keys``."""
+        replicas, bits = self._replicas, self._bits
+        chosen = [n for n in (replicas if names is None else names) if n in replicas]
+        want = 0
+        for name in chosen:
+            want |= bits[name]
+        depths = self._holders.depths(keys, want)
+        return {name: Match(depths[bits[name]], replicas[name].status) for name in chosen}
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per replica: status, next sequence, blocks held and every counter (for admin views and metrics)."""

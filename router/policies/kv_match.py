@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Protocol
 
@@ -74,51 +74,55 @@ class InFlightBlocks:
     """Per replica, the block chains of requests sent there: held while in flight and ``hold_s`` after.
 
     The hold after completion would cover the events' lag (see the module docstring for why it is 0 by
-    default). ``clock`` is injectable for tests.
+    default). ``clock`` is injectable for tests. Counts are a `Counter` per replica because ``add`` runs
+    on every dispatch over the whole chain: ``Counter.update`` counts in C (~5x the Python loop).
     """
 
     def __init__(self, hold_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.hold_s = hold_s
         self.clock = clock
-        self._held: dict[str, dict[int, list[float]]] = {}  # replica -> hash -> [in flight, held until]
+        self._counts: dict[str, Counter[int]] = {}  # replica -> hash -> requests in flight (0: held only)
+        self._until: dict[str, dict[int, float]] = {}  # replica -> hash -> held until (absent: 0.0)
         self._expiring: deque[tuple[float, str, Sequence[int]]] = deque()
 
     def add(self, replica: str, hashes: Sequence[int]) -> None:
-        held = self._held.setdefault(replica, {})
-        for h in hashes:
-            entry = held.get(h)
-            if entry is None:
-                held[h] = [1, 0.0]
-            else:
-                entry[0] += 1
+        counts = self._counts.get(replica)
+        if counts is None:
+            counts = self._counts[replica] = Counter()
+            self._until[replica] = {}
+        counts.update(hashes)
 
     def remove(self, replica: str, hashes: Sequence[int]) -> None:
         """The request completed (or failed): its blocks are held ``hold_s`` longer, then dropped."""
         now = self.clock()
         self._expire(now)
-        held = self._held.get(replica)
-        if held is None:
+        counts = self._counts.get(replica)
+        if counts is None:
             return
+        held_until = self._until[replica]
         until = now + self.hold_s
         for h in hashes:
-            entry = held.get(h)
-            if entry is not None:
-                entry[0] = max(0, entry[0] - 1)
-                entry[1] = max(entry[1], until)
+            c = counts.get(h)
+            if c is not None:
+                counts[h] = c - 1 if c > 0 else 0
+                if held_until.get(h, 0.0) < until:
+                    held_until[h] = until
         self._expiring.append((until, replica, hashes))
 
     def forget(self, replica: str) -> None:
-        self._held.pop(replica, None)
+        self._counts.pop(replica, None)
+        self._until.pop(replica, None)
 
     def match(self, replica: str, hashes: Sequence[int]) -> int:
-        held = self._held.get(replica)
-        if not held:
+        counts = self._counts.get(replica)
+        if not counts:
             return 0
+        held_until = self._until[replica]
         now = self.clock()
         n = 0
         for h in hashes:
-            entry = held.get(h)
-            if entry is None or (entry[0] == 0 and entry[1] <= now):
+            c = counts.get(h)
+            if c is None or (c == 0 and held_until.get(h, 0.0) <= now):
                 break
             n += 1
         return n
@@ -127,15 +131,16 @@ class InFlightBlocks:
         expiring = self._expiring
         while expiring and expiring[0][0] <= now:
             _, replica, hashes = expiring.popleft()
-            held = self._held.get(replica)
-            if held is None:
+            counts = self._counts.get(replica)
+            if counts is None:
                 continue
+            held_until = self._until[replica]
             for h in hashes:
-                entry = held.get(h)
-                if entry is not None and entry[0] == 0 and entry[1] <= now:
-                    del held[h]
-            if not held:
-                del self._held[replica]
+                if counts.get(h) == 0 and held_until.get(h, 0.0) <= now:
+                    del counts[h]
+                    held_until.pop(h, None)
+            if not counts:
+                self.forget(replica)
 
 
 def blend(mode: str, approx: Mapping[str, int], features: RequestFeatures, in_flight: InFlightBlocks,

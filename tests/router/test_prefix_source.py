@@ -8,6 +8,7 @@ import random
 from kv_wire import BlockStored, KVEventBatch
 from router.features.hashing import token_block_hashes
 from router.features.tokenize import SimTokens
+from router.kv_events import prefix_source
 from router.kv_events.precise import PreciseIndex
 from router.kv_events.prefix_source import PrefixSource
 
@@ -68,3 +69,43 @@ def test_nothing_is_tokenized_until_asked_and_stale_replicas_are_not_trusted():
     assert match.cached_tokens("a") == 0 and match.cached_tokens("b") is None
     match.match()
     assert calls == ["abcdefgh"]  # computed once, kept
+
+
+def test_many_sessions_sharing_a_system_prompt_reuse_their_own_history_with_exact_keys(monkeypatch):
+    """More sessions than a probe keeps share the first blocks: the deep probes still find each one's
+    previous turn (few blocks hashed), and the keys stay those hashed from scratch."""
+    source = PrefixSource(PreciseIndex(), SimTokens(), per_probe=4)
+    rng = random.Random(1)
+    system = [rng.randrange(50) for _ in range(40)]
+    sessions = [system + [rng.randrange(50) for _ in range(rng.randrange(0, 200))] for _ in range(20)]
+    hashed = []
+
+    def counting(ids, block_size, model, **kwargs):
+        hashed.append(len(ids) // block_size)
+        return token_block_hashes(ids, block_size, model, **kwargs)
+
+    monkeypatch.setattr(prefix_source, "token_block_hashes", counting)
+    for turn in range(6):
+        for s in range(len(sessions)):
+            sessions[s] = sessions[s] + [rng.randrange(50) for _ in range(rng.randrange(0, 30))]
+            hashed.clear()
+            assert source.keys(sessions[s], 4, "m") == token_block_hashes(sessions[s], 4, "m")
+            if turn > 0:
+                assert hashed[0] <= 30 // 4 + 2  # only the turn's new blocks (and the old last one)
+
+
+def test_the_timed_computation_measure_uses_answers_as_the_lazy_one():
+    def source_with_events() -> PrefixSource:
+        index = synced_index(4)
+        ids = SimTokens(chars_per_token=1).prompt_ids({"prompt": "abcdefghijklmnop"}, "completion")
+        index.replica("a").on_live(0, KVEventBatch(ts=1.0, events=[BlockStored(
+            block_hashes=[1, 2, 3, 4], parent_block_hash=None, token_ids=ids, block_size=4, lora_id=None,
+            medium="GPU", lora_name=None)]))
+        return PrefixSource(index, SimTokens(chars_per_token=1))
+
+    for body, kind in (({"prompt": "abcdefghijklmnopq"}, "completion"), ({"prompt": "abcdxx"}, "completion"),
+                       ({"messages": [{"role": "user", "content": "hi"}]}, "chat"), ({"prompt": 3}, "completion")):
+        lazy = source_with_events().for_request(body, kind)
+        timed = source_with_events().for_request(body, kind)
+        assert all(t >= 0 for t in timed.compute_timed(lambda: 0.0))
+        assert (timed.token_ids, timed.match()) == (lazy.token_ids, lazy.match())

@@ -119,3 +119,37 @@ def test_the_special_token_trie_splits_as_a_longest_first_alternation():
     for _ in range(2000):
         text = "".join(rng.choice(pieces) for _ in range(10))
         assert trie.split(text) == flat.split(text), text
+
+
+@pytest.mark.parametrize("chars_per_token", [1, 3, 4, 7])
+def test_sim_chats_encoded_piece_by_piece_equal_the_whole_texts_chunks(chars_per_token):
+    """Pieces of any length (shorter than a chunk too), interleaved sessions, repeated messages: the
+    cached per-piece ids always give `chunk_ids` of the joined text."""
+    from kv_wire import sim_tokens
+
+    tokens = SimTokens(chars_per_token=chars_per_token, cache_prompts=4)  # a small cache: evictions too
+    rng = random.Random(chars_per_token)
+    sessions = [random_chat(rng, 1) for _ in range(6)]
+    for _ in range(120):
+        s = rng.randrange(len(sessions))
+        short = {"role": rng.choice(["user", "assistant"]), "content": rng.choice(["", "a", "ok", "→"])}
+        sessions[s] = sessions[s] + rng.choice([random_chat(rng, 1)[1:], [short]])
+        body = {"messages": sessions[s]}
+        if rng.random() < 0.2:
+            body["tools"] = [{"type": "function", "function": {"name": "f"}}]
+        text = sim_tokens.render_chat(engine_plain(sessions[s]), body.get("tools"))
+        assert tokens.prompt_ids(body, "chat") == sim_tokens.chunk_ids(text, chars_per_token,
+                                                                       sim_tokens.VOCAB_SIZE, 0)
+
+
+def test_sim_chunk_ids_are_each_chunks_id_for_ascii_and_other_text():
+    from kv_wire import sim_tokens
+
+    rng = random.Random(5)
+    for _ in range(200):
+        text = random_text(rng, rng.randrange(0, 30)) if rng.random() < 0.5 else "".join(
+            rng.choice("abc xyz\n{}") for _ in range(rng.randrange(0, 90)))
+        c = rng.choice([1, 2, 4, 7])
+        start = rng.randrange(0, len(text) + 1) // c * c
+        assert sim_tokens.chunk_ids(text, c, 32_000, 3, start) == [
+            sim_tokens.chunk_id(text[i : i + c], 32_000, 3) for i in range(start, len(text), c)]
