@@ -500,7 +500,10 @@ class Calibrator:
         self.reference_version = 0  # bumped when the reference (lower median) changes value
         self.fleet_version = 0  # bumped when the fleet fit takes an observation
         self._median: float | None = None  # the reference value reference_version stands for
-        self._fleet_steps: tuple[float, float, float] | None = None  # fleet fit's (per_token, per_seq, step)
+        self._fleet_steps: tuple[float, float, float, float] | None = None  # fleet fit's (overhead, per_token, per_seq, step)
+        # forgetting sums of the TTFT rows' (requests, tokens) prefilled: the fleet's typical prefill, the
+        # operating point `shared_step` converts units at
+        self._typical = [0.0, 0.0]
         self._priced: dict[str, CostConstants] = {}  # relative: constants() until its inputs move
 
     @property
@@ -539,6 +542,9 @@ class Calibrator:
             pooled._observe(raw, y * (1.0 / self._ratio(name)))
             self.fleet_version += 1
             self._fleet_steps = None
+            if isinstance(sample, TtftSample):
+                typical, lam = self._typical, self.settings.forgetting
+                typical[0], typical[1] = lam * typical[0] + r0, lam * typical[1] + r1
             if predicted > 0:
                 sums = self._slowness.setdefault(name, [0.0, 0.0])
                 lam = self.settings.forgetting
@@ -591,17 +597,22 @@ class Calibrator:
         """(decode_step_s, decode_s_per_seq) of the decode step a new prefill shares on a busy replica,
         in the units `constants` prices ``name`` in. ``relative`` prices in the configured constants'
         units, whose ratios may be far from the engine's (a running sequence 0.5 prefill tokens on an
-        H100, 75 on a slow-decode engine), so it takes the fleet fit's step times per prefill token,
-        times the prefill time it prices ``name`` with; the others take their own constants."""
+        H100, 75 on a slow-decode engine), so it takes the fleet fit's step times, converted at the
+        fleet's typical prefill: the fit's prefill time of the observed requests' mean (requests,
+        tokens) against the time `constants` prices the same prefill at. Converting per prefill token
+        instead broke down where the fit cannot tell the per-request from the per-token cost (TTFT
+        hardly growing with the prompt: per token fitted at its lower bound made a 14 ms step 135 s);
+        the typical prefill's total is what the observations do pin down."""
         priced = self.constants(name)
         if self.settings.mode == "relative" and self._pooled.observations >= self.settings.min_observations:
             fleet = self._fleet_steps
             if fleet is None:  # once per fleet observation, not per replica per decision
-                _, per_token, per_seq, step = self._pooled.constants().as_tuple()
-                fleet = self._fleet_steps = (per_token, per_seq, step)
-            per_token, per_seq, step = fleet
-            if per_token > 0:
-                unit = priced.prefill_s_per_token / per_token
+                fleet = self._fleet_steps = self._pooled.constants().as_tuple()
+            overhead, per_token, per_seq, step = fleet
+            m0, m1 = self._typical
+            typical = overhead * m0 + per_token * m1
+            if typical > 0:
+                unit = (priced.request_overhead_s * m0 + priced.prefill_s_per_token * m1) / typical
                 return step * unit, per_seq * unit
         return priced.decode_step_s, priced.decode_s_per_seq
 

@@ -124,7 +124,9 @@ def test_relative_mode_tells_a_slow_replica_from_a_busy_one_with_only_two_replic
 
 def test_relative_mode_prices_the_shared_decode_step_at_the_fleets_timing_in_prefill_tokens():
     # The configured (H100) ratios say a decode step is worth 300 prefill tokens and a running sequence
-    # 0.5; this fleet's are 48 and 2. What a busy replica adds to a TTFT is priced at the fleet's.
+    # 0.5; this fleet's are 48 and 2. What a busy replica adds to a TTFT is priced at the fleet's (its
+    # per-request and per-token costs are in the prior's proportion, so the typical prefill that converts
+    # units is per token too).
     calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative"))
     a, p, d, g = ENGINES["llmd-like"].as_tuple()
     for i, name in enumerate("abcd"):
@@ -135,6 +137,28 @@ def test_relative_mode_prices_the_shared_decode_step_at_the_fleets_timing_in_pre
     assert per_seq == pytest.approx(d / p * H100_PRIOR.prefill_s_per_token, rel=0.2)
     pinned = Calibrator(H100_PRIOR, CalibrationSettings(mode="pinned"))
     assert pinned.shared_step("a") == (H100_PRIOR.decode_step_s, H100_PRIOR.decode_s_per_seq)
+
+
+def test_an_engine_whose_ttft_hardly_grows_with_the_prompt_keeps_its_shared_step_in_scale():
+    # 200 ms per request, next to nothing per token: the fleet fit cannot pin the per-token cost (it
+    # sits at its lower bound), so converting units per prefill token priced a 14 ms step at ~135 s
+    # (seen in benchmarks.processes). At the fleet's typical prefill the step keeps its real proportion:
+    # one step of this engine is ~7 % of one typical prefill, and so it is priced.
+    engine = CostConstants(200e-3, 1e-9, 0.6e-3, 13.6e-3)
+    calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative"))
+    rows = []
+    for i, name in enumerate("abcd"):
+        for sample in observations(engine, 60, seed=50 + i):
+            calibrator.observe(name, sample)
+            if isinstance(sample, TtftSample):
+                rows.append(sample.row())
+    requests = sum(r[0] for r in rows) / len(rows)
+    tokens = sum(r[1] for r in rows) / len(rows)
+    priced_prefill = H100_PRIOR.request_overhead_s * requests + H100_PRIOR.prefill_s_per_token * tokens
+    true_prefill = engine.request_overhead_s * requests + engine.prefill_s_per_token * tokens
+    step, per_seq = calibrator.shared_step("a")
+    assert step == pytest.approx(engine.decode_step_s / true_prefill * priced_prefill, rel=0.3)
+    assert per_seq == pytest.approx(engine.decode_s_per_seq / true_prefill * priced_prefill, rel=0.3)
 
 
 def test_a_replicas_own_fit_folded_in_late_in_relative_mode_is_the_online_fit_to_the_bit():
