@@ -539,6 +539,11 @@ class Calibrator:
             pooled._observe(raw, y * (1.0 / self._ratio(name)))
             self.fleet_version += 1
             self._fleet_steps = None
+            if pooled.observations >= self.settings.min_observations:
+                # Solved now, after the request, not in the next decision (`shared_step`): the same solve
+                # of the same fit, which the next observation's prediction above would do anyway.
+                _, per_token, per_seq, step = pooled.constants().as_tuple()
+                self._fleet_steps = (per_token, per_seq, step)
             if predicted > 0:
                 sums = self._slowness.setdefault(name, [0.0, 0.0])
                 lam = self.settings.forgetting
@@ -596,7 +601,7 @@ class Calibrator:
         priced = self.constants(name)
         if self.settings.mode == "relative" and self._pooled.observations >= self.settings.min_observations:
             fleet = self._fleet_steps
-            if fleet is None:  # once per fleet observation, not per replica per decision
+            if fleet is None:  # solved by `observe`; kept for a fit read before any was
                 _, per_token, per_seq, step = self._pooled.constants().as_tuple()
                 fleet = self._fleet_steps = (per_token, per_seq, step)
             per_token, per_seq, step = fleet
