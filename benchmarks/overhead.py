@@ -72,6 +72,24 @@ class ProfiledContender(Contender):
         return [python, "-c", PROFILED_ROUTER, self.stats_path, *rest]
 
 
+# `python -c` bootstrap: our router's CLI imported from another checkout (argv[1]) put first on the path
+TREE_ROUTER = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+               "from router.cli import main; sys.exit(main())")
+
+
+@dataclass(frozen=True)
+class TreeContender(Contender):
+    """Our router as another checkout ``tree`` has it (``--baseline-tree``): a change and its base in
+    one run, taking turns, so a shared host's load falls on both alike."""
+
+    tree: str = ""
+
+    def argv(self, port: int, engine_urls: Sequence[str], workdir: Path, **kw: Any) -> list[str]:
+        python, flag, module, *rest = super().argv(port, engine_urls, workdir, **kw)
+        assert (flag, module) == ("-m", "router"), "only our router runs from another tree"
+        return [python, "-c", TREE_ROUTER, self.tree, *rest]
+
+
 def overhead_chat_body(i: int, max_tokens: int) -> dict[str, Any]:
     """A ~200-token chat (8 system prompts shared round-robin, a distinct question): the request the
     router-overhead measurements repeat."""
@@ -141,6 +159,10 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
             out = [ProfiledContender(**{f.name: getattr(c, f.name) for f in fields(c)},
                                      stats_path=str(Path(args.profile_router).resolve() / f"{slug(c.name)}.pstats"))
                    for c in out]
+    if args.baseline_tree:  # the same router as another checkout has it, e.g. the commit a change starts from
+        base = our_contenders([args.our_policy])[0]
+        out.append(TreeContender(**{f.name: getattr(base, f.name) for f in fields(base) if f.name != "name"},
+                                 name=f"{base.name}@baseline", tree=str(Path(args.baseline_tree).resolve())))
     out += [peer_contender(kind, args.peer_policy) for kind in ("sglang-router", "vllm-router")
             if kind in args.contenders]
     return out
@@ -285,6 +307,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-timeout-s", type=float, default=60.0, help="how long a router may take to route")
     p.add_argument("--profile-router", default=None, metavar="DIR",
                    help="run our router under cProfile (process CPU clock); <contender>.pstats written to DIR")
+    p.add_argument("--baseline-tree", default=None, metavar="DIR",
+                   help="also run our router from this checkout (e.g. `git worktree` of the base commit) as "
+                        "'<policy>@baseline', taking turns with the others")
     p.add_argument("--log-dir", default=None, help="keep router and engine logs here (default: a temp dir)")
     p.add_argument("--out", default=str(RESULTS_DIR / "overhead.json"), help="JSON output path")
     args = p.parse_args(argv)

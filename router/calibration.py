@@ -545,6 +545,10 @@ class Calibrator:
             if isinstance(sample, TtftSample):
                 typical, lam = self._typical, self.settings.forgetting
                 typical[0], typical[1] = lam * typical[0] + r0, lam * typical[1] + r1
+            if pooled.observations >= self.settings.min_observations:
+                # Solved now, after the request, not in the next decision (`shared_step`): the same solve
+                # of the same fit, which the next observation's prediction above would do anyway.
+                self._fleet_steps = pooled.constants().as_tuple()
             if predicted > 0:
                 sums = self._slowness.setdefault(name, [0.0, 0.0])
                 lam = self.settings.forgetting
@@ -606,7 +610,7 @@ class Calibrator:
         priced = self.constants(name)
         if self.settings.mode == "relative" and self._pooled.observations >= self.settings.min_observations:
             fleet = self._fleet_steps
-            if fleet is None:  # once per fleet observation, not per replica per decision
+            if fleet is None:  # solved by `observe`; kept for a fit read before any was
                 fleet = self._fleet_steps = self._pooled.constants().as_tuple()
             overhead, per_token, per_seq, step = fleet
             m0, m1 = self._typical

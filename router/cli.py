@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import gc
 import json
 import logging
 import signal
@@ -199,11 +198,7 @@ async def serve(cfg: RouterConfig, *, config_file: str | None = None,
         certs = CertReloader(cfg.tls, router.metrics.tls_cert_reloads)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, **runner_kwargs(cfg))
     await runner.setup()
-    harden(runner)
-    # Start-up objects (modules, config, app) never die: move them out of the collector's reach, so full
-    # collections stay short and do not stall every stream at once (measured: 37-70 ms pauses without).
-    gc.collect()
-    gc.freeze()
+    harden(runner)  # (start-up objects were frozen out of the collector's reach by runtime.start: gc_tuning)
     await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, reuse_port=reuse_port or None,
                       ssl_context=certs.context if certs is not None else None).start()
     cert_watch = asyncio.create_task(certs.watch(), name="tls-cert-watch") if certs is not None else None

@@ -7,7 +7,10 @@ from the first block.
 
 Layout, chosen so that `match` costs one dict lookup per matched block whatever the number of replicas:
 
-- ``hash -> bitmask`` of the replicas holding it (a replica is a bit slot; slots are reused);
+- ``hash -> bitmask`` of the replicas holding it (a replica is a bit slot; slots are reused), split
+  into `OWNER_SHARDS` dicts by the hash's low bits: one dict of millions of entries stalls the router for
+  17-85 ms each time it grows or sheds its deleted slots (an index at capacity churns), a shard for 1/64
+  of that;
 - one ``OrderedDict`` LRU per replica with its own capacity in blocks (`set_capacity`).
 
 `add` touches a chain from its last block to its first, so the first blocks are the most recent and
@@ -36,6 +39,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 DEFAULT_CAPACITY_BLOCKS = 1 << 20  # 64 Mi characters at 64 characters per block, per replica
+OWNER_SHARDS = 64  # a power of two: a hash's shard is ``hash & SHARD_MASK``
+SHARD_MASK = OWNER_SHARDS - 1
 
 
 class PrefixIndex:
@@ -45,7 +50,8 @@ class PrefixIndex:
         if default_capacity < 0:
             raise ValueError("capacity must be >= 0")
         self.default_capacity = default_capacity
-        self._owners: dict[int, int] = {}  # block hash -> bitmask of replica slots
+        # block hash -> bitmask of replica slots, in the shard ``hash & SHARD_MASK``
+        self._owners: list[dict[int, int]] = [{} for _ in range(OWNER_SHARDS)]
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._capacity: dict[str, int] = {}
         self._slot: dict[str, int] = {}
@@ -124,14 +130,15 @@ class PrefixIndex:
         """
         if not hashes:
             return {}
-        owners = self._owners
-        alive = owners.get(hashes[0], 0)
+        shards = self._owners
+        first = hashes[0]
+        alive = shards[first & SHARD_MASK].get(first, 0)
         if not alive:
             return {}
         result: dict[str, int] = {}
         depth = 1
         for h in hashes[1:]:
-            holders = owners.get(h, 0) & alive
+            holders = shards[h & SHARD_MASK].get(h, 0) & alive
             if holders != alive:
                 self._record(alive & ~holders, depth, result)
                 alive = holders
@@ -148,14 +155,15 @@ class PrefixIndex:
         (`bit`, `names`)."""
         if not hashes:
             return []
-        owners = self._owners
-        alive = owners.get(hashes[0], 0)
+        shards = self._owners
+        first = hashes[0]
+        alive = shards[first & SHARD_MASK].get(first, 0)
         if not alive:
             return []
         groups: list[tuple[int, int]] = []
         depth = 1
         for h in hashes[1:]:
-            holders = owners.get(h, 0) & alive
+            holders = shards[h & SHARD_MASK].get(h, 0) & alive
             if holders != alive:
                 groups.append((depth, alive & ~holders))
                 alive = holders
@@ -191,7 +199,7 @@ class PrefixIndex:
     def size(self, replica: str | None = None) -> int:
         """Blocks held by ``replica``, or distinct blocks held by anyone when ``replica`` is None."""
         if replica is None:
-            return len(self._owners)
+            return sum(map(len, self._owners))
         lru = self._lru.get(replica)
         return 0 if lru is None else len(lru)
 
@@ -206,20 +214,21 @@ class PrefixIndex:
     def holders(self, block: int) -> set[str]:
         """Replicas holding ``block`` (for tests and debugging)."""
         out: dict[str, int] = {}
-        self._record(self._owners.get(block, 0), 1, out)
+        self._record(self._owners[block & SHARD_MASK].get(block, 0), 1, out)
         return set(out)
 
     # -- internals ---------------------------------------------------------------------------------
 
     def _touch(self, lru: OrderedDict[int, None], bit: int, hashes: Sequence[int]) -> None:
         """Make ``hashes`` the most recent entries of ``lru``, its first block last (most recent)."""
-        owners = self._owners
+        shards = self._owners
         move_to_end = lru.move_to_end
         for h in reversed(hashes):
             if h in lru:
                 move_to_end(h)
             else:
                 lru[h] = None
+                owners = shards[h & SHARD_MASK]
                 owners[h] = owners.get(h, 0) | bit
 
     def _register(self, replica: str) -> OrderedDict[int, None]:
@@ -246,11 +255,12 @@ class PrefixIndex:
             self._clear(h, mask)
 
     def _clear(self, h: int, mask: int) -> None:
-        remaining = self._owners[h] & mask
+        owners = self._owners[h & SHARD_MASK]
+        remaining = owners[h] & mask
         if remaining:
-            self._owners[h] = remaining
+            owners[h] = remaining
         else:
-            del self._owners[h]
+            del owners[h]
 
     def _record(self, bits: int, depth: int, out: dict[str, int]) -> None:
         names = self._names

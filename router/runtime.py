@@ -10,8 +10,10 @@ poller, `stop` closes them. The `build_*` functions are pure conversions from co
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -20,6 +22,7 @@ from aiohttp import web
 from config.router import ConfigError, RouterConfig
 from router.dispatch import Dispatcher, DispatchSettings
 from router.features.hashing import HashingConfig
+from router.gc_tuning import Tuning
 from router.metrics import RouterMetrics
 from router.policies.base import Policy
 from router.policies.registry import POLICY_NAMES, create_policy, policy_parameters
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     from router.kv_events.prefix_source import PrefixSource
 
 log = logging.getLogger("router")
+
+GC_CHECK_S = 5.0  # how often a running router looks whether a reload rebuilt it (`router.gc_tuning`)
 
 
 @dataclass
@@ -51,6 +56,8 @@ class Router:
     draining: bool = False
     in_flight: int = 0
     kv_events: PrefixSource | None = None  # exact prefix matches from KV events (kv_events.enabled)
+    gc: Tuning = field(default_factory=Tuning)  # the collector's settings while started
+    gc_watch: asyncio.Task[None] | None = None
 
 
 ROUTER = web.AppKey("router", Router)
@@ -145,10 +152,28 @@ async def start(router: Router) -> None:
                                   load_interval_s=cfg.load.poll_interval_s, timeout_s=cfg.health.check_timeout_s,
                                   on_transition=lambda r, t: _on_transition(router, r.name, t.new))
     await router.poller.start()
+    # Everything built so far lives as long as the router: out of the collector's reach from here on.
+    router.gc.enabled = cfg.gc_tuning
+    router.gc.apply(router.dispatcher)
+    router.gc_watch = asyncio.create_task(_follow_rebuilds(router), name="gc-tuning")
+
+
+async def _follow_rebuilds(router: Router) -> None:
+    """Re-freeze after a reload rebuilt the dispatcher (or changed gc_tuning), so the replaced one and
+    its policy are collected and the new ones frozen; checked every GC_CHECK_S, off the request path."""
+    while True:
+        await asyncio.sleep(GC_CHECK_S)
+        router.gc.refresh(router.dispatcher, router.config.gc_tuning)
 
 
 async def stop(router: Router) -> None:
-    """Stop polling, close the probes' session and the upstream pool."""
+    """Stop polling, close the probes' session and the upstream pool, give the collector back."""
+    if router.gc_watch is not None:
+        router.gc_watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await router.gc_watch
+        router.gc_watch = None
+    router.gc.release()
     if router.poller is not None:
         await router.poller.stop()
         await router.poller.session.close()

@@ -65,3 +65,17 @@ def test_relative_mode_reads_between_observations_do_not_change_what_is_read_lat
         read(often)
     assert read(often) == read(at_end)
     assert at_end.speed("slow") > 3.5
+
+
+def test_relative_mode_solves_the_fleet_fit_when_it_observes_not_when_a_decision_reads_it():
+    # The fit moves only with an observation, which comes after a request: a decision must find it solved.
+    calibrator = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative", min_observations=5))
+    for i, sample in enumerate(observations(ENGINES["llmd-like"], 20, seed=7)):
+        calibrator.observe("a" if i % 2 else "b", sample)
+        if calibrator._pooled.observations >= 5:
+            assert calibrator._pooled._phi is not None and calibrator._fleet_steps is not None
+    lazy = Calibrator(H100_PRIOR, CalibrationSettings(mode="relative", min_observations=5))
+    for i, sample in enumerate(observations(ENGINES["llmd-like"], 20, seed=7)):
+        lazy.observe("a" if i % 2 else "b", sample)
+    lazy._fleet_steps = None  # as if never solved: the lazy read gives the same bits
+    assert [lazy.shared_step(n) for n in "ab"] == [calibrator.shared_step(n) for n in "ab"]

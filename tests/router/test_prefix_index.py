@@ -232,3 +232,16 @@ def test_add_with_any_held_hint_equals_add_without(ops):
         told.add(replica, tuple(chain), held=held)
         plain.add(replica, tuple(chain))
         assert _state(told) == _state(plain)
+
+
+def test_the_owner_map_is_split_so_no_single_dict_grows_with_the_whole_index() -> None:
+    # A dict resize copies every entry at once (17-85 ms at 350k); each shard holds about 1/OWNER_SHARDS.
+    from router.features.hashing import block_hashes
+    from router.prefix_index import OWNER_SHARDS
+
+    index = PrefixIndex()
+    for i in range(200):
+        index.add(f"r{i % 4}", block_hashes(f"prompt {i} " * 400, 64, "m"))
+    total = index.size()
+    assert total > 10_000
+    assert max(map(len, index._owners)) < 2 * total / OWNER_SHARDS
