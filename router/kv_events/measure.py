@@ -17,7 +17,8 @@ and of each part, for turns ("warm", the history seen before) and first sights (
 requests with their parts, and the garbage collections during the timed work. CPU time of this thread
 (``time.thread_time``), so other processes on a shared host do not inflate it. Seeded: the same run does
 the same work. ``--gc freeze`` freezes the setup's objects (`gc.freeze`) before the timed loop, as a
-server may after startup; ``off`` disables the collector during it (a bound, not a setting to ship).
+server may after startup; ``router`` as a running router sets it (`router.gc_tuning`: frozen and a young
+threshold of 50,000); ``off`` disables the collector during it (a bound, not a setting to ship).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kv_wire import BlockStored, KVEventBatch
 from router.features.hashing import HashingConfig, token_block_hashes
 from router.features.parse import features_from_body
 from router.features.tokenize import load_tokenizer
+from router.gc_tuning import Tuning
 from router.kv_events.precise import PreciseIndex
 from router.kv_events.prefix_source import PrefixSource
 from router.policies.base import Outcome
@@ -45,7 +47,7 @@ from router.routing import RoutingCore
 WORDS = ("cache", "block", "router", "engine", "prefix", "token", "the", "of", "and", "model", "batch",
          "queue", "stream", "latency", "replica", "memory", "request", "system", "value", "result")
 PARTS = ("parse", "template", "encode", "keys", "match", "decide")
-GC_MODES = ("default", "freeze", "off")
+GC_MODES = ("default", "freeze", "router", "off")
 
 
 def _text(rng: random.Random, words: int) -> str:
@@ -129,9 +131,12 @@ def run(tokenizer: str, replicas: int, tokens: int, sessions: int, turns: int, b
             collections[info["generation"]] += 1
 
     clock = time.thread_time
+    tuning = Tuning()
     if gc_mode == "freeze":
         gc.collect()
         gc.freeze()
+    elif gc_mode == "router":
+        tuning.apply()
     elif gc_mode == "off":
         gc.disable()
     gc.callbacks.append(count_gc)
@@ -174,6 +179,8 @@ def run(tokenizer: str, replicas: int, tokens: int, sessions: int, turns: int, b
         gc.callbacks.remove(count_gc)
         if gc_mode == "freeze":
             gc.unfreeze()
+        elif gc_mode == "router":
+            tuning.release()
         elif gc_mode == "off":
             gc.enable()
     slowest.sort(key=lambda x: x[0], reverse=True)
@@ -200,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gc", choices=GC_MODES, default="default",
-                   help="collector during the timed loop: as is, setup frozen (gc.freeze), or disabled")
+                   help="collector during the timed loop: as is, setup frozen (gc.freeze), as a running router sets it (router.gc_tuning), or disabled")
     p.add_argument("--stored", choices=("all", "chosen"), default="all",
                    help="which replicas cache each prompt: every one (most matching work) or the chosen one")
     args = p.parse_args(argv)
