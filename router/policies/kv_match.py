@@ -100,6 +100,20 @@ class InFlightBlocks:
         if counts is None:
             return
         held_until = self._until[replica]
+        if self.hold_s <= 0:  # nothing is held after completion: a block no request holds is gone now
+            for h in hashes:
+                c = counts.get(h)
+                if c is not None:
+                    if c > 1:
+                        counts[h] = c - 1
+                    elif held_until.get(h, 0.0) > now:  # held by an earlier hold_s (it was reloaded)
+                        counts[h] = 0
+                    else:
+                        del counts[h]
+                        held_until.pop(h, None)
+            if not counts:
+                self.forget(replica)
+            return
         until = now + self.hold_s
         for h in hashes:
             c = counts.get(h)
