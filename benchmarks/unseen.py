@@ -1,6 +1,6 @@
 """The default policy on engines nobody tuned it for: random engine profiles, drawn with a seed.
 
-    python -m benchmarks.unseen                          # 12 engines x 4 workloads, seed 1, closed loop
+    python -m benchmarks.unseen                          # 16 engines x 4 workloads, seed 1, closed loop (~1 CPU min)
     python -m benchmarks.unseen --engines-n 20 --seed 2 --poisson 0.75
     python -m benchmarks.unseen --debug                  # + the cost policy's extreme priced constants
 
@@ -228,7 +228,7 @@ def debug_extremes() -> Iterator[dict[str, Any]]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.unseen", description=__doc__.split("\n\n")[0])
-    p.add_argument("--engines-n", type=int, default=12, help="random engine profiles to draw")
+    p.add_argument("--engines-n", type=int, default=16, help="random engine profiles to draw")
     p.add_argument("--seed", type=int, default=1, help="seeds the draw, the workloads and the simulator")
     p.add_argument("--workloads", default=",".join(matrix.WORKLOADS))
     p.add_argument("--contenders", default=",".join(CONTENDERS),
