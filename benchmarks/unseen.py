@@ -4,19 +4,13 @@
     python -m benchmarks.unseen --engines-n 20 --seed 2 --poisson 0.75
     python -m benchmarks.unseen --debug                  # + the cost policy's extreme priced constants
 
-`benchmarks.matrix` has seven engine shapes that the default `cost` policy was developed against; a
-pathology none of them shows (the shared decode step priced at 135 s on an engine whose TTFT hardly grows
-with the prompt) was found by chance. This draws fleets from wide, physically plausible ranges, each
-term log-uniform and independent, so that corners no one picked get exercised:
-
-    per-request overhead 0.5-200 ms, prefill 2-1000 us/token, decode step 2-80 ms, per running
-    sequence 0.005-10 ms, max running sequences 2-256, fleet KV 0.3-2x the workload's footprint,
-    and in a third of the fleets one replica 1.5-3x slower in every term.
-
-Each cell is `matrix.run_cell` (the same contenders, cold starts and ratios) with the drawn engine
-registered under its name for the run. Writes benchmarks/results/unseen.json and prints per cell cost's
-TTFT p90 against the best other contender and cache_aware, hit rate against the oracle and max/mean,
-then the summary and the worst cells with their engine parameters.
+`benchmarks.matrix`'s seven engines are the ones the default `cost` was developed against; a pathology
+none of them shows (a 135 s shared decode step) was found by chance. This draws fleets log-uniformly
+over wide, physically plausible ranges (`RANGES`; a third of them with one replica 1.5-3x slower), so
+that corners no one picked get exercised. Each cell is `matrix.run_cell` with the drawn fleet
+registered under its name; per cell cost's TTFT p90 against the best other contender and cache_aware,
+hit rate against the oracle, max/mean; then the summary and the worst cells with their engines.
+Writes benchmarks/results/unseen.json.
 """
 
 from __future__ import annotations
@@ -91,10 +85,9 @@ def draw_engines(n: int, seed: int) -> list[DrawnEngine]:
         v = {k: _log_uniform(rng, *RANGES[k]) for k in RANGES}
         slow = rng.random() < SLOW_REPLICA_P
         out.append(DrawnEngine(
-            name=f"u{seed}-{i:02d}", request_overhead_s=v["request_overhead_s"],
-            prefill_per_token_s=v["prefill_per_token_s"], decode_step_s=v["decode_step_s"],
-            decode_per_seq_s=v["decode_per_seq_s"], max_num_seqs=round(v["max_num_seqs"]),
-            kv_capacity=round(v["kv_capacity"], 3), slow_factor=round(v["slow_factor"], 2) if slow else None))
+            f"u{seed}-{i:02d}", v["request_overhead_s"], v["prefill_per_token_s"], v["decode_step_s"],
+            v["decode_per_seq_s"], round(v["max_num_seqs"]), round(v["kv_capacity"], 3),
+            round(v["slow_factor"], 2) if slow else None))
     return out
 
 
@@ -199,7 +192,7 @@ def debug_extremes() -> Iterator[dict[str, Any]]:
 
     seen: dict[str, Any] = {"min": {}, "max": {}, "nonfinite": 0}
     cls = calibration.Calibrator
-    originals = {"constants": cls.constants, "shared_step": cls.shared_step}
+    originals = (cls.constants, cls.shared_step)
 
     def note(values: dict[str, float]) -> None:
         for k, v in values.items():
@@ -209,21 +202,19 @@ def debug_extremes() -> Iterator[dict[str, Any]]:
             seen["min"][k] = min(seen["min"].get(k, v), v)
             seen["max"][k] = max(seen["max"].get(k, v), v)
 
-    def constants(self: Any, name: str) -> Any:
-        got = originals["constants"](self, name)
-        note(got.as_dict())
-        return got
+    def wrap(method: Any, values: Any) -> Any:
+        def wrapped(self: Any, name: str) -> Any:
+            got = method(self, name)
+            note(values(got))
+            return got
+        return wrapped
 
-    def shared_step(self: Any, name: str) -> Any:
-        got = originals["shared_step"](self, name)
-        note({"shared_step_0": got[0], "shared_step_1": got[1]})
-        return got
-
-    cls.constants, cls.shared_step = constants, shared_step  # type: ignore[method-assign]
+    cls.constants = wrap(originals[0], lambda c: c.as_dict())  # type: ignore[method-assign]
+    cls.shared_step = wrap(originals[1], lambda s: {"shared_step_0": s[0], "shared_step_1": s[1]})  # type: ignore[method-assign]
     try:
         yield seen
     finally:
-        cls.constants, cls.shared_step = originals["constants"], originals["shared_step"]  # type: ignore[method-assign]
+        cls.constants, cls.shared_step = originals  # type: ignore[method-assign]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
