@@ -56,8 +56,11 @@ random draw.
   blocks (vLLM's ``allocate_slots``; free blocks include cached ones no running request holds, which it
   evicts rather than wait). From a fresh load report with ``R`` running holding ``used`` blocks: the
   blocks missing, ``M`` = this request's uncached blocks plus those of the prompts admitted before it
-  (the engine's ``waiting``, or the requests sent since its report if more, at the mean uncached size)
-  minus the free blocks, free as running requests finish, ``used / R`` each; with remaining decodes
+  (the engine's ``waiting`` at the mean uncached size plus what this router sent since the report, or
+  its requests in flight beyond the reported running if more) minus the free blocks (with those of
+  reported requests that finished since: a report is a poll old, and on an engine whose requests
+  finish within a poll, counting in-flight beyond running saw nothing ahead and KV waits took 10 % of
+  requests, `benchmarks.unseen`), free as running requests finish, ``used / R`` each; with remaining decodes
   uniform over ``L`` (as the slot wait's) that takes ``M / used * R / (R+1) * L``. Added to ``queue(r)``,
   not maxed with it: a prompt blocked on KV cannot prefill meanwhile, so each admission ahead waits for
   a finish and then for its prefill. 0 while the blocks are there, and without a fresh report or KV
@@ -162,6 +165,20 @@ class _InFlight:
     dispatched_requests: int = 0
 
 
+@dataclass(slots=True)
+class _SinceReport:
+    """This policy's traffic on one replica since the engine's load report it last saw (``key``: the
+    report's running, waiting and KV blocks used; ``age``: its age when last seen, which only grows
+    until a new report replaces it). The report is up to a poll old, and on an engine whose requests
+    finish within a poll the router's in-flight count minus the reported running misses what was sent
+    since whenever as many reported ones finished meanwhile (`Cost._kv_wait`)."""
+
+    key: tuple[int, int, int]
+    age: float
+    sent_tokens: float = 0.0  # uncached tokens sent since: they take blocks the report counts as free
+    finished: int = 0  # requests sent before the report that finished since: their blocks are free
+
+
 @dataclass(slots=True, frozen=True)
 class _Sent:
     """What the policy knew about one request when it was sent (the calibration's regressors)."""
@@ -244,6 +261,8 @@ class Cost(PolicyBase):
         self._own_scale = float(router_processes)
         self._in_flight_blocks = InFlightBlocks(kv_hold_s)  # exact modes: sent, maybe not announced by events yet
         self._inflight: dict[str, _InFlight] = {}
+        self._since: dict[str, _SinceReport] = {}  # replica -> its traffic since its last report
+        self._sent_under: dict[tuple[str, str], tuple[_SinceReport, float]] = {}  # request -> (report, uncached)
         self._geometry: dict[str, tuple[int, int, float]] = {}
         self._avg_uncached: float | None = None  # EWMA over dispatched requests
         self._avg_output: float | None = None  # EWMA of reported completion tokens
@@ -410,14 +429,30 @@ class Cost(PolicyBase):
         estimated token come from its reports (`on_complete`), as blocks are counted in its tokens."""
         running = float(view.running)
         used = float(view.kv_blocks_used)
-        ahead = max(float(view.waiting), in_flight - running)
-        need = uncached + ahead * self._uncached_per_prompt(view.name, uncached) if ahead > 0 else uncached
-        missing = need * self._engine_per_estimate / view.block_size - (view.kv_blocks_total - used)
+        since = self._report_since(view)
+        per_prompt = self._uncached_per_prompt(view.name, uncached)
+        # Ahead of this request: the report's waiting prompts and what was sent since, or the router's
+        # in-flight count beyond the reported running if more; the report's finished ones freed theirs.
+        ahead = max(float(view.waiting) * per_prompt + since.sent_tokens * self._own_scale,
+                    (in_flight - running) * per_prompt)
+        freed = used / running * min(float(since.finished), running)
+        missing = (uncached + ahead) * self._engine_per_estimate / view.block_size - (view.kv_blocks_total - used + freed)
         if missing <= 0:
             return 0.0
         busy_step, busy_per_seq = self._shared_step(view.name, raw)
         life = (decode_steps - 1.0) * (busy_step + busy_per_seq * running)
         return missing / used * running / (running + 1.0) * life
+
+    def _report_since(self, view: ReplicaView) -> _SinceReport:
+        """The traffic since ``view``'s load report, restarted when the report changed or got younger."""
+        key = (view.running, view.waiting, view.kv_blocks_used)
+        age = view.load_age_s if view.load_age_s is not None else math.inf
+        since = self._since.get(view.name)
+        if since is None or since.key != key or age < since.age:
+            since = self._since[view.name] = _SinceReport(key, age)
+        else:
+            since.age = age
+        return since
 
     def _expected_output(self, features: RequestFeatures) -> float:
         guess = DEFAULT_OUTPUT_GUESS if self._avg_output is None else self._avg_output
@@ -473,6 +508,11 @@ class Cost(PolicyBase):
                 running = self._running(view, fresh, queued_requests)
             self._sent[(features.request_id, decision.replica)] = _Sent(
                 queued_tokens, queued_requests, running, own.dispatched_tokens, own.dispatched_requests)
+        view = self._views.get(decision.replica)
+        if view is not None and view.load_age_s is not None:
+            since = self._report_since(view)
+            since.sent_tokens += uncached
+            self._sent_under[(features.request_id, decision.replica)] = (since, uncached)
         own.dispatched_tokens += uncached
         own.dispatched_requests += 1
         own.count += 1
@@ -487,6 +527,13 @@ class Cost(PolicyBase):
         if features.kv_match is not None and self.index_mode != "approximate":
             self._in_flight_blocks.remove(decision.replica, features.block_hashes)
         sent = self._sent.pop((features.request_id, decision.replica), None)
+        under = self._sent_under.pop((features.request_id, decision.replica), None)
+        current = self._since.get(decision.replica)
+        if current is not None:
+            if under is not None and under[0] is current:  # sent since the report: gives back what it took
+                current.sent_tokens = max(0.0, current.sent_tokens - under[1])
+            else:  # in the report: its blocks are free again
+                current.finished += 1
         if sent is not None and outcome.ok:
             self._learn(features, decision, outcome, sent)
         if outcome.ok and outcome.completion_tokens is not None:
@@ -511,6 +558,7 @@ class Cost(PolicyBase):
         self.index.remove_replica(name)
         self._in_flight_blocks.forget(name)
         self._inflight.pop(name, None)
+        self._since.pop(name, None)
         self._geometry.pop(name, None)
         self._last_sent.pop(name, None)
         self.calibrator.remove(name)

@@ -64,3 +64,27 @@ def test_blocks_are_counted_in_the_engine_s_tokens_as_its_reports_show():
     assert priced(room_for_estimate, 30) == priced(engine("r", used=0), 30)  # a fresh policy: no wait
     waits = policy.estimate_cost(room_for_estimate, 30 * BLOCK, features)
     assert waits > policy.estimate_cost(engine("r", used=0), 30 * BLOCK, features)
+
+
+def test_requests_sent_since_the_report_take_blocks_even_when_as_many_reported_ones_finished():
+    # The report (running 2 holding 128 of 256 blocks) is a poll old: both reported requests finished since
+    # and two 100-block prompts went there. The router's in-flight count equals the reported running, so
+    # "in flight beyond running" saw nothing ahead and a third 100-block prompt fit the 128 free blocks;
+    # but the engine now holds 200 blocks and 56 are free: the third waits for one of them to finish.
+    policy = Cost(seed=0, calibration="pinned", eviction_weight=0.0)
+    reported = dict(running=2, waiting=0, kv_blocks_used=128, kv_blocks_total=256, block_size=BLOCK)
+    earlier = [features_with(64, f"old{i}", rid=f"old{i}") for i in range(2)]
+    for f in earlier:
+        policy.on_dispatch(f, policy.choose(f, [view("a", load_age_s=0.4)]))
+    decisions = {}
+    for f in earlier:  # the report arrives (counting both), then both finish
+        decisions[f.request_id] = policy.choose(f, [view("a", in_flight_requests=2, load_age_s=0.0, **reported)])
+    for f in earlier:
+        policy.on_complete(f, decisions[f.request_id], Outcome(ok=True, status=200, ttft_s=0.1))
+    for i in range(2):
+        f = features_with(100, f"new{i}", rid=f"new{i}")
+        policy.on_dispatch(f, policy.choose(f, [view("a", in_flight_requests=i, load_age_s=0.1, **reported)]))
+    now = view("a", in_flight_requests=2, load_age_s=0.2, **reported)
+    third = features_with(100, "third", rid="third")
+    fresh = Cost(seed=0, calibration="pinned", eviction_weight=0.0)  # no history: nothing sent since
+    assert policy.estimate_cost(now, 100 * BLOCK, third) > fresh.estimate_cost(now, 100 * BLOCK, third)
