@@ -336,9 +336,12 @@ class WorkerRouter:
             return await r.json()
 
     async def counted(self) -> str:
-        """A scrape once every request sent is counted (counted as answered, not before)."""
+        """A scrape once every request sent is counted (counted as answered, not before) and no longer
+        in flight: the other workers publish their in-flight gauges every `PUBLISH_EVERY_S`, so one
+        that published in the middle of a request shows it for up to that long."""
         deadline = time.monotonic() + HANG_GUARD_S
-        while scraped(text := await self.metrics(), "router_requests_total") != self.sent:
+        while (scraped(text := await self.metrics(), "router_requests_total") != self.sent
+               or scraped(text, "router_replica_in_flight", replica="sim") != 0):
             assert time.monotonic() < deadline, "requests counted"
             await asyncio.sleep(0.1)
         return text
