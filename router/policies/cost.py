@@ -145,10 +145,12 @@ from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, req
 from router.policies.candidates import DEFAULT_K as DEFAULT_CANDIDATES
 from router.policies.candidates import CandidateFilter
 from router.policies.kv_match import INDEX_MODES, InFlightBlocks, blend
+from router.policies.threads import Threads, spread
 from router.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.replica_view import ReplicaView
 
 DEFAULT_OUTPUT_GUESS = 128.0  # expected completion tokens until the engine reports some
+TURN_DECAY = 0.999  # per dispatch: later turns per thread follow the last ~1,000 requests
 
 
 @dataclass(slots=True)
@@ -251,6 +253,8 @@ class Cost(PolicyBase):
         self._dispatches = 0
         self._last_sent: dict[str, int] = {}  # replica -> number of the dispatch that last went there
         self.candidates = CandidateFilter(candidates, self.index)  # large fleets: what choose() prices
+        self.threads = Threads()  # conversations resident per replica (`router.policies.threads`)
+        self._turns = [0.0, 0.0]  # decayed counts of dispatches that [started, continued] a thread
 
     # -- decide ------------------------------------------------------------------------------------
 
@@ -298,8 +302,14 @@ class Cost(PolicyBase):
                                      self.router_processes)
         cutoff = min(costs.values()) * (1.0 + self.tie_tolerance)
         near = [r for r in priced if costs[r.name] <= cutoff]
+        fresh_thread = None
+        if agreed is None and self._turns[1] > 0 and self.threads.continued(features.block_hashes) is None:
+            fresh_thread = spread(priced, costs, matched, self._hit_margin(priced, costs, block_tokens),
+                                  self.threads.resident, self.tie_tolerance)
         if agreed is not None:
             pick = agreed
+        elif fresh_thread is not None:
+            pick = fresh_thread
         elif len(near) == 1:
             pick = near[0]
         else:  # near-equal costs: less loaded, then cheaper, then least recently sent to, then a draw
@@ -319,6 +329,19 @@ class Cost(PolicyBase):
         overhead, per_token = self._constants[cheapest.name][:2]
         scale = (1.0 + self.work_weight) / _weight(cheapest)
         return lambda common: scale * (overhead + per_token * max(0.0, tokens - common * block_tokens))
+
+    def _hit_margin(self, priced: Sequence[ReplicaView], costs: Mapping[str, float],
+                    block_tokens: float) -> Callable[[int], float]:
+        """`threads.spread`'s margin: the prefill a new thread's hit saves (priced as `_own_prefill`), in
+        full once threads bring at least one later turn on average, in proportion below: the hit is saved
+        once, the placement is paid again by every later turn, and where prompts have no later turns
+        (gsp's questions) nothing changes."""
+        cheapest = min(priced, key=lambda v: costs[v.name])
+        per_token = self._constants[cheapest.name][1]
+        started, continued = self._turns
+        later = min(1.0, continued / started) if started > 0 else 1.0
+        scale = later * (1.0 + self.work_weight) * per_token * block_tokens / _weight(cheapest)
+        return lambda blocks: scale * blocks
 
     def _admission_room(self, replicas: Sequence[ReplicaView], features: RequestFeatures) -> Callable[[str], float | None]:
         """Per replica, the estimated tokens it can allocate before admitting this request without evicting
@@ -460,6 +483,13 @@ class Cost(PolicyBase):
         self._last_sent[decision.replica] = self._dispatches
         self.candidates.dispatched(decision.replica, self._dispatches)
         self.index.add(decision.replica, features.block_hashes, decision.matched_blocks)
+        hashes = features.block_hashes
+        if hashes:
+            turns = self._turns
+            turns[0] *= TURN_DECAY
+            turns[1] *= TURN_DECAY
+            turns[self.threads.continued(hashes) is not None] += 1.0
+            self.threads.dispatched(decision.replica, hashes)
         if features.kv_match is not None and self.index_mode != "approximate":
             self._in_flight_blocks.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)
@@ -517,6 +547,7 @@ class Cost(PolicyBase):
         self._constants.pop(name, None)
         self._views.pop(name, None)
         self.candidates.forget(name)
+        self.threads.forget(name)
 
     def calibration(self, name: str) -> dict[str, object]:
         """The learned time constants and slot limit of ``name`` (admin API, metrics; not `Policy`)."""
