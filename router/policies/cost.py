@@ -488,8 +488,7 @@ class Cost(PolicyBase):
             turns = self._turns
             turns[0] *= TURN_DECAY
             turns[1] *= TURN_DECAY
-            turns[self.threads.continued(hashes) is not None] += 1.0
-            self.threads.dispatched(decision.replica, hashes)
+            turns[self.threads.dispatched(decision.replica, hashes)] += 1.0
         if features.kv_match is not None and self.index_mode != "approximate":
             self._in_flight_blocks.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)

@@ -46,10 +46,11 @@ class Threads:
                 return h
         return None
 
-    def dispatched(self, replica: str, hashes: Sequence[int]) -> None:
-        """Record that the prompt ``hashes`` went to ``replica``: it moves its thread's tip there, or starts one."""
+    def dispatched(self, replica: str, hashes: Sequence[int]) -> bool:
+        """Record that the prompt ``hashes`` went to ``replica``: it moves its thread's tip there (True), or
+        starts one (False)."""
         if not hashes:
-            return
+            return False
         tips = self._tips
         tip = self.continued(hashes)
         if tip is not None:
@@ -63,6 +64,7 @@ class Threads:
         while len(tips) > self.capacity:
             _, gone = tips.popitem(last=False)
             self.resident[gone] -= 1
+        return tip is not None
 
     def forget(self, replica: str) -> None:
         for h in [h for h, r in self._tips.items() if r == replica]:
