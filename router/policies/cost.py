@@ -71,6 +71,13 @@ recomputing elsewhere, so the prefix gets replicated; conversations that share o
 it everywhere after a few requests and spread by load, while each conversation's own growing prefix
 keeps it where it is.
 
+Except for where a conversation starts: its first turn's only hit is the shared system prompt, held at first
+by one replica, and load of the moment decides whether it starts there; its later turns follow it. So a
+prompt that starts a new thread (continues no earlier prompt, `router.policies.threads`) goes to the
+replica with the fewest resident threads among those within the prefill its deepest hit saves of the
+cheapest (that hit is saved once per replica; the placement is paid by every later turn), the margin
+scaled down where threads have fewer than one later turn on average (none: gsp's single questions).
+
 The prefix index is capacity-aware and self-correcting:
 
 - each replica's LRU holds ``kv_blocks_total * block_size * kv_capacity_factor`` tokens' worth of blocks
