@@ -261,7 +261,8 @@ class Cost(PolicyBase):
         self._last_sent: dict[str, int] = {}  # replica -> number of the dispatch that last went there
         self.candidates = CandidateFilter(candidates, self.index)  # large fleets: what choose() prices
         self.threads = Threads()  # conversations resident per replica (`router.policies.threads`)
-        self._turns = [0.0, 0.0]  # decayed counts of dispatches that [started, continued] a thread
+        # decayed over dispatches: threads started, turns that continued one, those turns' uncached tokens
+        self._turns = [0.0, 0.0, 0.0]
 
     # -- decide ------------------------------------------------------------------------------------
 
@@ -339,16 +340,17 @@ class Cost(PolicyBase):
 
     def _hit_margin(self, priced: Sequence[ReplicaView], costs: Mapping[str, float],
                     block_tokens: float) -> Callable[[int], float]:
-        """`threads.spread`'s margin: the prefill a new thread's hit saves (priced as `_own_prefill`), in
-        full once threads bring at least one later turn on average, in proportion below: the hit is saved
-        once, the placement is paid again by every later turn, and where prompts have no later turns
-        (gsp's questions) nothing changes."""
+        """`threads.spread`'s margin: the prefill a new thread's hit saves (priced as `_own_prefill`), at most
+        the prefill its later turns are expected to bring (later turns per thread times their mean uncached
+        tokens, over recent dispatches): balancing a thread is worth recomputing no more than the work it
+        places; the hit is saved once, the placement is paid by every later turn, and where prompts have
+        no later turns (gsp's questions) nothing changes."""
         cheapest = min(priced, key=lambda v: costs[v.name])
         per_token = self._constants[cheapest.name][1]
-        started, continued = self._turns
-        later = min(1.0, continued / started) if started > 0 else 1.0
-        scale = later * (1.0 + self.work_weight) * per_token * block_tokens / _weight(cheapest)
-        return lambda blocks: scale * blocks
+        started, _, later_tokens = self._turns
+        future = later_tokens / started if started > 0 else 0.0
+        scale = (1.0 + self.work_weight) * per_token / _weight(cheapest)
+        return lambda blocks: scale * min(blocks * block_tokens, future)
 
     def _admission_room(self, replicas: Sequence[ReplicaView], features: RequestFeatures) -> Callable[[str], float | None]:
         """Per replica, the estimated tokens it can allocate before admitting this request without evicting
@@ -495,7 +497,12 @@ class Cost(PolicyBase):
             turns = self._turns
             turns[0] *= TURN_DECAY
             turns[1] *= TURN_DECAY
-            turns[self.threads.dispatched(decision.replica, hashes)] += 1.0
+            turns[2] *= TURN_DECAY
+            if self.threads.dispatched(decision.replica, hashes):
+                turns[1] += 1.0
+                turns[2] += self._uncached(features, decision.matched_blocks)
+            else:
+                turns[0] += 1.0
         if features.kv_match is not None and self.index_mode != "approximate":
             self._in_flight_blocks.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)
