@@ -75,8 +75,8 @@ Except for where a conversation starts: its first turn's only hit is the shared 
 by one replica, and load of the moment decides whether it starts there; its later turns follow it. So a
 prompt that starts a new thread (continues no earlier prompt, `router.policies.threads`) goes to the
 replica with the fewest resident threads among those within the prefill its deepest hit saves of the
-cheapest (that hit is saved once per replica; the placement is paid by every later turn), the margin
-scaled down where threads have fewer than one later turn on average (none: gsp's single questions).
+cheapest (that hit is saved once per replica; the placement is paid by every later turn), at most the
+prefill its later turns are expected to bring (0 where prompts have none: gsp's single questions).
 
 The prefix index is capacity-aware and self-correcting:
 

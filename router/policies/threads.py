@@ -9,9 +9,11 @@ in the simulator with Poisson arrivals). The shared prefix is worth one prefill 
 the conversation's placement is paid on every later turn.
 
 The rule (`spread`): a request that continues no thread known to this module starts one. Among the
-replicas whose cost is within the prefill of the prompt's deepest match of the cheapest (what the hit
-saves, once), the one with the fewest resident threads takes it, then the cheaper. A continuing turn, or
-a prompt nobody holds any of (margin 0), is decided by the costs as before.
+replicas whose cost is within a margin of the cheapest, the one with the fewest resident threads takes it,
+then the cheaper. ``cost`` sets the margin: the prefill of the prompt's deepest match (what the hit saves,
+once), at most the prefill the thread's later turns are expected to bring (balancing is worth recomputing
+no more than the work it places; 0 where prompts have no later turns). A continuing turn, or a prompt
+nobody holds any of, is decided by the costs as before.
 
 A thread is the chain of prompts that each extend the previous one's last block (its *tip*); its
 replica is where its last prompt went. Only the ``capacity`` most recently extended threads are kept, so
