@@ -74,6 +74,13 @@ recomputing elsewhere, so the prefix gets replicated; conversations that share o
 it everywhere after a few requests and spread by load, while each conversation's own growing prefix
 keeps it where it is.
 
+Except for where a conversation starts: its first turn's only hit is the shared system prompt, held at first
+by one replica, and load of the moment decides whether it starts there; its later turns follow it. So a
+prompt that starts a new thread (continues no earlier prompt, `router.policies.threads`) goes to the
+replica with the fewest resident threads among those within the prefill its deepest hit saves of the
+cheapest (that hit is saved once per replica; the placement is paid by every later turn), at most the
+prefill its later turns are expected to bring (0 where prompts have none: gsp's single questions).
+
 The prefix index is capacity-aware and self-correcting:
 
 - each replica's LRU holds ``kv_blocks_total * block_size * kv_capacity_factor`` tokens' worth of blocks
@@ -148,10 +155,12 @@ from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, req
 from router.policies.candidates import DEFAULT_K as DEFAULT_CANDIDATES
 from router.policies.candidates import CandidateFilter
 from router.policies.kv_match import INDEX_MODES, InFlightBlocks, blend
+from router.policies.threads import Threads, spread
 from router.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.replica_view import ReplicaView
 
 DEFAULT_OUTPUT_GUESS = 128.0  # expected completion tokens until the engine reports some
+TURN_DECAY = 0.999  # per dispatch: later turns per thread follow the last ~1,000 requests
 
 
 @dataclass(slots=True)
@@ -270,6 +279,9 @@ class Cost(PolicyBase):
         self._dispatches = 0
         self._last_sent: dict[str, int] = {}  # replica -> number of the dispatch that last went there
         self.candidates = CandidateFilter(candidates, self.index)  # large fleets: what choose() prices
+        self.threads = Threads()  # conversations resident per replica (`router.policies.threads`)
+        # decayed over dispatches: threads started, turns that continued one, those turns' uncached tokens
+        self._turns = [0.0, 0.0, 0.0]
 
     # -- decide ------------------------------------------------------------------------------------
 
@@ -317,8 +329,14 @@ class Cost(PolicyBase):
                                      self.router_processes)
         cutoff = min(costs.values()) * (1.0 + self.tie_tolerance)
         near = [r for r in priced if costs[r.name] <= cutoff]
+        fresh_thread = None
+        if agreed is None and self._turns[1] > 0 and self.threads.continued(features.block_hashes) is None:
+            fresh_thread = spread(priced, costs, matched, self._hit_margin(priced, costs, block_tokens),
+                                  self.threads.resident, self.tie_tolerance)
         if agreed is not None:
             pick = agreed
+        elif fresh_thread is not None:
+            pick = fresh_thread
         elif len(near) == 1:
             pick = near[0]
         else:  # near-equal costs: less loaded, then cheaper, then least recently sent to, then a draw
@@ -338,6 +356,20 @@ class Cost(PolicyBase):
         overhead, per_token = self._constants[cheapest.name][:2]
         scale = (1.0 + self.work_weight) / _weight(cheapest)
         return lambda common: scale * (overhead + per_token * max(0.0, tokens - common * block_tokens))
+
+    def _hit_margin(self, priced: Sequence[ReplicaView], costs: Mapping[str, float],
+                    block_tokens: float) -> Callable[[int], float]:
+        """`threads.spread`'s margin: the prefill a new thread's hit saves (priced as `_own_prefill`), at most
+        the prefill its later turns are expected to bring (later turns per thread times their mean uncached
+        tokens, over recent dispatches): balancing a thread is worth recomputing no more than the work it
+        places; the hit is saved once, the placement is paid by every later turn, and where prompts have
+        no later turns (gsp's questions) nothing changes."""
+        cheapest = min(priced, key=lambda v: costs[v.name])
+        per_token = self._constants[cheapest.name][1]
+        started, _, later_tokens = self._turns
+        future = later_tokens / started if started > 0 else 0.0
+        scale = (1.0 + self.work_weight) * per_token / _weight(cheapest)
+        return lambda blocks: scale * min(blocks * block_tokens, future)
 
     def _admission_room(self, replicas: Sequence[ReplicaView], features: RequestFeatures) -> Callable[[str], float | None]:
         """Per replica, the estimated tokens it can allocate before admitting this request without evicting
@@ -495,6 +527,17 @@ class Cost(PolicyBase):
         self._last_sent[decision.replica] = self._dispatches
         self.candidates.dispatched(decision.replica, self._dispatches)
         self.index.add(decision.replica, features.block_hashes, decision.matched_blocks)
+        hashes = features.block_hashes
+        if hashes:
+            turns = self._turns
+            turns[0] *= TURN_DECAY
+            turns[1] *= TURN_DECAY
+            turns[2] *= TURN_DECAY
+            if self.threads.dispatched(decision.replica, hashes):
+                turns[1] += 1.0
+                turns[2] += self._uncached(features, decision.matched_blocks)
+            else:
+                turns[0] += 1.0
         if features.kv_match is not None and self.index_mode != "approximate":
             self._in_flight_blocks.add(decision.replica, features.block_hashes)
         uncached = self._uncached(features, decision.matched_blocks)
@@ -565,6 +608,7 @@ class Cost(PolicyBase):
         self._constants.pop(name, None)
         self._views.pop(name, None)
         self.candidates.forget(name)
+        self.threads.forget(name)
 
     def calibration(self, name: str) -> dict[str, object]:
         """The learned time constants and slot limit of ``name`` (admin API, metrics; not `Policy`)."""
