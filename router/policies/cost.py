@@ -528,6 +528,7 @@ class Cost(PolicyBase):
         self.candidates.dispatched(decision.replica, self._dispatches)
         self.index.add(decision.replica, features.block_hashes, decision.matched_blocks)
         hashes = features.block_hashes
+        uncached = self._uncached(features, decision.matched_blocks)
         if hashes:
             turns = self._turns
             turns[0] *= TURN_DECAY
@@ -535,15 +536,14 @@ class Cost(PolicyBase):
             turns[2] *= TURN_DECAY
             if self.threads.dispatched(decision.replica, hashes):
                 turns[1] += 1.0
-                turns[2] += self._uncached(features, decision.matched_blocks)
+                turns[2] += uncached
             else:
                 turns[0] += 1.0
         if features.kv_match is not None and self.index_mode != "approximate":
             self._in_flight_blocks.add(decision.replica, features.block_hashes)
-        uncached = self._uncached(features, decision.matched_blocks)
         own = self._inflight.setdefault(decision.replica, _InFlight())
+        view = self._views.get(decision.replica)
         if not self.calibrator.pinned:
-            view = self._views.get(decision.replica)
             queued_tokens = queued_requests = running = 0.0
             if view is not None:
                 fresh = view.engine_fresh()
@@ -551,7 +551,6 @@ class Cost(PolicyBase):
                 running = self._running(view, fresh, queued_requests)
             self._sent[(features.request_id, decision.replica)] = _Sent(
                 queued_tokens, queued_requests, running, own.dispatched_tokens, own.dispatched_requests)
-        view = self._views.get(decision.replica)
         if view is not None and view.load_age_s is not None:
             since = self._report_since(view)
             since.sent_tokens += uncached
