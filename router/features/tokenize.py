@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol
 
 from kv_wire import sim_tokens
 from router.features.chat_segments import SegmentedTemplate
-from router.features.lru import LRU as _LRU
+from router.features.lru import LRU
 
 Kind = Literal["chat", "completion"]
 
@@ -153,8 +153,8 @@ class SimTokens(_Base):
             raise ValueError("chars_per_token must be >= 1")
         self.c, self.vocab, self.seed = chars_per_token, vocab_size, seed
         self.probe_chars, self.per_probe = probe_chars, per_probe
-        self._recent: _LRU = _LRU(cache_prompts)  # probe -> [(text, ids)], newest last
-        self._parts: _LRU = _LRU(16 * cache_prompts)  # (chat piece, phase) -> ids of its whole chunks
+        self._recent: LRU = LRU(cache_prompts)  # probe -> [(text, ids)], newest last
+        self._parts: LRU = LRU(16 * cache_prompts)  # (chat piece, phase) -> ids of its whole chunks
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
         return sim_tokens.render_chat(messages, tools)
@@ -230,7 +230,7 @@ class HFTokens(_Base):
         names = sorted(set(special) | set(added), key=len, reverse=True)
         self._vocab = {t: tokenizer.convert_tokens_to_ids(t) for t in names}
         self._split = re.compile("(" + trie_pattern(names) + ")") if names else None
-        self._pieces: _LRU = _LRU(cache_pieces)
+        self._pieces: LRU = LRU(cache_pieces)
         backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer under a fast one
         if backend is not None:  # ~10x less overhead per call than transformers' encode (checked below)
             self._encode_piece = lambda piece: backend.encode(piece, add_special_tokens=False).ids
@@ -239,8 +239,8 @@ class HFTokens(_Base):
         self._adds_bos = bool(self.bos_id is not None and tokenizer.encode("a", add_special_tokens=True)[:1]
                               == [self.bos_id])
         self.pieces_exact = self._split is not None and self._check_pieces()
-        self._segment_ids: _LRU = _LRU(cache_pieces)  # a later message's rendered piece -> ids (or False)
-        self._head_ids: _LRU = _LRU(1024)  # a chat's first message rendered -> ids (BOS as the engine adds)
+        self._segment_ids: LRU = LRU(cache_pieces)  # a later message's rendered piece -> ids (or False)
+        self._head_ids: LRU = LRU(1024)  # a chat's first message rendered -> ids (BOS as the engine adds)
         self.segmented = SegmentedTemplate(
             lambda messages, gen: str(tokenizer.apply_chat_template(messages, tokenize=False,
                                                                     add_generation_prompt=gen)))

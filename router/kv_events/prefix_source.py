@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from router.features.hashing import token_block_hashes
-from router.features.tokenize import _LRU, Kind, RequestTokenizer
+from router.features.lru import LRU
+from router.features.tokenize import Kind, RequestTokenizer
 from router.kv_events.precise import Match, PreciseIndex
 
 
@@ -90,7 +91,7 @@ class PrefixSource:
         self.index = index
         self.tokenizer = tokenizer
         self.per_probe = per_probe
-        self._keys: dict[tuple[int, str], _LRU] = {}  # (block size, model) -> probe -> [(ids, keys)]
+        self._keys: dict[tuple[int, str], LRU] = {}  # (block size, model) -> probe -> [(ids, keys)]
         self._cache_prompts = cache_prompts
 
     def for_request(self, body: Mapping[str, Any], kind: Kind) -> RequestMatch:
@@ -127,7 +128,7 @@ class PrefixSource:
         ``per_probe`` prompts (the first block's) or 2 (deeper ones, which one session's turns share)."""
         cache = self._keys.get((block_size, model))
         if cache is None:
-            cache = self._keys[(block_size, model)] = _LRU(self._cache_prompts)
+            cache = self._keys[(block_size, model)] = LRU(self._cache_prompts)
         n_blocks = len(ids) // block_size
         depths, d = [0], 1
         while d < n_blocks:
