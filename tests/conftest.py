@@ -9,18 +9,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
+from benchmarks.lib.fleet import free_port  # noqa: F401  (tests import it from here)
 from engine_server.app import create_app
 from engine_server.sim.backend import SimBackend, SimConfig
 from engine_server.sim.faults import FaultConfig
 
 SimServerFactory = Callable[..., Awaitable[TestServer]]
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now (for servers started as separate processes)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_ports(count: int) -> int:

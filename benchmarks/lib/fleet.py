@@ -28,12 +28,20 @@ from aiohttp import web
 from benchmarks.lib.client import client_session, healthy
 from benchmarks.lib.defaults import HOST, MODEL, ROOT
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago on the loopback interface."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago on the loopback interface, never one this process handed out
+    before: the kernel may return the same port to two bind-to-0 calls in a row, and two engines given one
+    port leave one URL served by the other engine (a fleet of N that is really N-1, counted twice)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def kv_event_endpoints(engine_url: str) -> tuple[str, str]:
