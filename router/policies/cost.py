@@ -31,8 +31,9 @@ random draw.
   load, nor as infinite load.
 - ``decode(r)``: every sequence running there slows each step of this request (its prefill step and its
   expected output: the average ``completion_tokens`` reported so far, at most ``max_tokens``, 128 until
-  something is reported). ``running(r)`` is the engine's ``running`` when fresh, else the router's
-  in-flight requests that are past prefill. And on a replica that is decoding, the prefill waits for and
+  something is reported). ``running(r)`` is the router's in-flight requests that are past prefill, or
+  the engine's fresh ``running`` if more, less the requests of ours that finished since that report may
+  have been taken (it is up to a poll old: `Cost._reported_running`). And on a replica that is decoding, the prefill waits for and
   shares a decode step, which an idle replica does not charge (the calibration's TTFT model fits the
   same term); it is priced at the learned timing (`Calibrator.shared_step`): without it a busy replica
   holding a prefix looked as fast as an idle one, and on an engine whose steps grow with every running
