@@ -15,6 +15,12 @@ once), at most the prefill the thread's later turns are expected to bring (balan
 no more than the work it places; 0 where prompts have no later turns). A continuing turn, or a prompt
 nobody holds any of, is decided by the costs as before.
 
+A burst of first turns that comes before any later turn (the margin still 0: nothing has shown yet that
+prompts here continue) is spread by the costs alone, each queued first turn making its replica dearer by
+its prefill, as the simulator shows. Live, the burst piled up (3/2/2/1 conversations on 4 replicas) only
+because a load report taken during a warm-up request still counted it as running; `cost` now takes our
+finished requests off a report's ``running`` (``Cost._reported_running``).
+
 A thread is the chain of prompts that each extend the previous one's last block (its *tip*); its
 replica is where its last prompt went. Only the ``capacity`` most recently extended threads are kept, so
 conversations that stopped long ago age out as new ones arrive.

@@ -33,8 +33,8 @@ def test_relative_mode_keeps_only_cached_constants_a_fresh_computation_would_giv
         # the shared step is cached per constants: every replica priced with them reads what it would fresh
         for n, (*_, raw) in policy._constants.items():
             assert policy._shared.get(raw, policy.calibrator.shared_step(n)) == policy.calibrator.shared_step(n)
-        for n in speeds:  # price every replica, busy, so both caches hold every replica again
-            policy.estimate_cost(view(n, running=2, load_age_s=0.1), 64, f)
+        for n in speeds:  # price every replica, busy (ours: reported ones finished since), so both caches hold it
+            policy.estimate_cost(view(n, running=2, in_flight_requests=2, load_age_s=0.1), 64, f)
         assert policy._shared
         for n, (*_, raw) in policy._constants.items():
             assert policy._shared[raw] == policy.calibrator.shared_step(n)
