@@ -17,7 +17,8 @@ Caching, because chat turns re-send their history:
   only), and for completions reuses the ids of the longest recent prompt the new one extends;
 - `HFTokens` renders chats message by message where the template allows it (`chat_segments`);
 - `HFTokens` cuts the text at special tokens (``<|im_start|>``, ``<|im_end|>``...), which a HF tokenizer
-  never merges across, and caches each piece's ids, so old turns cost a dict lookup. Whether pieces
+  never merges across, and caches each piece's ids, so old turns cost a dict lookup; a new piece of a
+  GPT-2-style tokenizer is encoded word by word from a cache (`bytelevel`), without the Rust call. Whether pieces
   concatenate to the full encoding is checked on a sample when the tokenizer loads; if not, pieces are off
   and only whole prompts are cached.
 
@@ -32,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 from kv_wire import sim_tokens
+from router.features.bytelevel import ByteLevelWords
 from router.features.chat_segments import SegmentedTemplate
 from router.features.lru import LRU
 
@@ -236,6 +238,8 @@ class HFTokens(_Base):
             self._encode_piece = lambda piece: backend.encode(piece, add_special_tokens=False).ids
         else:
             self._encode_piece = lambda piece: list(tokenizer.encode(piece, add_special_tokens=False))
+        # GPT-2-style tokenizers: a piece's ids word by word from a cache (`bytelevel`), else the call above
+        self._words = ByteLevelWords.for_tokenizer(backend) if backend is not None else None
         self._adds_bos = bool(self.bos_id is not None and tokenizer.encode("a", add_special_tokens=True)[:1]
                               == [self.bos_id])
         self.pieces_exact = self._split is not None and self._check_pieces()
@@ -324,7 +328,9 @@ class HFTokens(_Base):
                 continue
             got = cache.get_fresh(piece)
             if got is None:
-                got = self._encode_piece(piece)
+                got = self._words.encode(piece) if self._words is not None else None
+                if got is None:
+                    got = self._encode_piece(piece)
                 cache.put(piece, got)
             ids.extend(got)
         return ids
