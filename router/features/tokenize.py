@@ -38,6 +38,7 @@ from router.features.chat_segments import SegmentedTemplate
 from router.features.lru import LRU
 
 Kind = Literal["chat", "completion"]
+_NEW_SEGMENTS = 4  # a chat's ids are looked for as a recent chat's less its last 0-3 segments
 
 
 class RequestTokenizer(Protocol):
@@ -245,6 +246,7 @@ class HFTokens(_Base):
         self.pieces_exact = self._split is not None and self._check_pieces()
         self._segment_ids: LRU = LRU(cache_pieces)  # a later message's rendered piece -> ids (or False)
         self._head_ids: LRU = LRU(1024)  # a chat's first message rendered -> ids (BOS as the engine adds)
+        self._chat_ids: LRU = LRU(1024)  # (segments, last of them) -> (those segments, their ids)
         self.segmented = SegmentedTemplate(
             lambda messages, gen: str(tokenizer.apply_chat_template(messages, tokenize=False,
                                                                     add_generation_prompt=gen)))
@@ -279,21 +281,31 @@ class HFTokens(_Base):
             return super().encode_rendered(rendered)
         if not self.pieces_exact:
             return self.encode("".join(rendered))
-        head = rendered[0]
-        got = self._head_ids.get_fresh(head)
-        if got is None:
-            got = self._by_pieces(head)
-            self._head_ids.put(head, got)
-        ids = list(got)
+        n, chats, ids = len(rendered), self._chat_ids, None
+        for j in range(n - 1, max(n - 1 - _NEW_SEGMENTS, 0), -1):  # a recent chat: all but its generation prompt
+            got = chats.get_fresh((j, rendered[j - 1]))
+            if got is not None and got[0] == rendered[:j]:  # pieces come from caches: mostly identity checks
+                ids, start = list(got[1]), j
+                break
+        if ids is None:
+            head = rendered[0]
+            got = self._head_ids.get_fresh(head)
+            if got is None:
+                got = self._by_pieces(head)
+                self._head_ids.put(head, got)
+            ids, start = list(got), 1
         cache, split = self._segment_ids, self._split
         assert split is not None
-        for segment in rendered[1:]:
+        for i in range(start, n):
+            segment = rendered[i]
             got = cache.get_fresh(segment)
             if got is None:
                 got = self._pieces_ids(segment) if split.match(segment) else False
                 cache.put(segment, got)
             if got is False:
                 return self.encode("".join(rendered))
+            if i == n - 1 and n > 1:  # all but the last segment (the generation prompt): the next turn's prefix
+                chats.put((n - 1, rendered[n - 2]), (rendered[: n - 1], tuple(ids)))
             ids.extend(got)
         return ids
 
