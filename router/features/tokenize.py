@@ -158,6 +158,7 @@ class SimTokens(_Base):
         self.probe_chars, self.per_probe = probe_chars, per_probe
         self._recent: LRU = LRU(cache_prompts)  # probe -> [(text, ids)], newest last
         self._parts: LRU = LRU(16 * cache_prompts)  # (chat piece, phase) -> ids of its whole chunks
+        self._chats: LRU = LRU(cache_prompts)  # (pieces, last) -> (pieces, ids, next chunk's start, their end)
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
         return sim_tokens.render_chat(messages, tools)
@@ -176,14 +177,27 @@ class SimTokens(_Base):
         """`Segments` -> the ids of their joined text, `sim_tokens.chunk_ids`'s exactly: the chunks wholly
         inside a piece depend only on the piece and where in it the first one starts (``phase``), so they
         are cached by (piece, phase); a chunk across two pieces is hashed from the joined text. A turn
-        thus hashes its new messages only, whatever other sessions came in between."""
+        thus hashes its new messages only, whatever other sessions came in between; and a chat extending
+        a recent one (by 0-3 messages) starts from that chat's ids after one comparison of the pieces,
+        instead of a lookup per piece."""
         if not isinstance(rendered, Segments):
             return super().encode_rendered(rendered)
         c, vocab, seed, cache = self.c, self.vocab, self.seed, self._parts
         ids: list[int] = []
         text: str | None = None
-        pos = start = 0  # next chunk's start; this piece's start
-        for part in rendered:
+        pos = start = first = 0  # next chunk's start; this piece's start; the first piece to encode
+        n, chats = len(rendered), self._chats
+        for j in range(n - 1, max(n - 1 - _NEW_SEGMENTS, 0), -1):  # a recent chat: all but its generation prompt
+            got = chats.get_fresh((j, rendered[j - 1]))
+            if got is not None and got[0] == rendered[:j]:  # pieces come from the template: equal, often identical
+                ids, pos, start, first = list(got[1]), got[2], got[3], j
+                if pos < start:  # its last chunk ran into the next piece, which may differ here: hash it anew
+                    text = "".join(rendered)
+                    ids.append(sim_tokens.chunk_id(text[pos : pos + c], vocab, seed))
+                    pos += c
+                break
+        for i in range(first, n):
+            part = rendered[i]
             end = start + len(part)
             if pos < end:
                 phase = pos - start
@@ -196,11 +210,13 @@ class SimTokens(_Base):
                         cache.put(key, got)
                     ids.extend(got)
                     pos += whole * c
-                if pos < end:  # a chunk running into the next pieces (or the text's short last one)
-                    if text is None:
-                        text = "".join(rendered)
-                    ids.append(sim_tokens.chunk_id(text[pos : pos + c], vocab, seed))
-                    pos += c
+            if i == n - 2 and pos <= end:  # the chat but its generation prompt, before a chunk running into it
+                chats.put((n - 1, part), (rendered[: n - 1], tuple(ids), pos, end))
+            if pos < end:  # a chunk running into the next pieces (or the text's short last one)
+                if text is None:
+                    text = "".join(rendered)
+                ids.append(sim_tokens.chunk_id(text[pos : pos + c], vocab, seed))
+                pos += c
             start = end
         return ids
 
