@@ -109,3 +109,22 @@ def test_the_timed_computation_measure_uses_answers_as_the_lazy_one():
         timed = source_with_events().for_request(body, kind)
         assert all(t >= 0 for t in timed.compute_timed(lambda: 0.0))
         assert (timed.token_ids, timed.match()) == (lazy.token_ids, lazy.match())
+
+
+def test_shared_blocks_counts_the_leading_equal_blocks():
+    """`_shared_blocks` (whole compare first, else galloping) = the block-by-block count, capped by limit."""
+    from router.kv_events.prefix_source import _shared_blocks
+
+    rng = random.Random(14)
+    for _ in range(2000):
+        block = rng.choice([1, 2, 16])
+        a = [rng.randrange(3) for _ in range(rng.randrange(0, 80))]
+        b = a[: rng.randrange(0, len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(0, 40))]
+        if rng.random() < 0.3 and b:
+            b[rng.randrange(len(b))] = 9  # a difference anywhere, the last block's too
+        limit = rng.randrange(0, 100)
+        naive = 0
+        while (naive < limit and (naive + 1) * block <= min(len(a), len(b))
+               and a[naive * block : (naive + 1) * block] == b[naive * block : (naive + 1) * block]):
+            naive += 1
+        assert _shared_blocks(a, b, block, limit) == naive
