@@ -34,6 +34,7 @@ from router.features.hashing import (
     block_hashes,
     token_block_hashes,
 )
+from router.features.recent_chats import RecentChats
 
 if TYPE_CHECKING:
     from router.kv_events.prefix_source import RequestMatch
@@ -44,6 +45,7 @@ _ENDS = 4  # a chat's chain is looked up where its last 0-3 messages begin (a tu
 # The chains of recent chats, for the live router (the simulator passes its own `PrefixChains`): a pure
 # function's memo, so sharing it between routers of one process changes nothing but time.
 _RECENT = RecentChains()
+_RECENT_MESSAGES = RecentChats()  # a recent chat's message texts (`recent_chats`), the same kind of memo
 
 
 class FeatureError(ValueError):
@@ -203,11 +205,16 @@ def _chat_parts(messages: Any, tools: Any = None) -> list[str]:
     """The canonical text in pieces: the tools' (if any), then one per message."""
     if not isinstance(messages, list) or not messages:
         raise FeatureError("'messages' must be a non-empty array", "messages")
-    parts: list[str] = []
     if tools:
-        parts.append("<tools>" + _canonical_json(tools) + "\n")
-    for i, message in enumerate(messages):
-        parts.append(_message_text(message, f"messages[{i}]"))
+        parts = ["<tools>" + _canonical_json(tools) + "\n"]
+        for i, message in enumerate(messages):
+            parts.append(_message_text(message, f"messages[{i}]"))
+        return parts
+    found = _RECENT_MESSAGES.find(messages)  # a recent chat's texts, re-sent: only new messages are walked
+    start, parts = (0, []) if found is None else found
+    for i in range(start, len(messages)):
+        parts.append(_message_text(messages[i], f"messages[{i}]"))
+    _RECENT_MESSAGES.keep(messages, parts, start)
     return parts
 
 

@@ -36,9 +36,11 @@ from kv_wire import sim_tokens
 from router.features.bytelevel import ByteLevelWords
 from router.features.chat_segments import SegmentedTemplate
 from router.features.lru import LRU
+from router.features.recent_chats import RecentChats
 
 Kind = Literal["chat", "completion"]
 _NEW_SEGMENTS = 4  # a chat's ids are looked for as a recent chat's less its last 0-3 segments
+_RECENT_PLAIN = RecentChats()  # `plain_messages` of recent chats: a pure function's memo
 
 
 class RequestTokenizer(Protocol):
@@ -79,8 +81,9 @@ def plain_messages(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return None
-    out: list[dict[str, Any]] = []
-    for m in messages:
+    found = _RECENT_PLAIN.find(messages)  # a recent chat re-sent: its plain messages, shared (read only)
+    start, out = (0, []) if found is None else found
+    for m in messages[start:]:
         if not isinstance(m, Mapping):
             return None
         content = m.get("content")
@@ -95,6 +98,7 @@ def plain_messages(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
             if m.get(key):
                 msg[key] = m[key]
         out.append(msg)
+    _RECENT_PLAIN.keep(messages, out, start)
     return out
 
 
