@@ -163,6 +163,7 @@ class SimTokens(_Base):
         self._recent: LRU = LRU(cache_prompts)  # probe -> [(text, ids)], newest last
         self._parts: LRU = LRU(16 * cache_prompts)  # (chat piece, phase) -> ids of its whole chunks
         self._chats: LRU = LRU(cache_prompts)  # (pieces, last) -> (pieces, ids, next chunk's start, their end)
+        self._rendered = RecentChats(cache_prompts)  # recent chats' message pieces
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
         return sim_tokens.render_chat(messages, tools)
@@ -174,7 +175,14 @@ class SimTokens(_Base):
             if messages is None:
                 return None
             tools = body.get("tools")
-            return Segments(sim_tokens.render_parts(messages, tools if isinstance(tools, list) else None))
+            if tools:
+                return Segments(sim_tokens.render_parts(messages, tools if isinstance(tools, list) else None))
+            found = self._rendered.find(messages)  # a recent chat re-sent: only new messages are rendered
+            start, parts = (0, []) if found is None else found
+            tail = sim_tokens.render_parts(messages[start:])  # their pieces, then the generation prompt
+            parts += tail[:-1]
+            self._rendered.keep(messages, parts, start)
+            return Segments([*parts, tail[-1]])
         return super().render(body, kind)
 
     def encode_rendered(self, rendered: Any) -> list[int] | None:
