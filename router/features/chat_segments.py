@@ -97,6 +97,7 @@ class SegmentedTemplate:
             if got is not None and got[0] == messages[:j]:  # C compares: the same messages, so the same pieces
                 start, out = j, list(got[1])
                 break
+        extends = start  # the kept chat this one extends (its message count), 0 for none
         try:
             if out is None:
                 keys = [_key(m) for m in messages]
@@ -124,6 +125,8 @@ class SegmentedTemplate:
                 log.warning("chat template does not render message by message; rendering whole chats")
                 self.enabled = False
                 return None
+        if 0 < extends < n:  # the chat this one extends is superseded (one entry per conversation)
+            chats.pop((extends, keys[extends - 1]), None)
         chats.put((n, keys[n - 1]), (list(messages), tuple(out)))
         out.append(self._prompt)
         return out

@@ -163,21 +163,24 @@ class RecentChains:
             raise ValueError("block_chars must be >= 1")
         if len(text) < block_chars:
             return ()
-        recent, chain = self._recent, None
+        recent, chain, found = self._recent, None, None
         for end in ends:
             full = min(end, len(text))
             full -= full % block_chars
             if full < block_chars:
                 break
-            got = recent.get((seed_model, block_chars, full, text[full - block_chars : full]))
+            found = (seed_model, block_chars, full, text[full - block_chars : full])
+            got = recent.get(found)
             if got is not None and got[0][:full] == text[:full]:
                 head = got[1][: full // block_chars]
                 chain = head + _chain(text[full:].encode("utf-32-le"), 4 * block_chars, head[-1])
                 break
         if chain is None:
-            chain = block_hashes(text, block_chars, seed_model)
+            chain, found = block_hashes(text, block_chars, seed_model), None
         full = len(chain) * block_chars
         key = (seed_model, block_chars, full, text[full - block_chars : full])
+        if found is not None and found != key:
+            del recent[found]  # the prompt this one extends is superseded: one entry per conversation
         if key not in recent:
             if len(recent) >= self.max_entries:
                 del recent[next(iter(recent))]  # the oldest entry: insertion order

@@ -46,11 +46,16 @@ class RecentChats:
 
     def keep(self, messages: Sequence[Any], results: Sequence[Any], simple_upto: int = 0) -> None:
         """Keep ``results`` (one per message) if every message is simple (``messages[:simple_upto]`` are
-        known to be: they were found)."""
+        known to be: they were found, and the chat found is dropped: one entry per conversation, so a turn
+        adds no objects for the collector and memory holds the live conversations)."""
         if not messages or len(results) != len(messages):
             return
         for i in range(simple_upto, len(messages)):
             if not _simple(messages[i]):
                 return
         last = messages[-1]
-        self._chats.put((len(messages), last["role"], last["content"]), (list(messages), tuple(results)))
+        key = (len(messages), last["role"], last["content"])
+        if 0 < simple_upto < len(messages):  # found as the chat before this turn: this one supersedes it
+            found = messages[simple_upto - 1]
+            self._chats.pop((simple_upto, found["role"], found["content"]), None)
+        self._chats.put(key, (list(messages), tuple(results)))

@@ -223,6 +223,8 @@ class SimTokens(_Base):
                     ids.extend(got)
                     pos += whole * c
             if i == n - 2 and pos <= end:  # the chat but its generation prompt, before a chunk running into it
+                if 0 < first < n - 1:  # the chat this one extends is superseded (one entry per conversation)
+                    chats.pop((first, rendered[first - 1]), None)
                 chats.put((n - 1, part), (rendered[: n - 1], tuple(ids), pos, end))
             if pos < end:  # a chunk running into the next pieces (or the text's short last one)
                 if text is None:
@@ -333,6 +335,8 @@ class HFTokens(_Base):
             if got is False:
                 return self.encode("".join(rendered))
             if i == n - 1 and n > 1:  # all but the last segment (the generation prompt): the next turn's prefix
+                if 1 < start < n - 1:  # the chat this one extends is superseded (one entry per conversation)
+                    chats.pop((start, rendered[start - 1]), None)
                 chats.put((n - 1, rendered[n - 2]), (rendered[: n - 1], tuple(ids)))
             ids.extend(got)
         return ids

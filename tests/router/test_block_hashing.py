@@ -131,3 +131,13 @@ def test_chat_turns_hash_alike_with_the_live_routers_recent_chains():
         got = features_from_body(body, "chat", "r", HashingConfig())
         assert got.block_hashes == block_hashes(chat_prompt_text(messages), 64, "m")
         messages = messages + [{"role": "assistant", "content": "a" * rng.randrange(1, 200)}]
+
+
+def test_recent_chains_keep_one_entry_per_growing_prompt():
+    chains = RecentChains()
+    text = ""
+    for turn in range(10):
+        start = len(text)
+        text += f"turn {turn} " * 20
+        assert chains.block_hashes(text, 16, "m", [len(text), start]) == block_hashes(text, 16, "m")
+        assert len(chains._recent) == 1

@@ -92,3 +92,16 @@ def test_plain_messages_equal_a_walk_over_every_message(seed, monkeypatch):
         walked = tokenize.plain_messages({"messages": msgs})
         monkeypatch.undo()
         assert got == walked
+
+
+def test_a_conversation_keeps_one_entry_as_it_grows():
+    """Each turn supersedes the one it extends: memory holds live conversations, a turn adds no objects."""
+    recent = RecentChats()
+    chat: list[dict] = []
+    for turn in range(10):
+        chat = [*chat, {"role": "user", "content": f"q{turn}"}, {"role": "assistant", "content": f"a{turn}"}]
+        found = recent.find(chat)
+        start, texts = (0, []) if found is None else found
+        recent.keep(chat, texts + [m["content"] for m in chat[start:]], start)
+        assert len(recent._chats) == 1
+    assert recent.find(chat) == (len(chat), [m["content"] for m in chat])
