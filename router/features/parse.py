@@ -27,13 +27,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from router.features.hashing import HashingConfig, PrefixChains, block_hashes, token_block_hashes
+from router.features.hashing import (
+    HashingConfig,
+    PrefixChains,
+    RecentChains,
+    block_hashes,
+    token_block_hashes,
+)
+from router.features.recent_chats import RecentChats
 
 if TYPE_CHECKING:
     from router.kv_events.prefix_source import RequestMatch
 
 Kind = Literal["chat", "completion"]
 _MAX_TOKEN_ID = 2**63 - 1
+_ENDS = 4  # a chat's chain is looked up where its last 0-3 messages begin (a turn adds 1-2, a tool loop 3)
+# The chains of recent chats, for the live router (the simulator passes its own `PrefixChains`): a pure
+# function's memo, so sharing it between routers of one process changes nothing but time.
+_RECENT = RecentChains()
+_RECENT_MESSAGES = RecentChats()  # a recent chat's message texts (`recent_chats`), the same kind of memo
 
 
 class FeatureError(ValueError):
@@ -89,10 +101,15 @@ def features_from_body(
     if not isinstance(model, str) or not model:
         raise FeatureError("'model' must be a non-empty string", "model")
     prefix_chars = 0
+    ends: list[int] = []
     if kind == "chat":
         parts = _chat_parts(body.get("messages"), body.get("tools"))
         text = "".join(parts)
         prefix_chars = len(text) - len(parts[-1])
+        end = len(text)
+        for part in parts[: -_ENDS - 1 : -1]:
+            ends.append(end)
+            end -= len(part)
         prompts: list[str] | list[list[int]] = [text]
         max_tokens = _max_tokens(body, "max_completion_tokens")
         if max_tokens is None:
@@ -111,7 +128,7 @@ def features_from_body(
         user = body.get("user")
         affinity_key = user if isinstance(user, str) and user else None
     return _features(prompts, model, kind, request_id, hashing, max_tokens, affinity_key, stream,
-                     prefix_chains, prefix_chars)
+                     prefix_chains, prefix_chars, ends)
 
 
 def features_from_text(
@@ -140,12 +157,15 @@ def _features(
     stream: bool,
     prefix_chains: PrefixChains | None = None,
     prefix_chars: int = 0,
+    ends: Sequence[int] = (),
 ) -> RequestFeatures:
     first = prompts[0]
     if isinstance(first, str):
         chars = sum(len(p) for p in prompts)  # type: ignore[arg-type]
         if hashing.tokenizer is None:
-            if prefix_chains is None or prefix_chars <= 0:
+            if prefix_chains is None and ends:  # a chat: where its earlier turns end, their chain is known
+                hashes = _RECENT.block_hashes(first, hashing.block_chars, model, ends)
+            elif prefix_chains is None or prefix_chars <= 0:
                 hashes = block_hashes(first, hashing.block_chars, model)
             else:
                 hashes = prefix_chains.block_hashes(first, prefix_chars, hashing.block_chars, model)
@@ -185,11 +205,16 @@ def _chat_parts(messages: Any, tools: Any = None) -> list[str]:
     """The canonical text in pieces: the tools' (if any), then one per message."""
     if not isinstance(messages, list) or not messages:
         raise FeatureError("'messages' must be a non-empty array", "messages")
-    parts: list[str] = []
     if tools:
-        parts.append("<tools>" + _canonical_json(tools) + "\n")
-    for i, message in enumerate(messages):
-        parts.append(_message_text(message, f"messages[{i}]"))
+        parts = ["<tools>" + _canonical_json(tools) + "\n"]
+        for i, message in enumerate(messages):
+            parts.append(_message_text(message, f"messages[{i}]"))
+        return parts
+    found = _RECENT_MESSAGES.find(messages)  # a recent chat's texts, re-sent: only new messages are walked
+    start, parts = (0, []) if found is None else found
+    for i in range(start, len(messages)):
+        parts.append(_message_text(messages[i], f"messages[{i}]"))
+    _RECENT_MESSAGES.keep(messages, parts, start)
     return parts
 
 

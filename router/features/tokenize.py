@@ -17,7 +17,8 @@ Caching, because chat turns re-send their history:
   only), and for completions reuses the ids of the longest recent prompt the new one extends;
 - `HFTokens` renders chats message by message where the template allows it (`chat_segments`);
 - `HFTokens` cuts the text at special tokens (``<|im_start|>``, ``<|im_end|>``...), which a HF tokenizer
-  never merges across, and caches each piece's ids, so old turns cost a dict lookup. Whether pieces
+  never merges across, and caches each piece's ids, so old turns cost a dict lookup; a new piece of a
+  GPT-2-style tokenizer is encoded word by word from a cache (`bytelevel`), without the Rust call. Whether pieces
   concatenate to the full encoding is checked on a sample when the tokenizer loads; if not, pieces are off
   and only whole prompts are cached.
 
@@ -32,10 +33,14 @@ from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 from kv_wire import sim_tokens
+from router.features.bytelevel import ByteLevelWords
 from router.features.chat_segments import SegmentedTemplate
 from router.features.lru import LRU
+from router.features.recent_chats import RecentChats
 
 Kind = Literal["chat", "completion"]
+_NEW_SEGMENTS = 4  # a chat's ids are looked for as a recent chat's less its last 0-3 segments
+_RECENT_PLAIN = RecentChats()  # `plain_messages` of recent chats: a pure function's memo
 
 
 class RequestTokenizer(Protocol):
@@ -76,8 +81,9 @@ def plain_messages(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return None
-    out: list[dict[str, Any]] = []
-    for m in messages:
+    found = _RECENT_PLAIN.find(messages)  # a recent chat re-sent: its plain messages, shared (read only)
+    start, out = (0, []) if found is None else found
+    for m in messages[start:]:
         if not isinstance(m, Mapping):
             return None
         content = m.get("content")
@@ -92,6 +98,7 @@ def plain_messages(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
             if m.get(key):
                 msg[key] = m[key]
         out.append(msg)
+    _RECENT_PLAIN.keep(messages, out, start)
     return out
 
 
@@ -155,6 +162,8 @@ class SimTokens(_Base):
         self.probe_chars, self.per_probe = probe_chars, per_probe
         self._recent: LRU = LRU(cache_prompts)  # probe -> [(text, ids)], newest last
         self._parts: LRU = LRU(16 * cache_prompts)  # (chat piece, phase) -> ids of its whole chunks
+        self._chats: LRU = LRU(cache_prompts)  # (pieces, last) -> (pieces, ids, next chunk's start, their end)
+        self._rendered = RecentChats(cache_prompts)  # recent chats' message pieces
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[Any] | None) -> str:
         return sim_tokens.render_chat(messages, tools)
@@ -166,21 +175,41 @@ class SimTokens(_Base):
             if messages is None:
                 return None
             tools = body.get("tools")
-            return Segments(sim_tokens.render_parts(messages, tools if isinstance(tools, list) else None))
+            if tools:
+                return Segments(sim_tokens.render_parts(messages, tools if isinstance(tools, list) else None))
+            found = self._rendered.find(messages)  # a recent chat re-sent: only new messages are rendered
+            start, parts = (0, []) if found is None else found
+            tail = sim_tokens.render_parts(messages[start:])  # their pieces, then the generation prompt
+            parts += tail[:-1]
+            self._rendered.keep(messages, parts, start)
+            return Segments([*parts, tail[-1]])
         return super().render(body, kind)
 
     def encode_rendered(self, rendered: Any) -> list[int] | None:
         """`Segments` -> the ids of their joined text, `sim_tokens.chunk_ids`'s exactly: the chunks wholly
         inside a piece depend only on the piece and where in it the first one starts (``phase``), so they
         are cached by (piece, phase); a chunk across two pieces is hashed from the joined text. A turn
-        thus hashes its new messages only, whatever other sessions came in between."""
+        thus hashes its new messages only, whatever other sessions came in between; and a chat extending
+        a recent one (by 0-3 messages) starts from that chat's ids after one comparison of the pieces,
+        instead of a lookup per piece."""
         if not isinstance(rendered, Segments):
             return super().encode_rendered(rendered)
         c, vocab, seed, cache = self.c, self.vocab, self.seed, self._parts
         ids: list[int] = []
         text: str | None = None
-        pos = start = 0  # next chunk's start; this piece's start
-        for part in rendered:
+        pos = start = first = 0  # next chunk's start; this piece's start; the first piece to encode
+        n, chats = len(rendered), self._chats
+        for j in range(n - 1, max(n - 1 - _NEW_SEGMENTS, 0), -1):  # a recent chat: all but its generation prompt
+            got = chats.get_fresh((j, rendered[j - 1]))
+            if got is not None and got[0] == rendered[:j]:  # pieces come from the template: equal, often identical
+                ids, pos, start, first = list(got[1]), got[2], got[3], j
+                if pos < start:  # its last chunk ran into the next piece, which may differ here: hash it anew
+                    text = "".join(rendered)
+                    ids.append(sim_tokens.chunk_id(text[pos : pos + c], vocab, seed))
+                    pos += c
+                break
+        for i in range(first, n):
+            part = rendered[i]
             end = start + len(part)
             if pos < end:
                 phase = pos - start
@@ -193,11 +222,15 @@ class SimTokens(_Base):
                         cache.put(key, got)
                     ids.extend(got)
                     pos += whole * c
-                if pos < end:  # a chunk running into the next pieces (or the text's short last one)
-                    if text is None:
-                        text = "".join(rendered)
-                    ids.append(sim_tokens.chunk_id(text[pos : pos + c], vocab, seed))
-                    pos += c
+            if i == n - 2 and pos <= end:  # the chat but its generation prompt, before a chunk running into it
+                if 0 < first < n - 1:  # the chat this one extends is superseded (one entry per conversation)
+                    chats.pop((first, rendered[first - 1]), None)
+                chats.put((n - 1, part), (rendered[: n - 1], tuple(ids), pos, end))
+            if pos < end:  # a chunk running into the next pieces (or the text's short last one)
+                if text is None:
+                    text = "".join(rendered)
+                ids.append(sim_tokens.chunk_id(text[pos : pos + c], vocab, seed))
+                pos += c
             start = end
         return ids
 
@@ -236,11 +269,14 @@ class HFTokens(_Base):
             self._encode_piece = lambda piece: backend.encode(piece, add_special_tokens=False).ids
         else:
             self._encode_piece = lambda piece: list(tokenizer.encode(piece, add_special_tokens=False))
+        # GPT-2-style tokenizers: a piece's ids word by word from a cache (`bytelevel`), else the call above
+        self._words = ByteLevelWords.for_tokenizer(backend) if backend is not None else None
         self._adds_bos = bool(self.bos_id is not None and tokenizer.encode("a", add_special_tokens=True)[:1]
                               == [self.bos_id])
         self.pieces_exact = self._split is not None and self._check_pieces()
         self._segment_ids: LRU = LRU(cache_pieces)  # a later message's rendered piece -> ids (or False)
         self._head_ids: LRU = LRU(1024)  # a chat's first message rendered -> ids (BOS as the engine adds)
+        self._chat_ids: LRU = LRU(1024)  # (segments, last of them) -> (those segments, their ids)
         self.segmented = SegmentedTemplate(
             lambda messages, gen: str(tokenizer.apply_chat_template(messages, tokenize=False,
                                                                     add_generation_prompt=gen)))
@@ -275,21 +311,33 @@ class HFTokens(_Base):
             return super().encode_rendered(rendered)
         if not self.pieces_exact:
             return self.encode("".join(rendered))
-        head = rendered[0]
-        got = self._head_ids.get_fresh(head)
-        if got is None:
-            got = self._by_pieces(head)
-            self._head_ids.put(head, got)
-        ids = list(got)
+        n, chats, ids = len(rendered), self._chat_ids, None
+        for j in range(n - 1, max(n - 1 - _NEW_SEGMENTS, 0), -1):  # a recent chat: all but its generation prompt
+            got = chats.get_fresh((j, rendered[j - 1]))
+            if got is not None and got[0] == rendered[:j]:  # pieces come from caches: mostly identity checks
+                ids, start = list(got[1]), j
+                break
+        if ids is None:
+            head = rendered[0]
+            got = self._head_ids.get_fresh(head)
+            if got is None:
+                got = self._by_pieces(head)
+                self._head_ids.put(head, got)
+            ids, start = list(got), 1
         cache, split = self._segment_ids, self._split
         assert split is not None
-        for segment in rendered[1:]:
+        for i in range(start, n):
+            segment = rendered[i]
             got = cache.get_fresh(segment)
             if got is None:
                 got = self._pieces_ids(segment) if split.match(segment) else False
                 cache.put(segment, got)
             if got is False:
                 return self.encode("".join(rendered))
+            if i == n - 1 and n > 1:  # all but the last segment (the generation prompt): the next turn's prefix
+                if 1 < start < n - 1:  # the chat this one extends is superseded (one entry per conversation)
+                    chats.pop((start, rendered[start - 1]), None)
+                chats.put((n - 1, rendered[n - 2]), (rendered[: n - 1], tuple(ids)))
             ids.extend(got)
         return ids
 
@@ -324,7 +372,9 @@ class HFTokens(_Base):
                 continue
             got = cache.get_fresh(piece)
             if got is None:
-                got = self._encode_piece(piece)
+                got = self._words.encode(piece) if self._words is not None else None
+                if got is None:
+                    got = self._encode_piece(piece)
                 cache.put(piece, got)
             ids.extend(got)
         return ids

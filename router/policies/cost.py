@@ -155,7 +155,7 @@ from router.policies import placement
 from router.policies.base import Decision, Outcome, PolicyBase, pick_lowest, require_replicas
 from router.policies.candidates import DEFAULT_K as DEFAULT_CANDIDATES
 from router.policies.candidates import CandidateFilter
-from router.policies.kv_match import INDEX_MODES, InFlightBlocks, blend
+from router.policies.kv_match import INDEX_MODES, Guess, InFlightBlocks, blend
 from router.policies.threads import Threads, spread
 from router.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.replica_view import ReplicaView
@@ -307,10 +307,12 @@ class Cost(PolicyBase):
                 best = groups[0][0] if groups else 0
                 matched = self._depths(selected, groups) if groups else {}
         if selected is None:
-            matched = self.index.match(features.block_hashes)
-            if blended:
-                matched = blend(self.index_mode, matched, features, self._in_flight_blocks,
+            if blended:  # the guess is walked only if the blend reads it (`kv_match.Guess`)
+                guess = Guess(self.index, features.block_hashes)
+                matched = blend(self.index_mode, guess, features, self._in_flight_blocks,
                                 self._admission_room(replicas, features), self.router_processes == 1)
+            else:
+                matched = self.index.match(features.block_hashes)
             best = max(matched.values(), default=0)
             if large and blended:
                 selected = filt.select_matched(replicas, matched, last)

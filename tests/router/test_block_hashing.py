@@ -4,8 +4,14 @@ import random
 
 import pytest
 
-from router.features import features_from_body
-from router.features.hashing import HashingConfig, PrefixChains, block_hashes, token_block_hashes
+from router.features import chat_prompt_text, features_from_body
+from router.features.hashing import (
+    HashingConfig,
+    PrefixChains,
+    RecentChains,
+    block_hashes,
+    token_block_hashes,
+)
 
 TEXT = "".join(chr(ord("a") + i % 26) for i in range(1000))
 
@@ -90,3 +96,48 @@ def test_chat_features_with_prefix_chains_match_the_plain_path():
     plain = features_from_body(body, "chat", "r", HashingConfig())
     for _ in range(2):
         assert features_from_body(body, "chat", "r", HashingConfig(), prefix_chains=chains) == plain
+
+
+def test_recent_chains_give_exactly_the_chain_of_the_whole_text():
+    """The live router's reuse of a recent prompt's chain is `block_hashes`, whatever the ends probed."""
+    rng = random.Random(14)
+    chains = RecentChains(max_entries=8)  # small: entries are pushed out along the way
+    texts: list[str] = []
+    for _ in range(400):
+        base = rng.choice(texts) if texts and rng.random() < 0.7 else ""
+        text = base + "".join(rng.choice("abcé✓ \n") for _ in range(rng.randrange(0, 300)))
+        block = rng.choice([1, 7, 64])
+        ends = sorted({len(text), len(base), rng.randrange(0, len(text) + 1)}, reverse=True)
+        assert chains.block_hashes(text, block, "m", ends) == block_hashes(text, block, "m")
+        texts.append(text)
+
+
+def test_recent_chains_reuse_only_a_prompt_whose_text_is_this_ones():
+    """Two prompts ending their aligned prefix with the same block but differing before it: no reuse."""
+    chains = RecentChains()
+    first = "a" * 64 + "b" * 64
+    chains.block_hashes(first, 64, "m", [len(first)])
+    other = "c" * 64 + "b" * 64 + "tail" * 20
+    assert chains.block_hashes(other, 64, "m", [len(other), 128]) == block_hashes(other, 64, "m")
+
+
+def test_chat_turns_hash_alike_with_the_live_routers_recent_chains():
+    """`features_from_body` (which reuses recent chains for chats) equals hashing each text whole."""
+    rng = random.Random(3)
+    messages = [{"role": "system", "content": "s" * 300}]
+    for _ in range(12):
+        messages = messages + [{"role": "user", "content": "q" * rng.randrange(1, 200)}]
+        body = {"model": "m", "messages": messages}
+        got = features_from_body(body, "chat", "r", HashingConfig())
+        assert got.block_hashes == block_hashes(chat_prompt_text(messages), 64, "m")
+        messages = messages + [{"role": "assistant", "content": "a" * rng.randrange(1, 200)}]
+
+
+def test_recent_chains_keep_one_entry_per_growing_prompt():
+    chains = RecentChains()
+    text = ""
+    for turn in range(10):
+        start = len(text)
+        text += f"turn {turn} " * 20
+        assert chains.block_hashes(text, 16, "m", [len(text), start]) == block_hashes(text, 16, "m")
+        assert len(chains._recent) == 1

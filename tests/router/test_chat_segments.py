@@ -122,3 +122,39 @@ def test_chats_the_pieces_do_not_cover_are_rendered_whole(hf):
     named = {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}
     for body in (with_tools, named):
         assert not isinstance(hf.render(body, "chat"), Segments)
+
+
+def interleaved_chats(rng: random.Random, sessions: int, turns: int) -> list[list[dict]]:
+    """Several sessions' bodies, interleaved; some re-send an earlier turn, some edit a message of their
+    history (a recent chat's pieces must then not be taken for it) or add a message with extra fields."""
+    out = []
+    runs = [random_session(rng, turns) for _ in range(sessions)]
+    for t in range(turns):
+        for run in runs:
+            msgs = run[t]
+            pick = rng.random()
+            if pick < 0.15 and t:
+                msgs = run[t - 1]
+            elif pick < 0.3 and len(msgs) > 1:
+                at = rng.randrange(len(msgs) - 1)
+                msgs = [*msgs[:at], {**msgs[at], "content": msgs[at]["content"] + "!"}, *msgs[at + 1 :]]
+            elif pick < 0.35:
+                msgs = [*msgs, {"role": "user", "content": "x", "name": "bob"}]
+            out.append(msgs)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chats_extending_recent_ones_get_the_pieces_a_fresh_template_gives(seed):
+    render = jinja_render(CHATML)
+    kept = SegmentedTemplate(render)  # keeps recent chats
+    for msgs in interleaved_chats(random.Random(seed), 4, 8):
+        assert kept.segments(msgs) == SegmentedTemplate(render).segments(msgs)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_hf_ids_of_chats_extending_recent_ones_equal_the_full_render_and_encode(hf, seed):
+    for msgs in interleaved_chats(random.Random(10 + seed), 4, 8):
+        text = hf.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        expected = list(hf.tok.encode(text, add_special_tokens=not text.startswith(hf.tok.bos_token)))
+        assert hf.prompt_ids({"messages": msgs}, "chat") == expected

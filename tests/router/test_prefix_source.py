@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from kv_wire import BlockStored, KVEventBatch
 from router.features.hashing import token_block_hashes
 from router.features.tokenize import SimTokens
@@ -109,3 +111,77 @@ def test_the_timed_computation_measure_uses_answers_as_the_lazy_one():
         timed = source_with_events().for_request(body, kind)
         assert all(t >= 0 for t in timed.compute_timed(lambda: 0.0))
         assert (timed.token_ids, timed.match()) == (lazy.token_ids, lazy.match())
+
+
+def test_shared_blocks_counts_the_leading_equal_blocks():
+    """`_shared_blocks` (whole compare first, else galloping) = the block-by-block count, capped by limit."""
+    from router.kv_events.prefix_source import _shared_blocks
+
+    rng = random.Random(14)
+    for _ in range(2000):
+        block = rng.choice([1, 2, 16])
+        a = [rng.randrange(3) for _ in range(rng.randrange(0, 80))]
+        b = a[: rng.randrange(0, len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(0, 40))]
+        if rng.random() < 0.3 and b:
+            b[rng.randrange(len(b))] = 9  # a difference anywhere, the last block's too
+        limit = rng.randrange(0, 100)
+        naive = 0
+        while (naive < limit and (naive + 1) * block <= min(len(a), len(b))
+               and a[naive * block : (naive + 1) * block] == b[naive * block : (naive + 1) * block]):
+            naive += 1
+        assert _shared_blocks(a, b, block, limit) == naive
+
+
+def _growing_chats(rng: random.Random, words: list[str]) -> list[list[dict]]:
+    """Interleaved sessions sharing a system prompt, each turn a reply and a question (1-3 messages),
+    some re-sent or with an edited history: the bodies a router sees, freshly parsed each time."""
+    system = {"role": "system", "content": " ".join(rng.choice(words) for _ in range(60))}
+    chats = [[system] for _ in range(5)]
+    out = []
+    for _ in range(60):
+        s = rng.randrange(len(chats))
+        msgs = chats[s]
+        if rng.random() < 0.15 and len(msgs) > 2:
+            msgs = [*msgs[:1], {"role": "user", "content": "edited"}, *msgs[2:]]
+        elif rng.random() < 0.9:
+            for role in ("assistant", "user")[rng.randrange(2):] + ("user",) * rng.randrange(2):
+                content = " ".join(rng.choice(words) for _ in range(rng.randrange(1, 40)))
+                msgs = [*msgs, {"role": role, "content": content}]
+        chats[s] = msgs
+        out.append([dict(m) for m in msgs])
+    return out
+
+
+def _fresh_ids_and_keys(make_tokenizer, body: dict, block: int) -> tuple[list[int] | None, tuple[int, ...]]:
+    ids = make_tokenizer().prompt_ids(body, "chat")  # a new tokenizer: nothing recent, every step walked
+    return ids, token_block_hashes(ids or [], block, "m")
+
+
+def test_request_ids_and_keys_equal_a_fresh_full_computation_for_sim_chats():
+    rng = random.Random(5)
+    source = PrefixSource(synced_index(16), SimTokens())
+    words = ["cache", "block", "router", "ünï", "→", "42", "  ", "\n"]
+    for msgs in _growing_chats(rng, words):
+        body = {"model": "m", "messages": msgs}
+        match = source.for_request(body, "chat")
+        ids, keys = _fresh_ids_and_keys(SimTokens, body, 16)
+        assert match.token_ids == ids
+        assert source.keys(ids, 16, "m") == keys
+
+
+def test_request_ids_and_keys_equal_a_fresh_full_computation_for_hf_chats():
+    pytest.importorskip("transformers")
+    from engine_server.tiny_model import build_tokenizer
+    from router.features.tokenize import HFTokens
+
+    tok = build_tokenizer()
+    rng = random.Random(6)
+    source = PrefixSource(synced_index(32), HFTokens(tok))
+    words = ["cache", "block", "router's", "ünï", "→", "42", "  ", "\n", "it'll", "<|im_end|>"]
+    for msgs in _growing_chats(rng, words):
+        body = {"model": "m", "messages": msgs}
+        match = source.for_request(body, "chat")
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = list(tok.encode(text, add_special_tokens=not text.startswith(tok.bos_token)))  # the engine's
+        assert match.token_ids == ids
+        assert source.keys(ids, 32, "m") == token_block_hashes(ids, 32, "m")

@@ -153,3 +153,32 @@ def test_sim_chunk_ids_are_each_chunks_id_for_ascii_and_other_text():
         start = rng.randrange(0, len(text) + 1) // c * c
         assert sim_tokens.chunk_ids(text, c, 32_000, 3, start) == [
             sim_tokens.chunk_id(text[i : i + c], 32_000, 3) for i in range(start, len(text), c)]
+
+
+@pytest.mark.parametrize("chars_per_token", [1, 3, 4, 7])
+def test_sim_chats_extending_recent_ones_equal_the_whole_texts_chunks(chars_per_token):
+    """A chat taking a recent chat's pieces and ids (re-sent, 0-3 messages added, short pieces whose chunks
+    run over several pieces) or one whose history was edited, or holds a tool call (it must not take
+    them): always `chunk_ids` of the sim engine's whole render."""
+    from kv_wire import sim_tokens
+
+    tokens = SimTokens(chars_per_token=chars_per_token, cache_prompts=8)
+    rng = random.Random(100 + chars_per_token)
+    sessions = [random_chat(rng, 1) for _ in range(5)]
+    for _ in range(200):
+        s = rng.randrange(len(sessions))
+        msgs = sessions[s]
+        pick = rng.random()
+        if pick < 0.2 and len(msgs) > 1:
+            at = rng.randrange(len(msgs))
+            msgs = [*msgs[:at], {"role": "user", "content": "edited"}, *msgs[at + 1 :]]
+        elif pick < 0.9:
+            for _ in range(rng.randrange(1, 4)):
+                content = rng.choice(["", "a", "ok", "→", random_text(rng, rng.randrange(1, 12))])
+                msgs = [*msgs, {"role": rng.choice(["user", "assistant"]), "content": content}]
+                if rng.random() < 0.05:  # not a simple message: such chats are rendered whole each time
+                    msgs[-1] = {**msgs[-1], "tool_calls": [{"id": "c", "function": {"name": "f"}}]}
+        sessions[s] = msgs
+        text = sim_tokens.render_chat(engine_plain(msgs))
+        assert tokens.prompt_ids({"messages": msgs}, "chat") == sim_tokens.chunk_ids(
+            text, chars_per_token, sim_tokens.VOCAB_SIZE, 0)
