@@ -555,7 +555,9 @@ class Cost(PolicyBase):
         return guess if features.max_tokens is None else min(guess, float(features.max_tokens))
 
     def _pending(self, view: ReplicaView, fresh: bool, fallback_uncached: float) -> tuple[float, float]:
-        """(uncached tokens, requests) queued for prefill ahead of a new request on ``view``."""
+        """(uncached tokens, requests) queued for prefill ahead of a new request on ``view``. `_price` inlines
+        the same steps for its hot loop; tests/router/test_cost_pricing.py prices with this one, so the two
+        cannot drift apart unnoticed."""
         tokens = float(view.in_flight_tokens)
         engine_queue = fresh and view.waiting > 0
         if tokens == 0 and not engine_queue:  # the common idle-ish case, kept cheap
