@@ -13,11 +13,12 @@ from dataclasses import replace
 from policy_fixtures import features_with, view
 
 from router.policies.base import Outcome
-from router.policies.cost import Cost, _SinceReport
+from router.policies.cost import Cost
 
 
 def reference_cost(p: Cost, v, uncached: float, block_tokens: float, decode_steps: float) -> float:
-    """The per-replica `_cost` and `_kv_wait` of before the flattening (with `_report_since` and `_pending`)."""
+    """The per-replica `_cost` and `_kv_wait` of before the flattening (with `_pending`, `_reported_running`
+    and `_report_since`)."""
     p._sync_capacity(v, block_tokens)
     p._views[v.name] = v
     fresh = v.load_age_s is not None
@@ -25,7 +26,7 @@ def reference_cost(p: Cost, v, uncached: float, block_tokens: float, decode_step
     in_flight = v.in_flight_requests * p._own_scale
     running = in_flight - pending_requests
     if fresh and v.running > running:
-        running = float(v.running)
+        running = max(running, p._reported_running(v))
     consts = p._constants.get(v.name)
     if consts is None:
         consts = p._constants[v.name] = p._effective(v.name)
@@ -41,12 +42,7 @@ def reference_cost(p: Cost, v, uncached: float, block_tokens: float, decode_step
         seconds = max(seconds, (ahead + 1.0) * (decode_steps - 1.0) * (step + per * busy) / (busy + 1.0))
     if fresh and v.running > 0 and v.kv_blocks_used > 0 and v.block_size > 0:
         r, used = float(v.running), float(v.kv_blocks_used)
-        key, age = (v.running, v.waiting, v.kv_blocks_used), v.load_age_s
-        since = p._since.get(v.name)
-        if since is None or since.key != key or age < since.age:
-            since = p._since[v.name] = _SinceReport(key, age)
-        else:
-            since.age = age
+        since = p._report_since(v)
         per_prompt = p._uncached_per_prompt(v.name, uncached)
         ahead = max(float(v.waiting) * per_prompt + since.sent_tokens * p._own_scale, (in_flight - r) * per_prompt)
         freed = used / r * min(float(since.finished), r)
@@ -88,17 +84,24 @@ def test_the_flattened_loop_prices_every_replica_state_to_the_same_bits_as_the_f
             ["relative", "online", "pinned"]), eviction_weight=rng.choice([0.0, 1.0]))
         for n in names:  # some history: in-flight sums, reports seen, calibration, a small index to evict from
             policy.index.set_capacity(n, rng.choice([8, 1 << 20]))
+        seen = [random_view(rng, n) for n in names]  # reports that last a while: requests finish under them
+        flying: list = []
         for i in range(rng.randint(0, 40)):
+            if rng.random() < 0.2:
+                at = rng.randrange(len(names))
+                seen[at] = random_view(rng, names[at])
             f = features_with(rng.randint(1, 30), f"t{trial}-{rng.randint(0, 5)}", rid=f"q{i}")
-            decision = policy.choose(f, [random_view(rng, n) for n in names])
+            decision = policy.choose(f, seen)
             policy.on_dispatch(f, decision)
-            if rng.random() < 0.6:
+            flying.append((f, decision))
+            if rng.random() < 0.6:  # an earlier request finishes, maybe under a later report
+                f, decision = flying.pop(rng.randrange(len(flying)))
                 ttft = rng.uniform(0.01, 0.3)
                 policy.on_complete(f, decision, Outcome(
                     ok=True, status=200, ttft_s=ttft, e2e_s=ttft + rng.uniform(0.01, 1.0),
                     prompt_tokens=f.token_estimate, cached_tokens=rng.randint(0, f.token_estimate),
                     completion_tokens=rng.randint(1, 200)))
-        views = [random_view(rng, n) for n in names]
+        views = [v if rng.random() < 0.5 else random_view(rng, v.name) for v in seen]
         later = [v if v.load_age_s is None else replace(v, load_age_s=v.load_age_s + 0.1) for v in views]
         matched = {n: rng.randint(0, 12) for n in names if rng.random() < 0.5}
         tokens, block_tokens = float(rng.randint(1, 400)), 16.0
@@ -110,6 +113,8 @@ def test_the_flattened_loop_prices_every_replica_state_to_the_same_bits_as_the_f
             got = policy._price(priced, matched, tokens, block_tokens, decode_steps)
             assert got == want and all(math.isfinite(c) for c in got.values())
             # the side effects too: the reports' traffic records and the views kept for dispatch
-            assert {n: (s.key, s.age, s.sent_tokens, s.finished) for n, s in policy._since.items()} == \
-                   {n: (s.key, s.age, s.sent_tokens, s.finished) for n, s in expected._since.items()}
+            assert {n: (s.key, s.age, s.sent_tokens, s.finished, s.finished_unseen, s.done_seen)
+                    for n, s in policy._since.items()} == \
+                   {n: (s.key, s.age, s.sent_tokens, s.finished, s.finished_unseen, s.done_seen)
+                    for n, s in expected._since.items()}
             assert policy._views == expected._views
