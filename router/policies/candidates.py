@@ -15,7 +15,8 @@ least recently. The second key matters on an idle fleet: every replica then cost
 scan goes round them all by "least recently sent", and so does this order.
 
 Nothing here walks the fleet or a prompt's holders per decision. The order is kept incrementally twice:
-a lazy min-heap (for the fleet's least loaded) and one bitmask per load value in the prefix index's
+a lazy min-heap (for the fleet's least loaded; the few entries a decision reads stay out of it, in a
+sorted front, instead of being pushed back) and one bitmask per load value in the prefix index's
 replica bits (for the holders: the index gives a prompt's holders as one mask per match depth,
 `PrefixIndex.match_masks`, and ANDing it with the masks in load order names only the few taken). A
 replica's key is re-read from its view whenever it is priced, moved by +1/-1 on dispatch and completion
@@ -42,6 +43,7 @@ from typing import Protocol
 from router.replica_view import ReplicaView
 
 DEFAULT_K = 8
+FRONT_MAX = 64  # least-loaded entries kept out of the heap between decisions (`_least`)
 REKEY_PER_DECISION = 2  # keys re-read from the views per decision, in turn round the fleet
 Key = tuple[float, int]  # (request load / weight, number of the dispatch that last went there; -1 never)
 _NEVER: Key = (0.0, -1)  # a replica not in the order yet sorts first: it gets priced
@@ -81,6 +83,9 @@ class CandidateFilter:
         self._key: dict[str, Key] = {}
         self._load: dict[str, tuple[int, int, float]] = {}  # name -> (in flight, engine load, weight)
         self._heap: list[tuple[float, int, str]] = []
+        # The least entries taken off the heap by earlier decisions, sorted: `_least` reads them in place
+        # instead of pushing them back (with the heap, every key's current entry is in one of the two).
+        self._front: list[tuple[float, int, str]] = []
         self._positions: dict[tuple[int, str, str], dict[str, int]] = {}
         self._cursor = 0  # the next replica to re-key (a few per decision: every key re-read in turn)
         # The same order as bitmasks, for picking holders out of `match_masks` without naming them all:
@@ -160,6 +165,7 @@ class CandidateFilter:
             positions[view.name] = i
         self._heap = [(load, last, name) for name, (load, last) in self._key.items()]
         heapq.heapify(self._heap)
+        self._front = []
         self._positions = {(len(replicas), replicas[0].name, replicas[-1].name): positions}
         self._cursor = 0
 
@@ -274,6 +280,7 @@ class CandidateFilter:
         if len(heap) > 4 * len(self._key) + 64:  # drop entries superseded since
             self._heap = [(lo, la, n) for n, (lo, la) in self._key.items()]
             heapq.heapify(self._heap)
+            self._front = []
 
     def _level(self, load: float, bit: int) -> None:
         mask = self._levels.get(load)
@@ -300,13 +307,20 @@ class CandidateFilter:
                picked: dict[str, ReplicaView]) -> list[ReplicaView] | None:
         """The k least loaded eligible views not already picked; None if too many heap entries are of
         replicas not among ``replicas`` (another model's, or ejected): then price the whole fleet."""
-        heap, key_of = self._heap, self._key
+        heap, key_of, front = self._heap, self._key, self._front
         out: list[ReplicaView] = []
         kept: list[tuple[float, int, str]] = []
         names: set[str] = set()
         budget = 4 * k + 16
-        while heap and len(out) < k:
-            entry = heapq.heappop(heap)
+        used, ends = 0, len(front)  # front[:used] read so far
+        while len(out) < k:  # the entries in key order: the lesser of the front's next and the heap's top
+            if used < ends and (not heap or front[used] < heap[0]):
+                entry = front[used]
+                used += 1
+            elif heap:
+                entry = heapq.heappop(heap)
+            else:
+                break
             name = entry[2]
             if name in names or key_of.get(name) != (entry[0], entry[1]):
                 continue  # superseded or duplicate: dropped for good
@@ -319,8 +333,15 @@ class CandidateFilter:
             budget -= 1
             if budget == 0:
                 break
-        for entry in kept:
-            heapq.heappush(heap, entry)
+        # What was read is less than all the front left unread (each was the least when read), so the
+        # new front stays sorted; a replica `_lookup` keyed meanwhile may have come in out of order.
+        kept.sort()
+        kept += front[used:]
+        if len(kept) > FRONT_MAX:  # its tail goes back to the heap, where superseded entries get dropped
+            for entry in kept[FRONT_MAX:]:
+                heapq.heappush(heap, entry)
+            del kept[FRONT_MAX:]
+        self._front = kept
         if len(out) < k and len(out) + len(picked) < len(replicas):
             return None
         return out

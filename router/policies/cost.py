@@ -182,7 +182,7 @@ class _SinceReport:
     report's running, waiting and KV blocks used; ``age``: its age when last seen, which only grows
     until a new report replaces it). The report is up to a poll old, and on an engine whose requests
     finish within a poll the router's in-flight count minus the reported running misses what was sent
-    since whenever as many reported ones finished meanwhile (`Cost._kv_wait`)."""
+    since whenever as many reported ones finished meanwhile (`Cost._price`'s kv_wait)."""
 
     key: tuple[int, int, int]
     age: float
@@ -317,19 +317,11 @@ class Cost(PolicyBase):
             if large and blended:
                 selected = filt.select_matched(replicas, matched, last)
         priced = replicas if selected is None else selected
-        costs: dict[str, float] = {}
-        geometry, seen_views, price = self._geometry, self._views, self._cost
-        keyed = None if selected is None else filt.seen  # candidates: the order re-reads their keys
-        for view in priced:  # the hot loop: _sync_capacity's and _see's work inlined where cheap
-            name = view.name
-            if geometry.get(name) != (view.kv_blocks_total, view.block_size, block_tokens):
-                self._sync_capacity(view, block_tokens)
-            seen_views[name] = view
-            blocks = matched.get(name, 0)
-            uncached = tokens - min(blocks * block_tokens, tokens)
-            costs[name] = price(view, uncached, block_tokens, decode_steps)
-            if keyed is not None:
-                keyed(view, last.get(name, -1))
+        costs = self._price(priced, matched, tokens, block_tokens, decode_steps)
+        if selected is not None:  # candidates: the order re-reads their keys
+            keyed = filt.seen
+            for view in priced:
+                keyed(view, last.get(view.name, -1))
         agreed = None
         if self.agree and self.router_processes > 1:  # near-equal costs: the cache, then agreement, decide
             agreed = placement.agree(features.block_hashes, block_tokens, priced, costs, matched,
@@ -417,71 +409,120 @@ class Cost(PolicyBase):
 
     def estimate_cost(self, view: ReplicaView, uncached_tokens: float, features: RequestFeatures) -> float:
         """Seconds charged for sending a request needing ``uncached_tokens`` of prefill to ``view``."""
-        self._sync_capacity(view, features.block_tokens)
-        self._see(view)
         decode_steps = 1.0 + self._expected_output(features)
-        return self._cost(view, uncached_tokens, features.block_tokens, decode_steps)
+        return self._price([view], {}, uncached_tokens, features.block_tokens, decode_steps)[view.name]
 
-    def _cost(self, view: ReplicaView, uncached: float, block_tokens: float, decode_steps: float) -> float:
-        # The formula of the module docstring, flattened: this runs once per replica per request.
-        fresh = view.load_age_s is not None  # the view already dropped a stale report
-        pending_tokens, pending_requests = self._pending(view, fresh, uncached)
-        in_flight = view.in_flight_requests * self._own_scale
-        running = in_flight - pending_requests
-        if fresh and view.running > running:
-            running = max(running, self._reported_running(view))
-        consts = self._constants.get(view.name)
-        if consts is None:
-            consts = self._constants[view.name] = self._effective(view.name)
-        overhead, per_token, per_seq, step, raw = consts
-        seconds = overhead * pending_requests + per_token * pending_tokens
-        limit = view.max_num_seqs
-        # Occupancy from the router's own count: exact now, while the engine's running lags a poll and
-        # still counts a conversation's previous turn when its next one arrives.
-        if limit and in_flight >= limit:
-            ahead = float(in_flight - limit)  # requests waiting for a slot before us
-            if fresh:
-                ahead = max(ahead, float(view.waiting))
-            busy = float(limit)
-            busy_step, busy_per_seq = self._shared_step(view.name, raw)  # decode steps at the learned timing
-            slot_wait = (ahead + 1.0) * (decode_steps - 1.0) * (busy_step + busy_per_seq * busy) / (busy + 1.0)
-            seconds = max(seconds, slot_wait)
-        if fresh and view.running > 0 and view.kv_blocks_used > 0 and view.block_size > 0:
-            seconds += self._kv_wait(view, in_flight, uncached, decode_steps, raw)
-        own = overhead + per_token * uncached
-        if running > 0:
-            busy_step, busy_per_seq = self._shared_step(view.name, raw)
-            own += per_seq * running * decode_steps + busy_step + busy_per_seq * running
-        seconds += (1.0 + self.work_weight) * own
-        if self.eviction_weight and uncached > 0:
-            new_blocks = uncached / block_tokens
-            overflow = self.index.size(view.name) + new_blocks - self.index.capacity(view.name)
-            if overflow > 0:
-                evicted_tokens = min(overflow, new_blocks) * block_tokens
-                seconds += self.eviction_weight * per_token * evicted_tokens
-        weight = view.weight
-        return seconds / weight if weight > 0 else seconds
-
-    def _kv_wait(self, view: ReplicaView, in_flight: float, uncached: float, decode_steps: float,
-                 raw: tuple[float, float, float, float]) -> float:
-        """Seconds until the engine's free KV blocks hold this request's uncached blocks and those of the
-        prompts admitted before it (``kv_wait(r)`` in the module docstring). The engine's tokens per
-        estimated token come from its reports (`on_complete`), as blocks are counted in its tokens."""
-        running = float(view.running)
-        used = float(view.kv_blocks_used)
-        since = self._report_since(view)
-        per_prompt = self._uncached_per_prompt(view.name, uncached)
-        # Ahead of this request: the report's waiting prompts and what was sent since, or the router's
-        # in-flight count beyond the reported running if more; the report's finished ones freed theirs.
-        ahead = max(float(view.waiting) * per_prompt + since.sent_tokens * self._own_scale,
-                    (in_flight - running) * per_prompt)
-        freed = used / running * min(float(since.finished), running)
-        missing = (uncached + ahead) * self._engine_per_estimate / view.block_size - (view.kv_blocks_total - used + freed)
-        if missing <= 0:
-            return 0.0
-        busy_step, busy_per_seq = self._shared_step(view.name, raw)
-        life = (decode_steps - 1.0) * (busy_step + busy_per_seq * running)
-        return missing / used * running / (running + 1.0) * life
+    def _price(self, views: Sequence[ReplicaView], matched: Mapping[str, int], tokens: float,
+               block_tokens: float, decode_steps: float) -> dict[str, float]:
+        """``{name: cost}`` of each of ``views`` for a prompt of ``tokens`` of which ``matched[name]`` blocks
+        are held: the formula of the module docstring, flattened. This is the hot loop (every priced
+        replica of every decision), so what is the same for the whole decision is read once, a replica's
+        state (its view's fields, this policy's in-flight sums, its constants and shared step) once per
+        replica, and the helpers are inlined (not `_report_since`, which keeps a report's record); the
+        float operations are those of the formula, in its order. Pricing also keeps each replica's latest view (on_dispatch and on_complete read it) and sizes its
+        index from its KV geometry (`_sync_capacity`)."""
+        costs: dict[str, float] = {}
+        geometry, seen_views, constants, shared_of = self._geometry, self._views, self._constants, self._shared
+        inflight_of, report_since = self._inflight, self._report_since
+        scale, work = self._own_scale, 1.0 + self.work_weight
+        eviction, index = self.eviction_weight, self.index
+        avg_uncached, per_estimate = self._avg_uncached, self._engine_per_estimate
+        steps_after = decode_steps - 1.0
+        for view in views:
+            name = view.name
+            total, block_size = view.kv_blocks_total, view.block_size
+            if geometry.get(name) != (total, block_size, block_tokens):
+                self._sync_capacity(view, block_tokens)
+            seen_views[name] = view
+            uncached = tokens - min(matched.get(name, 0) * block_tokens, tokens)
+            fresh = view.load_age_s is not None  # the view already dropped a stale report
+            flight, queued, waiting = view.in_flight_requests, view.in_flight_tokens, view.waiting
+            own = inflight_of.get(name)
+            # _pending: (uncached tokens, requests) queued for prefill ahead of this request
+            engine_queue = fresh and waiting > 0
+            if queued == 0 and not engine_queue:  # the common idle-ish case, kept cheap
+                pending_tokens = pending_requests = 0.0
+            else:
+                if own is not None and own.count > 0 and own.prompt_tokens > 0:
+                    share = min(1.0, float(queued) / own.prompt_tokens)  # our in-flight prompt mass not prefilled
+                    pending_tokens = own.uncached_tokens * share * scale
+                    pending_requests = own.count * share * scale
+                else:  # nothing of ours there (or a restart): take the router's counters at face value
+                    pending_tokens = float(queued) * scale
+                    pending_requests = flight * scale if queued > 0 else 0.0
+                if engine_queue:
+                    per_request = (own.uncached_tokens / own.count if own is not None and own.count > 0
+                                   else avg_uncached if avg_uncached is not None else uncached)
+                    queue_tokens = waiting * per_request
+                    if queue_tokens > pending_tokens:
+                        pending_tokens = queue_tokens
+                    if float(waiting) > pending_requests:
+                        pending_requests = float(waiting)
+            in_flight = flight * scale
+            running = in_flight - pending_requests
+            reported = view.running
+            since = None  # the traffic since the load report (`_report_since`), read when first needed
+            if fresh and reported > running:  # `_reported_running`, with the record kept for kv_wait
+                since = report_since(view)
+                discounted = float(reported - since.finished - since.finished_unseen)
+                if discounted > running:
+                    running = discounted
+            consts = constants.get(name)
+            if consts is None:
+                consts = constants[name] = self._effective(name)
+            overhead, per_token, per_seq, _, raw = consts
+            shared = None  # (decode step, per sequence) at the learned timing: read when first needed
+            seconds = overhead * pending_requests + per_token * pending_tokens
+            limit = view.max_num_seqs
+            # Occupancy from the router's own count: exact now, while the engine's running lags a poll and
+            # still counts a conversation's previous turn when its next one arrives.
+            if limit and in_flight >= limit:
+                ahead = float(in_flight - limit)  # requests waiting for a slot before us
+                if fresh and float(waiting) > ahead:
+                    ahead = float(waiting)
+                busy = float(limit)
+                shared = shared_of.get(raw) or self._shared_step(name, raw)
+                slot_wait = (ahead + 1.0) * steps_after * (shared[0] + shared[1] * busy) / (busy + 1.0)
+                if slot_wait > seconds:
+                    seconds = slot_wait
+            used = view.kv_blocks_used
+            if fresh and reported > 0 and used > 0 and block_size > 0:
+                # kv_wait: until the free KV blocks hold this request's uncached blocks and those of the
+                # prompts admitted before it (the engine's blocks, in its tokens per estimated token)
+                busy, used = float(reported), float(used)
+                if since is None:
+                    since = report_since(view)
+                per_prompt = (own.uncached_tokens / own.count if own is not None and own.count > 0
+                              else avg_uncached if avg_uncached is not None else uncached)
+                # Ahead: the report's waiting prompts and what was sent since, or the router's in-flight
+                # count beyond the reported running if more; the report's finished ones freed theirs.
+                ahead = float(waiting) * per_prompt + since.sent_tokens * scale
+                beyond = (in_flight - busy) * per_prompt
+                if beyond > ahead:
+                    ahead = beyond
+                finished = float(since.finished)
+                freed = used / busy * (busy if busy < finished else finished)
+                missing = (uncached + ahead) * per_estimate / block_size - (total - used + freed)
+                if missing > 0:
+                    if shared is None:
+                        shared = shared_of.get(raw) or self._shared_step(name, raw)
+                    life = steps_after * (shared[0] + shared[1] * busy)
+                    seconds += missing / used * busy / (busy + 1.0) * life
+            own_s = overhead + per_token * uncached
+            if running > 0:
+                if shared is None:
+                    shared = shared_of.get(raw) or self._shared_step(name, raw)
+                own_s += per_seq * running * decode_steps + shared[0] + shared[1] * running
+            seconds += work * own_s
+            if eviction and uncached > 0:
+                new_blocks = uncached / block_tokens
+                overflow = index.size(name) + new_blocks - index.capacity(name)
+                if overflow > 0:
+                    evicted_tokens = (overflow if overflow < new_blocks else new_blocks) * block_tokens
+                    seconds += eviction * per_token * evicted_tokens
+            weight = view.weight
+            costs[name] = seconds / weight if weight > 0 else seconds
+        return costs
 
     def _report_since(self, view: ReplicaView) -> _SinceReport:
         """The traffic since ``view``'s load report, restarted when the report changed or got younger."""
@@ -514,7 +555,9 @@ class Cost(PolicyBase):
         return guess if features.max_tokens is None else min(guess, float(features.max_tokens))
 
     def _pending(self, view: ReplicaView, fresh: bool, fallback_uncached: float) -> tuple[float, float]:
-        """(uncached tokens, requests) queued for prefill ahead of a new request on ``view``."""
+        """(uncached tokens, requests) queued for prefill ahead of a new request on ``view``. `_price` inlines
+        the same steps for its hot loop; tests/router/test_cost_pricing.py prices with this one, so the two
+        cannot drift apart unnoticed."""
         tokens = float(view.in_flight_tokens)
         engine_queue = fresh and view.waiting > 0
         if tokens == 0 and not engine_queue:  # the common idle-ish case, kept cheap
@@ -666,10 +709,6 @@ class Cost(PolicyBase):
             if self.calibrator.constants(name).as_tuple() == raw:  # only what a fresh read would give
                 self._shared[raw] = shared
         return shared
-
-    def _see(self, view: ReplicaView) -> None:
-        """Keep the latest view of each replica (on_dispatch and on_complete read it)."""
-        self._views[view.name] = view
 
     def _running(self, view: ReplicaView, fresh: bool, pending_requests: float) -> float:
         running = view.in_flight_requests * self._own_scale - pending_requests

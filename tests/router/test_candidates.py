@@ -6,6 +6,7 @@ import random
 from policy_fixtures import features_with, view
 from test_cost_kv_match import FakeMatch
 
+from router.policies import candidates
 from router.policies.base import Outcome
 from router.policies.candidates import REKEY_PER_DECISION, CandidateFilter
 from router.policies.cost import Cost
@@ -165,3 +166,37 @@ def test_the_least_loaded_are_the_k_lowest_keys_however_stale_the_heap_has_grown
             chosen = filt.select(replicas, [], last)
             lowest = sorted(filt._key.items(), key=lambda item: (item[1], item[0]))[:4]
             assert [v.name for v in chosen] == [n for n, _ in lowest]
+
+
+def test_the_least_loaded_stay_the_k_lowest_keys_as_entries_move_between_the_heap_and_the_front(monkeypatch):
+    # `_least` keeps the entries it read out of the heap (its sorted front, capped at FRONT_MAX) and
+    # merges the two: with keys moved by dispatches, completions and re-read views (load the engines
+    # report), and replicas joining, the k read are still the k lowest keys of the order, and the cap's
+    # spill back to the heap loses none of them (a cap this low spills often).
+    monkeypatch.setattr(candidates, "FRONT_MAX", 10)
+    rng = random.Random(12)
+    k = 8
+    replicas = fleet(60, **{f"r{i}": rng.randint(0, 12) for i in range(60)})
+    filt = CandidateFilter(k=k)
+    last: dict[str, int] = {}
+    filt.select(replicas, [], last)
+    longest = 0
+    for step in range(4000):
+        name = replicas[rng.randrange(len(replicas))].name
+        roll = rng.random()
+        if roll < 0.4:
+            last[name] = step
+            filt.dispatched(name, step)
+        elif roll < 0.8:
+            filt.completed(name)
+        elif roll < 0.99:  # a new view: the engine reports more or less than the router's count
+            i = next(j for j, v in enumerate(replicas) if v.name == name)
+            replicas[i] = dataclasses.replace(replicas[i], running=rng.randint(0, 14), waiting=rng.randint(0, 2))
+            filt.seen(replicas[i], last.get(name, -1))
+        else:  # a replica joins, idle
+            replicas.append(view(f"n{step}", load_age_s=0.1))
+        chosen = filt.select(replicas, [], last)
+        lowest = sorted(filt._key.items(), key=lambda item: (item[1], item[0]))[:k]
+        assert [v.name for v in chosen] == [m for m, _ in lowest]
+        longest = max(longest, len(filt._front))
+    assert longest == 10  # the cap was reached, and spilled
