@@ -161,7 +161,6 @@ def test_an_engine_whose_ttft_hardly_grows_with_the_prompt_keeps_its_shared_step
     assert per_seq == pytest.approx(engine.decode_s_per_seq / true_prefill * priced_prefill, rel=0.3)
 
 
-
 def test_on_equal_replicas_relative_differs_from_pinned_only_in_the_shared_step_priced_per_typical_prefill():
     # benchmarks.unseen u3-13 (4 equal replicas, 140 ms per request, 47 us/token, 9.8 ms step): every
     # replica's slowness is ~1, so `relative` prices the prior exactly as `pinned` does, except the shared
