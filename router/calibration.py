@@ -606,7 +606,11 @@ class Calibrator:
         tokens) against the time `constants` prices the same prefill at. Converting per prefill token
         instead broke down where the fit cannot tell the per-request from the per-token cost (TTFT
         hardly growing with the prompt: per token fitted at its lower bound made a 14 ms step 135 s);
-        the typical prefill's total is what the observations do pin down."""
+        the typical prefill's total is what the observations do pin down. The price of it: the other
+        constants keep the prior's per-request : per-token ratio, so where an engine's differs the step
+        keeps its share of a typical prefill but not its worth in prefill tokens (benchmarks.unseen u3-13:
+        ratio 3,000 tokens against the prior's 100, a step priced at ~14 tokens where the engine's is
+        ~210), and a busy replica holding a prefix looks cheap (benchmarks/README.md, u3-13)."""
         priced = self.constants(name)
         if self.settings.mode == "relative" and self._pooled.observations >= self.settings.min_observations:
             fleet = self._fleet_steps
