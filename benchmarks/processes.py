@@ -26,7 +26,7 @@ from benchmarks.lib.defaults import RESULTS_DIR
 from benchmarks.lib.loadgen import LoadSpec
 from benchmarks.lib.report import format_table, machine_info, write_json
 from benchmarks.matrix import CAPACITY, REPLICAS, profiles, workload_of
-from benchmarks.sim_loop import simulate
+from benchmarks.sim_loop import DEFAULT_POLL_S, simulate
 from benchmarks.sim_processes import SPREADS
 
 SIZED = {"gsp": "groups", "multiturn": "conversations", "agentic": "sessions"}  # what --size multiplies
@@ -43,15 +43,16 @@ def sized_workload(workload: str, seed: int, size: int = 1) -> wl.Workload:
 
 
 def run_cell(engine: str, workload: str, policy: str, params: Mapping[str, Any], processes: int, seed: int,
-             concurrency: int, spread: str, size: int = 1, capacity: float | None = None) -> dict[str, Any]:
+             concurrency: int, spread: str, size: int = 1, capacity: float | None = None,
+             poll_s: float = DEFAULT_POLL_S) -> dict[str, Any]:
     """One simulated run of a matrix cell (`benchmarks.matrix`'s engines and, unless ``capacity`` gives the
-    fleet's KV as a multiple of the footprint, its cache sizes)."""
+    fleet's KV as a multiple of the footprint, its cache sizes); engines polled every ``poll_s``."""
     w = sized_workload(workload, seed, size)
     kv = wl.kv_blocks_per_replica(w, REPLICAS, CAPACITY.get(engine, 1.3) if capacity is None else capacity)
     load = LoadSpec(concurrency=concurrency, max_requests=w.num_requests, seed=seed)
     s = simulate(w, REPLICAS, policy, dict(params), profile=profiles(engine), num_blocks=kv, load=load,
                  seed=seed, router_processes=processes, kv_events=policy != "cost" or "index" in params,
-                 spread=spread).summary()
+                 spread=spread, poll_interval_s=poll_s).summary()
     return {"hit_rate": s["hit_rate"], "ttft_p90_ms": s["ttft_ms"]["p90"], "requests": s["requests"],
             "failed": s["failed"], "max_over_mean": s["max_over_mean"], "kv_blocks": kv}
 
@@ -75,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "connections)")
     p.add_argument("--size", type=int, default=1,
                    help="x this many sessions (gsp groups, multiturn conversations, agentic sessions)")
+    p.add_argument("--poll-s", type=float, default=DEFAULT_POLL_S,
+                   help="how often the engines' load reports are read (the router's default): how much the "
+                        "processes know of each other's load")
     p.add_argument("--untold-processes", action="store_true",
                    help="do not pass router_processes=K to the K policies (by default they are told, as "
                         "--workers K tells its workers; benchmarks.compare has the same flag)")
@@ -87,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for engine in args.engines.split(","):
         for workload in args.workloads.split(","):
             runs = {k: [run_cell(engine, workload, args.policy, told(params, k, not args.untold_processes),
-                                 k, s, args.concurrency, args.spread, args.size)
+                                 k, s, args.concurrency, args.spread, args.size, poll_s=args.poll_s)
                         for s in seeds] for k in (1, args.processes)}
             avg = {k: {m: mean(r[m] for r in rs) for m in ("hit_rate", "ttft_p90_ms")} for k, rs in runs.items()}
             one, many = avg[1], avg[args.processes]
@@ -102,11 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(HEADERS(args.processes), rows))
     cpu = time.process_time() - t0
-    print(f"\n{args.policy} {params or ''}, seeds {args.seeds}, spread {args.spread}; {cpu:.1f} CPU s")
+    print(f"\n{args.policy} {params or ''}, seeds {args.seeds}, spread {args.spread}, poll {args.poll_s} s; "
+          f"{cpu:.1f} CPU s")
     out = Path(args.out) if args.out else RESULTS_DIR / f"sim-processes-{args.policy}.json"
     write_json(out, {"machine": machine_info(), "policy": args.policy, "params": params,
                      "processes": args.processes, "tell_processes": not args.untold_processes, "size": args.size,
-                     "seeds": seeds, "spread": args.spread,
+                     "seeds": seeds, "spread": args.spread, "poll_s": args.poll_s,
                      "concurrency": args.concurrency, "cpu_s": round(cpu, 1), "cells": cells})
     print(f"wrote {out}")
     return 0

@@ -22,3 +22,12 @@ def test_the_flag_is_an_opt_out(monkeypatch, tmp_path):
     processes.main(["--engines", "llmd-8b", "--workloads", "gsp", "--seeds", "1", "--out", out])
     processes.main(["--engines", "llmd-8b", "--workloads", "gsp", "--seeds", "1", "--out", out, "--untold-processes"])
     assert seen == [{"router_processes": 1}, {"router_processes": 4}, {}, {}]
+
+
+def test_the_poll_interval_reaches_every_run(monkeypatch, tmp_path):
+    polls = []
+    monkeypatch.setattr(processes, "run_cell", lambda *a, poll_s, **kw: polls.append(poll_s) or {
+        "hit_rate": 0.5, "ttft_p90_ms": 100.0})
+    processes.main(["--engines", "llmd-8b", "--workloads", "gsp", "--seeds", "1", "--out", str(tmp_path / "r.json"),
+                    "--poll-s", "0.05"])
+    assert polls == [0.05, 0.05]
