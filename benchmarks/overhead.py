@@ -15,6 +15,9 @@ the whole host was, and errors. Client, engines and router share the machine's c
 CPU contention as much as the router. A peer that is not installed or fails to start gets a row with its error.
 The client keeps connections alive (as SDK clients do); `--fresh-connections` opens one per request, which
 shows stalls that only reused connections have (sglang-router: ~40 ms per streamed request at 1 stream).
+`--interleave` takes turns request by request instead (request i goes to direct or to one router, in turn),
+so a shared host's bursts fall on every contender alike (on a busy 2-core host, a change and its base
+measured 0-28 % apart in CPU from one default run to the next; interleaved rounds agreed within +-5 %).
 `--profile-router DIR` runs our router under cProfile on the process CPU clock (a shared host's waits do
 not count) and writes `<contender>.pstats` there when it stops; the profiler inflates Python-heavy code, so
 the CPU figures of that run are not comparable with an unprofiled one.
@@ -184,6 +187,35 @@ async def measure(session: Any, targets: Sequence[str], concurrency: int, args: 
     return Sample(results, wall, watch.used, watch.busy_share, watch.other_share)
 
 
+async def measure_interleaved(session: Any, engine_urls: Sequence[str], routers: Sequence[Any], concurrency: int,
+                              args: argparse.Namespace, engine_pids: Sequence[int]) -> tuple[Sample, list[Sample]]:
+    """``args.requests`` streams per target, request i to target i % (1 + routers) (target 0: the engines,
+    round robin): (direct sample, one sample per router). A router's CPU is its own (with its few idle ms
+    while the others serve); the engines' and this process's, and the wall time, are split by requests."""
+    n = len(routers) + 1
+
+    async def one(i: int) -> tuple[int, StreamResult]:
+        k = i % n
+        url = routers[k - 1].url if k else engine_urls[(i // n) % len(engine_urls)]
+        return k, await stream_chat(session, url, overhead_chat_body(i, MAX_TOKENS), timeout_s=30)
+
+    await closed_loop(max(args.warmup, concurrency) * n, concurrency, args.max_s, one)
+    watch = CpuWatch([*(r.pid for r in routers), *engine_pids]).start()
+    t0 = time.perf_counter()
+    done = await closed_loop(args.requests * n, concurrency, args.max_s * n, one)
+    wall = time.perf_counter() - t0
+    watch.stop()
+    shared = watch.used[len(routers):]  # engines, then this process
+    samples = []
+    for k in range(n):
+        results = [r for j, r in done if j == k]
+        share = len(results) / max(1, len(done))
+        own = [watch.used[k - 1]] if k else []
+        samples.append(Sample(results, wall * share, [*own, *(u * share for u in shared)], watch.busy_share,
+                              watch.other_share))
+    return samples[0], samples[1:]
+
+
 async def start_contenders(stack: contextlib.AsyncExitStack, cs: Sequence[Contender], fleet: Fleet,
                            args: argparse.Namespace, log_dir: Path) -> list[tuple[dict[str, Any], Any]]:
     """Start every contender (all run at once, idle while another is measured): (row, running router or
@@ -222,6 +254,13 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             for conc in args.concurrency:
                 samples: dict[str, tuple[list[Sample], list[Sample]]] = {row["name"]: ([], []) for row, _ in running}
                 for _ in range(args.rounds):
+                    if args.interleave:
+                        direct_s, routed_s = await measure_interleaved(session, fleet.engine_urls, [r for _, r in running],
+                                                                     conc, args, fleet.engine_pids)
+                        for (row, _), routed_one in zip(running, routed_s, strict=True):
+                            samples[row["name"]][0].append(direct_s)  # one direct run, shared by all
+                            samples[row["name"]][1].append(routed_one)
+                        continue
                     for row, r in running:
                         direct, routed = samples[row["name"]]
                         direct.append(await measure(session, fleet.engine_urls, conc, args, [], fleet.engine_pids))
@@ -293,6 +332,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="rounds per level, contenders taking turns within each; a level pools its rounds (a "
                         "shared host's load then falls on every contender alike)")
+    p.add_argument("--interleave", action="store_true",
+                   help="take turns request by request (direct and every router in one loop) instead of one "
+                        "measurement each: compare contenders on a shared, noisy host")
     p.add_argument("--warmup", type=int, default=50,
                    help="unmeasured requests before each measurement (at least the concurrency)")
     p.add_argument("--max-s", type=float, default=60.0,
