@@ -30,6 +30,8 @@ class ReplicaView:
     load_age_s: seconds since that report was received; None = never, or stale when the view was built.
     max_num_seqs: the engine's concurrency limit from its /load report (any age: it is static);
         0 = not reported (a stock vLLM's /metrics does not say).
+    finished_since_report: requests of this router that were in flight when the (fresh) report was
+        received and have finished since: the report may still count them in ``running``.
     """
 
     name: str
@@ -45,6 +47,7 @@ class ReplicaView:
     load_age_s: float | None = None
     healthy: bool = True
     max_num_seqs: int = 0
+    finished_since_report: int = 0
 
     def engine_fresh(self) -> bool:
         """True when the view carries an engine load report (the view's builder dropped a stale one)."""

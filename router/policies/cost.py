@@ -32,8 +32,8 @@ random draw.
 - ``decode(r)``: every sequence running there slows each step of this request (its prefill step and its
   expected output: the average ``completion_tokens`` reported so far, at most ``max_tokens``, 128 until
   something is reported). ``running(r)`` is the router's in-flight requests that are past prefill, or
-  the engine's fresh ``running`` if more, less the requests of ours that finished since that report may
-  have been taken (it is up to a poll old: `Cost._reported_running`). And on a replica that is decoding, the prefill waits for and
+  the engine's fresh ``running`` if more, less the requests of ours that were in flight when that report
+  was received and have finished since (it is up to a poll old: `Cost._reported_running`). And on a replica that is decoding, the prefill waits for and
   shares a decode step, which an idle replica does not charge (the calibration's TTFT model fits the
   same term); it is priced at the learned timing (`Calibrator.shared_step`): without it a busy replica
   holding a prefix looked as fast as an idle one, and on an engine whose steps grow with every running
@@ -173,7 +173,6 @@ class _InFlight:
     uncached_tokens: float = 0.0
     dispatched_tokens: float = 0.0  # cumulative uncached tokens ever dispatched (for decode samples)
     dispatched_requests: int = 0
-    completed: int = 0  # cumulative requests finished there (`_SinceReport.finished_unseen`)
 
 
 @dataclass(slots=True)
@@ -188,10 +187,6 @@ class _SinceReport:
     age: float
     sent_tokens: float = 0.0  # uncached tokens sent since: they take blocks the report counts as free
     finished: int = 0  # requests sent before the report that finished since: their blocks are free
-    # ours that finished between the last sight of the report before this one and the first of this one:
-    # they may have been running when it was taken (`Cost._reported_running`)
-    finished_unseen: int = 0
-    done_seen: int = 0  # ``_InFlight.completed`` when this report was last seen
 
 
 @dataclass(slots=True, frozen=True)
@@ -462,9 +457,8 @@ class Cost(PolicyBase):
             running = in_flight - pending_requests
             reported = view.running
             since = None  # the traffic since the load report (`_report_since`), read when first needed
-            if fresh and reported > running:  # `_reported_running`, with the record kept for kv_wait
-                since = report_since(view)
-                discounted = float(reported - since.finished - since.finished_unseen)
+            if fresh and reported > running:  # `_reported_running`
+                discounted = float(reported - view.finished_since_report)
                 if discounted > running:
                     running = discounted
             consts = constants.get(name)
@@ -529,26 +523,23 @@ class Cost(PolicyBase):
         key = (view.running, view.waiting, view.kv_blocks_used)
         age = view.load_age_s if view.load_age_s is not None else math.inf
         since = self._since.get(view.name)
-        own = self._inflight.get(view.name)
-        done = own.completed if own is not None else 0
         if since is None or since.key != key or age < since.age:
-            unseen = done - since.done_seen if since is not None else 0
-            since = self._since[view.name] = _SinceReport(key, age, finished_unseen=unseen)
+            since = self._since[view.name] = _SinceReport(key, age)
         else:
             since.age = age
-        since.done_seen = done
         return since
 
     def _reported_running(self, view: ReplicaView) -> float:
-        """The engine's reported ``running`` less the requests of ours that finished since the report may
-        have been taken: those it may count that finished after this policy first saw it, and all of ours
-        that finished since the report before it was last seen (a report is up to a poll older than its
-        first sight). Otherwise a report taken while a request ran and read after it finished prices an
-        idle replica as decoding for up to a poll: live, a warm-up request did that to one of 4 replicas,
-        and a burst of 8 conversations' first turns avoided it (3 started on one replica, 1 on it). Our
-        own count, exact, still bounds the estimate from below."""
-        since = self._report_since(view)
-        return float(view.running - since.finished - since.finished_unseen)
+        """The engine's reported ``running`` less the requests of ours that were in flight when the report
+        was received and have finished since (``ReplicaView.finished_since_report``, counted by the
+        replica's leases). Otherwise a report taken while a request ran and read after it finished prices
+        an idle replica as decoding for up to a poll: live, a warm-up request did that to one of 4
+        replicas, and a burst of 8 conversations' first turns avoided it (3 started on one replica, 1 on
+        it). Counting from the report's receipt, not from the policy's first sight of it, discounts
+        nothing that finished before the report was taken (an earlier rule that counted from the last
+        sight of the report before took those off too, and cost 6 cells of the eviction sweep). Our own
+        count, exact, still bounds the estimate from below."""
+        return float(view.running - view.finished_since_report)
 
     def _expected_output(self, features: RequestFeatures) -> float:
         guess = DEFAULT_OUTPUT_GUESS if self._avg_output is None else self._avg_output
@@ -791,7 +782,6 @@ class Cost(PolicyBase):
         own = self._inflight.get(decision.replica)
         if own is None or own.count == 0:
             return
-        own.completed += 1
         own.count -= 1
         if own.count == 0:  # reset instead of subtracting, so float drift cannot accumulate
             own.prompt_tokens = own.uncached_tokens = 0.0

@@ -79,6 +79,9 @@ class ReplicaState:
         with neither serves any model (a bare engine the router has not asked yet).
     prompt_tokens_total / cached_tokens_total: sums of the engine-reported usage of completed requests,
         so the router can show each replica's observed prefix-cache hit rate.
+    finished_since_report: this router's requests that were in flight when ``load`` was received and have
+        finished since (the report, up to a poll old, still counts them as running). Storing a new ``load``
+        restarts it; `Lease.release` counts.
     """
 
     name: str
@@ -93,10 +96,14 @@ class ReplicaState:
     load: LoadSnapshot | None = None
     prompt_tokens_total: int = 0
     cached_tokens_total: int = 0
+    finished_since_report: int = 0
     on_models_change: Callable[[], None] | None = field(default=None, repr=False)  # set by the registry
 
     def __setattr__(self, name: str, value: object) -> None:
-        """Tell the registry when the served models change (it keeps their union for metric labels)."""
+        """Tell the registry when the served models change (it keeps their union for metric labels); a new
+        load report restarts ``finished_since_report``."""
+        if name == "load" and value is not self.__dict__.get("load"):
+            object.__setattr__(self, "finished_since_report", 0)
         object.__setattr__(self, name, value)
         if name in _MODEL_FIELDS and (hook := self.__dict__.get("on_models_change")) is not None:
             hook()
@@ -143,6 +150,7 @@ class ReplicaState:
             max_num_seqs=load.max_num_seqs if load is not None else 0,
             load_age_s=age if live else None,
             healthy=self.health.admits(now),
+            finished_since_report=self.finished_since_report if live else 0,
         )
 
     def lease(self, prompt_tokens: int = 0, now: float | None = None) -> Lease:
@@ -172,10 +180,11 @@ class Lease:
     ``record_failure`` give the verdict, and a lease released without one gives the slot back.
     """
 
-    __slots__ = ("replica", "prompt_tokens", "trial", "_tokens_held", "_released", "_verdict")
+    __slots__ = ("replica", "prompt_tokens", "trial", "started", "_tokens_held", "_released", "_verdict")
 
     def __init__(self, replica: ReplicaState, prompt_tokens: int, now: float) -> None:
         self.replica = replica
+        self.started = now
         self.prompt_tokens = max(0, prompt_tokens)
         replica.health.refresh(now)
         self.trial = replica.health.state == "half_open" and replica.health.begin_trial(now)
@@ -208,7 +217,11 @@ class Lease:
             return
         self._released = True
         self.first_token()
-        self.replica.in_flight_requests -= 1
+        replica = self.replica
+        replica.in_flight_requests -= 1
+        load = replica.load
+        if load is not None and self.started < load.received_at:  # the report may count it as running
+            replica.finished_since_report += 1
         if self.trial and not self._verdict:
             self.replica.health.end_trial(time.monotonic() if now is None else now)
 

@@ -73,7 +73,7 @@ def random_view(rng: random.Random, name: str):
                 waiting=rng.choice([0, 0, 2, 9]) if fresh else 0,
                 kv_blocks_used=rng.randint(0, total) if fresh else 0, kv_blocks_total=total,
                 block_size=16 if total else 0, load_age_s=rng.uniform(0.0, 1.0) if fresh else None,
-                max_num_seqs=rng.choice([0, 0, 4, 16]))
+                max_num_seqs=rng.choice([0, 0, 4, 16]), finished_since_report=rng.randint(0, running) if fresh else 0)
 
 
 def test_the_flattened_loop_prices_every_replica_state_to_the_same_bits_as_the_formula():
@@ -113,8 +113,8 @@ def test_the_flattened_loop_prices_every_replica_state_to_the_same_bits_as_the_f
             got = policy._price(priced, matched, tokens, block_tokens, decode_steps)
             assert got == want and all(math.isfinite(c) for c in got.values())
             # the side effects too: the reports' traffic records and the views kept for dispatch
-            assert {n: (s.key, s.age, s.sent_tokens, s.finished, s.finished_unseen, s.done_seen)
+            assert {n: (s.key, s.age, s.sent_tokens, s.finished)
                     for n, s in policy._since.items()} == \
-                   {n: (s.key, s.age, s.sent_tokens, s.finished, s.finished_unseen, s.done_seen)
+                   {n: (s.key, s.age, s.sent_tokens, s.finished)
                     for n, s in expected._since.items()}
             assert policy._views == expected._views

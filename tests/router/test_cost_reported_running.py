@@ -1,4 +1,5 @@
-"""cost: an engine's reported ``running`` is a poll old; requests of ours that finished since no longer run."""
+"""cost: an engine's reported ``running`` is a poll old; requests of ours that finished since the report
+came (``ReplicaView.finished_since_report``, counted by the replica's leases) no longer run."""
 
 from collections import Counter
 
@@ -22,16 +23,25 @@ def served_one_request(policy: Cost, replica: str) -> None:
 def test_a_report_taken_while_our_request_ran_and_read_after_it_finished_prices_the_replica_idle():
     policy = Cost(seed=0, calibration="pinned")
     served_one_request(policy, "a")
-    ghost = view("a", running=1, load_age_s=0.3)  # the report still counts the finished request
+    ghost = view("a", running=1, load_age_s=0.3, finished_since_report=1)  # still counts the finished one
     idle = view("b", load_age_s=0.3)
     f = features_with(20, "next")
     assert policy.estimate_cost(ghost, 320, f) == policy.estimate_cost(idle, 320, f)
 
 
+def test_a_request_of_ours_that_finished_before_the_report_came_is_not_taken_off_it():
+    # the report was taken after it finished: the one it counts runs for someone else (another router)
+    policy = Cost(seed=0, calibration="pinned")
+    served_one_request(policy, "a")
+    other = view("a", running=1, load_age_s=0.3)  # finished_since_report 0: nothing of ours ran through it
+    f = features_with(20, "next")
+    assert policy.estimate_cost(other, 320, f) > policy.estimate_cost(view("b", load_age_s=0.3), 320, f)
+
+
 def test_requests_the_engine_runs_for_others_still_count():
     policy = Cost(seed=0, calibration="pinned")
     served_one_request(policy, "a")
-    busy = view("a", running=3, load_age_s=0.3)  # one of them was ours: two others are still running
+    busy = view("a", running=3, load_age_s=0.3, finished_since_report=1)  # one was ours: two others run
     f = features_with(20, "next")
     two_others = view("b", running=2, load_age_s=0.3)
     assert policy.estimate_cost(busy, 320, f) == Cost(seed=0, calibration="pinned").estimate_cost(two_others, 320, f)
@@ -48,7 +58,8 @@ def test_a_burst_of_first_turns_spreads_evenly_after_a_warm_up_request_finished(
     for c in range(8):
         f = request(SYSTEM + f" conversation {c}: " + "u" * 1600, rid=f"c{c}")
         fleet = [view(r, running=int(r == "r2"), load_age_s=0.35, in_flight_requests=in_flight[r],
-                      in_flight_tokens=tokens[r]) for r in ("r0", "r1", "r2", "r3")]
+                      in_flight_tokens=tokens[r], finished_since_report=int(r == "r2"))
+                 for r in ("r0", "r1", "r2", "r3")]
         decision = policy.choose(f, fleet)
         policy.on_dispatch(f, decision)
         in_flight[decision.replica] += 1  # none has finished its prefill yet: the burst arrives at once

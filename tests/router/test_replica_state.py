@@ -136,6 +136,34 @@ def test_without_a_stale_after_s_a_view_judges_freshness_as_the_router_config_do
     assert r.view(now=limit + 0.01).load_age_s is None
 
 
+def test_requests_in_flight_when_a_report_came_and_finished_since_are_counted_in_the_view() -> None:
+    # the report may still count them as running; the engine's running is a poll old
+    r = replica()
+    before, spanning = r.lease(10, now=1.0), r.lease(10, now=2.0)
+    before.release(now=2.5)  # finished before the report: the report does not count it
+    r.load = snapshot(received_at=3.0)
+    after = r.lease(10, now=3.5)  # sent after the report: the report does not count it either
+    spanning.release(now=4.0)
+    after.release(now=4.5)
+    assert r.view(now=5.0).finished_since_report == 1
+
+
+def test_a_new_report_restarts_the_count_of_finished_requests() -> None:
+    r = replica()
+    r.load = snapshot(received_at=1.0)
+    r.lease(10, now=0.5).release(now=2.0)
+    assert r.view(now=2.5).finished_since_report == 1
+    r.load = snapshot(received_at=3.0)
+    assert r.view(now=3.5).finished_since_report == 0
+
+
+def test_a_stale_report_carries_no_count_of_finished_requests() -> None:
+    r = replica()
+    r.load = snapshot(received_at=1.0)
+    r.lease(10, now=0.5).release(now=2.0)
+    assert r.view(now=10.0, stale_after_s=5.0).finished_since_report == 0
+
+
 def test_view_without_any_report_has_no_age() -> None:
     assert replica().view(now=0.0).load_age_s is None
 
