@@ -457,8 +457,8 @@ class Cost(PolicyBase):
             running = in_flight - pending_requests
             reported = view.running
             since = None  # the traffic since the load report (`_report_since`), read when first needed
-            if fresh and reported > running:  # `_reported_running`
-                discounted = float(reported - view.finished_since_report)
+            if fresh and reported > running:  # `_reported_running`, ours finished since standing for 1/N
+                discounted = reported - view.finished_since_report * scale
                 if discounted > running:
                     running = discounted
             consts = constants.get(name)
@@ -530,16 +530,16 @@ class Cost(PolicyBase):
         return since
 
     def _reported_running(self, view: ReplicaView) -> float:
-        """The engine's reported ``running`` less the requests of ours that were in flight when the report
-        was received and have finished since (``ReplicaView.finished_since_report``, counted by the
-        replica's leases). Otherwise a report taken while a request ran and read after it finished prices
-        an idle replica as decoding for up to a poll: live, a warm-up request did that to one of 4
-        replicas, and a burst of 8 conversations' first turns avoided it (3 started on one replica, 1 on
-        it). Counting from the report's receipt, not from the policy's first sight of it, discounts
-        nothing that finished before the report was taken (an earlier rule that counted from the last
-        sight of the report before took those off too, and cost 6 cells of the eviction sweep). Our own
+        """The engine's reported ``running`` less the requests that were in flight when the report was
+        received and have finished since: ours (``ReplicaView.finished_since_report``, counted by the
+        replica's leases) times the router processes, as our in-flight stands for 1/N of the fleet's.
+        Otherwise a report taken while a request ran and read after it finished prices an idle replica
+        as decoding for up to a poll: live, a warm-up request did that to one of 4 replicas, and a burst
+        of 8 conversations' first turns avoided it (3 started on one replica, 1 on it). Counting from the
+        report's receipt, not from the policy's first sight of it, takes off nothing that finished before
+        the report was taken (an earlier rule did: another router's load then read as idle). Our own
         count, exact, still bounds the estimate from below."""
-        return float(view.running - view.finished_since_report)
+        return view.running - view.finished_since_report * self._own_scale
 
     def _expected_output(self, features: RequestFeatures) -> float:
         guess = DEFAULT_OUTPUT_GUESS if self._avg_output is None else self._avg_output

@@ -66,3 +66,12 @@ def test_a_burst_of_first_turns_spreads_evenly_after_a_warm_up_request_finished(
         tokens[decision.replica] += f.token_estimate
         went.append(decision.replica)
     assert sorted(Counter(went).values()) == [2, 2, 2, 2]
+
+
+def test_with_several_router_processes_our_finished_requests_stand_for_all_processes_finished_ones():
+    # requests reach the processes at random: one of ours finished since the report stands for N
+    policy = Cost(seed=0, calibration="pinned", router_processes=2)
+    report = view("a", running=3, load_age_s=0.3, finished_since_report=1)  # 3 - 1 x 2 still run
+    f = features_with(20, "next")
+    alone = Cost(seed=0, calibration="pinned", router_processes=2)
+    assert policy.estimate_cost(report, 320, f) == alone.estimate_cost(view("b", running=1, load_age_s=0.3), 320, f)
