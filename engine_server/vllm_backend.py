@@ -50,7 +50,13 @@ from engine_server.backend import (
     PromptTooLong,
     SamplingOptions,
 )
-from engine_server.cpu_dtype import OVERRIDE_HINT, choose_cpu_dtype, describe_exit
+from engine_server.cpu_dtype import (
+    OVERRIDE_HINT,
+    DtypeChoice,
+    choose_cpu_dtype,
+    describe_exit,
+    remember_cpu_dtype,
+)
 from engine_server.kv_events import KVEventsSettings, with_kv_events
 
 log = logging.getLogger(__name__)
@@ -174,6 +180,7 @@ class VllmBackend:
         self._tokenizer: Any = None
         self._building: asyncio.Future[None] | None = None
         self._box: list[Any] = []
+        self._dtype_fallback: str | None = None  # float32 after a bf16 the probe chose died starting
         self._load = _EngineLoad()
         self._in_flight = 0
         self._ids = itertools.count()
@@ -241,6 +248,8 @@ class VllmBackend:
             args["kv_events_config"] = kv_events_config(cfg.kv_events)
         if current_platform.is_cpu():
             _cpu_defaults(cfg, args)
+            if self._dtype_fallback is not None:
+                args["dtype"] = self._dtype_fallback
         args.update(cfg.extra_engine_args)
         return AsyncEngineArgs(**args)
 
@@ -260,8 +269,37 @@ class VllmBackend:
         ))
 
     async def start(self) -> None:
+        """Build the engine and prove it with one request. If it dies starting in a bf16 that
+        `choose_cpu_dtype` picked (its probe passed, yet another bf16 path is beyond this CPU), start
+        again in float32, and remember float32 for this machine if that runs."""
         if self._engine is not None:
             return
+        try:
+            await self._start_once()
+        except BackendError as exc:
+            if not await asyncio.to_thread(self._probe_chose_bf16):
+                raise
+            log.warning("the engine died starting in bfloat16, which the CPU probe had allowed (%s): starting "
+                        "again in float32", exc)
+            self._dtype_fallback = "float32"
+            self._failure = None
+            await self._start_once()
+            path = await asyncio.to_thread(remember_cpu_dtype, DtypeChoice(
+                "float32", f"an engine died starting in bfloat16 although the bf16 probe passed ({exc}); "
+                           "float32 ran"))
+            log.warning("float32 runs: this machine's verdict is now float32 (%s); to override, %s", path,
+                        OVERRIDE_HINT)
+
+    def _probe_chose_bf16(self) -> bool:
+        """Whether this start's bf16 came from `choose_cpu_dtype` (dtype "auto" on a CPU), not the user."""
+        if self.config.dtype != "auto" or self._dtype_fallback is not None \
+                or "dtype" in self.config.extra_engine_args:
+            return False
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu()) and choose_cpu_dtype().dtype == "bfloat16"
+
+    async def _start_once(self) -> None:
         box: list[Any] = []
         self._box = box
         self._building = asyncio.get_running_loop().run_in_executor(None, self._build_engine, box)

@@ -5,8 +5,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine_server.cpu_dtype import choose_cpu_dtype, describe_exit, probe_bf16
-from engine_server.vllm_backend import explain_engine_death
+import pytest
+
+from engine_server.backend import BackendError
+from engine_server.cpu_dtype import (
+    CACHE_ENV,
+    DtypeChoice,
+    choose_cpu_dtype,
+    describe_exit,
+    probe_bf16,
+    remember_cpu_dtype,
+)
+from engine_server.vllm_backend import VllmBackend, VllmConfig, explain_engine_death
 
 SIGILL_CHILD = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
 HEALTHY_CHILD = [sys.executable, "-c", "pass"]
@@ -72,3 +82,49 @@ def test_an_engine_core_killed_by_sigill_names_the_flag_that_avoids_it() -> None
 def test_a_float32_engine_death_does_not_blame_the_dtype() -> None:
     why = explain_engine_death("the vLLM engine core died", _DeadEngine({"EngineCore_DP0": 1}), "float32")
     assert "EngineCore_DP0 exit 1" in why and "--dtype" not in why
+
+
+def test_a_remembered_verdict_replaces_the_probes(tmp_path: Path) -> None:
+    assert choose_cpu_dtype(advertised=True, probe_command=HEALTHY_CHILD, directory=tmp_path).dtype == "bfloat16"
+    remember_cpu_dtype(DtypeChoice("float32", "an engine died in bf16"), directory=tmp_path)
+    marker = tmp_path / "probed"
+    again = choose_cpu_dtype(advertised=True, probe_command=must_not_run(marker), directory=tmp_path)
+    assert again.dtype == "float32" and "an engine died in bf16" in again.reason and not marker.exists()
+
+
+# --- the engine server's last word: an engine that dies starting in the probe's bf16 ------------------
+
+
+class StartsOnlyInFloat32(VllmBackend):
+    """A backend whose engine dies starting unless the float32 fallback is on (no vLLM needed)."""
+
+    def __init__(self, probe_chose_bf16: bool) -> None:
+        super().__init__(VllmConfig(model="tiny"))
+        self.starts: list[str | None] = []
+        self.chose = probe_chose_bf16
+
+    def _probe_chose_bf16(self) -> bool:
+        return self.chose and self._dtype_fallback is None
+
+    async def _start_once(self) -> None:
+        self.starts.append(self._dtype_fallback)
+        if self._dtype_fallback != "float32":
+            raise BackendError("vLLM engine failed its warm-up request: vLLM engine died", status=503)
+
+
+async def test_an_engine_that_dies_in_the_probes_bf16_starts_again_in_float32_and_remembers_it(
+        tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    backend = StartsOnlyInFloat32(probe_chose_bf16=True)
+    await backend.start()
+    assert backend.starts == [None, "float32"]
+    verdict = choose_cpu_dtype(advertised=True, probe_command=must_not_run(tmp_path / "probed"))
+    assert verdict.dtype == "float32" and "died starting in bfloat16" in verdict.reason
+
+
+async def test_a_bf16_the_user_asked_for_is_not_replaced(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    backend = StartsOnlyInFloat32(probe_chose_bf16=False)
+    with pytest.raises(BackendError, match="warm-up"):
+        await backend.start()
+    assert backend.starts == [None] and not list(tmp_path.glob("cpu-dtype-*.json"))
