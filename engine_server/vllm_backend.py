@@ -274,16 +274,21 @@ class VllmBackend:
         again in float32, and remember float32 for this machine if that runs."""
         if self._engine is not None:
             return
+        # (`failure` stays None until the last try failed: the server exits as soon as it is set)
         try:
             await self._start_once()
         except BackendError as exc:
             if not await asyncio.to_thread(self._probe_chose_bf16):
+                self._failure = str(exc)
                 raise
             log.warning("the engine died starting in bfloat16, which the CPU probe had allowed (%s): starting "
                         "again in float32", exc)
             self._dtype_fallback = "float32"
-            self._failure = None
-            await self._start_once()
+            try:
+                await self._start_once()
+            except BackendError as again:
+                self._failure = str(again)
+                raise
             path = await asyncio.to_thread(remember_cpu_dtype, DtypeChoice(
                 "float32", f"an engine died starting in bfloat16 although the bf16 probe passed ({exc}); "
                            "float32 ran"))
@@ -309,8 +314,8 @@ class VllmBackend:
             raise  # stop() waits for the build to finish and shuts the engine down
         except Exception as exc:
             self._building = None
-            self._failure = explain_engine_death(f"vLLM engine failed to start: {exc}", None, self.config.dtype)
-            raise BackendError(self._failure, status=503) from exc
+            why = explain_engine_death(f"vLLM engine failed to start: {exc}", None, self.config.dtype)
+            raise BackendError(why, status=503) from exc
         self._building = None
         self._engine = engine = box.pop()
         self._tokenizer = engine.get_tokenizer()
@@ -323,10 +328,10 @@ class VllmBackend:
         try:
             await self._warmup()
         except Exception as exc:
-            self._failure = explain_engine_death(f"vLLM engine failed its warm-up request: {exc}", engine,
-                                                 self._resolved_dtype())
+            why = explain_engine_death(f"vLLM engine failed its warm-up request: {exc}", engine,
+                                       self._resolved_dtype())
             await self.stop()
-            raise BackendError(self._failure, status=503) from exc
+            raise BackendError(why, status=503) from exc
         self._warm = True
 
     async def _warmup(self) -> None:

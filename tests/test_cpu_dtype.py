@@ -108,6 +108,7 @@ class StartsOnlyInFloat32(VllmBackend):
 
     async def _start_once(self) -> None:
         self.starts.append(self._dtype_fallback)
+        assert self.failure is None  # the server exits as soon as the backend reports a failure
         if self._dtype_fallback != "float32":
             raise BackendError("vLLM engine failed its warm-up request: vLLM engine died", status=503)
 
@@ -128,3 +129,4 @@ async def test_a_bf16_the_user_asked_for_is_not_replaced(tmp_path: Path, monkeyp
     with pytest.raises(BackendError, match="warm-up"):
         await backend.start()
     assert backend.starts == [None] and not list(tmp_path.glob("cpu-dtype-*.json"))
+    assert backend.failure is not None and "warm-up" in backend.failure
