@@ -31,7 +31,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,16 +201,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def names(text: str, flag: str, choices: Collection[str]) -> list[str]:
+    """A comma list given to ``flag``, each name one of ``choices`` (else exit naming the flag)."""
+    picked = [n.strip() for n in text.split(",") if n.strip()]
+    for n in picked:
+        if n not in choices:
+            raise SystemExit(f"{flag}: unknown {n!r}; choose from {', '.join(choices)}")
+    return picked
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    for e in engines:
-        if e not in ENGINES:
-            raise SystemExit(f"--engines: unknown {e!r}; choose from {', '.join(ENGINES)}")
-    for c in contenders:
-        if c not in CONTENDERS:
-            raise SystemExit(f"--contenders: unknown {c!r}; choose from {', '.join(CONTENDERS)}")
+    engines = names(args.engines, "--engines", ENGINES)
+    contenders = names(args.contenders, "--contenders", CONTENDERS)
     t0 = time.perf_counter()
     cells = []
     for name in (w.strip() for w in args.workloads.split(",") if w.strip()):

@@ -233,10 +233,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    for c in contenders:
-        if c not in matrix.CONTENDERS:
-            raise SystemExit(f"--contenders: unknown {c!r}; choose from {', '.join(matrix.CONTENDERS)}")
+    contenders = matrix.names(args.contenders, "--contenders", matrix.CONTENDERS)
     engines = draw_engines(args.engines_n, args.seed)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     poisson = [float(f) for f in args.poisson.split(",") if f.strip()]

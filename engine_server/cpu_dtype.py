@@ -16,6 +16,7 @@ float32 and, if that runs, `remember_cpu_dtype` replaces the cached verdict.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -24,7 +25,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -132,11 +133,7 @@ def choose_cpu_dtype(*, advertised: bool | None = None, probe_command: Sequence[
     """bf16 where the CPU advertises native bf16 AND the probe passed on this machine; else float32."""
     if not (native_bf16_advertised() if advertised is None else advertised):
         return DtypeChoice("float32", "the CPU has no native bf16 (AVX512-BF16/AMX): bf16 would be emulated")
-    folder = directory or cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"cpu-dtype-{machine_key()}.json"
-    with open(folder / ".cpu-dtype.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a replica starting beside us waits for our verdict
+    with _verdict_file(directory) as path:  # a replica starting beside us waits for our verdict
         try:
             cached = json.loads(path.read_text())
             return DtypeChoice(str(cached["dtype"]), f"{cached['reason']} (cached in {path})")
@@ -154,13 +151,19 @@ def choose_cpu_dtype(*, advertised: bool | None = None, probe_command: Sequence[
 
 def remember_cpu_dtype(choice: DtypeChoice, *, directory: Path | None = None) -> Path:
     """Replace this machine's cached verdict (an engine proved the probe's wrong); returns the file."""
-    folder = directory or cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"cpu-dtype-{machine_key()}.json"
-    with open(folder / ".cpu-dtype.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _verdict_file(directory) as path:
         _store(path, choice)
     return path
+
+
+@contextlib.contextmanager
+def _verdict_file(directory: Path | None) -> Iterator[Path]:
+    """This machine's verdict file, held under the cache's lock (one reader or writer at a time)."""
+    folder = directory or cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".cpu-dtype.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield folder / f"cpu-dtype-{machine_key()}.json"
 
 
 def _store(path: Path, choice: DtypeChoice) -> None:

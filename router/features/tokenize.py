@@ -29,7 +29,7 @@ exact blocks for that request and falls back to its approximate index.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from kv_wire import sim_tokens
@@ -42,6 +42,19 @@ Kind = Literal["chat", "completion"]
 _NEW_SEGMENTS = 4  # a chat's ids are looked for as a recent chat's less its last 0-3 segments
 _RECENT_PLAIN = RecentChats()  # `plain_messages` of recent chats: a pure function's memo
 
+
+
+def _extended_chat(chats: LRU, rendered: Sequence[str]) -> tuple[int, Any] | None:
+    """(j, what ``chats`` keeps under ``(j, rendered[j - 1])``) for the recent chat, all but its generation
+    prompt, that ``rendered`` extends by 0-3 segments (the longest), or None. Keys are (count, last
+    segment); the stored segments are compared whole (pieces come from the template's caches: equal, and
+    mostly identical, so the comparison is mostly identity checks)."""
+    n = len(rendered)
+    for j in range(n - 1, max(n - 1 - _NEW_SEGMENTS, 0), -1):
+        got = chats.get_fresh((j, rendered[j - 1]))
+        if got is not None and got[0] == rendered[:j]:
+            return j, got
+    return None
 
 class RequestTokenizer(Protocol):
     def prompt_ids(self, body: Mapping[str, Any], kind: Kind) -> list[int] | None:
@@ -199,15 +212,13 @@ class SimTokens(_Base):
         text: str | None = None
         pos = start = first = 0  # next chunk's start; this piece's start; the first piece to encode
         n, chats = len(rendered), self._chats
-        for j in range(n - 1, max(n - 1 - _NEW_SEGMENTS, 0), -1):  # a recent chat: all but its generation prompt
-            got = chats.get_fresh((j, rendered[j - 1]))
-            if got is not None and got[0] == rendered[:j]:  # pieces come from the template: equal, often identical
-                ids, pos, start, first = list(got[1]), got[2], got[3], j
-                if pos < start:  # its last chunk ran into the next piece, which may differ here: hash it anew
-                    text = "".join(rendered)
-                    ids.append(sim_tokens.chunk_id(text[pos : pos + c], vocab, seed))
-                    pos += c
-                break
+        if (found := _extended_chat(chats, rendered)) is not None:
+            first, got = found
+            ids, pos, start = list(got[1]), got[2], got[3]
+            if pos < start:  # its last chunk ran into the next piece, which may differ here: hash it anew
+                text = "".join(rendered)
+                ids.append(sim_tokens.chunk_id(text[pos : pos + c], vocab, seed))
+                pos += c
         for i in range(first, n):
             part = rendered[i]
             end = start + len(part)
@@ -311,13 +322,11 @@ class HFTokens(_Base):
             return super().encode_rendered(rendered)
         if not self.pieces_exact:
             return self.encode("".join(rendered))
-        n, chats, ids = len(rendered), self._chat_ids, None
-        for j in range(n - 1, max(n - 1 - _NEW_SEGMENTS, 0), -1):  # a recent chat: all but its generation prompt
-            got = chats.get_fresh((j, rendered[j - 1]))
-            if got is not None and got[0] == rendered[:j]:  # pieces come from caches: mostly identity checks
-                ids, start = list(got[1]), j
-                break
-        if ids is None:
+        n, chats = len(rendered), self._chat_ids
+        if (found := _extended_chat(chats, rendered)) is not None:
+            start, got = found
+            ids = list(got[1])
+        else:
             head = rendered[0]
             got = self._head_ids.get_fresh(head)
             if got is None:

@@ -223,7 +223,7 @@ class Lease:
         if load is not None and self.started < load.received_at:  # the report may count it as running
             replica.finished_since_report += 1
         if self.trial and not self._verdict:
-            self.replica.health.end_trial(time.monotonic() if now is None else now)
+            replica.health.end_trial(time.monotonic() if now is None else now)
 
     def __enter__(self) -> Lease:
         return self
