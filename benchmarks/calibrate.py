@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from benchmarks.lib.comma import comma_list
 from engine_server.backend import GenerationRequest, SamplingOptions
 from engine_server.vllm_backend import VllmBackend, VllmConfig
 
@@ -298,16 +299,12 @@ def _version(pkg: str) -> str:
     return "unknown"
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model dir (default: generate the tiny model into a temp dir)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    p.add_argument("--prompt-lengths", type=_ints, default=[64, 128, 256, 512, 1024])
-    p.add_argument("--decode-seqs", type=_ints, default=[1, 4, 16])
+    p.add_argument("--prompt-lengths", type=comma_list(int), default=[64, 128, 256, 512, 1024])
+    p.add_argument("--decode-seqs", type=comma_list(int), default=[1, 4, 16])
     p.add_argument("--reps", type=int, default=3, help="repetitions of each prompt length")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)

@@ -52,10 +52,11 @@ from typing import Any
 from benchmarks.lib.acceptance import DEFAULT, print_acceptance, quality_lines, verdict
 from benchmarks.lib.cli_help import DefaultsHelpFormatter
 from benchmarks.lib.client import client_session, engine_counters, warm_up
+from benchmarks.lib.comma import comma_list, joined, positive_int
 from benchmarks.lib.cpu import CpuWatch
 from benchmarks.lib.defaults import MODEL, PROFILE_COST_PARAMS, RESULTS_DIR, SESSION_HEADER
 from benchmarks.lib.fleet import EngineSpec, Fleet, inspect_replicas
-from benchmarks.lib.loadgen import LoadSpec, ladder, run_workload
+from benchmarks.lib.loadgen import LoadSpec, run_workload
 from benchmarks.lib.metrics import Slo, summarize_run
 from benchmarks.lib.report import machine_info, run_benchmark
 from benchmarks.lib.routers import (
@@ -81,18 +82,17 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
     ours.append(Contender("pinned", "ours", "consistent_hash", session_header=SESSION_HEADER,
                           notes="consistent_hash keyed by the session header: every session stays on one replica"))
     if args.policies:
-        keep = [p.strip() for p in args.policies.split(",")]
+        keep = args.policies
         unknown = set(keep) - {c.name for c in ours}
         if unknown:
             raise SystemExit(f"--policies: unknown {sorted(unknown)}; choose from {[c.name for c in ours]}")
         ours = [c for c in ours if c.name in keep]
-    counts = router_processes(args)
     ours = [dataclasses.replace(c, name=c.name if k == 1 else f"{c.name}@{k}p", workers=k,
                                 params=untold(c, k) if args.untold_processes else c.params)
-            for k in counts for c in ours]
+            for k in args.router_processes for c in ours]
     peers = [] if args.no_peers else peer_contenders()
     if args.peers:
-        keep = [p.strip() for p in args.peers.split(",")]
+        keep = args.peers
         unknown = set(keep) - {p.name for p in peers} - {p.kind for p in peers}
         if unknown:
             raise SystemExit(f"--peers: unknown {sorted(unknown)}; choose from {[p.name for p in peers]} or a kind")
@@ -106,17 +106,6 @@ def untold(c: Contender, k: int) -> dict[str, Any]:
     if k == 1 or c.policy not in ("cost", "precise"):
         return c.params
     return {**c.params, "router_processes": 1}
-
-
-def router_processes(args: argparse.Namespace) -> list[int]:
-    """``--router-processes 1,4`` -> [1, 4] (each our contender runs once per count)."""
-    try:
-        counts = [int(k) for k in str(args.router_processes).split(",")]
-    except ValueError:
-        raise SystemExit("--router-processes: a comma list of process counts, e.g. 1,4") from None
-    if not counts or min(counts) < 1:
-        raise SystemExit("--router-processes: counts must be >= 1")
-    return counts
 
 
 # -- one run ------------------------------------------------------------------------------------------
@@ -191,8 +180,8 @@ def load_specs(args: argparse.Namespace, workload: Workload) -> list[LoadSpec]:
     if workload.sessions and workload.sessions[0].at_s is not None and not args.rates and args.trace_timing:
         return [LoadSpec(rate=0, **common)]
     if args.rates:
-        return [LoadSpec(rate=r, **common) for r in ladder(args.rates)]
-    return [LoadSpec(concurrency=int(c), **common) for c in ladder(args.concurrency)]
+        return [LoadSpec(rate=r, **common) for r in args.rates]
+    return [LoadSpec(concurrency=int(c), **common) for c in args.concurrency]
 
 
 async def bench_workload(workload: Workload, args: argparse.Namespace, cands: Sequence[Contender],
@@ -282,17 +271,24 @@ def _cell(x: Any) -> str:
 # -- command line ---------------------------------------------------------------------------------------
 
 
+def _url(text: str) -> str:
+    return text.rstrip("/")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; the comma-list flags (`COMMA_FLAGS`, and ``--engine-urls``) come back as lists."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--workloads", default="gsp,multiturn", help=f"comma list of {', '.join(NAMES)}")
+    p.add_argument("--workloads", type=comma_list(choices=NAMES), default="gsp,multiturn",
+                   help=f"comma list of {', '.join(NAMES)}")
     p.add_argument("--full", action="store_true", help="the literature's workload sizes (slow on 2 cores)")
     p.add_argument("--trace", type=Path, help="JSONL trace for the trace workload (default: the bundled sample)")
     p.add_argument("--trace-timing", action=argparse.BooleanOptionalAction, default=True,
                    help="replay trace workloads at their own timestamps unless --rates is given")
     p.add_argument("--engines", type=int, default=4, help="sim engines in the fleet")
-    p.add_argument("--engine-urls", help="comma list of running OpenAI engine servers to use instead of sim "
-                                         "engines (caches are not reset: each run gets its own workload text)")
+    p.add_argument("--engine-urls", type=comma_list(_url),
+                   help="comma list of running OpenAI engine servers to use instead of sim engines (caches are "
+                        "not reset: each run gets its own workload text)")
     p.add_argument("--model", help="model name to request (default: the sim's, or the first --engine-urls "
                                    "server's /v1/models)")
     p.add_argument("--profile", default="llmd-8b", help="sim timing profile of the engines")
@@ -300,22 +296,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-blocks", type=int, help="KV blocks per engine (default: capacity-factor x footprint / N)")
     p.add_argument("--capacity-factor", type=float, default=1.3,
                    help="fleet KV capacity as a multiple of the workload's prompt footprint")
-    p.add_argument("--kv-fraction", help="comma list of fleet KV capacities as multiples of the footprint: "
-                                         "every workload runs at each (a cache-size sweep; overrides "
-                                         "--capacity-factor)")
-    p.add_argument("--router-processes", default="1",
+    p.add_argument("--kv-fraction", type=comma_list(float, allow_empty=True),
+                   help="comma list of fleet KV capacities as multiples of the footprint: every workload runs at "
+                        "each (a cache-size sweep; overrides --capacity-factor)")
+    p.add_argument("--router-processes", type=comma_list(positive_int), default="1",
                    help="comma list: our contenders also run as K router processes on one port (--workers K)")
     p.add_argument("--untold-processes", action="store_true",
                    help="our cost/precise contenders at K processes price as a lone router (router_processes=1) "
                         "instead of being told K by --workers K (router.policies.placement): the 'before'")
-    p.add_argument("--concurrency", default="16", help="comma ladder of client counts (closed loop)")
-    p.add_argument("--rates", help="comma ladder of Poisson session rates per second (open loop; overrides "
-                                   "--concurrency)")
+    p.add_argument("--concurrency", type=comma_list(float), default="16",
+                   help="comma ladder of client counts (closed loop)")
+    p.add_argument("--rates", type=comma_list(float, allow_empty=True),
+                   help="comma ladder of Poisson session rates per second (open loop; overrides --concurrency)")
     p.add_argument("--requests", type=int, default=10_000, help="cap on requests per run")
     p.add_argument("--max-s", type=float, default=180.0, help="no new request after this many seconds of a run")
     p.add_argument("--warmup", type=int, default=8, help="short unrelated requests before each run")
-    p.add_argument("--policies", help="comma list of our contenders (default: every policy, plus cost-tuned)")
-    p.add_argument("--peers", help="comma list of peer contenders or kinds (default: all installed)")
+    p.add_argument("--policies", type=comma_list(allow_empty=True),
+                   help="comma list of our contenders (default: every policy, plus cost-tuned)")
+    p.add_argument("--peers", type=comma_list(allow_empty=True),
+                   help="comma list of peer contenders or kinds (default: all installed)")
     p.add_argument("--no-peers", action="store_true", help="only our policies")
     p.add_argument("--fresh-connections", action="store_true",
                    help="one TCP connection per request (default: keep-alive, as SDK clients pool them; "
@@ -337,11 +336,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="progress bars (default: when stderr is a terminal)")
     p.add_argument("--log-dir", type=Path, help="keep engine and router logs here (default: a temp dir)")
     args = p.parse_args(argv)
-    args.engine_urls = [u.strip().rstrip("/") for u in args.engine_urls.split(",")] if args.engine_urls else None
+    args.engine_urls = args.engine_urls or None
     if args.engine_urls:
         args.engines = len(args.engine_urls)
     args.external_kv_blocks = None
     return args
+
+
+COMMA_FLAGS = ("workloads", "kv_fraction", "router_processes", "concurrency", "rates", "policies", "peers")
+
+
+def recorded_args(args: argparse.Namespace) -> dict[str, str]:
+    """The arguments as the results JSON records them: text, the comma-list flags as they were given."""
+    return {k: joined(v) if k in COMMA_FLAGS and v is not None else str(v) for k, v in vars(args).items()}
 
 
 QUICK: dict[str, dict[str, Any]] = {
@@ -379,7 +386,7 @@ def workloads_for(args: argparse.Namespace) -> list[Workload]:
 
     sets = parse_sets(args.set or [])
     out: list[Workload] = []
-    for name in (n.strip() for n in args.workloads.split(",")):
+    for name in args.workloads:
         accepted = set(inspect.signature(GENERATORS[name]).parameters) | {"ratios"} if name in GENERATORS else set()
         overrides = {**(QUICK.get(name, {}) if args.quick else {}),
                      **{k: v for k, v in sets.items() if k in accepted}}
@@ -402,7 +409,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     for kind, why in unavailable.items():
         print(f"note: {kind} unavailable: {why}")
     out: dict[str, Any] = {
-        "benchmark": "compare", "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+        "benchmark": "compare", "machine": machine_info(), "args": recorded_args(args),
         "peers": {k: {"version": peer_version(k), "unavailable": unavailable.get(k)}
                   for k in ("sglang-router", "vllm-router")},
         "contenders": [{"name": c.name, "kind": c.kind, "policy": c.policy, "params": c.params} for c in cands],
@@ -410,7 +417,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
         log_root = args.log_dir or Path(tmp)
-        fractions = [float(f) for f in args.kv_fraction.split(",")] if args.kv_fraction else [None]
+        fractions = args.kv_fraction or [None]
         for wl in workloads_for(args):
             for fraction in fractions:
                 if fraction is not None:

@@ -22,8 +22,11 @@ from statistics import mean
 from typing import Any
 
 from benchmarks.lib.cli_help import DefaultsHelpFormatter
+from benchmarks.lib.comma import comma_list, joined
 from benchmarks.lib.defaults import RESULTS_DIR
 from benchmarks.lib.report import format_table, machine_info, write_json
+from benchmarks.lib.workloads import NAMES
+from benchmarks.matrix import ENGINES
 from benchmarks.processes import run_cell
 
 INDEXES = ("approximate", "precise")
@@ -54,23 +57,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.evict_sweep", formatter_class=DefaultsHelpFormatter,
                                 description="cost with index precise vs approximate over KV cache sizes, "
                                             "engines and workloads, in the offline simulator (issue 14).")
-    p.add_argument("--engines", default="llmd-8b,slow-prefill,tiny-seqs", help="benchmarks.matrix engines")
-    p.add_argument("--workloads", default="gsp,multiturn,agentic", help="comma list")
-    p.add_argument("--kv-fractions", default="0.3,0.5,0.8,1.3",
+    p.add_argument("--engines", type=comma_list(choices=ENGINES), default="llmd-8b,slow-prefill,tiny-seqs",
+                   help="benchmarks.matrix engines")
+    p.add_argument("--workloads", type=comma_list(choices=NAMES), default="gsp,multiturn,agentic",
+                   help="comma list")
+    p.add_argument("--kv-fractions", type=comma_list(float), default="0.3,0.5,0.8,1.3",
                    help="fleet KV capacity as multiples of the workload's footprint (below 1 evicts)")
-    p.add_argument("--seeds", default="1,2,3", help="comma list; each cell is the seeds' mean")
+    p.add_argument("--seeds", type=comma_list(int), default="1,2,3",
+                   help="comma list; each cell is the seeds' mean")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     p.add_argument("--size", type=int, default=4,
                    help="x this many sessions (gsp groups, multiturn conversations, agentic sessions): p90s of "
                         "the default ~100-request workloads rest on a handful of requests")
     p.add_argument("--out", default=None, help="JSON path (default results/evict-sweep.json)")
     args = p.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     t0 = time.process_time()
     rows, cells = [], []
-    for engine in args.engines.split(","):
-        for workload in args.workloads.split(","):
-            for fraction in (float(f) for f in args.kv_fractions.split(",")):
+    for engine in args.engines:
+        for workload in args.workloads:
+            for fraction in args.kv_fractions:
                 runs = {ix: [run(engine, workload, fraction, ix, s, args.concurrency, args.size) for s in seeds]
                         for ix in INDEXES}
                 avg = {ix: {m: mean(r[m] for r in rs) for m in ("hit_rate", "ttft_p90_ms")}
@@ -88,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = {v: sum(c["verdict"] == v for c in cells) for v in ("better", "equal", "worse")}
     cpu = time.process_time() - t0
     print(f"\nprecise vs approximate: {counts['better']} better, {counts['equal']} equal, {counts['worse']} worse "
-          f"of {len(cells)} cells; seeds {args.seeds}; {cpu:.1f} CPU s")
+          f"of {len(cells)} cells; seeds {joined(seeds)}; {cpu:.1f} CPU s")
     out = Path(args.out) if args.out else RESULTS_DIR / "evict-sweep.json"
     write_json(out, {"machine": machine_info(), "seeds": seeds, "concurrency": args.concurrency, "size": args.size,
                      "counts": counts, "cpu_s": round(cpu, 1), "cells": cells})

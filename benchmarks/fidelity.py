@@ -44,6 +44,7 @@ import psutil
 
 from benchmarks.lib.cli_help import DefaultsHelpFormatter
 from benchmarks.lib.client import client_session, stream_chat
+from benchmarks.lib.comma import comma_list, positive_int
 from benchmarks.lib.cpu import CpuWatch
 from benchmarks.lib.defaults import HOST, RESULTS_DIR, ROOT
 from benchmarks.lib.engine_process import EngineProcess
@@ -71,25 +72,17 @@ PROFILE = "tiny-cpu"
 OTHERS_WARN = 0.3  # share of all CPUs used by other jobs during a run above which latencies are suspect
 
 
-def parse_variants(text: str) -> list[str]:
-    """``"auto,4"`` -> ["auto", "4"]; each is ``auto`` or a positive integer."""
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if part != "auto" and not (part.isdigit() and int(part) > 0):
-            raise argparse.ArgumentTypeError(f"chars-per-token variant must be 'auto' or a positive integer: {part!r}")
-        out.append(part)
-    if not out:
-        raise argparse.ArgumentTypeError("give at least one chars-per-token variant")
-    return out
+WORKLOADS = ("gsp", "multiturn")
 
 
-def parse_ints(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated: {text!r}")
-    return values
+def variant(part: str) -> str:
+    """One chars-per-token variant: ``auto`` or a positive integer, kept as text."""
+    if part != "auto" and not (part.isdigit() and int(part) > 0):
+        raise argparse.ArgumentTypeError(f"chars-per-token variant must be 'auto' or a positive integer: {part!r}")
+    return part
+
+
+parse_variants = comma_list(variant)  # "auto,4" -> ["auto", "4"]; at least one
 
 
 # -- engine processes ----------------------------------------------------------------------------------
@@ -300,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                    help="tiny model directory (generated with `python -m engine_server.tiny_model` if missing)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON results go")
-    p.add_argument("--workloads", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
-                   default=["gsp", "multiturn"], help="comma-separated: gsp, multiturn")
-    p.add_argument("--concurrency", type=parse_ints, default=[1, 4],
+    p.add_argument("--workloads", type=comma_list(choices=WORKLOADS), default=list(WORKLOADS),
+                   help="comma-separated: gsp, multiturn")
+    p.add_argument("--concurrency", type=comma_list(positive_int), default=[1, 4],
                    help="comma-separated client counts; each workload runs once per value")
     p.add_argument("--seed", type=int, default=1,
                    help="base text seed; run i gets its own seed so no run hits an earlier run's cache")
@@ -335,9 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    unknown = [w for w in args.workloads if w not in ("gsp", "multiturn")]
-    if unknown or not args.workloads:
-        raise SystemExit(f"error: --workloads takes gsp and/or multiturn, not {unknown or 'nothing'}")
     args.model = args.model.resolve()
     if not (args.model / "config.json").exists():
         print(f"generating the tiny model into {args.model}", flush=True)

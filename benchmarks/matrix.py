@@ -31,11 +31,12 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.lib import workloads as wl
+from benchmarks.lib.comma import comma_list
 from benchmarks.lib.defaults import RESULTS_DIR
 from benchmarks.lib.loadgen import LoadSpec
 from benchmarks.lib.report import format_table, machine_info, write_json
@@ -188,11 +189,14 @@ def table(cells: Sequence[dict[str, Any]]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.matrix", description=__doc__.split("\n\n")[0])
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma list of " + ", ".join(ENGINES))
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of " + ", ".join(WORKLOADS))
-    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list of " + ", ".join(CONTENDERS))
+    p.add_argument("--engines", type=comma_list(choices=ENGINES), default=",".join(ENGINES),
+                   help="comma list of " + ", ".join(ENGINES))
+    p.add_argument("--workloads", type=comma_list(choices=wl.NAMES), default=",".join(WORKLOADS),
+                   help="comma list of " + ", ".join(WORKLOADS))
+    p.add_argument("--contenders", type=comma_list(choices=CONTENDERS), default=",".join(CONTENDERS),
+                   help="comma list of " + ", ".join(CONTENDERS))
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
-    p.add_argument("--poisson", default="",
+    p.add_argument("--poisson", type=comma_list(float, allow_empty=True), default="",
                    help="also Poisson session arrivals at these fractions of the fleet's saturation rate "
                         "(round_robin's throughput at 64 clients), e.g. 0.5,0.75,0.9")
     p.add_argument("--seed", type=int, default=1)
@@ -201,30 +205,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def names(text: str, flag: str, choices: Collection[str]) -> list[str]:
-    """A comma list given to ``flag``, each name one of ``choices`` (else exit naming the flag)."""
-    picked = [n.strip() for n in text.split(",") if n.strip()]
-    for n in picked:
-        if n not in choices:
-            raise SystemExit(f"{flag}: unknown {n!r}; choose from {', '.join(choices)}")
-    return picked
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    engines = names(args.engines, "--engines", ENGINES)
-    contenders = names(args.contenders, "--contenders", CONTENDERS)
+    engines, contenders = args.engines, args.contenders
     t0 = time.perf_counter()
     cells = []
-    for name in (w.strip() for w in args.workloads.split(",") if w.strip()):
+    for name in args.workloads:
         workload = workload_of(name, args.seed)
         for engine in engines:
             cells.append(run_cell(engine, workload, contenders, args.seed, args.concurrency))
             print(table(cells[-1:]).splitlines()[-1], flush=True)
-            fractions = [float(f) for f in args.poisson.split(",") if f.strip()]
-            if fractions:
+            if args.poisson:
                 sat = saturation_rate(engine, workload, args.seed)
-                for f in fractions:
+                for f in args.poisson:
                     cells.append(run_cell(engine, workload, contenders, args.seed, args.concurrency,
                                           rate=f * sat, label=f"p{round(100 * f)}"))
                     cells[-1]["rate_sessions_per_s"] = round(f * sat, 3)

@@ -22,10 +22,11 @@ from typing import Any
 
 from benchmarks.lib import workloads as wl
 from benchmarks.lib.cli_help import DefaultsHelpFormatter
+from benchmarks.lib.comma import comma_list, joined
 from benchmarks.lib.defaults import RESULTS_DIR
 from benchmarks.lib.loadgen import LoadSpec
 from benchmarks.lib.report import format_table, machine_info, write_json
-from benchmarks.matrix import CAPACITY, REPLICAS, profiles, workload_of
+from benchmarks.matrix import CAPACITY, ENGINES, REPLICAS, profiles, workload_of
 from benchmarks.sim_loop import DEFAULT_POLL_S, simulate
 from benchmarks.sim_processes import SPREADS
 
@@ -63,13 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="K router processes vs one in the offline simulator: hit rate and TTFT p90 ratios per "
                     "matrix engine and workload (issue 14: K=4 keeps >= 0.95x the hit rate, TTFT p90 within "
                     "10 %).")
-    p.add_argument("--engines", default="llmd-8b,slow-prefill,tiny-seqs,small-kv",
-                   help="comma list of benchmarks.matrix engines")
-    p.add_argument("--workloads", default="gsp,multiturn,agentic", help="comma list of workloads")
+    p.add_argument("--engines", type=comma_list(choices=ENGINES),
+                   default="llmd-8b,slow-prefill,tiny-seqs,small-kv", help="comma list of benchmarks.matrix engines")
+    p.add_argument("--workloads", type=comma_list(choices=wl.NAMES), default="gsp,multiturn,agentic",
+                   help="comma list of workloads")
     p.add_argument("--policy", default="precise", help="policy name (precise and cost+index get KV events)")
     p.add_argument("--params", default="{}", help="policy params as JSON")
     p.add_argument("--processes", type=int, default=4, help="K, compared with 1")
-    p.add_argument("--seeds", default="1,2,3", help="comma list; ratios are of the seeds' means")
+    p.add_argument("--seeds", type=comma_list(int), default="1,2,3",
+                   help="comma list; ratios are of the seeds' means")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     p.add_argument("--spread", choices=SPREADS, default="random",
                    help="how requests reach the processes (random: seeded, as SO_REUSEPORT over pooled "
@@ -85,11 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON path (default results/sim-processes-<policy>.json)")
     args = p.parse_args(argv)
     params = json.loads(args.params)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     t0 = time.process_time()
     rows, cells = [], []
-    for engine in args.engines.split(","):
-        for workload in args.workloads.split(","):
+    for engine in args.engines:
+        for workload in args.workloads:
             runs = {k: [run_cell(engine, workload, args.policy, told(params, k, not args.untold_processes),
                                  k, s, args.concurrency, args.spread, args.size, poll_s=args.poll_s)
                         for s in seeds] for k in (1, args.processes)}
@@ -106,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(HEADERS(args.processes), rows))
     cpu = time.process_time() - t0
-    print(f"\n{args.policy} {params or ''}, seeds {args.seeds}, spread {args.spread}, poll {args.poll_s} s; "
+    print(f"\n{args.policy} {params or ''}, seeds {joined(seeds)}, spread {args.spread}, poll {args.poll_s} s; "
           f"{cpu:.1f} CPU s")
     out = Path(args.out) if args.out else RESULTS_DIR / f"sim-processes-{args.policy}.json"
     write_json(out, {"machine": machine_info(), "policy": args.policy, "params": params,

@@ -35,6 +35,7 @@ from typing import Any
 
 from benchmarks.lib import workloads as wl
 from benchmarks.lib.cli_help import DefaultsHelpFormatter
+from benchmarks.lib.comma import comma_list
 from benchmarks.lib.defaults import PROFILE_COST_PARAMS, RESULTS_DIR
 from benchmarks.lib.loadgen import LoadSpec
 from benchmarks.lib.metrics import summarize_run
@@ -44,7 +45,7 @@ from benchmarks.sim_loop import DEFAULT_POLL_S, DEFAULT_STALE_S, SimRun, simulat
 from benchmarks.sim_profile import sample_cpu
 from benchmarks.sim_workload import scale_workload
 from engine_server.sim.timing import PROFILES, get_profile
-from router.policies import POLICY_NAMES, create_policy
+from router.policies import POLICY_NAMES
 
 __all__ = ["PROFILE_COST_PARAMS", "PromptEncoder", "SimRun", "main", "scale_workload", "simulate"]
 
@@ -141,7 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.5, help="shared-prefix ratio for --workload prefix-sweep")
     p.add_argument("--full", action="store_true", help="the workload's literature-sized variant")
     p.add_argument("--replicas", type=int, default=4, help="simulated engine replicas")
-    p.add_argument("--policies", default=",".join(POLICY_NAMES),
+    p.add_argument("--policies", type=comma_list(choices=POLICY_NAMES), default=",".join(POLICY_NAMES),
                    help="comma-separated router policies; cost gets the profile's time constants")
     p.add_argument("--profile", choices=sorted(PROFILES), default="llmd-8b", help="sim engine timing profile")
     p.add_argument("--kv-blocks", type=int, default=None,
@@ -189,9 +190,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    for name in policies:
-        create_policy(name)  # fail fast on a typo
+    policies = args.policies  # names checked by the parser: a typo fails before any work
     t0 = time.perf_counter()
     workload = build_workload(args)
     build_s = time.perf_counter() - t0

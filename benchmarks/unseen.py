@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import matrix
+from benchmarks.lib.comma import comma_list
 from benchmarks.lib.defaults import RESULTS_DIR
 from benchmarks.lib.report import format_table, machine_info, write_json
+from benchmarks.lib.workloads import NAMES
 from engine_server.sim import timing
 from engine_server.sim.timing import MS, US, TimingProfile, slowed
 
@@ -221,11 +223,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.unseen", description=__doc__.split("\n\n")[0])
     p.add_argument("--engines-n", type=int, default=16, help="random engine profiles to draw")
     p.add_argument("--seed", type=int, default=1, help="seeds the draw, the workloads and the simulator")
-    p.add_argument("--workloads", default=",".join(matrix.WORKLOADS))
-    p.add_argument("--contenders", default=",".join(CONTENDERS),
+    p.add_argument("--workloads", type=comma_list(choices=NAMES), default=",".join(matrix.WORKLOADS))
+    p.add_argument("--contenders", type=comma_list(choices=matrix.CONTENDERS), default=",".join(CONTENDERS),
                    help="comma list of " + ", ".join(matrix.CONTENDERS))
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
-    p.add_argument("--poisson", default="", help="also Poisson arrivals at these fractions of saturation")
+    p.add_argument("--poisson", type=comma_list(float, allow_empty=True), default="",
+                   help="also Poisson arrivals at these fractions of saturation")
     p.add_argument("--debug", action="store_true", help="also record the calibration's extreme constants")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "unseen.json")
     return p.parse_args(argv)
@@ -233,13 +236,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    contenders = matrix.names(args.contenders, "--contenders", matrix.CONTENDERS)
     engines = draw_engines(args.engines_n, args.seed)
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    poisson = [float(f) for f in args.poisson.split(",") if f.strip()]
     t0, c0 = time.perf_counter(), time.process_time()
     with debug_extremes() if args.debug else contextlib.nullcontext() as extremes:
-        cells = run(engines, workloads, contenders, args.seed, args.concurrency, poisson)
+        cells = run(engines, args.workloads, args.contenders, args.seed, args.concurrency, args.poisson)
     summ = summary(cells)
     print()
     print(table(cells))

@@ -55,6 +55,6 @@ def test_quality_is_compare_with_its_contenders() -> None:
     from benchmarks.quality import ARGS
 
     args = parse_args(ARGS)
-    assert args.workloads == "gsp,multiturn" and args.name == "quality"
+    assert args.workloads == ["gsp", "multiturn"] and args.name == "quality"
     assert {c.name for c in contenders(args)} == {"cost", "cost-tuned", "cache_aware", "round_robin", "least_load",
                                                   "consistent_hash", "pinned"}

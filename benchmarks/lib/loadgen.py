@@ -20,7 +20,7 @@ import asyncio
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -239,8 +239,3 @@ class _Tick:
     def __call__(self) -> None:
         if self.bar is not None:
             self.bar.advance(self.task)  # type: ignore[attr-defined]
-
-
-def ladder(values: str) -> Sequence[float]:
-    """Parse a comma-separated ladder such as ``"2,4,8"``."""
-    return [float(v) for v in values.split(",") if v.strip()]
