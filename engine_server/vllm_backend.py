@@ -354,6 +354,7 @@ class VllmBackend:
         self._warm = False
         self._tokenizer = None
         if engine is not None:
+            await _stop_output_handler(engine)
             await asyncio.to_thread(_shutdown, engine)
 
     # -- prompts -----------------------------------------------------------------------------------
@@ -506,6 +507,23 @@ def longest_token_chars(tokenizer: Any) -> int:
         return max((len(t) for t in vocab), default=0)
     except Exception:  # noqa: BLE001 - no bound is a safe answer (count_tokens then always tokenizes)
         return 0
+
+
+async def _stop_output_handler(engine: Any) -> None:
+    """Cancel the AsyncLLM's output handler before its shutdown, when no request is left to hear from it.
+
+    vLLM's `AsyncLLM.shutdown` stops the engine core, then cancels the handler; run in a thread (as
+    `stop` does, it blocks), the handler meanwhile sees the core gone on this loop and logs
+    EngineDeadError with a traceback: a clean stop read as a crash (seen on `scripts/demo.sh` exit).
+    With requests still unfinished the handler is left running: it is what tells them the engine died."""
+    handler = getattr(engine, "output_handler", None)
+    if not isinstance(handler, asyncio.Task) or handler.done():
+        return
+    unfinished = getattr(engine, "get_num_unfinished_requests", None)
+    if unfinished is None or unfinished() > 0:
+        return
+    handler.cancel()
+    await asyncio.gather(handler, return_exceptions=True)
 
 
 def _shutdown(engine: Any) -> None:

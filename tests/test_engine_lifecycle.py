@@ -202,3 +202,34 @@ def test_a_prompt_too_long_for_any_tokenization_is_counted_without_tokenizing() 
 
     backend._tokenizer = Refuses()
     assert backend.count_tokens("x" * 5_000) > backend.max_model_len
+
+
+class _EngineWithHandler(_FakeEngine):
+    """An AsyncLLM's output handler: a task that waits for the engine core's outputs until cancelled."""
+
+    def __init__(self, unfinished: int) -> None:
+        super().__init__()
+        self.unfinished = unfinished
+        self.output_handler = asyncio.get_running_loop().create_task(asyncio.Event().wait())
+        self.handler_done_at_shutdown: bool | None = None
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.unfinished
+
+
+@pytest.mark.parametrize(("unfinished", "cancelled_first"), [(0, True), (2, False)])
+async def test_stopping_cancels_the_output_handler_before_the_engine_core_only_when_no_request_waits(
+        monkeypatch, unfinished: int, cancelled_first: bool) -> None:
+    backend = VllmBackend(VllmConfig(model="tiny"))
+    engine = _EngineWithHandler(unfinished)
+
+    def shutdown(e: _EngineWithHandler) -> None:
+        e.handler_done_at_shutdown = e.output_handler.done()
+
+    monkeypatch.setattr(backend, "_build_engine", lambda box: box.append(engine))
+    monkeypatch.setattr(backend, "_warmup", lambda: asyncio.sleep(0))
+    monkeypatch.setattr("engine_server.vllm_backend._shutdown", shutdown)
+    await backend.start()
+    await backend.stop()
+    assert engine.handler_done_at_shutdown is cancelled_first
+    engine.output_handler.cancel()
