@@ -136,7 +136,8 @@ def choose_cpu_dtype(*, advertised: bool | None = None, probe_command: Sequence[
     with _verdict_file(directory) as path:  # a replica starting beside us waits for our verdict
         try:
             cached = json.loads(path.read_text())
-            return DtypeChoice(str(cached["dtype"]), f"{cached['reason']} (this machine's verdict from an earlier start, cached in {path})")
+            return DtypeChoice(str(cached["dtype"]),
+                               f"{cached['reason']} (this machine's verdict from an earlier start, cached in {path})")
         except (OSError, ValueError, KeyError, TypeError):
             pass
         log.info("the CPU advertises native bf16: checking that it really runs (child process, once per "
