@@ -288,6 +288,16 @@ def test_router_discovers_exactly_the_engine_pods(overlay: str) -> None:
                                     "namespace": d.namespace}]
 
 
+@pytest.mark.parametrize("overlay", ["k8s/overlays/gpu", "k8s/overlays/cpu-sim"])
+def test_the_router_pods_are_told_how_many_router_processes_share_the_traffic(overlay: str) -> None:
+    objs = by_kind(kustomize(overlay))
+    cfg = parse_config(yaml.safe_load(objs[("ConfigMap", "prefix-router-config")]["data"]["router.yaml"]))
+    router = objs[("Deployment", "prefix-router")]
+    args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+    assert cfg.router_processes == router["spec"]["replicas"] * workers
+
+
 def test_gpu_engines_take_two_gpus_and_tp2_and_a_long_startup() -> None:
     engine = by_kind(kustomize("k8s/overlays/gpu"))[("StatefulSet", "vllm-engine")]
     container = engine["spec"]["template"]["spec"]["containers"][0]
