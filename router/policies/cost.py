@@ -414,8 +414,9 @@ class Cost(PolicyBase):
         replica of every decision), so what is the same for the whole decision is read once, a replica's
         state (its view's fields, this policy's in-flight sums, its constants and shared step) once per
         replica, and the helpers are inlined (not `_report_since`, which keeps a report's record); the
-        float operations are those of the formula, in its order. Pricing also keeps each replica's latest view (on_dispatch and on_complete read it) and sizes its
-        index from its KV geometry (`_sync_capacity`)."""
+        float operations are those of the formula, in its order. Pricing also keeps each replica's latest
+        view (on_dispatch and on_complete read it) and sizes its index from its KV geometry
+        (`_sync_capacity`)."""
         costs: dict[str, float] = {}
         geometry, seen_views, constants, shared_of = self._geometry, self._views, self._constants, self._shared
         inflight_of, report_since = self._inflight, self._report_since
@@ -456,7 +457,6 @@ class Cost(PolicyBase):
             in_flight = flight * scale
             running = in_flight - pending_requests
             reported = view.running
-            since = None  # the traffic since the load report (`_report_since`), read when first needed
             if fresh and reported > running:  # `_reported_running`, ours finished since standing for 1/N
                 discounted = reported - view.finished_since_report * scale
                 if discounted > running:
@@ -484,8 +484,7 @@ class Cost(PolicyBase):
                 # kv_wait: until the free KV blocks hold this request's uncached blocks and those of the
                 # prompts admitted before it (the engine's blocks, in its tokens per estimated token)
                 busy, used = float(reported), float(used)
-                if since is None:
-                    since = report_since(view)
+                since = report_since(view)  # the traffic since the load report
                 per_prompt = (own.uncached_tokens / own.count if own is not None and own.count > 0
                               else avg_uncached if avg_uncached is not None else uncached)
                 # Ahead: the report's waiting prompts and what was sent since, or the router's in-flight
