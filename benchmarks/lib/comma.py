@@ -48,10 +48,10 @@ def comma_list(cast: Callable[[str], T] = str, *, choices: Collection[str] | Non
 def positive_int(text: str) -> int:
     """A ``cast`` for counts: an integer >= 1."""
     try:
-        value: int | None = int(text)
+        value = int(text)
     except ValueError:
-        value = None
-    if value is None or value < 1:
+        value = 0  # refused below, as a count under 1 is
+    if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -19,6 +20,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", type=comma_list(float, allow_empty=True), default="")
     p.add_argument("--counts", type=comma_list(positive_int), default="1")
     return p
+
+
+def refused(parse_args: Callable[[list[str]], object], argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """What argparse printed on refusing ``argv``, after checking it exited with status 2."""
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
 
 
 def test_a_valid_list_keeps_its_order_and_duplicates() -> None:
@@ -37,25 +46,17 @@ def test_spaces_and_empty_items_are_dropped() -> None:
 
 
 def test_a_bad_number_names_the_flag_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        parser().parse_args(["--seeds", "1,x"])
-    assert exc.value.code == 2
-    assert "argument --seeds: invalid int value 'x' in '1,x'" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        parser().parse_args(["--counts", "1,0"])
-    assert exc.value.code == 2
-    assert "argument --counts: expected a positive integer, got '0'" in capsys.readouterr().err
+    assert "argument --seeds: invalid int value 'x' in '1,x'" in refused(
+        parser().parse_args, ["--seeds", "1,x"], capsys)
+    assert "argument --counts: expected a positive integer, got '0'" in refused(
+        parser().parse_args, ["--counts", "1,0"], capsys)
 
 
 def test_an_unknown_choice_lists_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        parser().parse_args(["--names", "gsp,chat"])
-    assert exc.value.code == 2
-    assert "argument --names: unknown 'chat'; choose from gsp, multiturn" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        matrix.parse_args(["--engines", "llmd-8b,nope"])
-    assert exc.value.code == 2
-    assert f"argument --engines: unknown 'nope'; choose from {', '.join(matrix.ENGINES)}" in capsys.readouterr().err
+    assert "argument --names: unknown 'chat'; choose from gsp, multiturn" in refused(
+        parser().parse_args, ["--names", "gsp,chat"], capsys)
+    assert f"argument --engines: unknown 'nope'; choose from {', '.join(matrix.ENGINES)}" in refused(
+        matrix.parse_args, ["--engines", "llmd-8b,nope"], capsys)
 
 
 def test_compare_parses_its_lists_and_records_them_as_given() -> None:
