@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.lib.client import StreamResult, client_session, stream_chat
+from benchmarks.lib.comma import comma_list
 from benchmarks.lib.cpu import CpuWatch
 from benchmarks.lib.defaults import MODEL, RESULTS_DIR
 from benchmarks.lib.fleet import EngineSpec, Fleet
@@ -46,6 +47,7 @@ from benchmarks.lib.report import format_table, install_uvloop, machine_info, wr
 from benchmarks.lib.routers import (
     Contender,
     RouterStartError,
+    floor_contender,
     our_contenders,
     peer_available,
     peer_contender,
@@ -54,6 +56,7 @@ from benchmarks.lib.routers import (
     slug,
 )
 from benchmarks.lib.stats import summarize
+from router.policies.registry import POLICY_NAMES
 
 MAX_TOKENS = 16
 # `python -c` bootstrap: our router's CLI under cProfile (process CPU clock), stats to argv[1] at exit
@@ -156,18 +159,20 @@ def added(direct: dict[str, Any], routed: dict[str, Any]) -> dict[str, float]:
 def contenders(args: argparse.Namespace) -> list[Contender]:
     out: list[Contender] = []
     if "ours" in args.contenders:
-        out += our_contenders([args.our_policy])
+        out += our_contenders(args.our_policy)
         if args.profile_router:
             Path(args.profile_router).mkdir(parents=True, exist_ok=True)
             out = [ProfiledContender(**{f.name: getattr(c, f.name) for f in fields(c)},
                                      stats_path=str(Path(args.profile_router).resolve() / f"{slug(c.name)}.pstats"))
                    for c in out]
     if args.baseline_tree:  # the same router as another checkout has it, e.g. the commit a change starts from
-        base = our_contenders([args.our_policy])[0]
+        base = our_contenders(args.our_policy[:1])[0]
         out.append(TreeContender(**{f.name: getattr(base, f.name) for f in fields(base) if f.name != "name"},
                                  name=f"{base.name}@baseline", tree=str(Path(args.baseline_tree).resolve())))
     out += [peer_contender(kind, args.peer_policy) for kind in ("sglang-router", "vllm-router")
             if kind in args.contenders]
+    if "aiohttp-floor" in args.contenders:
+        out.append(floor_contender())
     return out
 
 
@@ -340,8 +345,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-s", type=float, default=60.0,
                    help="time cap per measurement (and per warm-up): no new request starts after it")
     p.add_argument("--contenders", nargs="+", default=["ours", "sglang-router", "vllm-router"],
-                   choices=["ours", "sglang-router", "vllm-router"], help="routers to measure besides direct")
-    p.add_argument("--our-policy", default="cost", help="policy of our router")
+                   choices=["ours", "sglang-router", "vllm-router", "aiohttp-floor"],
+                   help="routers to measure besides direct; aiohttp-floor: a bare aiohttp relay with no routing "
+                        "(`benchmarks.lib.floor_relay`), the least a router on our stack costs")
+    p.add_argument("--our-policy", type=comma_list(choices=POLICY_NAMES), default="cost",
+                   help="policy of our router; a comma list runs one router per policy (round_robin beside cost "
+                        "splits the router's CPU into the policy's and the rest)")
     p.add_argument("--peer-policy", default="round_robin",
                    help="policy of both peers (round_robin: compares the proxy path, not the policy)")
     p.add_argument("--fresh-connections", action="store_true",

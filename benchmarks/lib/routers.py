@@ -49,7 +49,8 @@ from benchmarks.lib.client import stream_chat
 from benchmarks.lib.defaults import HOST, MODEL, ROOT
 from benchmarks.lib.fleet import RouterSpec, free_port, kv_event_endpoints
 
-KINDS = ("ours", "sglang-router", "vllm-router")
+KINDS = ("ours", "sglang-router", "vllm-router", "aiohttp-floor")
+FLOOR_MODULE = "benchmarks.lib.floor_relay"  # the "aiohttp-floor" kind: our stack with no router in it
 _PEER_IMPORT = {"sglang-router": "sglang_router", "vllm-router": "vllm_router"}
 _PEER_MODULE = {"sglang-router": "sglang_router.launch_router", "vllm-router": "vllm_router.launch_router"}
 _PEER_LOG_LEVEL = {"sglang-router": "warn", "vllm-router": "warning"}
@@ -97,7 +98,7 @@ class Contender:
     flags (``{"cache_threshold": 0.5}`` -> ``--cache-threshold 0.5``; none by default)."""
 
     name: str  # unique, used in tables: "cost", "sglang:cache_aware", "vllm-router:consistent_hash"
-    kind: str  # "ours" | "sglang-router" | "vllm-router"
+    kind: str  # "ours" | "sglang-router" | "vllm-router" | "aiohttp-floor" (`benchmarks.lib.floor_relay`)
     policy: str
     params: dict[str, Any] = field(default_factory=dict, hash=False)
     notes: str = ""  # what degrades in front of vLLM-shaped engines, defaults kept
@@ -133,6 +134,8 @@ class Contender:
             path.write_text(yaml.safe_dump(self.router_spec.config(port, engine_urls, model)))
             argv = [sys.executable, "-m", "router", "--config", str(path)]
             return argv + ["--workers", str(self.workers)] if self.workers > 1 else argv
+        if self.kind == "aiohttp-floor":
+            return [sys.executable, "-m", FLOOR_MODULE, "--host", HOST, "--port", str(port), "--upstream", *engine_urls]
         argv = [sys.executable, "-m", _PEER_MODULE[self.kind], "--host", HOST, "--port", str(port),
                 "--worker-urls", *engine_urls, "--policy", self.policy,
                 "--prometheus-host", HOST, "--prometheus-port", str(metrics_port or free_port()),
@@ -179,6 +182,13 @@ def peer_contender(kind: str, policy: str, **params: Any) -> Contender:
     return Contender(name=f"{_PEER_PREFIX[kind]}:{policy}", kind=kind, policy=policy, params=params, notes=notes)
 
 
+def floor_contender() -> Contender:
+    """The bare aiohttp relay (`benchmarks.lib.floor_relay`): what our stack costs with no router in it."""
+    return Contender(name="aiohttp-floor", kind="aiohttp-floor", policy="round_robin",
+                     notes="aiohttp server + our upstream client, round robin; no parsing, policy, metrics or "
+                           "retries: the floor of a router built like ours")
+
+
 def peer_contenders() -> list[Contender]:
     """sglang-router: cache_aware, round_robin, power_of_two; vllm-router: cache_aware, consistent_hash,
     power_of_two. All with the peers' default parameters."""
@@ -188,7 +198,7 @@ def peer_contenders() -> list[Contender]:
 
 def peer_available(kind: str) -> str | None:
     """None if this kind of router can be started here, else why not (shown in place of its numbers)."""
-    if kind == "ours":
+    if kind in ("ours", "aiohttp-floor"):
         return None
     if kind not in _PEER_IMPORT:
         return f"unknown router kind {kind!r}"
@@ -199,7 +209,7 @@ def peer_available(kind: str) -> str | None:
 
 def peer_version(kind: str) -> str | None:
     """The installed version of a peer (or of this project for "ours"); None if not installed."""
-    dist = "prefix-router" if kind == "ours" else kind
+    dist = "prefix-router" if kind in ("ours", "aiohttp-floor") else kind
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:

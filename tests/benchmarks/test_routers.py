@@ -21,10 +21,12 @@ from benchmarks.lib.fleet import EngineSpec, Fleet
 from benchmarks.lib.routers import (
     Contender,
     RouterStartError,
+    floor_contender,
     our_contenders,
     peer_available,
     peer_contender,
     peer_contenders,
+    peer_version,
     run_router,
 )
 from router.policies.registry import POLICY_NAMES
@@ -95,6 +97,15 @@ def test_peer_contenders_are_the_named_seven() -> None:
         Contender(name="x", kind="haproxy", policy="rr")
 
 
+def test_the_floor_relay_runs_as_a_contender_on_loopback_in_front_of_every_engine(tmp_path: Path) -> None:
+    c = floor_contender()
+    argv = c.argv(8123, URLS, tmp_path)
+    assert argv[:3] == [sys.executable, "-m", "benchmarks.lib.floor_relay"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "8123"
+    assert argv[argv.index("--upstream") + 1:] == URLS
+    assert peer_available(c.kind) is None and peer_version(c.kind) == peer_version("ours")
+
+
 # -- running them --------------------------------------------------------------------------------------
 
 
@@ -110,6 +121,21 @@ async def test_run_router_ours_routes_and_leaves_nothing_behind(tmp_path: Path) 
         assert _gone(r.pid)
         assert _children() == before  # only the engines remain
         assert r.log_path.exists()
+
+
+@pytest.mark.timeout(120)
+async def test_the_floor_relay_passes_the_engines_streams_through(tmp_path: Path) -> None:
+    async with Fleet(2, EngineSpec(profile="instant"), log_dir=tmp_path) as fleet:
+        before = _children()
+        async with run_router(floor_contender(), fleet.engine_urls, tmp_path) as r, client_session() as s:
+            results = [await stream_chat(s, r.url, BODY) for _ in range(4)]
+            assert all(x.ok and x.usage for x in results), [(x.error, x.usage, x.text) for x in results]
+            direct = await stream_chat(s, fleet.engine_urls[0], BODY)
+            # the same answer, passed through: as many content events, the same usage
+            assert {len(x.arrivals) for x in results} == {len(direct.arrivals)} and direct.arrivals
+            assert {x.usage["completion_tokens"] for x in results} == {direct.usage["completion_tokens"]}
+        assert _gone(r.pid)
+        assert _children() == before
 
 
 @pytest.mark.timeout(120)
