@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -61,3 +62,14 @@ async def sim_server() -> AsyncIterator[SimServerFactory]:
     yield start
     for s in servers:
         await s.close()
+
+
+def stop_processes(procs: list[subprocess.Popen[Any]], grace_s: float = 10.0) -> None:
+    """SIGTERM every process, then wait up to ``grace_s`` for each and SIGKILL what is still running."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from config.router import parse_config
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_processes
 from tests.deploy.test_manifests import DEPLOY, ROOT, by_kind, compose_config, kustomize
 
 HANG_GUARD_S = 60.0
@@ -134,13 +134,7 @@ def on_loopback(argv: list[str], port: int, sockets: Path) -> list[str]:
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    stop_processes(procs)
 
 
 @pytest.fixture

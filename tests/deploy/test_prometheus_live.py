@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_processes
 from tests.deploy.test_manifests import DEPLOY, METRIC_RE, load_generator
 
 pytestmark = pytest.mark.timeout(400)
@@ -140,13 +140,7 @@ def stack(tmp_path: Path, router_workers: int) -> Iterator[str]:
         wait_until(lambda: bool(query(prom, f"{scraped} >= {before + 3}")), "three more scrapes of every target")
         yield prom
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
 
 
 def wait_until(condition, what: str, timeout_s: float = 120.0) -> None:
