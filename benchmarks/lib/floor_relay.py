@@ -26,6 +26,30 @@ FORWARDED = ("content-type", "authorization")  # request headers passed on
 HEAD_S = 30.0
 
 
+async def relay_once(request: web.Request, pool: UpstreamPool, upstream_url: str) -> web.StreamResponse:
+    """Send the request's body to ``upstream_url`` + its path and write the answer back as it arrives."""
+    body = await request.read()
+    headers = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}
+    upstream = await pool.post(upstream_url + request.path, body, headers, connect_s=5.0, head_s=HEAD_S)
+    try:
+        response = web.StreamResponse(status=upstream.status, headers={
+            "Content-Type": upstream.header("content-type", "application/json") or "application/json"})
+        await response.prepare(request)
+        read, wait = upstream.read_nowait, upstream.wait
+        while True:
+            chunk = read()
+            while chunk is None:
+                await wait()
+                chunk = read()
+            if not chunk:
+                break
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        upstream.close()
+
+
 def create_app(upstreams: Sequence[str]) -> web.Application:
     app = web.Application()
     turn = itertools.cycle(upstreams)
@@ -38,26 +62,7 @@ def create_app(upstreams: Sequence[str]) -> web.Application:
         await pool[0].close()
 
     async def relay(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        headers = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}
-        upstream = await pool[0].post(next(turn) + request.path, body, headers, connect_s=5.0, head_s=HEAD_S)
-        try:
-            response = web.StreamResponse(status=upstream.status, headers={
-                "Content-Type": upstream.header("content-type", "application/json") or "application/json"})
-            await response.prepare(request)
-            read, wait = upstream.read_nowait, upstream.wait
-            while True:
-                chunk = read()
-                while chunk is None:
-                    await wait()
-                    chunk = read()
-                if not chunk:
-                    break
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-        finally:
-            upstream.close()
+        return await relay_once(request, pool[0], next(turn))
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")

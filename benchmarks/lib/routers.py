@@ -104,6 +104,7 @@ class Contender:
     notes: str = ""  # what degrades in front of vLLM-shaped engines, defaults kept
     session_header: str | None = None  # the load generator sends each session's id in this header
     workers: int = 1  # ours: router processes behind one port (``python -m router --workers K``)
+    ablations: tuple[str, ...] = ()  # ours: parts taken out (`benchmarks.lib.ablations`), for `benchmarks.ablate`
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -133,6 +134,10 @@ class Contender:
             path = workdir / f"{slug(self.name)}.yaml"
             path.write_text(yaml.safe_dump(self.router_spec.config(port, engine_urls, model)))
             argv = [sys.executable, "-m", "router", "--config", str(path)]
+            if self.ablations:
+                from benchmarks.lib.ablations import bootstrap
+
+                argv[1:3] = ["-c", bootstrap(list(self.ablations))]
             return argv + ["--workers", str(self.workers)] if self.workers > 1 else argv
         if self.kind == "aiohttp-floor":
             return [sys.executable, "-m", FLOOR_MODULE, "--host", HOST, "--port", str(port), "--upstream", *engine_urls]
