@@ -19,9 +19,7 @@ variants within one run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +30,7 @@ from benchmarks.lib.client import client_session
 from benchmarks.lib.comma import comma_list, positive_int
 from benchmarks.lib.defaults import RESULTS_DIR
 from benchmarks.lib.fleet import EngineSpec, Fleet
-from benchmarks.lib.report import format_table, install_uvloop, machine_info, write_json
+from benchmarks.lib.report import format_table, machine_info, run_benchmark
 from benchmarks.lib.routers import Contender, floor_contender
 from benchmarks.overhead import added, level_stats, measure_interleaved, pooled, start_contenders
 from router.policies.registry import POLICY_NAMES
@@ -119,17 +117,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    install_uvloop()
-    info = machine_info()
-    res = asyncio.run(amain(args))
-    info["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    out = {**res, "machine": info, "args": {k: v for k, v in vars(args).items() if k != "out"}}
-    print(f"\nrouter parts ablated: policy {args.policy}, 1 stream, requests interleaved; CPU s per 1,000 streamed "
-          "requests; 'vs base' = what taking the part out saved (negative) or cost")
-    print(table(out))
-    write_json(Path(args.out), out)
-    print(f"\nwrote {args.out}")
-    return 0
+
+    async def run() -> dict[str, Any]:
+        info = machine_info()
+        out = {**await amain(args), "machine": info, "args": {k: v for k, v in vars(args).items() if k != "out"}}
+        print(f"\nrouter parts ablated: policy {args.policy}, 1 stream, requests interleaved; CPU s per 1,000 "
+              "streamed requests; 'vs base' = what taking the part out saved (negative) or cost")
+        print(table(out))
+        return out
+
+    return run_benchmark(run, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -108,21 +107,13 @@ def _no_polling() -> None:
 @ablation("no-usage", "the stream is relayed without reading its usage event")
 def _no_usage() -> None:
     import router.dispatch as dispatch
+    from benchmarks.lib.floor_relay import copy_body
     from router.proxy.relay import RelayResult
 
     async def relay(upstream: Any, client: Any, idle_s: float, strip_usage_event: bool) -> RelayResult:
         result = RelayResult()
-        read, wait = upstream.read_nowait, upstream.wait
-        while True:
-            chunk = read()
-            while chunk is None:
-                await wait()
-                chunk = read()
-            if not chunk:
-                return result
-            if result.first_byte_at is None:
-                result.first_byte_at = time.monotonic()
-            await client.write(chunk)
+        result.first_byte_at = await copy_body(upstream, client)
+        return result
 
     dispatch.relay_sse = relay  # type: ignore[assignment]
 

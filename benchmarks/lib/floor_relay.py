@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import time
 from collections.abc import Sequence
 
 from aiohttp import web
 
-from router.proxy.http1 import UpstreamPool
+from router.proxy.http1 import Response, UpstreamPool
 
 FORWARDED = ("content-type", "authorization")  # request headers passed on
 HEAD_S = 30.0
@@ -35,19 +36,27 @@ async def relay_once(request: web.Request, pool: UpstreamPool, upstream_url: str
         response = web.StreamResponse(status=upstream.status, headers={
             "Content-Type": upstream.header("content-type", "application/json") or "application/json"})
         await response.prepare(request)
-        read, wait = upstream.read_nowait, upstream.wait
-        while True:
-            chunk = read()
-            while chunk is None:
-                await wait()
-                chunk = read()
-            if not chunk:
-                break
-            await response.write(chunk)
+        await copy_body(upstream, response)
         await response.write_eof()
         return response
     finally:
         upstream.close()
+
+
+async def copy_body(upstream: Response, client: web.StreamResponse) -> float | None:
+    """Write the upstream body to ``client`` as it arrives; when its first bytes were written (monotonic)."""
+    first = None
+    read, wait = upstream.read_nowait, upstream.wait
+    while True:
+        chunk = read()
+        while chunk is None:
+            await wait()
+            chunk = read()
+        if not chunk:
+            return first
+        await client.write(chunk)
+        if first is None:
+            first = time.monotonic()
 
 
 def create_app(upstreams: Sequence[str]) -> web.Application:
