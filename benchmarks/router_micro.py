@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.lib.client import StreamResult, client_session, stream_chat
+from benchmarks.lib.comma import positive_int
 from benchmarks.lib.cpu import CpuWatch
 from benchmarks.lib.defaults import MODEL, RESULTS_DIR
 from benchmarks.lib.fleet import EngineSpec, Fleet, RouterSpec
@@ -170,8 +171,15 @@ def _us(samples_ns: Sequence[int]) -> dict[str, float]:
             "mean": round(statistics.fmean(samples_ns) / 1e3, 2), "n": len(samples_ns)}
 
 
-def bench_policy(name: str, corpus: Corpus, replicas: int, max_s: float, cpu_clock: bool = False
-                 ) -> dict[str, Any]:
+def best_of(passes: Sequence[Sequence[int]]) -> list[int]:
+    """Each probe's fastest time over several passes (over the probes every pass reached): the work a
+    decision does, without the host's preemptions and interrupts that single timings carry."""
+    n = min(len(p) for p in passes)
+    return [min(p[i] for p in passes) for i in range(n)]
+
+
+def bench_policy(name: str, corpus: Corpus, replicas: int, max_s: float, cpu_clock: bool = False,
+                 repeats: int = 1) -> dict[str, Any]:
     views = views_for(replicas)
     policy = create_policy(name, seed=0)
     for v in views:
@@ -182,11 +190,14 @@ def bench_policy(name: str, corpus: Corpus, replicas: int, max_s: float, cpu_clo
     row: dict[str, Any] = {"policy": name, "replicas": replicas, "fill_s": round(fill_s, 2),
                            "index_blocks": index.size() if index is not None else None, "cases": {}}
     for case, probes in corpus.probes.items():
-        choose = time_decisions(policy, probes, views, dispatch=False, max_s=max_s, cpu_clock=cpu_clock)
+        passes = [time_decisions(policy, probes, views, dispatch=False, max_s=max_s, cpu_clock=cpu_clock)
+                  for _ in range(repeats)]
+        choose = passes[0]
         priced: list[int] = []
         both = time_decisions(policy, probes, views, dispatch=True, max_s=max_s, cpu_clock=cpu_clock,
                               priced=priced)
-        row["cases"][case] = {"choose_us": _us(choose), "choose_dispatch_us": _us(both),
+        row["cases"][case] = {"choose_us": _us(choose), "choose_best_us": _us(best_of(passes)),
+                              "choose_dispatch_us": _us(both),
                               "priced": {"mean": round(statistics.fmean(priced), 1), "max": max(priced)}}
     return row
 
@@ -232,11 +243,12 @@ def run_decisions(args: argparse.Namespace) -> dict[str, Any]:
     watch = CpuWatch().start()
     for replicas in args.replicas:
         for name in args.policies:
-            rows.append(bench_policy(name, corpus, replicas, args.max_case_s, args.cpu_clock))
+            rows.append(bench_policy(name, corpus, replicas, args.max_case_s, args.cpu_clock, args.repeats))
             print(f"    {name} x{replicas} done", flush=True)
     parsing = bench_parsing(corpus, args.max_case_s)
     watch.stop()
-    return {"prefixes": len(corpus.fill), "iterations": args.iterations, "goal_p99_us": DECISION_GOAL_US,
+    return {"prefixes": len(corpus.fill), "iterations": args.iterations, "repeats": args.repeats,
+            "goal_p99_us": DECISION_GOAL_US,
             "other_cpu_share": round(watch.other_share, 3), "policies": rows, "parsing": parsing}
 
 
@@ -248,11 +260,16 @@ def print_decisions(res: dict[str, Any]) -> None:
     for r in res["policies"]:
         for case, c in r["cases"].items():
             ch, both = c["choose_us"], c["choose_dispatch_us"]
-            rows.append([r["policy"], r["replicas"], case, ch["p50"], ch["p99"], ch["mean"], both["p50"],
+            best = c.get("choose_best_us", {})
+            rows.append([r["policy"], r["replicas"], case, ch["p50"], ch["p99"], ch["mean"], best.get("p50", "-"),
+                         best.get("p99", "-"), both["p50"],
                          both["p99"], both["mean"], "ok" if both["p99"] <= DECISION_GOAL_US else "OVER",
                          c.get("priced", {}).get("mean", "-"),
                          r["index_blocks"] if r["index_blocks"] is not None else "-"])
-    print(format_table(["policy", "repl", "case", "choose p50", "p99", "mean", "+dispatch p50", "p99", "mean",
+    print(f"('best of {res.get('repeats', 1)}': each probe's fastest choose() over that many passes, the work "
+          "of a decision without the host's interruptions; the goal is judged on the single timings)")
+    print(format_table(["policy", "repl", "case", "choose p50", "p99", "mean", "best p50", "best p99",
+                        "+dispatch p50", "p99", "mean",
                         "goal", "priced", "index blocks"], rows))
     print("\nper-request parsing and hashing (before the policy), microseconds")
     print(format_table(["what", "chars", "p50", "p99", "mean"],
@@ -330,6 +347,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-case-s", type=float, default=10.0, help="time cap per timed case (a)")
     p.add_argument("--replicas", type=int, nargs="+", default=[4, 8],
                    help="fleet sizes for (a); e.g. 16 1000 --policies cost for cost's candidate pre-filter")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="(a) passes of choose() over the probes: the first is reported as timed, and each probe's "
+                        "fastest pass as 'best of'")
     p.add_argument("--cpu-clock", action="store_true",
                    help="(a) timed with the thread's CPU clock, not wall time (a host shared with other jobs)")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="policies for (a)")

@@ -43,10 +43,18 @@ def test_router_micro_runs(tmp_path: Path) -> None:
     rows = data["decisions"]["policies"]
     assert {r["policy"] for r in rows} >= {"cost", "cache_aware", "round_robin"}
     assert all(c["choose_us"]["n"] > 0 for r in rows for c in r["cases"].values())
+    # each probe's fastest of 3 passes, the first pass among them: never slower than the first pass alone
+    assert all(c["choose_best_us"]["p99"] <= c["choose_us"]["p99"] for r in rows for c in r["cases"].values())
     # a fleet this small is priced in full (cost's pre-filter is for large ones)
     assert all(c["priced"]["max"] == r["replicas"] for r in rows if r["policy"] == "cost" for c in r["cases"].values())
     assert "proxy" not in data  # (b) is benchmarks.overhead's (tests/benchmarks/test_routers.py)
     assert all(lv[m]["errors"] == 0 for lv in data["chunk_gaps"]["levels"] for m in ("direct", "router"))
+
+
+def test_router_micro_best_of_takes_each_probes_fastest_pass_over_the_probes_all_passes_reached() -> None:
+    from benchmarks.router_micro import best_of
+
+    assert best_of([[5, 9, 7, 8], [6, 3, 9], [4, 10, 8]]) == [4, 3, 7]
 
 
 def test_quality_is_compare_with_its_contenders() -> None:
