@@ -4,8 +4,9 @@ Two dashboards, written to deploy/grafana/dashboards/ and loaded by Grafana's fi
 (deploy/grafana/provisioning/):
 
 - ``prefix-router.json``: traffic by status and replica, 5xx ratio, TTFT and E2E percentiles, prefix-cache
-  hit rate per replica, routing decisions by reason, decision time, retries, ejections, health, rejections
-  and config reloads (metric names: router/metrics.py).
+  hit rate per replica, routing decisions by reason, decision time, retries, ejections, health, rejections,
+  config reloads, and the KV events' sync status, index size, lag and gaps (metric names: router/metrics.py,
+  router/kv_events/live.py).
 - ``vllm-engines.json``: running/waiting requests, KV-cache usage, prefix-cache hit rate, token throughput
   and the engines' own TTFT/E2E (the ``vllm:*`` names vLLM and the sim backend export).
 
@@ -117,6 +118,20 @@ ROUTER_ROWS = (
         Panel("Config reloads", "Config changes by result, and the running generation.", "short",
               (Query(f"sum by (result) (increase(router_config_reloads_total[{RATE}]))", "{{result}}"),
                Query("max by (instance) (router_config_generation)", "generation {{instance}}"))),
+    )),
+    Row("KV events", (  # with kv_events enabled (docs/kv_events.md); no series otherwise
+        Panel("Replicas synced", "Replicas whose exact index follows the engine's KV events (synced), per "
+              "router instance; the others are routed on the approximate index (alert "
+              "PrefixRouterKVEventsNotSynced).", "short",
+              (Query('sum by (instance, status) (router_kv_events_status)', "{{status}} via {{instance}}"),)),
+        Panel("Exact index blocks", "KV blocks each replica's exact index holds (its engine's prefix cache).",
+              "short", (Query("max by (replica) (router_kv_events_blocks)", "{{replica}}"),)),
+        Panel("Event lag", "Event batches a replica published that the router has not applied yet.", "short",
+              (Query("max by (replica) (router_kv_events_lag_batches)", "{{replica}}"),)),
+        Panel("Gaps, replays, losses", "Sequence gaps detected, replays asked for, and batches lost beyond the "
+              "engine's replay buffer (the index is then partial until resynced).", "short",
+              tuple(Query(f"sum by (replica) (increase(router_kv_events_{k}_total[{RATE}]))", f"{k} {{{{replica}}}}")
+                    for k in ("gaps", "replays", "lost"))),
     )),
 )
 

@@ -24,12 +24,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from config.router import parse_config
 from engine_server.metrics import EngineMetrics
+from router.kv_events.live import KVEventsCollector
 from router.metrics import RouterMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -333,14 +335,17 @@ def test_every_required_alert_exists() -> None:
     names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
     assert {"PrefixRouterDown", "PrefixRouterReplicaDown", "PrefixRouterAllReplicasDown", "PrefixRouterTTFTHigh",
             "PrefixRouterCacheHitRateDropped", "PrefixRouterErrorRate", "PrefixRouterEjectionsFlapping",
-            "PrefixRouterConfigReloadFailed"} <= names
+            "PrefixRouterConfigReloadFailed", "PrefixRouterKVEventsNotSynced"} <= names
 
 
 def exported_names() -> set[str]:
-    """Every sample name the router and the engines can export (counters with _total, histogram series)."""
+    """Every sample name the router and the engines can export (counters with _total, histogram series),
+    the KV events' scrape-time families (`router.kv_events.live`, with kv_events enabled) included."""
     names: set[str] = set()
-    for registry in (RouterMetrics().registry, EngineMetrics("m").registry):
-        for family in registry.collect():
+    no_replicas = SimpleNamespace(hub=SimpleNamespace(index=SimpleNamespace(snapshot=dict)))
+    kv_events = list(KVEventsCollector(no_replicas).collect())  # type: ignore[arg-type]
+    for families in (RouterMetrics().registry.collect(), EngineMetrics("m").registry.collect(), kv_events):
+        for family in families:
             base = family.name
             if family.type == "counter":
                 names |= {base + "_total", base + "_created"}

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -73,6 +74,7 @@ def stack(tmp_path: Path, router_workers: int) -> Iterator[str]:
     if prometheus is None:
         pytest.skip("prometheus is not installed (bash scripts/install.sh installs Debian's package)")
     procs: list[subprocess.Popen] = []
+    made: list[str] = []
     logs = tmp_path / "logs"
     logs.mkdir()
 
@@ -84,8 +86,12 @@ def stack(tmp_path: Path, router_workers: int) -> Iterator[str]:
         engines = {"engine-a": free_port(), "engine-b": free_port()}
         for name, port in engines.items():
             faults = ["--fault-error-rate", "1.0" if name == "engine-b" else "0.0"]
+            sockets = tempfile.mkdtemp(prefix="kv-")  # short: an ipc:// path has ~100 bytes
+            made.append(sockets)
+            events = ["--kv-events-endpoint", f"ipc://{sockets}/events",  # the KV-events panels' series
+                      "--kv-events-replay-endpoint", f"ipc://{sockets}/replay"]
             start(name, sys.executable, "-m", "engine_server", "--backend", "sim", "--model", "sim-model",
-                  "--profile", "instant", "--port", str(port), *faults)
+                  "--profile", "instant", "--port", str(port), *faults, *events)
         router_port = free_port()
         config = {
             "host": "127.0.0.1", "port": router_port,
@@ -95,6 +101,7 @@ def stack(tmp_path: Path, router_workers: int) -> Iterator[str]:
             "health": {"failures_to_eject": 1, "base_ejection_s": 0.5, "max_ejection_s": 1.0,
                        "check_interval_s": 0.5},
             "auth": {"api_keys": [{"name": "test", "value": API_KEY}]},
+            "kv_events": {"enabled": True, "tokenizer": "sim"},  # endpoints from each engine's /load
         }
         config_file = tmp_path / "router.yaml"
         config_file.write_text(yaml.safe_dump(config))
@@ -141,6 +148,8 @@ def stack(tmp_path: Path, router_workers: int) -> Iterator[str]:
         yield prom
     finally:
         stop_processes(procs)
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def wait_until(condition, what: str, timeout_s: float = 120.0) -> None:
