@@ -32,7 +32,7 @@ from benchmarks.lib.defaults import RESULTS_DIR
 from benchmarks.lib.fleet import EngineSpec, Fleet
 from benchmarks.lib.report import format_table, machine_info, run_benchmark
 from benchmarks.lib.routers import Contender, floor_contender
-from benchmarks.overhead import added, level_stats, measure_interleaved, pooled, start_contenders
+from benchmarks.overhead import measure_level, start_contenders
 from router.policies.registry import POLICY_NAMES
 
 DEFAULT_VARIANTS = ["base", *ABLATIONS, "floor"]
@@ -64,18 +64,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             started = await start_contenders(stack, [contender(v, args.policy) for v in args.variants], fleet,
                                              args, log_dir)
             running = [(row, r) for row, r in started if r is not None]
-            directs, routed = [], [[] for _ in running]
-            for _ in range(args.rounds):
-                d, rs = await measure_interleaved(session, fleet.engine_urls, [r for _, r in running], 1, args,
-                                                  fleet.engine_pids)
-                directs.append(d)
-                for samples, s in zip(routed, rs, strict=True):
-                    samples.append(s)
-            direct = level_stats(pooled(directs), 0)
-            for (row, _), samples in zip(running, routed, strict=True):
-                stats = level_stats(pooled(samples), 1)
-                row["levels"] = [{"concurrency": 1, "rounds": args.rounds, "direct": direct, "router": stats,
-                                  "added_ms": added(direct, stats)}]
+            await measure_level(session, fleet, running, 1, args)
     return {"benchmark": "ablate", "policy": args.policy, "engines": args.engines,
             "variants": [row for row, _ in started]}
 
@@ -112,6 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-timeout-s", type=float, default=60.0, help="how long a router may take to route")
     p.add_argument("--log-dir", default=None, help="keep router and engine logs here (default: a temp dir)")
     p.add_argument("--out", default=str(RESULTS_DIR / "ablate.json"), help="JSON output path")
+    p.set_defaults(interleave=True)  # always request by request (`benchmarks.overhead.measure_level`)
     return p.parse_args(argv)
 
 

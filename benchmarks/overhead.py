@@ -244,6 +244,34 @@ async def start_contenders(stack: contextlib.AsyncExitStack, cs: Sequence[Conten
     return started
 
 
+async def measure_level(session: Any, fleet: Fleet, running: Sequence[tuple[dict[str, Any], Any]], conc: int,
+                        args: argparse.Namespace) -> None:
+    """One load level: ``args.rounds`` rounds (request by request with ``args.interleave``, else every
+    contender in turn with a direct run before its own), pooled; appends the level to each row's
+    ``levels`` and prints it."""
+    samples: dict[str, tuple[list[Sample], list[Sample]]] = {row["name"]: ([], []) for row, _ in running}
+    for _ in range(args.rounds):
+        if args.interleave:
+            direct_s, routed_s = await measure_interleaved(session, fleet.engine_urls, [r for _, r in running],
+                                                         conc, args, fleet.engine_pids)
+            for (row, _), routed_one in zip(running, routed_s, strict=True):
+                samples[row["name"]][0].append(direct_s)  # one direct run, shared by all
+                samples[row["name"]][1].append(routed_one)
+            continue
+        for row, r in running:
+            direct, routed = samples[row["name"]]
+            direct.append(await measure(session, fleet.engine_urls, conc, args, [], fleet.engine_pids))
+            routed.append(await measure(session, [r.url], conc, args, [r.pid], fleet.engine_pids))
+    for row, _ in running:
+        direct_samples, routed_samples = samples[row["name"]]
+        d, m = level_stats(pooled(direct_samples), 0), level_stats(pooled(routed_samples), 1)
+        row["levels"].append({"concurrency": conc, "rounds": args.rounds, "direct": d, "router": m,
+                              "added_ms": added(d, m)})
+        print(f"  {row['name']} @ {conc}: {m['req_per_s']} req/s, added TTFT p50 "
+              f"{row['levels'][-1]['added_ms']['ttft_p50']} ms, router CPU s/1k "
+              f"{m['cpu_s_per_1k']['router']}, errors {m['errors']}", flush=True)
+
+
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     """Per level, ``args.rounds`` rounds; in each, every contender in turn gets a direct run then its routed
     run. A level's figures pool its rounds, so contenders compared share the host's disturbances."""
@@ -257,27 +285,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             started = await start_contenders(stack, contenders(args), fleet, args, log_dir)
             running = [(row, r) for row, r in started if r is not None]
             for conc in args.concurrency:
-                samples: dict[str, tuple[list[Sample], list[Sample]]] = {row["name"]: ([], []) for row, _ in running}
-                for _ in range(args.rounds):
-                    if args.interleave:
-                        direct_s, routed_s = await measure_interleaved(session, fleet.engine_urls, [r for _, r in running],
-                                                                     conc, args, fleet.engine_pids)
-                        for (row, _), routed_one in zip(running, routed_s, strict=True):
-                            samples[row["name"]][0].append(direct_s)  # one direct run, shared by all
-                            samples[row["name"]][1].append(routed_one)
-                        continue
-                    for row, r in running:
-                        direct, routed = samples[row["name"]]
-                        direct.append(await measure(session, fleet.engine_urls, conc, args, [], fleet.engine_pids))
-                        routed.append(await measure(session, [r.url], conc, args, [r.pid], fleet.engine_pids))
-                for row, _ in running:
-                    direct_samples, routed_samples = samples[row["name"]]
-                    d, m = level_stats(pooled(direct_samples), 0), level_stats(pooled(routed_samples), 1)
-                    row["levels"].append({"concurrency": conc, "rounds": args.rounds, "direct": d, "router": m,
-                                          "added_ms": added(d, m)})
-                    print(f"  {row['name']} @ {conc}: {m['req_per_s']} req/s, added TTFT p50 "
-                          f"{row['levels'][-1]['added_ms']['ttft_p50']} ms, router CPU s/1k "
-                          f"{m['cpu_s_per_1k']['router']}, errors {m['errors']}", flush=True)
+                await measure_level(session, fleet, running, conc, args)
     return {"benchmark": "overhead", "engines": args.engines, "profile": engine.profile, "max_tokens": MAX_TOKENS,
             "contenders": [row for row, _ in started]}
 
