@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,3 +76,18 @@ def stop_processes(procs: list[subprocess.Popen[Any]], grace_s: float = 10.0) ->
             p.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Callable[[], Path]]:
+    """Makes directories with short paths, removed afterwards: an ipc:// socket path has ~100 bytes, and
+    pytest's tmp_path can be longer."""
+    made: list[str] = []
+
+    def make() -> Path:
+        made.append(tempfile.mkdtemp(prefix="kv-"))
+        return Path(made[-1])
+
+    yield make
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
@@ -30,13 +27,20 @@ import yaml
 from config.router import parse_config
 from tests.conftest import free_port, stop_processes
 from tests.deploy.test_manifests import DEPLOY, ROOT, by_kind, compose_config, kustomize
+from tests.deploy.test_prometheus_live import wait_http, wait_until
 
 HANG_GUARD_S = 60.0
 COMPOSE_CPU = DEPLOY / "compose/compose.cpu.yaml"
 
 
-def compose_sources() -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """(engine argv after `python -m engine_server`, CPU router config, GPU router config) of compose."""
+class Deploy(NamedTuple):
+    engine: list[str]  # the engine's argv after `python -m engine_server`
+    cpu: dict[str, Any]  # the CPU deploy's router config
+    gpu: dict[str, Any]  # its GPU twin's
+    ports: set[int] | None  # the engine container's declared ports (None: compose declares none)
+
+
+def compose_sources() -> Deploy:
     services = compose_config(COMPOSE_CPU)["services"]
     engine = services["engine-0"]
     assert engine["entrypoint"] == ["python", "-m", "engine_server"]
@@ -45,18 +49,18 @@ def compose_sources() -> tuple[list[str], dict[str, Any], dict[str, Any]]:
     assert mounted.parent == Path("/etc/prefix-router")
     cpu = yaml.safe_load((DEPLOY / "compose/router" / mounted.name).read_text())
     gpu = yaml.safe_load((DEPLOY / "compose/router/router.yaml").read_text())
-    return engine["command"], cpu, gpu
+    return Deploy(engine["command"], cpu, gpu, None)
 
 
-def k8s_sources() -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """The same for the Kubernetes cpu-sim overlay, against the gpu overlay's router config."""
+def k8s_sources() -> Deploy:
+    """The Kubernetes cpu-sim overlay, against the gpu overlay's router config."""
     objs = by_kind(kustomize("k8s/overlays/cpu-sim"))
     container = objs[("StatefulSet", "vllm-engine")]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", "engine_server"]
     cpu = yaml.safe_load(objs[("ConfigMap", "prefix-router-config")]["data"]["router.yaml"])
     gpu_objs = by_kind(kustomize("k8s/overlays/gpu"))
     gpu = yaml.safe_load(gpu_objs[("ConfigMap", "prefix-router-config")]["data"]["router.yaml"])
-    return container["args"], cpu, gpu
+    return Deploy(container["args"], cpu, gpu, {p["containerPort"] for p in container["ports"]})
 
 
 SOURCES = {"compose": compose_sources, "k8s-cpu-sim": k8s_sources}
@@ -68,7 +72,7 @@ def flag(argv: list[str], name: str, default: str | None = None) -> str | None:
 
 @pytest.mark.parametrize("deploy", SOURCES)
 def test_the_cpu_router_config_is_the_gpu_one_plus_kv_events_with_the_engines_tokenizer(deploy: str) -> None:
-    engine, cpu, gpu = SOURCES[deploy]()
+    engine, cpu, gpu, _ = SOURCES[deploy]()
     events = cpu.pop("kv_events")
     assert cpu == gpu and "kv_events" not in gpu  # nothing else differs, so the two cannot drift apart
     cfg = parse_config({**cpu, "kv_events": events}).kv_events
@@ -79,17 +83,15 @@ def test_the_cpu_router_config_is_the_gpu_one_plus_kv_events_with_the_engines_to
 
 @pytest.mark.parametrize("deploy", SOURCES)
 def test_the_cpu_engines_publish_events_and_replays_on_a_bound_tcp_port(deploy: str) -> None:
-    engine, _, _ = SOURCES[deploy]()
+    engine, _, _, declared = SOURCES[deploy]()
     ports = []
     for name in ("--kv-events-endpoint", "--kv-events-replay-endpoint"):
         endpoint = flag(engine, name)
         assert endpoint is not None and (m := re.fullmatch(r"tcp://\*:(\d+)", endpoint)), (name, endpoint)
         ports.append(int(m.group(1)))
     assert len(set(ports)) == 2
-    if deploy == "k8s-cpu-sim":  # declared on the pod, as its http port is
-        objs = by_kind(kustomize("k8s/overlays/cpu-sim"))
-        container = objs[("StatefulSet", "vllm-engine")]["spec"]["template"]["spec"]["containers"][0]
-        assert set(ports) <= {p["containerPort"] for p in container["ports"]}
+    if declared is not None:  # on the pod, as its http port is
+        assert set(ports) <= declared
 
 
 # -- live ------------------------------------------------------------------------------------------------
@@ -103,20 +105,18 @@ def get(url: str) -> str | None:
         return None
 
 
+def index_blocks(base: str) -> float:
+    """Blocks the router's exact indexes hold, summed over replicas (0 while /metrics does not answer)."""
+    text = get(f"{base}/metrics") or ""
+    return sum(float(v) for v in re.findall(r"^router_kv_events_blocks\{[^}]*\} (\S+)$", text, re.M))
+
+
 def chat(base: str, text: str) -> dict[str, Any]:
     body = {"model": "sim-model", "max_tokens": 4, "messages": [{"role": "user", "content": text}]}
     req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.load(resp)
-
-
-def wait_for(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def on_loopback(argv: list[str], port: int, sockets: Path) -> list[str]:
@@ -137,26 +137,12 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     stop_processes(procs)
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Any]:
-    """Makes directories with short paths (an ipc:// path has ~100 bytes; pytest's tmp_path can be longer),
-    removed afterwards."""
-    made: list[str] = []
-
-    def make() -> Path:
-        made.append(tempfile.mkdtemp(prefix="kv-"))
-        return Path(made[-1])
-
-    yield make
-    for d in made:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("deploy", SOURCES)
 def test_the_cpu_deploy_syncs_every_replica_and_serves_a_repeated_prompt_from_the_cache(
-        deploy: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]], short_dir: Any) -> None:
-    engine, cfg, _ = SOURCES[deploy]()
+        deploy: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]],
+        short_dir: Callable[[], Path]) -> None:
+    engine, cfg, _, _ = SOURCES[deploy]()
 
     def start(name: str, *argv: str) -> None:
         log = (tmp_path / f"{name}.log").open("wb")
@@ -173,7 +159,7 @@ def test_the_cpu_deploy_syncs_every_replica_and_serves_a_repeated_prompt_from_th
                replicas=[{"name": n, "url": u} for n, u in urls.items()])
     (tmp_path / "router.yaml").write_text(yaml.safe_dump(cfg))
     for url in urls.values():
-        wait_for(lambda url=url: get(f"{url}/health") is not None, f"{url}/health")
+        wait_http(f"{url}/health", HANG_GUARD_S)
     start("router", "-m", "router", "--config", str(tmp_path / "router.yaml"))
     base = f"http://127.0.0.1:{router_port}"
 
@@ -181,13 +167,10 @@ def test_the_cpu_deploy_syncs_every_replica_and_serves_a_repeated_prompt_from_th
         text = get(f"{base}/metrics") or ""
         return all(f'router_kv_events_status{{replica="{n}",status="synced"}} 1.0' in text for n in urls)
 
-    wait_for(synced, "every replica's KV events synced")
+    wait_until(synced, "every replica's KV events synced", HANG_GUARD_S)
     prompt = "Summarise the deployment guide for the router in three sentences, please. " * 6
     first = chat(base, prompt)
-    wait_for(lambda: "router_kv_events_blocks" in (get(f"{base}/metrics") or "")
-             and any(float(v) > 0 for v in re.findall(r'^router_kv_events_blocks\{[^}]*\} (\S+)$',
-                                                      get(f"{base}/metrics") or "", re.M)),
-             "the first prompt's blocks in the router's exact index")
+    wait_until(lambda: index_blocks(base) > 0, "the first prompt's blocks in the router's exact index", HANG_GUARD_S)
     second = chat(base, prompt)
     assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]

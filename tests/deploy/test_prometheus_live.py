@@ -15,12 +15,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -67,14 +66,13 @@ def router_workers(request: pytest.FixtureRequest) -> int:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, router_workers: int) -> Iterator[str]:
+def stack(tmp_path: Path, router_workers: int, short_dir: Callable[[], Path]) -> Iterator[str]:
     """Two sim engines, the router (one process, or ``--workers 2``: the same queries must work on the
     workers' merged /metrics) and Prometheus on ephemeral loopback ports; yields Prometheus' URL."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus is not installed (bash scripts/install.sh installs Debian's package)")
     procs: list[subprocess.Popen] = []
-    made: list[str] = []
     logs = tmp_path / "logs"
     logs.mkdir()
 
@@ -86,8 +84,7 @@ def stack(tmp_path: Path, router_workers: int) -> Iterator[str]:
         engines = {"engine-a": free_port(), "engine-b": free_port()}
         for name, port in engines.items():
             faults = ["--fault-error-rate", "1.0" if name == "engine-b" else "0.0"]
-            sockets = tempfile.mkdtemp(prefix="kv-")  # short: an ipc:// path has ~100 bytes
-            made.append(sockets)
+            sockets = short_dir()
             events = ["--kv-events-endpoint", f"ipc://{sockets}/events",  # the KV-events panels' series
                       "--kv-events-replay-endpoint", f"ipc://{sockets}/replay"]
             start(name, sys.executable, "-m", "engine_server", "--backend", "sim", "--model", "sim-model",
@@ -148,8 +145,6 @@ def stack(tmp_path: Path, router_workers: int) -> Iterator[str]:
         yield prom
     finally:
         stop_processes(procs)
-        for d in made:
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def wait_until(condition, what: str, timeout_s: float = 120.0) -> None:
