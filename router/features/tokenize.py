@@ -43,7 +43,6 @@ _NEW_SEGMENTS = 4  # a chat's ids are looked for as a recent chat's less its las
 _RECENT_PLAIN = RecentChats()  # `plain_messages` of recent chats: a pure function's memo
 
 
-
 def _extended_chat(chats: LRU, rendered: Sequence[str]) -> tuple[int, Any] | None:
     """(j, what ``chats`` keeps under ``(j, rendered[j - 1])``) for the recent chat, all but its generation
     prompt, that ``rendered`` extends by 0-3 segments (the longest), or None. Keys are (count, last
@@ -55,6 +54,7 @@ def _extended_chat(chats: LRU, rendered: Sequence[str]) -> tuple[int, Any] | Non
         if got is not None and got[0] == rendered[:j]:
             return j, got
     return None
+
 
 class RequestTokenizer(Protocol):
     def prompt_ids(self, body: Mapping[str, Any], kind: Kind) -> list[int] | None:
