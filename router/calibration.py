@@ -64,6 +64,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 MIN_FOR_ROBUST = 20  # observations before outliers are down-weighted
+# once robust, the fit is solved again after this many new observations, not after each: a solve costs
+# more than the fold, runs on the request path (up to four per finished request) and moves the estimate
+# by about 1 - forgetting per observation, so the answer is at most this many observations behind
+RESOLVE_EVERY = 8
 # relative mode: a replica's own fit decides nothing (only `snapshot` shows it), so its observations are
 # folded in when it is read or, warm in one go, when this many wait (bounded memory, same numbers)
 PENDING_MAX = 64
@@ -173,7 +177,8 @@ class ReplicaCalibration:
     read; that is a 4x4 problem, so the exact constrained optimum costs microseconds.
     """
 
-    __slots__ = ("prior", "settings", "A", "b", "observations", "_phi", "_ridge", "_mask", "_pending", "_folded")
+    __slots__ = ("prior", "settings", "A", "b", "observations", "_phi", "_ridge", "_mask", "_pending", "_folded",
+                 "_solved_at", "_shown")
 
     def __init__(self, prior: CostConstants, settings: CalibrationSettings) -> None:
         self.prior = prior.as_tuple()
@@ -182,6 +187,8 @@ class ReplicaCalibration:
         self.b = [0.0] * 4
         self.observations = 0  # accepted, folded in or pending
         self._folded = 0  # folded into A and b
+        self._solved_at = 0  # `_folded` when `_phi` was last solved
+        self._shown: tuple[list[float], CostConstants] | None = None  # `constants()` of that `_phi`
         self._pending: list[tuple[float, float, float, float]] = []  # scaled rows not folded in yet (`defer`)
         self._phi: list[float] | None = [1.0, 1.0, 1.0, 1.0]
         self._ridge = 1.0 / settings.prior_spread ** 2
@@ -211,7 +218,6 @@ class ReplicaCalibration:
         self.observations += 1
         pending = self._pending
         pending.append(x)
-        self._phi = None
         if len(pending) >= PENDING_MAX:
             self._catch_up()
         return True
@@ -250,16 +256,16 @@ class ReplicaCalibration:
             if resid > self.settings.clip:
                 weight = self.settings.clip / resid
         lam, b = self.settings.forgetting, self.b
-        A = self.A
-        for i, xi in enumerate((x0, x1, x2, x3)):
-            row, wx = A[i], weight * xi
-            b[i] = lam * b[i] + wx
-            row[0] = lam * row[0] + wx * x0
-            row[1] = lam * row[1] + wx * x1
-            row[2] = lam * row[2] + wx * x2
-            row[3] = lam * row[3] + wx * x3
+        a0, a1, a2, a3 = self.A
+        w0, w1, w2, w3 = weight * x0, weight * x1, weight * x2, weight * x3
+        b[0], b[1], b[2], b[3] = lam * b[0] + w0, lam * b[1] + w1, lam * b[2] + w2, lam * b[3] + w3
+        a0[0], a0[1], a0[2], a0[3] = lam * a0[0] + w0 * x0, lam * a0[1] + w0 * x1, lam * a0[2] + w0 * x2, lam * a0[3] + w0 * x3
+        a1[0], a1[1], a1[2], a1[3] = lam * a1[0] + w1 * x0, lam * a1[1] + w1 * x1, lam * a1[2] + w1 * x2, lam * a1[3] + w1 * x3
+        a2[0], a2[1], a2[2], a2[3] = lam * a2[0] + w2 * x0, lam * a2[1] + w2 * x1, lam * a2[2] + w2 * x2, lam * a2[3] + w2 * x3
+        a3[0], a3[1], a3[2], a3[3] = lam * a3[0] + w3 * x0, lam * a3[1] + w3 * x1, lam * a3[2] + w3 * x2, lam * a3[3] + w3 * x3
         self._folded += 1
-        self._phi = None
+        if self._folded <= MIN_FOR_ROBUST or self._folded - self._solved_at >= RESOLVE_EVERY:
+            self._phi = None
 
     def _solve(self) -> list[float]:
         """argmin sum w (1 - x.phi)^2 + ridge |phi - 1|^2 with lo <= phi, then clamped to hi.
@@ -267,12 +273,13 @@ class ReplicaCalibration:
         The objective is strictly convex (outer products plus a ridge), so the bound-constrained minimum
         is the one point meeting the KKT conditions. The last fit's set of free parameters (the rest at
         the lower bound) is tried first, then all free: either is the answer when it passes the check,
-        which it almost always does (this runs once or twice per observation, on the request path).
+        which it almost always does (this runs once per RESOLVE_EVERY observations, on the request path).
         Otherwise every subset is tried and the best feasible one kept."""
         if self._pending:
             self._catch_up()
         if self._phi is not None:
             return self._phi
+        self._solved_at = self._folded
         lo, hi = 1.0 / self.settings.bound_factor, self.settings.bound_factor
         r = self._ridge
         if self._mask == 15:  # the usual case, all free: `_subset_fit(A, b, 15, lo)` below on the same numbers
@@ -320,7 +327,13 @@ class ReplicaCalibration:
         if self.settings.mode == "pinned":
             return CostConstants(*self.prior)
         phi = self._solve()
-        return CostConstants(*(self.prior[i] * phi[i] for i in range(4)))
+        shown = self._shown
+        if shown is not None and shown[0] is phi:  # not solved again since: the same constants
+            return shown[1]
+        p0, p1, p2, p3 = self.prior
+        constants = CostConstants(p0 * phi[0], p1 * phi[1], p2 * phi[2], p3 * phi[3])
+        self._shown = (phi, constants)
+        return constants
 
 
 def _subset_fit(A: list[list[float]], b: list[float], mask: int, lo: float) -> list[float] | None:
