@@ -5,7 +5,13 @@ body under the hostile-input rules (`body`). A leaf: it depends on aiohttp only,
 `engine_server`, which never import each other, can both import it (rules in tests/test_imports.py).
 """
 
-from openai_http.body import BodyError, install_json_protocol_errors, read_json_object
+from openai_http.body import (
+    BodyError,
+    install_json_protocol_errors,
+    parse_json_object,
+    read_body,
+    read_json_object,
+)
 from openai_http.errors import error_body, error_response
 from openai_http.middleware import REQUEST_ID, REQUEST_ID_HEADER, request_id_and_errors
 
@@ -16,6 +22,8 @@ __all__ = [
     "error_body",
     "error_response",
     "install_json_protocol_errors",
+    "parse_json_object",
+    "read_body",
     "read_json_object",
     "request_id_and_errors",
 ]

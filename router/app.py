@@ -24,7 +24,8 @@ from openai_http import (
     REQUEST_ID_HEADER,
     BodyError,
     install_json_protocol_errors,
-    read_json_object,
+    parse_json_object,
+    read_body,
     request_id_and_errors,
 )
 from router import runtime
@@ -41,6 +42,7 @@ log = logging.getLogger("router")
 
 
 BODY = web.RequestKey("body", dict)
+RAW_BODY = web.RequestKey("raw_body", bytes)  # BODY's bytes, forwarded as they came when nothing changes
 GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -64,7 +66,9 @@ async def read_body_first(request: web.Request, handler: Handler) -> web.StreamR
     client that sends its body slowly holds no in-flight slot, and is cut after client_timeouts.body_s."""
     if request.method == "POST" and request.path in GENERATE_PATHS:
         try:
-            request[BODY] = await read_json_object(request, request.app[ROUTER].config.client_timeouts.body_s)
+            raw = await read_body(request, request.app[ROUTER].config.client_timeouts.body_s)
+            request[BODY] = parse_json_object(raw)
+            request[RAW_BODY] = raw
         except BodyError as exc:
             return await exc.respond_and_close(request, {REQUEST_ID_HEADER: request[REQUEST_ID]})
     return await handler(request)
@@ -74,10 +78,11 @@ async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamRe
     router = request.app[ROUTER]
     if router.draining:
         return error_response("router is shutting down", 503)
-    body = request.get(BODY)
+    body, raw = request.get(BODY), request.get(RAW_BODY)
     if body is None:  # a path spelled differently from the route (the middleware keys on the path)
         try:
-            body = await read_json_object(request, router.config.client_timeouts.body_s)
+            raw = await read_body(request, router.config.client_timeouts.body_s)
+            body = parse_json_object(raw)
         except BodyError as exc:
             return exc.response()
     try:
@@ -96,7 +101,7 @@ async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamRe
     assert router.dispatcher is not None
     router.in_flight += 1
     try:
-        return await router.dispatcher.handle(request, path, body, features)
+        return await router.dispatcher.handle(request, path, body, features, raw)
     finally:
         router.in_flight -= 1
 

@@ -13,7 +13,6 @@ each request gets a server span with route and upstream children; with it off, n
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from router.features.parse import RequestFeatures
 from router.metrics import RouterMetrics
 from router.policies.base import Decision, Outcome, Policy
 from router.proxy.http1 import ClientError, Response, UpstreamPool
+from router.proxy.payload import upstream_payload
 from router.proxy.relay import RelayResult, cached_tokens, relay_sse, usage_from_json
 from router.proxy.retry_budget import RetryBudget
 from router.proxy.upstream import Timeouts, UpstreamFailure, forward_headers, open_upstream
@@ -84,16 +84,18 @@ class Dispatcher:
         self.metrics.decisions.labels(self.policy.name, decision.reason).inc()
 
     async def handle(self, request: web.Request, path: str, body: dict[str, Any],
-                     features: RequestFeatures) -> web.StreamResponse:
+                     features: RequestFeatures, raw: bytes | None = None) -> web.StreamResponse:
+        """Route, send and relay one generation request. ``body`` is the client's JSON object and
+        ``raw`` its bytes, when known: forwarded as they are unless the router has to change them."""
         tracing = self.tracing
         if tracing is None:
-            return await self._handle(request, path, body, features, None)
+            return await self._handle(request, path, body, features, raw, None)
         span = tracing.start_server_span(f"{request.method} {path}", request.headers, {
             "http.request.method": request.method, "url.path": path, "router.request_id": features.request_id,
             "router.model": features.model, "router.stream": bool(body.get("stream"))})
         try:
             with tracing.use(span):  # current: log records carry its ids
-                resp = await self._handle(request, path, body, features, span)
+                resp = await self._handle(request, path, body, features, raw, span)
             span.set_attribute("http.response.status_code", resp.status)
             if resp.status >= 500:
                 tracing.error(span, f"status {resp.status}")
@@ -105,18 +107,11 @@ class Dispatcher:
             span.end()
 
     async def _handle(self, request: web.Request, path: str, body: dict[str, Any],
-                      features: RequestFeatures, span: Any) -> web.StreamResponse:
+                      features: RequestFeatures, raw: bytes | None, span: Any) -> web.StreamResponse:
         started = time.monotonic()
         stream = bool(body.get("stream"))
-        strip_usage = False
-        if stream:
-            opts = body.get("stream_options")
-            if not (isinstance(opts, dict) and opts.get("include_usage")):
-                # Ask for usage so cached_tokens feeds the policy; the extra event is not forwarded.
-                body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}),
-                                                   "include_usage": True}}
-                strip_usage = True
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        # Usage is asked for so cached_tokens feeds the policy; an extra usage event is not forwarded.
+        payload, strip_usage = upstream_payload(body, raw, stream)
         upstream_rid = f"{features.request_id}-{os.urandom(6).hex()}"  # still greppable, never shared
         headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: upstream_rid}
         if stream:
