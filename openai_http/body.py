@@ -58,6 +58,8 @@ class BodyError(Exception):
 async def read_body(request: web.Request, timeout_s: float | None) -> bytes:
     """The whole (decompressed) body within `timeout_s`, or BodyError(408/413/400)."""
     try:
+        if request.content.is_eof():  # all of it came with the headers (the usual small body): no wait to bound
+            return await request.read()
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except TimeoutError:
