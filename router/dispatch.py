@@ -260,15 +260,29 @@ class Dispatcher:
         try:
             await resp.prepare(request)
             result = await relay_sse(upstream, resp, self.settings.timeouts.idle_s, strip_usage)
-            await resp.write_eof()
         except (ConnectionError, asyncio.CancelledError) as exc:  # ConnectionResetError included
             # The client left: closing the upstream (in the caller's finally) aborts the engine request.
-            self.metrics.client_disconnects.inc()
-            log.info("rid=%s client disconnected from stream (replica %s)", features.request_id, replica.name)
+            self._client_left(features, replica)
             self._finish(features, decision, lease, failure(499, "client_disconnect"), health_failure=False)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return resp
+        # The replica is done: its outcome is recorded (in-flight released, policy fed) before the client
+        # hears the end, so a client's next request, often sent the moment this one ends, is routed on
+        # the fleet as it is and does not wait behind this one's bookkeeping.
+        self._stream_outcome(features, decision, lease, result, started)
+        try:
+            await resp.write_eof()
+        except ConnectionError:  # left at the very end: the answer was complete, its outcome stands
+            self._client_left(features, replica)
+        return resp
+
+    def _client_left(self, features: RequestFeatures, replica: ReplicaState) -> None:
+        self.metrics.client_disconnects.inc()
+        log.info("rid=%s client disconnected from stream (replica %s)", features.request_id, replica.name)
+
+    def _stream_outcome(self, features: RequestFeatures, decision: Decision, lease: Lease, result: RelayResult,
+                        started: float) -> None:
         elapsed = time.monotonic() - started
         ttft = result.first_byte_at - started if result.first_byte_at is not None else None
         if self._spans and result.first_byte_at is not None and (traced := self._spans.get(lease)) is not None:
@@ -285,7 +299,6 @@ class Dispatcher:
         else:
             outcome = _outcome(200, ttft, result.usage, elapsed)
             self._finish(features, decision, lease, outcome, health_failure=False, model=model)
-        return resp
 
     def _finish(self, features: RequestFeatures, decision: Decision, lease: Lease, outcome: Outcome,
                 *, health_failure: bool, model: str | None = None) -> None:
