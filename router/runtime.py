@@ -16,7 +16,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
 from config.router import ConfigError, RouterConfig
@@ -145,10 +144,9 @@ async def start(router: Router) -> None:
         policy.on_replica_added(r.name)
     router.dispatcher = Dispatcher(registry, policy, pool, router.metrics, dispatch_settings(cfg),
                                    router.tracing)
-    # Probes (GET /health, /load: not the hot path) stay on aiohttp, with their own small pool.
-    probe_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=4, keepalive_timeout=30),
-                                          timeout=aiohttp.ClientTimeout(total=None))
-    router.poller = ReplicaPoller(registry, probe_session, health_interval_s=cfg.health.check_interval_s,
+    # Probes (GET /health, /load, /v1/models) on the same client, in a small pool of their own.
+    router.poller = ReplicaPoller(registry, UpstreamPool(max_idle_per_origin=4, keepalive_s=30.0),
+                                  health_interval_s=cfg.health.check_interval_s,
                                   load_interval_s=cfg.load.poll_interval_s, timeout_s=cfg.health.check_timeout_s,
                                   on_transition=lambda r, t: _on_transition(router, r.name, t.new))
     await router.poller.start()
@@ -167,7 +165,7 @@ async def _follow_rebuilds(router: Router) -> None:
 
 
 async def stop(router: Router) -> None:
-    """Stop polling, close the probes' session and the upstream pool, give the collector back."""
+    """Stop polling, close the probes' and the requests' connection pools, give the collector back."""
     if router.gc_watch is not None:
         router.gc_watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -176,7 +174,7 @@ async def stop(router: Router) -> None:
     router.gc.release()
     if router.poller is not None:
         await router.poller.stop()
-        await router.poller.session.close()
+        await router.poller.pool.close()
     if router.dispatcher is not None:
         await router.dispatcher.pool.close()
 

@@ -1,11 +1,14 @@
-"""A small HTTP/1.1 client for the proxied calls: pooled keep-alive connections, one asyncio.Protocol each.
+"""A small HTTP/1.1 client for the proxied calls and the replicas' probes: pooled keep-alive connections,
+one asyncio.Protocol each.
 
 Why not aiohttp's ClientSession: a streamed 16-token answer arrives in about 19 packets, and aiohttp's
 client spends more CPU per packet (StreamReader, flow control, timer re-arming) and per request (request
 and response objects, URL and header multidicts) than the router spends routing. Here a packet costs one
 `httptools` parse (C) and a list append; a request costs one write of head and body together.
 
-What it does and keeps: POST with a body known in advance; responses delimited by Content-Length,
+What it does and keeps: POST with a body known in advance, and GET (the poller's /health and /load: at
+two load polls a second per replica, a large fleet's probes cost the router more than a few of its
+requests, and a GET here takes about a third of aiohttp's client CPU); responses delimited by Content-Length,
 chunked encoding or the connection's end; a connection goes back to its origin's pool only when its
 response was read to the end and the replica allows keep-alive, and otherwise is closed (so a reader that
 stops early, e.g. because its client left, makes the replica abort the generation). Idle connections are
@@ -76,9 +79,12 @@ def split_url(url: str) -> tuple[Origin, bytes]:
     return (parts.hostname, port, tls, host_header.encode("idna")), target.encode("ascii")
 
 
-def request_head(target: bytes, host: bytes, headers: dict[str, str], body_len: int) -> bytes:
-    """The request line and headers of a POST with a ``body_len``-byte body."""
-    lines = [b"POST ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\nContent-Length: ", str(body_len).encode(), b"\r\n"]
+def request_head(target: bytes, host: bytes, headers: dict[str, str], body_len: int | None,
+                 method: bytes = b"POST") -> bytes:
+    """The request line and headers of a request with a ``body_len``-byte body (None: no body, as a GET)."""
+    lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    if body_len is not None:
+        lines += [b"Content-Length: ", str(body_len).encode(), b"\r\n"]
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise ValueError(f"header {name!r} holds a line break")
@@ -310,7 +316,17 @@ class UpstreamPool:
         """POST ``body`` and wait for the response head: `connect_s` bounds a new connection, `head_s`
         the whole call (connect included)."""
         origin, target = split_url(url)
-        data = request_head(target, origin[3], headers, len(body)) + body
+        return await self._request(origin, request_head(target, origin[3], headers, len(body)) + body,
+                                   connect_s, head_s)
+
+    async def get(self, url: str, headers: dict[str, str] | None = None, *, connect_s: float,
+                  head_s: float) -> Response:
+        """GET ``url`` and wait for the response head, bounded as `post`."""
+        origin, target = split_url(url)
+        return await self._request(origin, request_head(target, origin[3], headers or {}, None, b"GET"),
+                                   connect_s, head_s)
+
+    async def _request(self, origin: Origin, data: bytes, connect_s: float, head_s: float) -> Response:
         deadline = self.loop.time() + head_s
         conn = self._take_idle(origin)
         if conn is not None:

@@ -30,9 +30,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from router.proxy.http1 import UpstreamPool
 from router.replicas.state import KV_USAGE_SCALE, LoadSnapshot, ReplicaRegistry, ReplicaState, TransitionHook
 
 log = logging.getLogger(__name__)
@@ -134,14 +134,15 @@ class _Track:
 class ReplicaPoller:
     """Keeps the registry's replicas probed until `stop`.
 
-    session: the router's shared `aiohttp.ClientSession`; the poller never closes it.
+    pool: the connections the probes use (`router.proxy.http1`, a pool of their own, so probes do not keep
+        the request path's idle connections alive); the poller never closes it.
     timeout_s: bound on each probe, connect to last byte.
     on_transition: shorthand for ``registry.on_transition`` (one hook sees every health change, from
         probes and from the dispatcher alike, so nothing is counted twice).
     clock: monotonic seconds; must be the clock the dispatcher passes as ``now``.
     """
 
-    def __init__(self, registry: ReplicaRegistry, session: aiohttp.ClientSession, *,
+    def __init__(self, registry: ReplicaRegistry, pool: UpstreamPool, *,
                  health_interval_s: float = 2.0, load_interval_s: float = 0.5, timeout_s: float = 1.0,
                  models_interval_s: float | None = None, on_transition: TransitionHook | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -152,7 +153,7 @@ class ReplicaPoller:
                 raise ValueError("registry already has a different on_transition hook")
             registry.on_transition = on_transition
         self.registry = registry
-        self.session = session
+        self.pool = pool
         self.health_interval_s = health_interval_s
         self.load_interval_s = load_interval_s
         self.timeout_s = timeout_s
@@ -308,9 +309,15 @@ class ReplicaPoller:
                 log.info("%s probe of %s recovered", kind, replica.name)
 
     async def _get(self, replica: ReplicaState, path: str) -> tuple[int, bytes]:
-        async with asyncio.timeout(self.timeout_s):
-            async with self.session.get(replica.url + path, allow_redirects=False) as resp:
+        """(status, body) of ``GET path``, all of it within timeout_s (redirects are not followed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        resp = await self.pool.get(replica.url + path, connect_s=self.timeout_s, head_s=self.timeout_s)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
                 return resp.status, await resp.read()
+        finally:
+            resp.close()
 
 
 class _ProbeFailed(Exception):

@@ -9,10 +9,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-import aiohttp
 import pytest
 from aiohttp import web
 
+from router.proxy.http1 import UpstreamPool
 from router.replicas.health import HealthConfig, HealthTransition
 from router.replicas.poller import ReplicaPoller, parse_load_json, parse_vllm_metrics
 from router.replicas.state import KV_USAGE_SCALE, ReplicaRegistry, ReplicaState
@@ -106,17 +106,18 @@ async def engine(aiohttp_server: Callable[..., Awaitable[object]]) -> AsyncItera
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
+async def pool() -> AsyncIterator[UpstreamPool]:
+    pool = UpstreamPool()
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture
-async def poller_for(session: aiohttp.ClientSession) -> AsyncIterator[Callable[..., ReplicaPoller]]:
+async def poller_for(pool: UpstreamPool) -> AsyncIterator[Callable[..., ReplicaPoller]]:
     pollers: list[ReplicaPoller] = []
 
     def make(registry: ReplicaRegistry, **kw: float) -> ReplicaPoller:
-        p = ReplicaPoller(registry, session, **{**FAST, **kw})
+        p = ReplicaPoller(registry, pool, **{**FAST, **kw})
         pollers.append(p)
         return p
 
@@ -260,15 +261,15 @@ async def test_probe_all_warms_every_replica(engine: EngineFactory,
     assert down.health.state == "ejected"
 
 
-def test_poller_hook_is_the_registry_hook(session: aiohttp.ClientSession) -> None:
+def test_poller_hook_is_the_registry_hook(pool: UpstreamPool) -> None:
     def count(replica: ReplicaState, transition: HealthTransition) -> None: ...
     def other(replica: ReplicaState, transition: HealthTransition) -> None: ...
 
     registry = ReplicaRegistry()
-    ReplicaPoller(registry, session, on_transition=count)
+    ReplicaPoller(registry, pool, on_transition=count)
     assert registry.on_transition is count
     with pytest.raises(ValueError):  # two hooks would count every ejection twice
-        ReplicaPoller(registry, session, on_transition=other)
+        ReplicaPoller(registry, pool, on_transition=other)
 
 
 # --- parsers -----------------------------------------------------------------------------------------
