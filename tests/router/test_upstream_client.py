@@ -379,3 +379,22 @@ async def test_a_call_cancelled_before_the_head_closes_its_connection(pool: Upst
         await call
     await asyncio.wait_for(engine_saw_disconnect.wait(), 10)  # a hang guard, met at once
     assert pool.open_count == 0
+
+
+async def test_a_get_sends_no_body_and_shares_the_keep_alive_connection(pool: UpstreamPool, raw: Any) -> None:
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            heads.append(head)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    url = await raw(answer)
+    for _ in range(2):
+        resp = await pool.get(url + "/load?x=1", {"Accept": "application/json"}, connect_s=2.0, head_s=2.0)
+        assert (resp.status, await resp.read()) == (200, b"ok")
+        resp.close()
+    assert len(heads) == 2 and pool.open_count == 1  # one connection, reused
+    assert heads[0].startswith(b"GET /load?x=1 HTTP/1.1\r\n")
+    assert b"accept: application/json" in heads[0].lower() and b"content-length" not in heads[0].lower()
