@@ -174,7 +174,9 @@ class ReplicaCalibration:
 
     Keeps the weighted normal equations ``A = sum w x x^T``, ``b = sum w x`` (rows already divided by
     their targets, so every target is 1) and solves them, within the bounds, when the constants are next
-    read; that is a 4x4 problem, so the exact constrained optimum costs microseconds.
+    read; that is a 4x4 problem, so the exact constrained optimum costs microseconds. Past the first
+    MIN_FOR_ROBUST observations the solution is reused until RESOLVE_EVERY more are folded in (robust
+    weights included), so a read is at most that many observations behind.
     """
 
     __slots__ = ("prior", "settings", "A", "b", "observations", "_phi", "_ridge", "_mask", "_pending", "_folded",
