@@ -270,11 +270,13 @@ class Dispatcher:
         # The replica is done: its outcome is recorded (in-flight released, policy fed) before the client
         # hears the end, so a client's next request, often sent the moment this one ends, is routed on
         # the fleet as it is and does not wait behind this one's bookkeeping.
-        self._stream_outcome(features, decision, lease, result, started)
         try:
-            await resp.write_eof()
-        except ConnectionError:  # left at the very end: the answer was complete, its outcome stands
-            self._client_left(features, replica)
+            self._stream_outcome(features, decision, lease, result, started)
+        finally:  # the client gets the end of its answer even if recording went wrong (logged above us)
+            try:
+                await resp.write_eof()
+            except ConnectionError:  # left at the very end: the answer was complete, its outcome stands
+                self._client_left(features, replica)
         return resp
 
     def _client_left(self, features: RequestFeatures, replica: ReplicaState) -> None:

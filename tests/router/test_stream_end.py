@@ -50,3 +50,28 @@ async def test_the_lease_is_released_and_the_policy_fed_before_the_stream_ends(
         await router.close()
     assert [in_flight for in_flight, _ in seen] == [0, 0]
     assert seen[0][1] > 0 and seen[1][1] > seen[0][1]  # each stream's timing was learned before its end
+
+
+async def test_a_failure_recording_the_outcome_still_ends_the_clients_stream(
+        sim_server: SimServerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = await sim_server(profile="instant")
+    cfg = parse_config({"replicas": [{"name": "r0", "url": str(engine.make_url("")).rstrip("/")}]})
+    app = create_app(cfg, tracing=None)
+    router = TestServer(app, host="127.0.0.1")
+    await router.start_server()
+    dispatcher = app[ROUTER].dispatcher
+    assert dispatcher is not None
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug while recording the outcome")
+
+    monkeypatch.setattr(dispatcher, "_stream_outcome", broken)
+    try:  # a stream never ended would hang its reader: the timeout turns that into a failure
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            async with s.post(router.make_url("/v1/chat/completions"), json=CHAT) as r:
+                assert r.status == 200
+                assert (await r.read()).endswith(b"data: [DONE]\n\n")  # a complete chunked body
+            async with s.post(router.make_url("/v1/chat/completions"), json=CHAT) as r:  # still serving
+                assert r.status == 200
+    finally:
+        await router.close()
