@@ -14,7 +14,13 @@ from aiohttp import web
 
 from router.proxy.http1 import UpstreamPool
 from router.replicas.health import HealthConfig, HealthTransition
-from router.replicas.poller import ReplicaPoller, parse_load_json, parse_vllm_metrics
+from router.replicas.poller import (
+    MAX_SLICES,
+    PROBES_PER_TICK,
+    ReplicaPoller,
+    parse_load_json,
+    parse_vllm_metrics,
+)
 from router.replicas.state import KV_USAGE_SCALE, ReplicaRegistry, ReplicaState
 
 FAST = {"health_interval_s": 0.05, "load_interval_s": 0.02, "timeout_s": 0.3}
@@ -270,6 +276,33 @@ def test_poller_hook_is_the_registry_hook(pool: UpstreamPool) -> None:
     assert registry.on_transition is count
     with pytest.raises(ValueError):  # two hooks would count every ejection twice
         ReplicaPoller(registry, pool, on_transition=other)
+
+
+def spread(n: int, pool: UpstreamPool) -> tuple[int, list[list[str]], list[str]]:
+    """(groups, the replicas each load tick probes over a first tick and two intervals, all names)."""
+    registry = ReplicaRegistry([ReplicaState.create(f"r{i}", f"http://127.0.0.1:{10000 + i}") for i in range(n)])
+    poller = ReplicaPoller(registry, pool)
+    polled: list[list[str]] = []
+    poller._spawn = lambda kind, replica, probe: polled[-1].append(replica.name)  # type: ignore[method-assign]
+    groups = poller.slices()
+    for group in [-1, *range(groups), *range(groups)]:
+        polled.append([])
+        poller._load_tick(group, groups)
+    return groups, polled, registry.names()
+
+
+def test_a_large_fleets_probes_are_spread_over_the_interval_each_replica_once(pool: UpstreamPool) -> None:
+    groups, (first, *ticks), names = spread(1000, pool)
+    assert groups == MAX_SLICES
+    assert sorted(first) == sorted(names)  # the first tick probes everyone
+    assert sorted(name for tick in ticks[:groups] for name in tick) == sorted(names)  # then once an interval
+    assert ticks[:groups] == ticks[groups:]  # in the same group every interval
+    assert max(len(tick) for tick in ticks) <= 2 * 1000 // MAX_SLICES  # no tick holds a burst of them
+
+
+def test_a_small_fleet_is_probed_in_one_tick_per_interval(pool: UpstreamPool) -> None:
+    groups, polled, names = spread(PROBES_PER_TICK, pool)
+    assert groups == 1 and all(sorted(tick) == sorted(names) for tick in polled)
 
 
 # --- parsers -----------------------------------------------------------------------------------------
