@@ -10,7 +10,7 @@ Three kinds of probe, each on its own schedule, all plain asyncio tasks on the r
 - ``GET /v1/models`` every ``models_interval_s`` (default 10 x health interval) -> discovered models.
 
 Spread: a large fleet's probes go out in groups spread over the interval (about PROBES_PER_TICK a group,
-at most MAX_SLICES groups; a replica's group follows from its name), each replica still once per
+at most MAX_GROUPS groups; a replica's group follows from its name), each replica still once per
 interval; the first tick probes all. A probe costs the router ~0.3 ms of CPU, so 1,000 replicas probed at
 once would hold the event loop for ~0.3 s every load interval, and requests arriving meanwhile would
 wait for it. A small fleet is probed in one group: every tick wakes the idle router (~0.2 ms), which for
@@ -45,7 +45,7 @@ from router.replicas.state import KV_USAGE_SCALE, LoadSnapshot, ReplicaRegistry,
 log = logging.getLogger(__name__)
 
 PROBES_PER_TICK = 50  # a tick's probes, about (module docstring, "Spread")
-MAX_SLICES = 20  # ticks an interval's probes are spread over, at most
+MAX_GROUPS = 20  # ticks an interval's probes are spread over, at most
 
 Probe = Callable[[ReplicaState], Awaitable[None]]
 
@@ -256,16 +256,16 @@ class ReplicaPoller:
 
     # --- scheduling --------------------------------------------------------------------------------
 
-    def slices(self) -> int:
+    def groups(self) -> int:
         """How many groups an interval's probes go out in (module docstring, "Spread")."""
-        return min(MAX_SLICES, max(1, -(-len(self.registry) // PROBES_PER_TICK)))
+        return min(MAX_GROUPS, max(1, -(-len(self.registry) // PROBES_PER_TICK)))
 
     async def _run(self, interval_s: float, tick: Callable[[int, int], None]) -> None:
         """Call ``tick(group, groups)`` for each group in turn, ``groups`` per interval (group -1 first:
         every replica). Ended by `stop`, which cancels it."""
         turn = -1
         while not self._stop.is_set():
-            groups = self.slices()
+            groups = self.groups()
             try:
                 tick(turn % groups if turn >= 0 else -1, groups)
             except Exception:

@@ -15,7 +15,7 @@ from aiohttp import web
 from router.proxy.http1 import UpstreamPool
 from router.replicas.health import HealthConfig, HealthTransition
 from router.replicas.poller import (
-    MAX_SLICES,
+    MAX_GROUPS,
     PROBES_PER_TICK,
     ReplicaPoller,
     parse_load_json,
@@ -284,7 +284,7 @@ def spread(n: int, pool: UpstreamPool) -> tuple[int, list[list[str]], list[str]]
     poller = ReplicaPoller(registry, pool)
     polled: list[list[str]] = []
     poller._spawn = lambda kind, replica, probe: polled[-1].append(replica.name)  # type: ignore[method-assign]
-    groups = poller.slices()
+    groups = poller.groups()
     for group in [-1, *range(groups), *range(groups)]:
         polled.append([])
         poller._load_tick(group, groups)
@@ -293,11 +293,11 @@ def spread(n: int, pool: UpstreamPool) -> tuple[int, list[list[str]], list[str]]
 
 def test_a_large_fleets_probes_are_spread_over_the_interval_each_replica_once(pool: UpstreamPool) -> None:
     groups, (first, *ticks), names = spread(1000, pool)
-    assert groups == MAX_SLICES
+    assert groups == MAX_GROUPS
     assert sorted(first) == sorted(names)  # the first tick probes everyone
     assert sorted(name for tick in ticks[:groups] for name in tick) == sorted(names)  # then once an interval
     assert ticks[:groups] == ticks[groups:]  # in the same group every interval
-    assert max(len(tick) for tick in ticks) <= 2 * 1000 // MAX_SLICES  # no tick holds a burst of them
+    assert max(len(tick) for tick in ticks) <= 2 * 1000 // MAX_GROUPS  # no tick holds a burst of them
 
 
 def test_a_small_fleet_is_probed_in_one_tick_per_interval(pool: UpstreamPool) -> None:
