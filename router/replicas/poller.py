@@ -273,25 +273,25 @@ class ReplicaPoller:
             turn += 1
             await asyncio.sleep(interval_s / groups)
 
-    def _due(self, group: int, groups: int) -> list[ReplicaState]:
-        """The replicas in ``group`` of ``groups`` (group -1, or a single group: all)."""
-        replicas = self.registry.all()
+    def _due(self, replicas: list[ReplicaState], group: int, groups: int) -> list[ReplicaState]:
+        """Those of ``replicas`` in ``group`` of ``groups`` (group -1, or a single group: all)."""
         if group < 0 or groups == 1:
             return replicas
         return [r for r in replicas if self._track(r).name_hash % groups == group]
 
     def _health_tick(self, group: int, groups: int) -> None:
-        live = set(self.registry.all())
+        replicas = self.registry.all()
+        live = set(replicas)
         for gone in [r for r in self._tracks if r not in live]:
             del self._tracks[gone]  # its last probes end on their own within timeout_s
         now = self.clock()
-        for replica in self._due(group, groups):
+        for replica in self._due(replicas, group, groups):
             self._spawn("health", replica, self.check_health)
             if now >= self._track(replica).models_due:
                 self._spawn("models", replica, self.discover_models)
 
     def _load_tick(self, group: int, groups: int) -> None:
-        for replica in self._due(group, groups):
+        for replica in self._due(self.registry.all(), group, groups):
             self._spawn("load", replica, self.poll_load)
 
     def _spawn(self, kind: str, replica: ReplicaState, probe: Probe) -> None:
