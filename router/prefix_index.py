@@ -196,6 +196,12 @@ class PrefixIndex:
         """The LRU bound of ``replica`` in blocks (the default for replicas never seen)."""
         return self._capacity.get(replica, self.default_capacity)
 
+    def headroom(self, replica: str) -> int:
+        """Blocks ``replica``'s LRU can take before it evicts: `capacity` minus `size` (one lookup each,
+        for a policy pricing evictions on every decision)."""
+        lru = self._lru.get(replica)
+        return self._capacity.get(replica, self.default_capacity) - (0 if lru is None else len(lru))
+
     def size(self, replica: str | None = None) -> int:
         """Blocks held by ``replica``, or distinct blocks held by anyone when ``replica`` is None."""
         if replica is None:

@@ -63,6 +63,14 @@ def test_shrinking_capacity_evicts_at_once_and_deepest_first():
     assert index.capacity("a") == 2 and index.match((1, 2, 3, 4)) == {"a": 2}
 
 
+def test_headroom_is_capacity_minus_blocks_held():
+    index = PrefixIndex(default_capacity=10)
+    assert index.headroom("never-seen") == 10
+    index.add("a", (1, 2, 3))
+    index.set_capacity("a", 5)
+    assert index.headroom("a") == 5 - 3 == index.capacity("a") - index.size("a")
+
+
 def test_remove_replica_forgets_it_and_frees_its_slot():
     index = PrefixIndex()
     index.add("a", (1, 2))
