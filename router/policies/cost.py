@@ -12,8 +12,8 @@ For every eligible replica ``r`` the policy estimates, in seconds::
     decode(r)  = decode_s_per_seq * running(r) * (1 + expected_output_tokens)
                + [running(r) > 0] * (shared_step + shared_per_seq * running(r))
 
-with the time constants configured, scaled or learned per replica (``calibration``, below), and
-``queue(r)`` raised to the wait for a free slot when ``r`` is at its concurrency limit.
+with the time constants configured, scaled or learned per replica (``calibration``, below), and the
+wait for a free slot added to ``queue(r)`` when ``r`` is at its concurrency limit.
 
 and picks the minimum. Costs within ``tie_tolerance`` (relative) of the minimum count as equal; among
 those the lower request load wins, then the lower cost, then the replica sent to least recently (so cold
@@ -46,13 +46,18 @@ random draw.
   project's engine servers, sim and vLLM; a stock vLLM's /metrics does not say, and then the term is
   off: running/waiting alone cannot tell a slot limit from a queue for prefill or for KV blocks, which
   a test harness showed by teaching a limit of 1). When the router's requests in flight at ``r``
-  reach it (its own count: the engine's lags a poll), the queue term
-  is at least the time until this request's slot frees: with ``w`` requests waiting for a slot ahead of
-  it (also at least the engine's fresh ``waiting``) and ``R = limit`` running, each with a remaining
-  decode uniform over its ``L = expected_output * (shared_step + shared_per_seq * R)`` (decode steps
-  at the learned timing, as in ``decode(r)``: with the configured H100 ratios a step is worth 300 prefill
-  tokens where an llmd-8b engine's is worth 48, and the wait looked 6x dearer than recomputing), the
-  ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
+  reach it (its own count: the engine's lags a poll), the time until this request's slot frees is
+  added to the queue term: with ``w`` requests waiting for a slot ahead of it and ``R = limit``
+  running, each with a remaining decode uniform over its ``L = expected_output * (shared_step +
+  shared_per_seq * R)`` (decode steps at the learned timing, as in ``decode(r)``: with the configured
+  H100 ratios a step is worth 300 prefill tokens where an llmd-8b engine's is worth 48, and the wait
+  looked 6x dearer than recomputing), the ``(w+1)``-th completion comes after ``(w+1) L / (R+1)``.
+  Added, not maxed with the queue (as ``kv_wait``): the prompts waiting ahead are prefilled as slots
+  free, and each prefill step holds up the decodes whose ends free the next slot. ``w`` is at least
+  the engine's fresh ``waiting`` less one per request of ours that finished since the report while it
+  showed every slot taken (each freed slot admitted a waiting prompt; x N router processes): a report
+  a poll old otherwise priced the replica that had just freed a slot as full as before
+  (docs/policies.md, "saturation", has what each of the two did).
 - ``kv_wait(r)``: an engine admits a request only when its free KV blocks hold the request's uncached
   blocks (vLLM's ``allocate_slots``; free blocks include cached ones no running request holds, which it
   evicts rather than wait). From a fresh load report with ``R`` running holding ``used`` blocks: the
@@ -472,13 +477,14 @@ class Cost(PolicyBase):
             # still counts a conversation's previous turn when its next one arrives.
             if limit and in_flight >= limit:
                 ahead = float(in_flight - limit)  # requests waiting for a slot before us
-                if fresh and float(waiting) > ahead:
-                    ahead = float(waiting)
+                if fresh:  # the report's waiting, less those admitted since to slots that finished requests freed
+                    promoted = waiting - view.finished_since_report * scale if reported >= limit else waiting
+                    if promoted > ahead:
+                        ahead = float(promoted)
                 busy = float(limit)
                 shared = shared_of.get(raw) or self._shared_step(name, raw)
                 slot_wait = (ahead + 1.0) * steps_after * (shared[0] + shared[1] * busy) / (busy + 1.0)
-                if slot_wait > seconds:
-                    seconds = slot_wait
+                seconds += slot_wait
             used = view.kv_blocks_used
             if fresh and reported > 0 and used > 0 and block_size > 0:
                 # kv_wait: until the free KV blocks hold this request's uncached blocks and those of the

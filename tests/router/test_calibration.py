@@ -274,6 +274,18 @@ def test_once_calibrated_a_slow_replica_no_longer_wins_on_its_cached_prefix(mode
     assert policy.choose(features_with(100, "x", rid="probe"), views("slow", "fast")).replica == expected
 
 
+def test_a_full_replicas_report_counts_fewer_waiting_once_our_requests_there_finished():
+    # The report (4 running, 3 waiting) is a poll old; 2 of our requests it counted as running have
+    # finished since, each freeing a slot for one of the waiting: 1 waits now, not 3.
+    policy = Cost(seed=0)
+    probe = features_with(4, "q", max_tokens=100)
+    report = dict(running=4, waiting=3, in_flight_requests=5, load_age_s=0.1, max_num_seqs=4)
+    stale = policy.estimate_cost(view("a", **report), 64, probe)
+    since = policy.estimate_cost(view("a", **report, finished_since_report=2), 64, probe)
+    # two fewer slots to wait for: 2 x 100 steps of 6.04 ms / 5 (and a little less decode crowding)
+    assert stale - since == pytest.approx(2 * 100 * 6.04e-3 / 5, rel=0.05)
+
+
 def test_only_requests_with_nothing_queued_ahead_teach_the_ttft_constants():
     policy = Cost(seed=0, calibration="online")
     f = features_with(20, "q", rid="q")
@@ -291,9 +303,11 @@ def test_a_replica_at_its_slot_limit_charges_the_wait_for_a_free_slot():
     at_limit = policy.estimate_cost(view("a", **full), 64, probe)
     # 2 waiting + this one: the 3rd of 4 running requests to finish, each with a 100-step decode
     # of 6 ms + 4 x 10 us: 3 x 100 x 6.04 ms / 5 = 362 ms, far above the per-sequence slowdown and
-    # the decode step its prefill shares (6 ms + 4 x 10 us).
+    # the decode step its prefill shares (6 ms + 4 x 10 us); plus the 2 waiting prompts' prefills,
+    # which run as slots free and hold up the decodes that free the next (2 x (2 ms + 64 x 20 us)).
     own = 2e-3 + 2e-5 * 64 + 1e-5 * 4 * 101 + 6e-3 + 1e-5 * 4
-    assert at_limit == pytest.approx(0.3624 + 2 * own, rel=0.01)
+    queued = 2 * (2e-3 + 2e-5 * 64)
+    assert at_limit == pytest.approx(0.3624 + queued + 2 * own, rel=0.01)
     assert policy.calibration("a")["slot_limit"] == 4
     below = policy.estimate_cost(view("a", **{**full, "max_num_seqs": 16}), 64, probe)
     assert below < 0.05

@@ -35,11 +35,12 @@ def reference_cost(p: Cost, v, uncached: float, block_tokens: float, decode_step
     limit = v.max_num_seqs
     if limit and in_flight >= limit:
         ahead = float(in_flight - limit)
-        if fresh:
-            ahead = max(ahead, float(v.waiting))
+        if fresh:  # the report's waiting less those admitted since to slots our finished requests freed
+            promoted = v.waiting - v.finished_since_report * p._own_scale if v.running >= limit else v.waiting
+            ahead = max(ahead, float(promoted))
         busy = float(limit)
         step, per = p._shared_step(v.name, raw)
-        seconds = max(seconds, (ahead + 1.0) * (decode_steps - 1.0) * (step + per * busy) / (busy + 1.0))
+        seconds += (ahead + 1.0) * (decode_steps - 1.0) * (step + per * busy) / (busy + 1.0)
     if fresh and v.running > 0 and v.kv_blocks_used > 0 and v.block_size > 0:
         r, used = float(v.running), float(v.kv_blocks_used)
         since = p._report_since(v)
