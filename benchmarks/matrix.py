@@ -28,6 +28,7 @@ rate >= 0.9x the oracle, max/mean <= 1.3. Writes benchmarks/results/matrix.json 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 import time
@@ -69,8 +70,18 @@ def profiles(engine: str) -> list[TimingProfile]:
     return [slowed(get_profile(n[:-3]), 2.0) if n.endswith("-x2") else get_profile(n) for n in names]
 
 
-def workload_of(name: str, seed: int) -> wl.Workload:
-    built = wl.build(name, seed=seed)
+SIZED = {"gsp": "groups", "multiturn": "conversations", "agentic": "sessions",
+         "prefix-sweep": "requests"}  # what a size > 1 multiplies
+
+
+def workload_of(name: str, seed: int, size: int = 1) -> wl.Workload:
+    """A matrix workload (prefix-sweep at ratio 0.5); ``size`` > 1 gives ``size`` x its sessions (more
+    of the same shape: p90s of ~100 requests move with a handful of them)."""
+    overrides: dict[str, Any] = {}
+    if size > 1:
+        field = SIZED[name]
+        overrides[field] = inspect.signature(wl.GENERATORS[name]).parameters[field].default * size
+    built = wl.build(name, seed=seed, **overrides)
     if name == "prefix-sweep":
         built = [w for w in built if w.params.get("ratio") == 0.5] or built[:1]
     return built[0]

@@ -11,7 +11,6 @@ and cache sizes of `benchmarks.matrix`; docs/kv_events.md ("Many router processe
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -30,25 +29,13 @@ from benchmarks.matrix import CAPACITY, ENGINES, REPLICAS, profiles, workload_of
 from benchmarks.sim_loop import DEFAULT_POLL_S, simulate
 from benchmarks.sim_processes import SPREADS
 
-SIZED = {"gsp": "groups", "multiturn": "conversations", "agentic": "sessions"}  # what --size multiplies
-
-
-def sized_workload(workload: str, seed: int, size: int = 1) -> wl.Workload:
-    """A matrix workload, with ``size`` x its sessions when ``size`` > 1 (more sessions of the same shape:
-    p90s of a hundred requests are too noisy to compare)."""
-    if size <= 1:
-        return workload_of(workload, seed)
-    field = SIZED[workload]
-    default = inspect.signature(getattr(wl, workload)).parameters[field].default
-    return wl.build(workload, seed=seed, **{field: default * size})[0]
-
 
 def run_cell(engine: str, workload: str, policy: str, params: Mapping[str, Any], processes: int, seed: int,
              concurrency: int, spread: str, size: int = 1, capacity: float | None = None,
              poll_s: float = DEFAULT_POLL_S) -> dict[str, Any]:
     """One simulated run of a matrix cell (`benchmarks.matrix`'s engines and, unless ``capacity`` gives the
     fleet's KV as a multiple of the footprint, its cache sizes); engines polled every ``poll_s``."""
-    w = sized_workload(workload, seed, size)
+    w = workload_of(workload, seed, size)
     kv = wl.kv_blocks_per_replica(w, REPLICAS, CAPACITY.get(engine, 1.3) if capacity is None else capacity)
     load = LoadSpec(concurrency=concurrency, max_requests=w.num_requests, seed=seed)
     s = simulate(w, REPLICAS, policy, dict(params), profile=profiles(engine), num_blocks=kv, load=load,

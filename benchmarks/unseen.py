@@ -3,6 +3,7 @@
     python -m benchmarks.unseen                          # 16 engines x 4 workloads, seed 1, closed loop (~1 CPU min)
     python -m benchmarks.unseen --engines-n 20 --seed 2 --poisson 0.75
     python -m benchmarks.unseen --debug                  # + the cost policy's extreme priced constants
+    python -m benchmarks.unseen --size 4                 # 4x the sessions per cell (~4 CPU min)
 
 `benchmarks.matrix`'s seven engines are the ones the default `cost` was developed against; a pathology
 none of them shows (a 135 s shared decode step) was found by chance. This draws fleets log-uniformly
@@ -10,7 +11,9 @@ over wide, physically plausible ranges (`RANGES`; a third of them with one repli
 that corners no one picked get exercised. Each cell is `matrix.run_cell` with the drawn fleet
 registered under its name; per cell cost's TTFT p90 against the best other contender and cache_aware,
 hit rate against the oracle, max/mean; then the summary and the worst cells with their engines.
-Writes benchmarks/results/unseen.json.
+Writes benchmarks/results/unseen.json. At the default size a cell's p90 rests on a handful of its
+~100-400 requests, so a single cell's ratio can be far off (u3-01 multiturn: 1.95x at size 1, the best
+policy at size 4); ``--size`` is for checking a cell before acting on it.
 """
 
 from __future__ import annotations
@@ -123,10 +126,10 @@ def annotate(cell: dict[str, Any], engine: DrawnEngine) -> dict[str, Any]:
 
 
 def run(engines: Sequence[DrawnEngine], workloads: Sequence[str], contenders: Sequence[str], seed: int,
-        concurrency: int, poisson: Sequence[float] = (), echo: bool = True) -> list[dict[str, Any]]:
+        concurrency: int, poisson: Sequence[float] = (), echo: bool = True, size: int = 1) -> list[dict[str, Any]]:
     cells = []
     for name in workloads:
-        workload = matrix.workload_of(name, seed)
+        workload = matrix.workload_of(name, seed, size)
         for engine in engines:
             with registered(engine) as key:
                 loads: list[tuple[float | None, str | None]] = [(None, None)]
@@ -229,6 +232,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     p.add_argument("--poisson", type=comma_list(float, allow_empty=True), default="",
                    help="also Poisson arrivals at these fractions of saturation")
+    p.add_argument("--size", type=int, default=1,
+                   help="x this many sessions per workload (gsp groups, multiturn conversations, agentic "
+                        "sessions, prefix-sweep requests): steadier p90s, proportionally slower")
     p.add_argument("--debug", action="store_true", help="also record the calibration's extreme constants")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "unseen.json")
     return p.parse_args(argv)
@@ -239,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     engines = draw_engines(args.engines_n, args.seed)
     t0, c0 = time.perf_counter(), time.process_time()
     with debug_extremes() if args.debug else contextlib.nullcontext() as extremes:
-        cells = run(engines, args.workloads, args.contenders, args.seed, args.concurrency, args.poisson)
+        cells = run(engines, args.workloads, args.contenders, args.seed, args.concurrency, args.poisson,
+                    size=args.size)
     summ = summary(cells)
     print()
     print(table(cells))
@@ -252,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(best {w['best_other']}): {describe(w['engine_params'])}")
     out: dict[str, Any] = {"benchmark": "unseen", "machine": machine_info(), "seed": args.seed,
                            "engines": [asdict(e) for e in engines], "ranges": RANGES,
-                           "concurrency": args.concurrency, "summary": summ, "cells": cells,
+                           "concurrency": args.concurrency, "size": args.size, "summary": summ, "cells": cells,
                            "real_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
     if extremes is not None:
         out["debug_extremes"] = extremes

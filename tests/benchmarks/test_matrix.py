@@ -50,3 +50,10 @@ def test_a_cell_reports_the_goal_ratios_against_the_best_other_contender() -> No
     best = min(cell["runs"][c]["ttft_p90_ms"] for c in ("round_robin", "cache_aware"))
     assert cell["ratios"]["ttft_p90_vs_best"] == pytest.approx(cell["runs"]["cost"]["ttft_p90_ms"] / best, abs=1e-3)
     assert set(cell["met"]) == set(matrix.GOALS)
+
+
+@pytest.mark.parametrize("name", matrix.WORKLOADS)
+def test_a_sized_workload_has_that_many_times_the_requests_of_the_same_shape(name: str) -> None:
+    one, three = matrix.workload_of(name, seed=1), matrix.workload_of(name, seed=1, size=3)
+    assert three.num_requests == 3 * one.num_requests
+    assert three.name == one.name

@@ -54,7 +54,7 @@ def test_registering_an_engine_for_the_matrix_cell_runner_leaves_no_trace():
 def test_a_tiny_run_reports_each_cell_against_the_best_other_and_cache_aware(tmp_path, monkeypatch):
     tiny = wl.multiturn(conversations=4, turns=2, system_tokens=64, first_user_tokens=96, user_tokens=16,
                         output_tokens=4, seed=1)
-    monkeypatch.setattr(matrix, "workload_of", lambda name, seed: tiny)
+    monkeypatch.setattr(matrix, "workload_of", lambda name, seed, size=1: tiny)
     out = tmp_path / "unseen.json"
     assert unseen.main(["--engines-n", "2", "--workloads", "multiturn", "--contenders",
                         "cost,round_robin,cache_aware", "--out", str(out)]) == 0
