@@ -418,13 +418,13 @@ class Cost(PolicyBase):
         are held: the formula of the module docstring, flattened. This is the hot loop (every priced
         replica of every decision), so what is the same for the whole decision is read once, a replica's
         state (its view's fields, this policy's in-flight sums, its constants and shared step) once per
-        replica, and the helpers are inlined (`_report_since` only where its report changed); the
+        replica, and the helpers are inlined (not `_report_since`, which keeps a report's record); the
         float operations are those of the formula, in its order. Pricing also keeps each replica's latest
         view (on_dispatch and on_complete read it) and sizes its index from its KV geometry
         (`_sync_capacity`)."""
         costs: dict[str, float] = {}
         geometry, seen_views, constants, shared_of = self._geometry, self._views, self._constants, self._shared
-        inflight_of, report_since, since_of = self._inflight, self._report_since, self._since
+        inflight_of, report_since = self._inflight, self._report_since
         scale, work = self._own_scale, 1.0 + self.work_weight
         eviction, headroom = self.eviction_weight, self.index.headroom
         avg_uncached, per_estimate = self._avg_uncached, self._engine_per_estimate
@@ -489,12 +489,8 @@ class Cost(PolicyBase):
             if fresh and reported > 0 and used > 0 and block_size > 0:
                 # kv_wait: until the free KV blocks hold this request's uncached blocks and those of the
                 # prompts admitted before it (the engine's blocks, in its tokens per estimated token)
-                since = since_of.get(name)  # the traffic since the load report (`_report_since`, inlined)
-                if since is None or since.key != (reported, waiting, used) or view.load_age_s < since.age:
-                    since = report_since(view)
-                else:
-                    since.age = view.load_age_s
                 busy, used = float(reported), float(used)
+                since = report_since(view)  # the traffic since the load report
                 per_prompt = (own.uncached_tokens / own.count if own is not None and own.count > 0
                               else avg_uncached if avg_uncached is not None else uncached)
                 # Ahead: the report's waiting prompts and what was sent since, or the router's in-flight
