@@ -7,6 +7,7 @@ sees `replicas.1.url: must start with http:// or https://` instead of a stack tr
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,11 @@ from pydantic import (
 )
 
 from config.kv_events import KVEventsConfig
+
+# Routes the router serves itself; `passthrough_paths` forwards other POST paths as they are.
+ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
+PASSTHROUGH_DEFAULT = ("/v1/embeddings", "/v1/score", "/v1/rerank")
+_PASSTHROUGH_PATH = re.compile(r"/v1/[A-Za-z0-9._~/-]+")
 
 
 class _Frozen(BaseModel):
@@ -387,6 +393,11 @@ class RouterConfig(_Frozen):
     session_header: str | None = Field(default="x-session-id",
                                        description="request header whose value is the session affinity key")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    passthrough_paths: tuple[str, ...] = Field(
+        default=PASSTHROUGH_DEFAULT,
+        description="POST paths forwarded to a replica serving the body's model as they are (no prefix "
+        "routing: placed by load), e.g. /v1/embeddings; each must start with /v1/ (auth and limits apply). "
+        "Not by default: /v1/responses (a stored response lives on the replica that made it)")
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     router_processes: int = Field(default=1, ge=1, le=4096,
                                   description="router processes sharing the traffic, counting every pod's "
@@ -398,6 +409,19 @@ class RouterConfig(_Frozen):
                             "(router/gc_tuning.py); false leaves Python's defaults")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("passthrough_paths")
+    @classmethod
+    def _passthrough(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        for path in paths:
+            if not _PASSTHROUGH_PATH.fullmatch(path):
+                raise ValueError(f"{path!r} must be /v1/ followed by letters, digits and . _ ~ - / "
+                                 "(auth and limits apply to /v1/*)")
+            if path in ROUTED_PATHS:
+                raise ValueError(f"{path!r} is one of the router's own routes")
+        if len(set(paths)) != len(paths):
+            raise ValueError("a path is listed twice")
+        return paths
 
     @model_validator(mode="after")
     def _unique_replicas(self) -> RouterConfig:

@@ -2,7 +2,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (streamed or not), GET /v1/models (union of
 healthy replicas' models), GET /health, GET /metrics; /admin/* and live reload come from `router.admin`
-and `router.reload`. Anything else is a 404 in OpenAI's error format.
+and `router.reload`; POST on each of the config's `passthrough_paths` (embeddings, score, rerank) is
+forwarded as it came to a replica serving its model. Anything else is a 404 in OpenAI's error format.
 The router itself (replicas, policy, dispatcher, poller) is built by `router.runtime`; this module adds
 the HTTP surface and wires the admin API, reload and discovery to it. Nothing lives in module globals.
 """
@@ -33,7 +34,8 @@ from router.admin import setup_admin
 from router.auth import install_access_control
 from router.discovery import setup_discovery
 from router.errors import error_response
-from router.features.parse import FeatureError, Kind, features_from_body
+from router.features.other import passthrough_features
+from router.features.parse import FeatureError, Kind, RequestFeatures, features_from_body
 from router.reload import Reloader
 from router.runtime import ROUTER
 from router.tracing import Tracing, from_env
@@ -64,7 +66,8 @@ def harden(runner: web.BaseRunner) -> None:
 async def read_body_first(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Read and parse a generation request's body before admission (see `install_access_control`): a
     client that sends its body slowly holds no in-flight slot, and is cut after client_timeouts.body_s."""
-    if request.method == "POST" and request.path in GENERATE_PATHS:
+    if request.method == "POST" and (request.path in GENERATE_PATHS
+                                     or request.path in request.app[ROUTER].config.passthrough_paths):
         try:
             raw = await read_body(request, request.app[ROUTER].config.client_timeouts.body_s)
             request[BODY] = parse_json_object(raw)
@@ -76,15 +79,10 @@ async def read_body_first(request: web.Request, handler: Handler) -> web.StreamR
 
 async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamResponse:
     router = request.app[ROUTER]
-    if router.draining:
-        return error_response("router is shutting down", 503)
-    body, raw = request.get(BODY), request.get(RAW_BODY)
-    if body is None:  # a path spelled differently from the route (the middleware keys on the path)
-        try:
-            raw = await read_body(request, router.config.client_timeouts.body_s)
-            body = parse_json_object(raw)
-        except BodyError as exc:
-            return exc.response()
+    read = await _body(request, router)
+    if isinstance(read, web.StreamResponse):
+        return read
+    body, raw = read
     try:
         session = request.headers.get(router.config.session_header) if router.config.session_header else None
         features = features_from_body(body, kind, request[REQUEST_ID], router.hashing, affinity_key=session)
@@ -92,6 +90,41 @@ async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamRe
         return error_response(exc.message, 400, param=exc.param)
     if router.kv_events is not None:  # lazy: tokenized only if the policy asks
         features = dataclasses.replace(features, kv_match=router.kv_events.for_request(body, kind))
+    return await _dispatch(request, router, path, body, features, raw)
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """POST on one of `passthrough_paths` (embeddings, score, rerank, ...): the body goes to a replica
+    serving its model as it came, placed by load (`router.features.other`), with the same retries,
+    timeouts and relaying as a generation request."""
+    router = request.app[ROUTER]
+    read = await _body(request, router)
+    if isinstance(read, web.StreamResponse):
+        return read
+    body, raw = read
+    try:
+        features = passthrough_features(body, len(raw), request[REQUEST_ID], router.hashing)
+    except FeatureError as exc:
+        return error_response(exc.message, 400, param=exc.param)
+    return await _dispatch(request, router, request.path, body, features, raw, as_is=True)
+
+
+async def _body(request: web.Request, router: runtime.Router) -> tuple[dict[str, Any], bytes] | web.StreamResponse:
+    """The JSON object and bytes `read_body_first` read, or an error response to send instead."""
+    if router.draining:
+        return error_response("router is shutting down", 503)
+    body, raw = request.get(BODY), request.get(RAW_BODY)
+    if body is None or raw is None:  # a path spelled differently from the route (the middleware keys on it)
+        try:
+            raw = await read_body(request, router.config.client_timeouts.body_s)
+            body = parse_json_object(raw)
+        except BodyError as exc:
+            return exc.response()
+    return body, raw
+
+
+async def _dispatch(request: web.Request, router: runtime.Router, path: str, body: dict[str, Any],
+                    features: RequestFeatures, raw: bytes, as_is: bool = False) -> web.StreamResponse:
     # An unknown model is a 404 (if some replica is up): asked only when no replica takes it now, so the
     # usual request costs one look at the cached serving list instead of a sorted union of all models.
     if (not router.registry.eligible(features.model, time.monotonic())
@@ -101,7 +134,7 @@ async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamRe
     assert router.dispatcher is not None
     router.in_flight += 1
     try:
-        return await router.dispatcher.handle(request, path, body, features, raw)
+        return await router.dispatcher.handle(request, path, body, features, raw, as_is=as_is)
     finally:
         router.in_flight -= 1
 
@@ -156,6 +189,8 @@ def create_app(cfg: RouterConfig, *, config_file: str | Path | None = None,
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    for path in cfg.passthrough_paths:
+        app.router.add_post(path, passthrough)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await runtime.start(router)

@@ -84,18 +84,21 @@ class Dispatcher:
         self.metrics.decisions.labels(self.policy.name, decision.reason).inc()
 
     async def handle(self, request: web.Request, path: str, body: dict[str, Any],
-                     features: RequestFeatures, raw: bytes | None = None) -> web.StreamResponse:
-        """Route, send and relay one generation request. ``body`` is the client's JSON object and
-        ``raw`` its bytes, when known: forwarded as they are unless the router has to change them."""
+                     features: RequestFeatures, raw: bytes | None = None, *, as_is: bool = False
+                     ) -> web.StreamResponse:
+        """Route, send and relay one request. ``body`` is the client's JSON object and ``raw`` its bytes,
+        when known: forwarded as they are unless the router has to change them (a generation stream
+        gets the usage request). ``as_is`` (a passthrough path): ``raw`` is sent unchanged, and the
+        answer's token usage is not the policy's to learn from (it is no generation)."""
         tracing = self.tracing
         if tracing is None:
-            return await self._handle(request, path, body, features, raw, None)
+            return await self._handle(request, path, body, features, raw, None, as_is)
         span = tracing.start_server_span(f"{request.method} {path}", request.headers, {
             "http.request.method": request.method, "url.path": path, "router.request_id": features.request_id,
             "router.model": features.model, "router.stream": bool(body.get("stream"))})
         try:
             with tracing.use(span):  # current: log records carry its ids
-                resp = await self._handle(request, path, body, features, raw, span)
+                resp = await self._handle(request, path, body, features, raw, span, as_is)
             span.set_attribute("http.response.status_code", resp.status)
             if resp.status >= 500:
                 tracing.error(span, f"status {resp.status}")
@@ -107,11 +110,14 @@ class Dispatcher:
             span.end()
 
     async def _handle(self, request: web.Request, path: str, body: dict[str, Any],
-                      features: RequestFeatures, raw: bytes | None, span: Any) -> web.StreamResponse:
+                      features: RequestFeatures, raw: bytes | None, span: Any, as_is: bool = False
+                      ) -> web.StreamResponse:
         started = time.monotonic()
         stream = bool(body.get("stream"))
-        # Usage is asked for so cached_tokens feeds the policy; an extra usage event is not forwarded.
-        payload, strip_usage = upstream_payload(body, raw, stream)
+        if as_is and raw is not None:
+            payload, strip_usage = raw, False
+        else:  # usage is asked for so cached_tokens feeds the policy; the extra usage event is not forwarded
+            payload, strip_usage = upstream_payload(body, raw, stream)
         upstream_rid = f"{features.request_id}-{os.urandom(6).hex()}"  # still greppable, never shared
         headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: upstream_rid}
         if stream:
@@ -242,7 +248,7 @@ class Dispatcher:
                                      f"reading the response failed: {exc.__class__.__name__}")
             self._finish(features, decision, lease, failure(0, broken.kind), health_failure=broken.health_failure)
             raise broken from exc
-        usage = usage_from_json(data) if upstream.status == 200 else None
+        usage = usage_from_json(data) if upstream.status == 200 and features.kind != "other" else None
         elapsed = time.monotonic() - started
         model = self.model_label(features.model)
         self._finish(features, decision, lease, _outcome(upstream.status, elapsed, usage, elapsed),
@@ -299,7 +305,7 @@ class Dispatcher:
             self._finish(features, decision, lease, failure(502, "mid_stream", ttft), health_failure=True,
                          model=model)
         else:
-            outcome = _outcome(200, ttft, result.usage, elapsed)
+            outcome = _outcome(200, ttft, result.usage if features.kind != "other" else None, elapsed)
             self._finish(features, decision, lease, outcome, health_failure=False, model=model)
 
     def _finish(self, features: RequestFeatures, decision: Decision, lease: Lease, outcome: Outcome,

@@ -67,10 +67,10 @@ from router.runtime import (
 log = logging.getLogger("router.reload")
 
 # Top-level fields bound when the process starts (socket, aiohttp body limit, log handler).
-# discovery: its watch is configured when it starts. tls: the socket's context (a renewed certificate
+# discovery: its watch is configured when it starts. passthrough_paths: routes added at start. tls: the socket's context (a renewed certificate
 # in the same files is picked up without a restart, by router.tls.CertReloader).
 RESTART_FIELDS: tuple[str, ...] = ("host", "port", "max_body_bytes", "log_format", "discovery",
-                                   "client_timeouts", "tls", "kv_events")
+                                   "client_timeouts", "tls", "kv_events", "passthrough_paths")
 
 ConfigSource = Callable[[], RouterConfig]
 ConfigEdit = Callable[[RouterConfig], RouterConfig]

@@ -39,7 +39,7 @@ from router.features.recent_chats import RecentChats
 if TYPE_CHECKING:
     from router.kv_events.prefix_source import RequestMatch
 
-Kind = Literal["chat", "completion"]
+Kind = Literal["chat", "completion", "other"]  # other: forwarded as is (`router.features.other`)
 _MAX_TOKEN_ID = 2**63 - 1
 _ENDS = 4  # a chat's chain is looked up where its last 0-3 messages begin (a turn adds 1-2, a tool loop 3)
 # The chains of recent chats, for the live router (the simulator passes its own `PrefixChains`): a pure
