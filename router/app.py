@@ -77,40 +77,34 @@ async def read_body_first(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+FeaturesOf = Callable[["runtime.Router", dict[str, Any], bytes], RequestFeatures]  # may raise FeatureError
+
+
 async def _generate(request: web.Request, kind: Kind, path: str) -> web.StreamResponse:
-    router = request.app[ROUTER]
-    read = await _body(request, router)
-    if isinstance(read, web.StreamResponse):
-        return read
-    body, raw = read
-    try:
+    def features_of(router: runtime.Router, body: dict[str, Any], raw: bytes) -> RequestFeatures:
         session = request.headers.get(router.config.session_header) if router.config.session_header else None
         features = features_from_body(body, kind, request[REQUEST_ID], router.hashing, affinity_key=session)
-    except FeatureError as exc:
-        return error_response(exc.message, 400, param=exc.param)
-    if router.kv_events is not None:  # lazy: tokenized only if the policy asks
-        features = dataclasses.replace(features, kv_match=router.kv_events.for_request(body, kind))
-    return await _dispatch(request, router, path, body, features, raw)
+        if router.kv_events is not None:  # lazy: tokenized only if the policy asks
+            features = dataclasses.replace(features, kv_match=router.kv_events.for_request(body, kind))
+        return features
+
+    return await _route(request, path, features_of)
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """POST on one of `passthrough_paths` (embeddings, score, rerank, ...): the body goes to a replica
     serving its model as it came, placed by load (`router.features.other`), with the same retries,
     timeouts and relaying as a generation request."""
+    def features_of(router: runtime.Router, body: dict[str, Any], raw: bytes) -> RequestFeatures:
+        return passthrough_features(body, len(raw), request[REQUEST_ID], router.hashing)
+
+    return await _route(request, request.path, features_of, as_is=True)
+
+
+async def _route(request: web.Request, path: str, features_of: FeaturesOf, as_is: bool = False
+                 ) -> web.StreamResponse:
+    """Body (as `read_body_first` read it) -> features -> the dispatcher, or the error response."""
     router = request.app[ROUTER]
-    read = await _body(request, router)
-    if isinstance(read, web.StreamResponse):
-        return read
-    body, raw = read
-    try:
-        features = passthrough_features(body, len(raw), request[REQUEST_ID], router.hashing)
-    except FeatureError as exc:
-        return error_response(exc.message, 400, param=exc.param)
-    return await _dispatch(request, router, request.path, body, features, raw, as_is=True)
-
-
-async def _body(request: web.Request, router: runtime.Router) -> tuple[dict[str, Any], bytes] | web.StreamResponse:
-    """The JSON object and bytes `read_body_first` read, or an error response to send instead."""
     if router.draining:
         return error_response("router is shutting down", 503)
     body, raw = request.get(BODY), request.get(RAW_BODY)
@@ -120,11 +114,10 @@ async def _body(request: web.Request, router: runtime.Router) -> tuple[dict[str,
             body = parse_json_object(raw)
         except BodyError as exc:
             return exc.response()
-    return body, raw
-
-
-async def _dispatch(request: web.Request, router: runtime.Router, path: str, body: dict[str, Any],
-                    features: RequestFeatures, raw: bytes, as_is: bool = False) -> web.StreamResponse:
+    try:
+        features = features_of(router, body, raw)
+    except FeatureError as exc:
+        return error_response(exc.message, 400, param=exc.param)
     # An unknown model is a 404 (if some replica is up): asked only when no replica takes it now, so the
     # usual request costs one look at the cached serving list instead of a sorted union of all models.
     if (not router.registry.eligible(features.model, time.monotonic())

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from benchmarks.lib.fleet import free_port  # noqa: F401  (tests import it from here)
@@ -64,6 +65,26 @@ async def sim_server() -> AsyncIterator[SimServerFactory]:
 
     yield start
     for s in servers:
+        await s.close()
+
+
+AppServerFactory = Callable[[web.Application], Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[AppServerFactory]:
+    """Start aiohttp apps (fake engines, routers) on 127.0.0.1 (random ports); stopped at teardown, last
+    started first."""
+    started: list[TestServer] = []
+
+    async def start(app: web.Application) -> TestServer:
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        started.append(server)
+        return server
+
+    yield start
+    for s in reversed(started):
         await s.close()
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -54,21 +53,6 @@ class FakeEngine:
 
 
 Start = Callable[..., Awaitable[TestServer]]
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[Callable[[web.Application], Awaitable[TestServer]]]:
-    started: list[TestServer] = []
-
-    async def start(app: web.Application) -> TestServer:
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        started.append(server)
-        return server
-
-    yield start
-    for s in reversed(started):
-        await s.close()
 
 
 def url(server: TestServer) -> str:

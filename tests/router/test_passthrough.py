@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from config.router import ConfigError, parse_config
 from router.app import ROUTER, create_app
+from tests.conftest import AppServerFactory
 
 MODEL = "embed-model"
 
@@ -57,22 +57,7 @@ class Engine:
         return app
 
 
-Start = Callable[[web.Application], Awaitable[TestServer]]
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[Start]:
-    started: list[TestServer] = []
-
-    async def start(app: web.Application) -> TestServer:
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        started.append(server)
-        return server
-
-    yield start
-    for s in reversed(started):
-        await s.close()
+Start = AppServerFactory
 
 
 async def start_router(servers: Start, engines: list[Engine], **cfg: Any) -> TestServer:
