@@ -29,7 +29,7 @@ from router.metrics import RouterMetrics
 from router.policies.base import Decision, Outcome, Policy
 from router.proxy.http1 import ClientError, Response, UpstreamPool
 from router.proxy.payload import upstream_payload
-from router.proxy.relay import RelayResult, cached_tokens, relay_sse, usage_from_json
+from router.proxy.relay import EventStreamResponse, RelayResult, cached_tokens, relay_sse, usage_from_json
 from router.proxy.retry_budget import RetryBudget
 from router.proxy.upstream import Timeouts, UpstreamFailure, forward_headers, open_upstream
 from router.replicas.state import Lease, ReplicaRegistry, ReplicaState
@@ -261,7 +261,7 @@ class Dispatcher:
                             features: RequestFeatures, decision: Decision, lease: Lease,
                             strip_usage: bool, started: float) -> web.StreamResponse:
         replica = lease.replica
-        resp = web.StreamResponse(status=200, headers=self._response_headers(upstream, replica, features))
+        resp = EventStreamResponse(status=200, headers=self._response_headers(upstream, replica, features))
         result = RelayResult()
         try:
             await resp.prepare(request)
@@ -280,7 +280,7 @@ class Dispatcher:
             self._stream_outcome(features, decision, lease, result, started)
         finally:  # the client gets the end of its answer even if recording went wrong (logged above us)
             try:
-                await resp.write_eof()
+                await resp.write_eof(result.tail)
             except ConnectionError:  # left at the very end: the answer was complete, its outcome stands
                 self._client_left(features, replica)
         return resp

@@ -5,6 +5,9 @@ so a token reaches the client as soon as the engine sends it (TCP_NODELAY both w
 `router.proxy.http1`'s connections). The
 usage the engine reports (prompt and cached tokens) is read on the way for the policy's feedback; when
 the router asked for usage on the client's behalf, that extra usage-only event is not forwarded.
+Fewer writes, fewer packets: the answer's headers go out with its first event (`EventStreamResponse`), and
+its last events with the end of the chunked body (`RelayResult.tail`), where the upstream's last read
+carried both.
 """
 
 from __future__ import annotations
@@ -28,7 +31,16 @@ class RelayResult:
     first_byte_at: float | None = None
     usage: dict[str, Any] | None = None
     error: str | None = None  # upstream failure mid-stream (already reported to the client as an SSE event)
-    bytes_out: int = 0
+    bytes_out: int = 0  # tail included
+    tail: bytes = b""  # the stream's last bytes, not written yet: the caller sends them with ``write_eof(tail)``
+
+
+class EventStreamResponse(web.StreamResponse):
+    """A streamed answer whose headers go out with its first bytes (one write, one packet) instead of on
+    their own when it is prepared: the client has nothing to act on before the first event anyway, and an
+    engine server sends its own headers with the first token."""
+
+    _send_headers_immediately = False  # aiohttp's switch (`web.Response` sets it too); a no-op if it goes
 
 
 def _usage_of(event: bytes) -> tuple[dict[str, Any] | None, bool]:
@@ -64,13 +76,18 @@ async def relay_sse(upstream: Response, client: web.StreamResponse, idle_s: floa
     The stall bound is the upstream's idle timeout, which `open_upstream` sets to ``idle_s`` for streams
     (one timer per stream, not per read). Each read's complete events go out in one write; events are
     split one by one only when the read carries a usage object (once per stream), so a token costs no
-    Python loop over its events."""
+    Python loop over its events. The last bytes are not written: when a read turns out to be the
+    upstream's last (the next read, without waiting, says the body is over), they are left in
+    ``result.tail`` for the caller's ``write_eof``, which sends them and the end of the body in one write
+    after the caller has recorded the outcome."""
     result = RelayResult()
-    buf = b""
+    buf = last = b""
     read, wait = upstream.read_nowait, upstream.wait
+    chunk: bytes | None = None
     while True:
         try:
-            chunk = read()
+            if chunk is None:
+                chunk = read()
             while chunk is None:
                 await wait()
                 chunk = read()
@@ -94,14 +111,24 @@ async def relay_sse(upstream: Response, client: web.StreamResponse, idle_s: floa
         if len(buf) > MAX_UNTERMINATED:
             out += buf
             buf = b""
+        try:
+            chunk = read()  # without waiting: b"" means `out` is the last, for the caller's write_eof
+        except (TimeoutError, ClientError, ConnectionError):
+            chunk = None  # raised again by the read at the top, after `out` is written
+        if chunk == b"":
+            last = out
+            break
         if out:
             if result.first_byte_at is None:
                 result.first_byte_at = time.monotonic()
             await client.write(out)
             result.bytes_out += len(out)
-    if buf:
-        await client.write(buf)
-        result.bytes_out += len(buf)
+    tail = last + buf if buf else last
+    if tail:
+        if result.first_byte_at is None:
+            result.first_byte_at = time.monotonic()
+        result.tail = tail
+        result.bytes_out += len(tail)
     return result
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from router.proxy.http1 import UpstreamPool
-from router.proxy.relay import RelayResult, _take_usage, relay_sse
+from router.proxy.relay import EventStreamResponse, RelayResult, _take_usage, relay_sse
 from router.proxy.upstream import Timeouts, open_upstream
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}}
@@ -43,6 +43,7 @@ async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True)
         resp = web.StreamResponse()
         await resp.prepare(request)
         results.append(await relay_sse(up, resp, timeouts.idle_s, strip))
+        await resp.write_eof(results[-1].tail)
         up.close()
         await pool.close()
         return resp
@@ -110,7 +111,7 @@ async def test_a_slow_client_gets_every_event_in_order_through_pauses_to_let_it_
         await resp.prepare(request)
         assert request.transport is not None  # small kernel buffers: the router's own buffer fills and drains
         request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        await relay_sse(up, resp, timeouts.idle_s, True)
+        await resp.write_eof((await relay_sse(up, resp, timeouts.idle_s, True)).tail)
         up.close()
         await pool.close()
         return resp
@@ -153,3 +154,93 @@ def test_every_usage_only_event_of_a_read_is_taken_out_and_the_last_usage_kept()
     assert result.usage == USAGE
     kept = RelayResult()
     assert _take_usage(events, kept, False) == events and kept.usage == USAGE
+
+
+class Writes:
+    """A client side of the relay that records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+
+async def test_events_read_together_with_the_end_of_the_body_are_left_for_the_callers_write_eof() -> None:
+    events = event({"choices": [{"delta": {"content": "a"}}]}) + b"data: [DONE]\n\n"
+    whole = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+             + f"{len(events):x}\r\n".encode() + events + b"\r\n0\r\n\r\n")
+
+    class OneWrite(asyncio.Protocol):  # the whole answer in one send: one read on the router's side
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(whole)  # type: ignore[attr-defined]
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(OneWrite, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = UpstreamPool()
+    try:
+        timeouts = Timeouts(connect_s=2.0, first_byte_s=5.0, idle_s=5.0, total_s=30.0)
+        up = await open_upstream(pool, f"http://127.0.0.1:{port}/e", b"{}", {}, timeouts, frozenset(), stream=True)
+        client = Writes()
+        result = await relay_sse(up, client, timeouts.idle_s, True)  # type: ignore[arg-type]
+        up.close()
+    finally:
+        await pool.close()
+        server.close()
+    assert client.writes == []  # nothing written yet: it all goes with the end, in one write
+    assert result.tail == events and result.bytes_out == len(events) and result.first_byte_at is not None
+
+
+async def test_what_the_relay_writes_and_its_tail_are_the_whole_stream_however_reads_fall() -> None:
+    parts = [event({"choices": [{"delta": {"content": c}}]}) for c in "abc"] + [b"data: [DONE]\n\n"]
+
+    async def engine(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for part in parts:
+            await resp.write(part)
+            await asyncio.sleep(0.01)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/e", engine)
+    pool = UpstreamPool()
+    async with TestServer(app) as upstream:
+        timeouts = Timeouts(connect_s=2.0, first_byte_s=5.0, idle_s=5.0, total_s=30.0)
+        up = await open_upstream(pool, str(upstream.make_url("/e")), b"{}", {}, timeouts, frozenset(), stream=True)
+        client = Writes()
+        result = await relay_sse(up, client, timeouts.idle_s, True)  # type: ignore[arg-type]
+        up.close()
+        await pool.close()
+    assert b"".join(client.writes) + result.tail == b"".join(parts)
+    assert result.bytes_out == len(b"".join(parts))
+
+
+async def test_a_streamed_answers_headers_wait_for_its_first_bytes() -> None:
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = EventStreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await release.wait()
+        await resp.write(b"data: x\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    async with TestServer(app) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        with pytest.raises(TimeoutError):  # prepared, but nothing sent before the first event
+            await asyncio.wait_for(reader.read(1), 0.3)
+        release.set()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"data: x" in await asyncio.wait_for(reader.readuntil(b"data: x\n\n"), 5)
+        writer.close()
