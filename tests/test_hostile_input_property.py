@@ -87,7 +87,7 @@ def post(port: int, path: str, body: bytes) -> tuple[int, bytes]:
 
 @settings(max_examples=150, derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(body=raw_bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+@given(body=raw_bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]))
 def test_any_body_gets_an_answer_below_500_with_openai_errors(ports: tuple[int, int], body: bytes,
                                                               path: str) -> None:
     for port in ports:
