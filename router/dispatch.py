@@ -265,11 +265,16 @@ class Dispatcher:
         result = RelayResult()
         try:
             await resp.prepare(request)
-            result = await relay_sse(upstream, resp, self.settings.timeouts.idle_s, strip_usage)
+            await relay_sse(upstream, resp, self.settings.timeouts.idle_s, strip_usage, result)
         except (ConnectionError, asyncio.CancelledError) as exc:  # ConnectionResetError included
             # The client left: closing the upstream (in the caller's finally) aborts the engine request.
-            self._client_left(features, replica)
-            self._finish(features, decision, lease, failure(499, "client_disconnect"), health_failure=False)
+            if result.done:  # after [DONE], as OpenAI's SDKs do: it had its whole answer, a success
+                self._stream_outcome(features, decision, lease, result, started)
+            else:  # once its first bytes were sent the prompt was prefilled: its blocks are cached
+                self._client_left(features, replica)
+                ttft = result.first_byte_at - started if result.first_byte_at is not None else None
+                self._finish(features, decision, lease, failure(499, "client_disconnect", ttft),
+                             health_failure=False)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return resp

@@ -33,6 +33,7 @@ class RelayResult:
     error: str | None = None  # upstream failure mid-stream (already reported to the client as an SSE event)
     bytes_out: int = 0  # tail included
     tail: bytes = b""  # the stream's last bytes, not written yet: the caller sends them with ``write_eof(tail)``
+    done: bool = False  # the OpenAI end event (``data: [DONE]``) was written: the client has its whole answer
 
 
 class EventStreamResponse(web.StreamResponse):
@@ -70,7 +71,7 @@ def sse_error_event(message: str, code: int = 502) -> bytes:
 
 
 async def relay_sse(upstream: Response, client: web.StreamResponse, idle_s: float,
-                    strip_usage_event: bool) -> RelayResult:
+                    strip_usage_event: bool, result: RelayResult | None = None) -> RelayResult:
     """Forward the event stream; a stalled or broken upstream ends the stream with an SSE error event.
 
     The stall bound is the upstream's idle timeout, which `open_upstream` sets to ``idle_s`` for streams
@@ -79,8 +80,11 @@ async def relay_sse(upstream: Response, client: web.StreamResponse, idle_s: floa
     Python loop over its events. The last bytes are not written: when a read turns out to be the
     upstream's last (the next read, without waiting, says the body is over), they are left in
     ``result.tail`` for the caller's ``write_eof``, which sends them and the end of the body in one write
-    after the caller has recorded the outcome."""
-    result = RelayResult()
+    after the caller has recorded the outcome. ``result`` (if given) is filled as the relay goes, so a
+    caller interrupted mid-relay (the client left) still knows what the client got: OpenAI's SDKs close
+    the connection as soon as they read ``data: [DONE]``, which may be before the upstream's body ends."""
+    if result is None:
+        result = RelayResult()
     buf = last = b""
     read, wait = upstream.read_nowait, upstream.wait
     chunk: bytes | None = None
@@ -123,6 +127,8 @@ async def relay_sse(upstream: Response, client: web.StreamResponse, idle_s: floa
                 result.first_byte_at = time.monotonic()
             await client.write(out)
             result.bytes_out += len(out)
+            if out.endswith(b"[DONE]\n\n"):
+                result.done = True
     tail = last + buf if buf else last
     if tail:
         if result.first_byte_at is None:

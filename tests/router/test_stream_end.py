@@ -3,6 +3,9 @@ that sends its next request the moment one ends finds the fleet as it is."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 from typing import Any
 
 import aiohttp
@@ -12,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from config.router import parse_config
 from router.app import ROUTER, create_app
-from tests.conftest import SimServerFactory
+from tests.conftest import AppServerFactory, SimServerFactory
 
 CHAT = {"model": "sim-model", "max_tokens": 4, "stream": True,
         "messages": [{"role": "user", "content": "the end of a stream"}]}
@@ -75,3 +78,61 @@ async def test_a_failure_recording_the_outcome_still_ends_the_clients_stream(
                 assert r.status == 200
     finally:
         await router.close()
+
+
+def _sse(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+async def test_a_client_that_closes_at_done_before_the_body_ends_is_a_success_and_its_prefix_stays(
+        servers: AppServerFactory) -> None:
+    """OpenAI's Python SDK closes the response as soon as it reads ``data: [DONE]``; an engine may end its
+    chunked body a moment later. The client had its whole answer: not a disconnect, and the prompt's
+    blocks stay in the policy's index (they were dropped, and the next turn routed blind)."""
+    over = asyncio.Event()
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_sse({"choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None}))
+        await resp.write(_sse({"choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 1,
+                                                        "prompt_tokens_details": {"cached_tokens": 0}}}))
+        await resp.write(b"data: [DONE]\n\n")
+        with contextlib.suppress(TimeoutError):  # the end of the body comes only when the test is over
+            await asyncio.wait_for(over.wait(), 30)
+        await resp.write_eof()
+        return resp
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    engines = []
+    for _ in range(2):
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_get("/health", ok)
+        engines.append(await servers(app))
+    cfg = parse_config({"replicas": [{"name": f"r{i}", "url": str(e.make_url("")).rstrip("/"), "models": ["m"]}
+                                     for i, e in enumerate(engines)], "policy": {"name": "cost"}})
+    app = create_app(cfg, tracing=None)
+    router = await servers(app)
+    body = {"model": "m", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "system", "content": "a long shared system prompt " * 20},
+                         {"role": "user", "content": "first"}]}
+    replicas = []
+    async with aiohttp.ClientSession() as s:
+        for turn in ("first", "second"):
+            body["messages"][1]["content"] = turn
+            r = await s.post(router.make_url("/v1/chat/completions"), json=body)
+            replicas.append(r.headers["x-router-replica"])
+            while not (await r.content.readline()).startswith(b"data: [DONE]"):
+                pass
+            r.close()  # as the SDK does: the rest of the body is not read
+            state = app[ROUTER]
+            for _ in range(1000):  # the router notices the close (the body never ends) and records it
+                if all(rep.in_flight_requests == 0 for rep in state.registry.all()):
+                    break
+                await asyncio.sleep(0.01)
+            assert all(rep.in_flight_requests == 0 for rep in state.registry.all())
+    over.set()
+    assert app[ROUTER].metrics.client_disconnects._value.get() == 0
+    assert replicas[1] == replicas[0]  # the first turn's prefix was kept: the second follows it
