@@ -23,8 +23,8 @@ def event(obj: object) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True) -> tuple[bytes, RelayResult]:
-    """Serve ``parts`` as separate writes (then stall ``stall_s``), relay them, return what the client got."""
+def streaming_engine(parts: list[bytes], stall_s: float = 0.0) -> web.Application:
+    """An engine answering POST /e with ``parts`` as separate writes, 10 ms apart, then ``stall_s`` of silence."""
     async def engine(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -34,6 +34,13 @@ async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True)
         await asyncio.sleep(stall_s)
         return resp
 
+    app = web.Application()
+    app.router.add_post("/e", engine)
+    return app
+
+
+async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True) -> tuple[bytes, RelayResult]:
+    """Serve ``parts`` as separate writes (then stall ``stall_s``), relay them, return what the client got."""
     results: list[RelayResult] = []
 
     async def router(request: web.Request) -> web.StreamResponse:
@@ -48,10 +55,9 @@ async def relay(parts: list[bytes], *, stall_s: float = 0.0, strip: bool = True)
         await pool.close()
         return resp
 
-    engine_app, router_app = web.Application(), web.Application()
-    engine_app.router.add_post("/e", engine)
+    router_app = web.Application()
     router_app.router.add_get("/", router)
-    async with (TestServer(engine_app) as upstream, TestServer(router_app) as front,
+    async with (TestServer(streaming_engine(parts, stall_s)) as upstream, TestServer(router_app) as front,
                 aiohttp.ClientSession() as client, client.get(front.make_url("/")) as r):
         body = await r.read()
     return body, results[0]
@@ -197,19 +203,8 @@ async def test_events_read_together_with_the_end_of_the_body_are_left_for_the_ca
 
 async def test_what_the_relay_writes_and_its_tail_are_the_whole_stream_however_reads_fall() -> None:
     parts = [event({"choices": [{"delta": {"content": c}}]}) for c in "abc"] + [b"data: [DONE]\n\n"]
-
-    async def engine(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for part in parts:
-            await resp.write(part)
-            await asyncio.sleep(0.01)
-        return resp
-
-    app = web.Application()
-    app.router.add_post("/e", engine)
     pool = UpstreamPool()
-    async with TestServer(app) as upstream:
+    async with TestServer(streaming_engine(parts)) as upstream:
         timeouts = Timeouts(connect_s=2.0, first_byte_s=5.0, idle_s=5.0, total_s=30.0)
         up = await open_upstream(pool, str(upstream.make_url("/e")), b"{}", {}, timeouts, frozenset(), stream=True)
         client = Writes()
