@@ -98,11 +98,10 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     def features_of(router: runtime.Router, body: dict[str, Any], raw: bytes) -> RequestFeatures:
         return passthrough_features(body, len(raw), request[REQUEST_ID], router.hashing)
 
-    return await _route(request, request.path, features_of, as_is=True)
+    return await _route(request, request.path, features_of)
 
 
-async def _route(request: web.Request, path: str, features_of: FeaturesOf, as_is: bool = False
-                 ) -> web.StreamResponse:
+async def _route(request: web.Request, path: str, features_of: FeaturesOf) -> web.StreamResponse:
     """Body (as `read_body_first` read it) -> features -> the dispatcher, or the error response."""
     router = request.app[ROUTER]
     if router.draining:
@@ -127,7 +126,7 @@ async def _route(request: web.Request, path: str, features_of: FeaturesOf, as_is
     assert router.dispatcher is not None
     router.in_flight += 1
     try:
-        return await router.dispatcher.handle(request, path, body, features, raw, as_is=as_is)
+        return await router.dispatcher.handle(request, path, body, features, raw)
     finally:
         router.in_flight -= 1
 

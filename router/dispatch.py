@@ -84,21 +84,20 @@ class Dispatcher:
         self.metrics.decisions.labels(self.policy.name, decision.reason).inc()
 
     async def handle(self, request: web.Request, path: str, body: dict[str, Any],
-                     features: RequestFeatures, raw: bytes | None = None, *, as_is: bool = False
-                     ) -> web.StreamResponse:
+                     features: RequestFeatures, raw: bytes | None = None) -> web.StreamResponse:
         """Route, send and relay one request. ``body`` is the client's JSON object and ``raw`` its bytes,
         when known: forwarded as they are unless the router has to change them (a generation stream
-        gets the usage request). ``as_is`` (a passthrough path): ``raw`` is sent unchanged, and the
-        answer's token usage is not the policy's to learn from (it is no generation)."""
+        gets the usage request). A passthrough request (``features.kind == "other"``): ``raw`` is sent
+        unchanged, and the answer's token usage is not the policy's to learn from (it is no generation)."""
         tracing = self.tracing
         if tracing is None:
-            return await self._handle(request, path, body, features, raw, None, as_is)
+            return await self._handle(request, path, body, features, raw, None)
         span = tracing.start_server_span(f"{request.method} {path}", request.headers, {
             "http.request.method": request.method, "url.path": path, "router.request_id": features.request_id,
             "router.model": features.model, "router.stream": bool(body.get("stream"))})
         try:
             with tracing.use(span):  # current: log records carry its ids
-                resp = await self._handle(request, path, body, features, raw, span, as_is)
+                resp = await self._handle(request, path, body, features, raw, span)
             span.set_attribute("http.response.status_code", resp.status)
             if resp.status >= 500:
                 tracing.error(span, f"status {resp.status}")
@@ -110,11 +109,10 @@ class Dispatcher:
             span.end()
 
     async def _handle(self, request: web.Request, path: str, body: dict[str, Any],
-                      features: RequestFeatures, raw: bytes | None, span: Any, as_is: bool = False
-                      ) -> web.StreamResponse:
+                      features: RequestFeatures, raw: bytes | None, span: Any) -> web.StreamResponse:
         started = time.monotonic()
         stream = bool(body.get("stream"))
-        if as_is and raw is not None:
+        if features.kind == "other" and raw is not None:  # passthrough: the client's bytes as they came
             payload, strip_usage = raw, False
         else:  # usage is asked for so cached_tokens feeds the policy; the extra usage event is not forwarded
             payload, strip_usage = upstream_payload(body, raw, stream)
