@@ -110,8 +110,9 @@ def _no_usage() -> None:
     from benchmarks.lib.floor_relay import copy_body
     from router.proxy.relay import RelayResult
 
-    async def relay(upstream: Any, client: Any, idle_s: float, strip_usage_event: bool) -> RelayResult:
-        result = RelayResult()
+    async def relay(upstream: Any, client: Any, idle_s: float, strip_usage_event: bool,
+                    result: RelayResult | None = None) -> RelayResult:
+        result = RelayResult() if result is None else result
         result.first_byte_at = await copy_body(upstream, client)
         return result
 
